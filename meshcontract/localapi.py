@@ -1,0 +1,107 @@
+"""The node agent's local API: what meshctl and the desktop chat ask the agent over its unix socket.
+
+Protocol: the client connects, sends one JSON object (LocalRequest) terminated by a newline, and reads one JSON
+object (LocalResponse) terminated by a newline; then the connection closes. No I/O here except the tiny
+blocking client `query`, which tools use.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from meshcontract.errors import ContractError, PayloadError
+
+DEFAULT_SOCKET = "/run/meshvpn/agent.sock"
+MAX_LOCAL_MESSAGE = 4 * 1024 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalRequest(_Model):
+    """One request to the agent. `ping` needs `target` (a node name or mesh IP)."""
+
+    op: Literal["status", "ping"]
+    target: str | None = Field(default=None, max_length=64)
+    count: int = Field(default=3, ge=1, le=20)
+
+
+class PeerView(_Model):
+    """One mesh member as this agent sees it, merged from membership and the WireGuard backend."""
+
+    node_id: str
+    name: str
+    mesh_ip: str
+    public_key: str
+    state: str  # membership state from the registrar: active | unreachable
+    configured: bool  # a WireGuard peer for it exists on the interface now
+    endpoint: str | None = None
+    latest_handshake: float | None = None  # unix time of the last handshake, None if never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+class AgentStatus(_Model):
+    """The agent's view of itself and its peers (`meshctl status`)."""
+
+    node_id: str
+    name: str
+    mesh_ip: str | None
+    prefix_len: int | None
+    interface: str
+    broker_connected: bool
+    registrar_online: bool
+    membership_revision: int
+    membership_complete: bool
+    peers: list[PeerView]
+    now: float
+
+
+class PingResult(_Model):
+    """Result of `meshctl ping`: round trips in milliseconds, None for a lost probe."""
+
+    target: str
+    mesh_ip: str
+    rtts_ms: list[float | None]
+
+
+class LocalResponse(_Model):
+    """The one reply to a LocalRequest: either `error` or the field for the op."""
+
+    ok: bool
+    error: str | None = None
+    status: AgentStatus | None = None
+    ping: PingResult | None = None
+
+
+def query(request: LocalRequest, *, socket_path: str = DEFAULT_SOCKET, timeout: float = 10.0) -> LocalResponse:
+    """Send one request to the local agent and return its response; ContractError if it cannot be reached."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(request.model_dump_json().encode() + b"\n")
+            chunks = []
+            total = 0
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > MAX_LOCAL_MESSAGE:
+                    raise PayloadError(f"agent response over {MAX_LOCAL_MESSAGE} bytes")
+                if chunk.endswith(b"\n"):
+                    break
+    except OSError as exc:
+        raise ContractError(f"cannot reach the agent at {socket_path}: {exc}") from exc
+    raw = b"".join(chunks)
+    try:
+        return LocalResponse.model_validate(json.loads(raw))
+    except ValueError as exc:
+        raise PayloadError(f"bad response from the agent at {socket_path}: {exc}") from exc
