@@ -1,0 +1,222 @@
+"""`meshchat`: the composition root. `gui` (default) opens the window; `send` and `listen` are headless.
+
+    meshchat [gui] [--socket PATH] [--state-dir DIR] [--name NAME] [--port N]
+    meshchat send --to MESH_IP [--timeout S] TEXT...      exit 0 iff delivered and acknowledged
+    meshchat listen [--bind IP] [--allow IP ...] [--count N]   prints "FROM_IP NAME: TEXT" per message
+
+Exit codes: 0 success, 1 not delivered / runtime failure (reason on stderr), 2 usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+import threading
+import time
+
+from desktop_chat.errors import ChatError, PeerSourceError
+from desktop_chat.history import HistoryStore, MemoryHistory, Record, SqliteHistory
+from desktop_chat.peers import AgentPeerSource, MemoryPeerSource, PeerDirectory, PeerSource, static_status
+from desktop_chat.session import ChatSession, PeerPoller
+from desktop_chat.settings import ChatSettings, default_state_dir
+from meshcontract import logs
+from meshcontract.errors import ContractError
+from meshcontract.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("gui", "send", "listen")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file")
+    parser.add_argument("--socket", help="node agent socket (default /run/meshvpn/agent.sock)")
+    parser.add_argument("--port", type=int, help="chat TCP port on every mesh IP (default 7800)")
+    parser.add_argument("--state-dir", help="keep history.db here")
+    parser.add_argument("--name", help="our display name in messages (display only)")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshchat", description="Chat directly over mesh IPs (meshvpn demo).")
+    sub = parser.add_subparsers(dest="command")
+    gui = sub.add_parser("gui", help="open the chat window (default)")
+    _common(gui)
+    gui.add_argument("--bind", help="listen on this IP instead of our mesh IP (tests, loopback demos)")
+    send = sub.add_parser("send", help="send one message and wait for the ack")
+    _common(send)
+    send.add_argument("--to", required=True, help="the peer's mesh IP (names are display only)")
+    send.add_argument("--timeout", type=float, help="seconds for connect + send + ack (default 5)")
+    send.add_argument("--bind", help="send from this IP (default: our mesh IP from the agent, if it answers)")
+    send.add_argument("text", nargs="+", help="the message")
+    listen = sub.add_parser("listen", help="receive messages and print them, one line each")
+    _common(listen)
+    listen.add_argument("--bind", help="listen on this IP (default: our mesh IP from the agent)")
+    listen.add_argument("--allow", action="append", metavar="IP",
+                        help="accept messages from this IP (repeat); replaces the agent's member list")
+    listen.add_argument("--count", type=int, help="exit after N messages")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> ChatSettings:
+    overrides = {
+        "socket": args.socket,
+        "port": args.port,
+        "state_dir": args.state_dir,
+        "name": args.name,
+        "bind": getattr(args, "bind", None),
+        "timeout": getattr(args, "timeout", None),
+        "allow": getattr(args, "allow", None),
+    }
+    return load_settings(ChatSettings, path=args.config, overrides=overrides)
+
+
+def _history(settings: ChatSettings, *, required: bool) -> HistoryStore:
+    # Headless commands keep history only when asked: several lab nodes on one host share $HOME.
+    state_dir = settings.state_dir or (default_state_dir() if required else None)
+    if state_dir is None:
+        return MemoryHistory()
+    history = SqliteHistory(state_dir / "history.db")
+    stale = history.fail_pending("interrupted: meshchat exited before the ack")
+    if stale:
+        log.info("%s messages left sending by an earlier run marked failed", stale)
+    return history
+
+
+def _check_ip(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ChatError(f"{what} {value!r} is not an IP address (names are display only; use the mesh IP)") from None
+
+
+def cmd_send(settings: ChatSettings, to: str, text: str) -> int:
+    peer_ip = _check_ip(to, "--to")
+    directory = PeerDirectory()
+    if settings.bind is None:
+        # Our mesh IP as the source makes the receiver's membership check see the right address; if the
+        # agent does not answer the kernel still picks the mesh address for a mesh route.
+        try:
+            directory.update(AgentPeerSource(settings.socket, timeout=2.0).snapshot(now=time.time()))
+        except PeerSourceError as exc:
+            log.info("agent not reachable, sending without binding our mesh IP: %s", exc)
+    history = _history(settings, required=False)
+    session = ChatSession(history=history, directory=directory, port=settings.port, timeout=settings.timeout,
+                          name=settings.name, bind=settings.bind)
+    try:
+        record = session.send_now(peer_ip, text)
+    finally:
+        history.close()
+    if record.status == "delivered":
+        return 0
+    print(f"meshchat: not delivered to {peer_ip}: {record.reason}", file=sys.stderr)
+    return 1
+
+
+
+def _escape(text: str) -> str:
+    # One message per output line, whatever it contains.
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def cmd_listen(settings: ChatSettings, count: int | None) -> int:
+    now = time.time()
+    source: PeerSource
+    if settings.allow:
+        allowed = [_check_ip(ip, "--allow") for ip in settings.allow]
+        if settings.bind is None:
+            raise ChatError("--allow needs --bind (there is no agent to tell us our mesh IP)")
+        source = MemoryPeerSource(static_status(self_ip=settings.bind, name=settings.name or "meshchat",
+                                                member_ips=allowed, now=now))
+    else:
+        source = AgentPeerSource(settings.socket, timeout=2.0, window=settings.handshake_window)
+    if settings.bind is not None:
+        _check_ip(settings.bind, "--bind")
+    directory = PeerDirectory()
+    history = _history(settings, required=False)
+    session = ChatSession(history=history, directory=directory, port=settings.port, timeout=settings.timeout,
+                          name=settings.name, bind=settings.bind)
+    received = 0
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_record(record: Record) -> None:
+        nonlocal received
+        if record.direction != "in":
+            return
+        with lock:
+            if done.is_set():
+                return
+            print(f"{record.peer_ip} {record.name}: {_escape(record.text)}", flush=True)
+            received += 1
+            if count is not None and received >= count:
+                done.set()
+
+    session.subscribe(on_record)
+    listening = threading.Event()
+    failure: list[str] = []
+
+    def on_update(snapshot, error) -> None:
+        try:
+            address = session.ensure_listening()
+        except ChatError as exc:
+            failure.append(str(exc))
+            done.set()
+            return
+        if address and not listening.is_set():
+            listening.set()
+            print(f"meshchat: listening on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
+        elif not address and error:
+            log.warning("waiting for the agent to tell us our mesh IP: %s", error)
+
+    poller = PeerPoller(source, directory, interval=settings.poll_interval, on_update=on_update)
+    poller.start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        poller.stop()
+        session.close()
+        history.close()
+    if failure:
+        print(f"meshchat: {failure[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_gui(settings: ChatSettings) -> int:
+    try:
+        from desktop_chat import window  # Qt is an optional extra: import it only for the GUI
+    except ImportError as exc:
+        print(f"meshchat: the GUI needs PySide6 ({exc}); install meshvpn[chat] "
+              "or use `meshchat send` / `meshchat listen`", file=sys.stderr)
+        return 2
+    if settings.state_dir is None:
+        settings = settings.model_copy(update={"state_dir": default_state_dir()})
+    return window.run(settings, history=_history(settings, required=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "gui")
+    args = build_parser().parse_args(argv)
+    logs.setup(level=args.log_level, json_format=args.log_json)
+    try:
+        settings = _settings(args)
+        if args.command == "send":
+            return cmd_send(settings, args.to, " ".join(args.text))
+        if args.command == "listen":
+            return cmd_listen(settings, args.count)
+        return cmd_gui(settings)
+    except (ChatError, ContractError) as exc:
+        print(f"meshchat: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

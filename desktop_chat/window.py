@@ -1,0 +1,422 @@
+"""The Qt window: peers on the left, the conversation with the selected peer on the right.
+
+Nothing here blocks the event loop: the agent is polled by a PeerPoller thread and messages are delivered by
+ChatSession worker threads; both reach the window through Qt signals, which Qt queues onto the GUI thread.
+Requires PySide6 (the `chat` extra); the CLI imports this module only for `meshchat gui`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from PySide6.QtCore import QObject, QPoint, Qt, Signal
+from PySide6.QtGui import QAction, QBrush, QColor, QIcon, QPainter, QPixmap
+from PySide6.QtWidgets import (
+    QApplication,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QMenu,
+    QPushButton,
+    QSplitter,
+    QStatusBar,
+    QVBoxLayout,
+    QWidget,
+)
+
+from desktop_chat.errors import ChatError
+from desktop_chat.history import HistoryStore, Record
+from desktop_chat.peers import AgentPeerSource, ChatPeer, PeerDirectory, PeerSnapshot, PeerSource
+from desktop_chat.session import ChatSession, PeerPoller
+from desktop_chat.settings import ChatSettings
+
+log = logging.getLogger(__name__)
+
+PRESENCE_COLOURS = {"online": "#2e7d32", "idle": "#f9a825", "offline": "#c62828"}
+IP_ROLE = Qt.ItemDataRole.UserRole
+PRESENCE_ROLE = Qt.ItemDataRole.UserRole + 1
+MSG_ROLE = Qt.ItemDataRole.UserRole + 2
+
+
+def _dot(colour: str, size: int = 14) -> QIcon:
+    pixmap = QPixmap(size, size)
+    pixmap.fill(Qt.GlobalColor.transparent)
+    painter = QPainter(pixmap)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    painter.setBrush(QColor(colour))
+    painter.setPen(Qt.PenStyle.NoPen)
+    painter.drawEllipse(1, 1, size - 2, size - 2)
+    painter.end()
+    return QIcon(pixmap)
+
+
+class _Bridge(QObject):
+    """Carries events from worker threads to the GUI thread (signals emitted elsewhere are queued)."""
+
+    snapshot = Signal(object, object, object)  # PeerSnapshot | None, agent error | None, listen text
+    record = Signal(object)  # Record
+
+
+class ChatWindow(QMainWindow):
+    """The meshchat window. Call start() to begin polling the agent; close() stops everything."""
+
+    def __init__(
+        self,
+        *,
+        session: ChatSession,
+        source: PeerSource,
+        poll_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.session = session
+        self._clock = clock
+        self._closed = False
+        self._current_ip: str | None = None
+        self._snapshot: PeerSnapshot | None = None
+        self._agent_error: str | None = None
+        self._listen_text = "not listening yet"
+        self._icons = {state: _dot(colour) for state, colour in PRESENCE_COLOURS.items()}
+
+        self._bridge = _Bridge()
+        self._bridge.snapshot.connect(self._on_snapshot)
+        self._bridge.record.connect(self._on_record)
+        session.subscribe(self._record_from_thread)
+        self._poller = PeerPoller(source, session.directory, interval=poll_interval, clock=clock,
+                                  on_update=self._update_from_thread)
+        self._build()
+
+    # -- layout ---------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.setWindowTitle("meshchat")
+        self.resize(860, 520)
+
+        self.peer_list = QListWidget()
+        self.peer_list.setObjectName("peers")
+        self.peer_list.setIconSize(self._icons["online"].availableSizes()[0])
+        self.peer_list.setSpacing(2)
+        self.peer_list.currentItemChanged.connect(self._on_peer_selected)
+        peers_title = QLabel("<b>Peers</b> <span style='color:#666'>(mesh members)</span>")
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(6, 6, 0, 6)
+        left_layout.addWidget(peers_title)
+        left_layout.addWidget(self.peer_list)
+
+        self.conversation_title = QLabel("Select a peer to chat with")
+        self.conversation_title.setTextFormat(Qt.TextFormat.RichText)
+        self.conversation = QListWidget()
+        self.conversation.setObjectName("conversation")
+        self.conversation.setWordWrap(True)
+        self.conversation.setSpacing(3)
+        self.conversation.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.conversation.customContextMenuRequested.connect(self._on_conversation_menu)
+        self.conversation.currentItemChanged.connect(lambda *_: self._update_buttons())
+        self.entry = QLineEdit()
+        self.entry.setPlaceholderText("Type a message and press Enter")
+        self.entry.returnPressed.connect(self.send_current)
+        self.send_button = QPushButton("Send")
+        self.send_button.clicked.connect(self.send_current)
+        self.retry_button = QPushButton("Retry")
+        self.retry_button.setToolTip("Send the selected failed message again")
+        self.retry_button.clicked.connect(self.retry_selected)
+        compose = QHBoxLayout()
+        compose.addWidget(self.entry, 1)
+        compose.addWidget(self.send_button)
+        compose.addWidget(self.retry_button)
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.setContentsMargins(0, 6, 6, 6)
+        right_layout.addWidget(self.conversation_title)
+        right_layout.addWidget(self.conversation, 1)
+        right_layout.addLayout(compose)
+
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(right)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([260, 600])
+        self.setCentralWidget(splitter)
+
+        self.status_label = QLabel()
+        status = QStatusBar()
+        status.addWidget(self.status_label, 1)
+        self.setStatusBar(status)
+        self._update_status()
+        self._update_buttons()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin polling the agent (the first poll happens at once, in the poller thread)."""
+        self._poller.start()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        self._closed = True
+        self._poller.stop()
+        self.session.close(wait=0.5)
+        super().closeEvent(event)
+
+    # -- worker threads -> GUI thread -----------------------------------------------------------------
+
+    def _update_from_thread(self, snapshot: PeerSnapshot | None, error: str | None) -> None:
+        # Runs in the poller thread: (re)binding the listener there keeps the GUI thread free.
+        try:
+            address = self.session.ensure_listening()
+            listen = f"listening on {address[0]}:{address[1]}" if address else "waiting for our mesh IP"
+        except ChatError as exc:
+            listen = f"NOT listening: {exc}"
+        if not self._closed:
+            self._bridge.snapshot.emit(snapshot, error, listen)
+
+    def _record_from_thread(self, record: Record) -> None:
+        if not self._closed:
+            self._bridge.record.emit(record)
+
+    # -- peers ----------------------------------------------------------------------------------------
+
+    def _on_snapshot(self, snapshot: PeerSnapshot | None, error: str | None, listen: str) -> None:
+        self._snapshot = snapshot
+        self._agent_error = error
+        self._listen_text = listen
+        self._refresh_peers()
+        self._update_title()
+        self._update_status()
+
+    def _peer_text(self, peer: ChatPeer, unread: int) -> str:
+        badge = f"   ● {unread} new" if unread else ""
+        return f"{peer.name}{badge}\n{peer.mesh_ip}"
+
+    def _refresh_peers(self) -> None:
+        peers = self._snapshot.peers if self._snapshot else ()
+        unread = self.session.history.unread_counts()
+        wanted = {p.mesh_ip: p for p in peers}
+        for row in reversed(range(self.peer_list.count())):
+            if self.peer_list.item(row).data(IP_ROLE) not in wanted:
+                self.peer_list.takeItem(row)
+        for index, peer in enumerate(peers):
+            item = self.peer_item(peer.mesh_ip)
+            if item is None:
+                item = QListWidgetItem()
+                item.setData(IP_ROLE, peer.mesh_ip)
+                self.peer_list.insertItem(index, item)
+            elif self.peer_list.row(item) != index:
+                # Keep the agent's order (by name) without disturbing the selection.
+                selected = item is self.peer_list.currentItem()
+                self.peer_list.takeItem(self.peer_list.row(item))
+                self.peer_list.insertItem(index, item)
+                if selected:
+                    self.peer_list.setCurrentItem(item)
+            count = unread.get(peer.mesh_ip, 0)
+            item.setText(self._peer_text(peer, count))
+            item.setIcon(self._icons[peer.presence])
+            item.setData(PRESENCE_ROLE, peer.presence)
+            item.setToolTip(f"{peer.name} ({peer.node_id})\nmesh IP {peer.mesh_ip}\n{peer.presence}: {peer.detail}")
+            font = item.font()
+            font.setBold(count > 0)
+            item.setFont(font)
+
+    def peer_item(self, mesh_ip: str) -> QListWidgetItem | None:
+        """The left-pane item for `mesh_ip`, or None if it is not listed."""
+        for row in range(self.peer_list.count()):
+            item = self.peer_list.item(row)
+            if item.data(IP_ROLE) == mesh_ip:
+                return item
+        return None
+
+    def peer_ips(self) -> list[str]:
+        """The mesh IPs listed in the left pane, top to bottom."""
+        return [self.peer_list.item(row).data(IP_ROLE) for row in range(self.peer_list.count())]
+
+    def select_peer(self, mesh_ip: str) -> None:
+        """Select `mesh_ip` in the left pane (ChatError if it is not listed)."""
+        item = self.peer_item(mesh_ip)
+        if item is None:
+            raise ChatError(f"{mesh_ip} is not in the peer list")
+        self.peer_list.setCurrentItem(item)
+
+    def _on_peer_selected(self, current: QListWidgetItem | None, _previous) -> None:
+        if current is None:
+            return  # the selected peer left the list: keep its conversation open, marked as gone
+        ip = current.data(IP_ROLE)
+        if ip != self._current_ip:
+            self._current_ip = ip
+            self._reload_conversation()
+            self._update_title()
+            self._update_buttons()
+            self.entry.setFocus()
+
+    def _update_title(self) -> None:
+        ip = self._current_ip
+        if ip is None:
+            self.conversation_title.setText("Select a peer to chat with")
+            return
+        peer = self.session.directory.get(ip)
+        if peer is None:
+            self.conversation_title.setText(
+                f"<b>{ip}</b> &nbsp;<span style='color:{PRESENCE_COLOURS['offline']}'>not a mesh member now"
+                " — messages will fail</span>")
+            return
+        colour = PRESENCE_COLOURS[peer.presence]
+        self.conversation_title.setText(
+            f"<b>{_html(peer.name)}</b> &nbsp;{ip} &nbsp;<span style='color:{colour}'>● {peer.presence}</span>"
+            f" <span style='color:#666'>({_html(peer.detail)})</span>")
+
+    def _update_status(self) -> None:
+        snap = self._snapshot
+        me = f"me: {_html(self.session.name)} {snap.self_ip or '(no mesh IP yet)'}" if snap else "me: ?"
+        if self._agent_error:
+            agent = (f"<span style='color:{PRESENCE_COLOURS['offline']}'>agent unreachable"
+                     f"{' — showing last-known peers' if snap else ''}</span>")
+        elif snap is None:
+            agent = "asking the agent…"
+        elif snap.control_plane_online:
+            agent = "control plane online"
+        else:
+            agent = (f"<span style='color:{PRESENCE_COLOURS['idle']}'>control plane down — "
+                     "agent keeps last-known membership</span>")
+        self.status_label.setText(f"{me} · {self._listen_text} · {agent}")
+        self.setWindowTitle(f"meshchat — {self.session.name}" + (f" ({snap.self_ip})" if snap else ""))
+
+    # -- conversation ---------------------------------------------------------------------------------
+
+    def _record_text(self, record: Record) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.sent_at))
+        if record.direction == "in":
+            return f"{record.name} · {stamp}\n{record.text}"
+        state = {
+            "sending": "sending…",
+            "delivered": "✓ delivered",
+            "failed": f"✗ failed: {record.reason or 'unknown'} — right-click or Retry",
+        }.get(record.status, record.status)
+        return f"me · {stamp} · {state}\n{record.text}"
+
+    def _style(self, item: QListWidgetItem, record: Record) -> None:
+        item.setText(self._record_text(record))
+        item.setData(MSG_ROLE, (record.msg_id, record.direction, record.status))
+        if record.direction == "out":
+            item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            colour = {"failed": PRESENCE_COLOURS["offline"], "sending": "#777777"}.get(record.status, "#1a237e")
+            item.setBackground(QBrush(QColor("#ffebee" if record.status == "failed" else "#e8eaf6")))
+        else:
+            item.setTextAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+            colour = "#1b1b1b"
+            item.setBackground(QBrush(QColor("#f1f8e9")))
+        item.setForeground(QBrush(QColor(colour)))
+        item.setToolTip(record.reason or "")
+
+    def _reload_conversation(self) -> None:
+        self.conversation.clear()
+        if self._current_ip is None:
+            return
+        for record in self.session.history.conversation(self._current_ip):
+            item = QListWidgetItem()
+            self._style(item, record)
+            self.conversation.addItem(item)
+        self.conversation.scrollToBottom()
+        if self.session.history.mark_read(self._current_ip):
+            self._refresh_peers()
+
+    def message_item(self, msg_id: str) -> QListWidgetItem | None:
+        """The conversation item showing message `msg_id`, or None."""
+        for row in range(self.conversation.count()):
+            item = self.conversation.item(row)
+            if item.data(MSG_ROLE)[0] == msg_id:
+                return item
+        return None
+
+    def _on_record(self, record: Record) -> None:
+        if record.peer_ip == self._current_ip:
+            item = self.message_item(record.msg_id)
+            if item is None:
+                item = QListWidgetItem()
+                self.conversation.addItem(item)
+                self.conversation.scrollToBottom()
+            self._style(item, record)
+            if record.direction == "in" and self.isActiveWindow():
+                self.session.history.mark_read(record.peer_ip)
+        self._refresh_peers()
+        self._update_buttons()
+
+    def unread(self, mesh_ip: str) -> int:
+        """Unread incoming messages from `mesh_ip`."""
+        return self.session.history.unread_counts().get(mesh_ip, 0)
+
+    def send_current(self) -> None:
+        """Send the text in the entry to the selected peer."""
+        text = self.entry.text()
+        if self._current_ip is None or not text.strip():
+            return
+        try:
+            self.session.send(self._current_ip, text)
+        except ChatError as exc:
+            self.statusBar().showMessage(f"not sent: {exc}", 5000)
+            return
+        self.entry.clear()
+
+    def _selected_failed(self) -> str | None:
+        item = self.conversation.currentItem()
+        if item is None:
+            return None
+        msg_id, direction, status = item.data(MSG_ROLE)
+        return msg_id if direction == "out" and status == "failed" else None
+
+    def retry_selected(self) -> None:
+        """Send the selected failed message again."""
+        msg_id = self._selected_failed()
+        if msg_id is None or self._current_ip is None:
+            return
+        try:
+            self.session.retry(self._current_ip, msg_id)
+        except ChatError as exc:
+            self.statusBar().showMessage(f"not retried: {exc}", 5000)
+
+    def _on_conversation_menu(self, pos: QPoint) -> None:
+        item = self.conversation.itemAt(pos)
+        if item is None:
+            return
+        self.conversation.setCurrentItem(item)
+        if self._selected_failed() is None:
+            return
+        menu = QMenu(self)
+        retry = QAction("Retry", menu)
+        retry.triggered.connect(self.retry_selected)
+        menu.addAction(retry)
+        menu.exec(self.conversation.viewport().mapToGlobal(pos))
+
+    def _update_buttons(self) -> None:
+        has_peer = self._current_ip is not None
+        self.entry.setEnabled(has_peer)
+        self.send_button.setEnabled(has_peer)
+        self.retry_button.setEnabled(self._selected_failed() is not None)
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def run(settings: ChatSettings, *, history: HistoryStore) -> int:
+    """Open the window for `settings` and run the Qt event loop until it closes; the exit code."""
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("meshchat")
+    directory = PeerDirectory()
+    session = ChatSession(history=history, directory=directory, port=settings.port, timeout=settings.timeout,
+                          name=settings.name, bind=settings.bind)
+    source = AgentPeerSource(settings.socket, timeout=2.0, window=settings.handshake_window)
+    window = ChatWindow(session=session, source=source, poll_interval=settings.poll_interval)
+    window.show()
+    window.start()
+    try:
+        return app.exec()
+    finally:
+        history.close()
+
+
+__all__ = ["ChatWindow", "run"]
