@@ -1,0 +1,303 @@
+"""The registrar's decision layer: one pure function per command over the whole state. No I/O here.
+
+`handle_message` turns one MQTT message (topic + raw payload) into an Outcome; the other handlers serve the
+clock and the admin API. An Outcome carries the new CoreState, what the store must write (`delta`), what must
+be published, the RegisterReply (if any) and why an input was refused or ignored. Bad input of every kind
+yields an Outcome whose state is the old one: nothing to store, nothing to publish.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from meshcontract import topics
+from meshcontract.errors import ContractError, PayloadError
+from meshcontract.messages import (
+    MAX_PAYLOAD,
+    ErrorCode,
+    ErrorInfo,
+    Heartbeat,
+    MeshSettings,
+    NodeStatus,
+    RegisterReply,
+    RegisterRequest,
+    check_wg_key,
+    decode,
+)
+from meshcontract.topics import Kind
+from registrar import membership, tokens
+from registrar.errors import Refused
+from registrar.ipam import Quarantined
+from registrar.membership import Change, LivenessPolicy, Member, Membership
+from registrar.tokens import JoinToken, Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """What the engine needs to know about the mesh it runs."""
+
+    mesh: MeshSettings
+    policy: LivenessPolicy
+    require_token: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CoreState:
+    """Everything the registrar decides on: membership (with IPAM and revision) and join tokens."""
+
+    membership: Membership
+    tokens: Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What one command changed, in the form the store writes in one transaction."""
+
+    upsert_members: tuple[Member, ...] = ()
+    delete_members: tuple[str, ...] = ()
+    upsert_tokens: tuple[JoinToken, ...] = ()
+    delete_tokens: tuple[str, ...] = ()
+    revision: int | None = None  # the new global revision when it moved
+    quarantine: tuple[Quarantined, ...] | None = None  # the full quarantine list when it changed
+
+    def is_empty(self) -> bool:
+        return not (
+            self.upsert_members
+            or self.delete_members
+            or self.upsert_tokens
+            or self.delete_tokens
+            or self.revision is not None
+            or self.quarantine is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one command."""
+
+    state: CoreState
+    change: Change
+    delta: Delta = field(default_factory=Delta)
+    reply: RegisterReply | None = None
+    reply_to: str | None = None  # node id whose reply topic gets `reply`
+    rejected: str | None = None  # a refusal or malformed input: counted, logged at WARNING
+    ignored: str | None = None  # valid but without effect (stale epoch, unknown node): logged at DEBUG
+    token: JoinToken | None = None  # the token a command created or redeemed
+    node_id: str | None = None  # the node the input concerned, if known (for logs)
+
+    @property
+    def published(self) -> tuple[Member, ...]:
+        return self.change.published
+
+    @property
+    def removed(self) -> tuple[Member, ...]:
+        return self.change.removed
+
+
+def _delta(before: CoreState, after: CoreState, change: Change, tokens_up=(), tokens_del=()) -> Delta:
+    b, a = before.membership, after.membership
+    quarantine = None
+    if a.ipam.quarantine is not b.ipam.quarantine and dict(a.ipam.quarantine) != dict(b.ipam.quarantine):
+        quarantine = tuple(a.ipam.quarantine.values())
+    return Delta(
+        upsert_members=change.dirty,
+        delete_members=tuple(m.node_id for m in change.removed),
+        upsert_tokens=tuple(tokens_up),
+        delete_tokens=tuple(tokens_del),
+        revision=a.revision if a.revision != b.revision else None,
+        quarantine=quarantine,
+    )
+
+
+def _apply(state: CoreState, change: Change, **kw) -> Outcome:
+    after = replace(state, membership=change.state)
+    return Outcome(after, change, _delta(state, after, change), ignored=change.ignored, **kw)
+
+
+def _nothing(state: CoreState, **kw) -> Outcome:
+    return Outcome(state, Change(state.membership), **kw)
+
+
+def error_reply(request_id: str, node_id: str, code: ErrorCode, message: str) -> RegisterReply:
+    """A refusal for `request_id`."""
+    return RegisterReply(
+        request_id=request_id, ok=False, node_id=node_id, error=ErrorInfo(code=code, message=message[:500])
+    )
+
+
+def register(state: CoreState, request: RegisterRequest, *, now: float, config: Config) -> Outcome:
+    """Admit or refresh the node of `request`; the Outcome's reply says ok (with IP and settings) or why not."""
+    node = request.node_id
+    try:
+        change = membership.register(
+            state.membership,
+            node_id=node,
+            name=request.name,
+            public_key=request.public_key,
+            endpoints=tuple(request.endpoints),
+            listen_port=request.listen_port,
+            epoch=request.epoch,
+            now=now,
+        )
+        new_tokens, token = state.tokens, None
+        if change.joined and config.require_token:
+            new_tokens, token = tokens.redeem(state.tokens, request.join_token, now=now)
+    except Refused as exc:
+        return _nothing(
+            state,
+            reply=error_reply(request.request_id, node, exc.code, exc.message),
+            reply_to=node,
+            rejected=f"registration refused ({exc.code}): {exc.message}",
+            node_id=node,
+        )
+    after = CoreState(change.state, new_tokens)
+    member = change.state.members[node]
+    reply = RegisterReply(
+        request_id=request.request_id,
+        ok=True,
+        node_id=node,
+        mesh_ip=member.mesh_ip,
+        prefix_len=change.state.ipam.prefix_len,
+        settings=config.mesh,
+    )
+    delta = _delta(state, after, change, tokens_up=(token,) if token else ())
+    return Outcome(after, change, delta, reply=reply, reply_to=node, token=token, node_id=node)
+
+
+def _key_ok(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        check_wg_key(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _reject_register(state: CoreState, node: str, payload: bytes, reason: str) -> Outcome:
+    """An unusable register/<node> payload: reply with an error if the payload names a request id."""
+    request_id = None
+    code = ErrorCode.INVALID_REQUEST
+    try:
+        data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if isinstance(data, dict):
+        rid = data.get("request_id")
+        if (
+            isinstance(rid, str)
+            and 8 <= len(rid) <= 64
+            and rid.replace("-", "").replace("_", "").isalnum()
+            and rid.isascii()
+        ):
+            request_id = rid
+        key = data.get("public_key")
+        if key is not None and not _key_ok(key):
+            code = ErrorCode.INVALID_KEY
+    if request_id is None:
+        return _nothing(
+            state, rejected=f"bad registration: {reason} (no request_id to reply to)", node_id=node
+        )
+    return _nothing(
+        state,
+        reply=error_reply(request_id, node, code, reason),
+        reply_to=node,
+        rejected=f"bad registration: {reason}",
+        node_id=node,
+    )
+
+
+def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, config: Config) -> Outcome:
+    """One MQTT message from the broker: parse, check, apply. Never raises for bad input."""
+    try:
+        parsed = topics.parse(topic)
+    except ContractError as exc:
+        return _nothing(state, rejected=f"unknown topic: {exc}")
+    if parsed.mesh != config.mesh.mesh:
+        return _nothing(state, rejected=f"message for another mesh {parsed.mesh!r}")
+    node = parsed.node
+    if parsed.kind is Kind.REGISTER:
+        try:
+            request = decode(RegisterRequest, payload)
+        except PayloadError as exc:
+            return _reject_register(state, node, payload, str(exc))
+        if request.node_id != node:
+            return _reject_register(
+                state, node, payload, f"payload node_id {request.node_id!r} is not the topic's"
+            )
+        return register(state, request, now=now, config=config)
+    if parsed.kind is Kind.STATUS:
+        if not payload:
+            # Our own clean-up of a removed member's retained status echoes back as an empty message.
+            return _nothing(state, ignored="empty status (retained status cleared)", node_id=node)
+        try:
+            msg = decode(NodeStatus, payload)
+        except PayloadError as exc:
+            return _nothing(state, rejected=f"bad status: {exc}", node_id=node)
+        if msg.node_id != node:
+            return _nothing(
+                state, rejected=f"status node_id {msg.node_id!r} is not the topic's", node_id=node
+            )
+        change = membership.status(
+            state.membership, node_id=node, online=msg.state == "online", epoch=msg.epoch, now=now
+        )
+        return _apply(state, change, node_id=node)
+    if parsed.kind is Kind.HEARTBEAT:
+        try:
+            hb = decode(Heartbeat, payload)
+        except PayloadError as exc:
+            return _nothing(state, rejected=f"bad heartbeat: {exc}", node_id=node)
+        if hb.node_id != node:
+            return _nothing(
+                state, rejected=f"heartbeat node_id {hb.node_id!r} is not the topic's", node_id=node
+            )
+        return _apply(
+            state, membership.heartbeat(state.membership, node_id=node, epoch=hb.epoch, now=now), node_id=node
+        )
+    return _nothing(state, ignored=f"not a topic the registrar consumes: {parsed.kind}", node_id=node)
+
+
+def tick(state: CoreState, *, now: float, config: Config) -> Outcome:
+    """Apply the clock (liveness, expiry, quarantine)."""
+    return _apply(state, membership.tick(state.membership, now=now, policy=config.policy))
+
+
+def remove_member(state: CoreState, node_id: str, *, now: float, reason: str = "removed by admin") -> Outcome:
+    """Admin removal: the member is tombstoned at once and its IP quarantined."""
+    return _apply(
+        state,
+        membership.remove(state.membership, node_ids=[node_id], now=now, reason=reason),
+        node_id=node_id,
+    )
+
+
+def create_token(
+    state: CoreState,
+    *,
+    secret: str,
+    now: float,
+    ttl_s: float | None = None,
+    reusable: bool = False,
+    max_uses: int | None = None,
+) -> Outcome:
+    """Store a new join token (only its hash)."""
+    new, token = tokens.create(
+        state.tokens, secret=secret, now=now, ttl_s=ttl_s, reusable=reusable, max_uses=max_uses
+    )
+    return Outcome(
+        replace(state, tokens=new), Change(state.membership), Delta(upsert_tokens=(token,)), token=token
+    )
+
+
+def revoke_token(state: CoreState, token_id: str) -> Outcome:
+    """Delete a join token; `ignored` is set when no token has that id."""
+    new, found = tokens.revoke(state.tokens, token_id)
+    if not found:
+        return _nothing(state, ignored=f"no token {token_id}")
+    return Outcome(replace(state, tokens=new), Change(state.membership), Delta(delete_tokens=(token_id,)))
+
+
+def with_tokens(state: CoreState, loaded: Tokens) -> CoreState:
+    """Adopt the token table as stored (the CLI may add or revoke tokens while the registrar runs)."""
+    return replace(state, tokens=loaded)

@@ -1,0 +1,388 @@
+"""Membership and liveness: who is in the mesh, with which key and IP, and whether peers should tunnel to it.
+
+Pure: no I/O here. Every transition takes the current Membership and `now` and returns a Change holding the
+new Membership plus what happened (records to persist, records to publish, removals, events to log). The
+caller commits a Change to the store before it makes it visible; a refused or ignored input returns the same
+Membership object, so nothing is written.
+
+Model (docs/registrar.md has the full story):
+- A member is `active` or `unreachable`. Registration makes it active and starts a session `epoch`.
+- Status and heartbeats only count if their epoch is >= the member's current epoch: the will of a session
+  that has since re-registered can never take the new session down.
+- tick(now): an active member not heard from for `ttl_s` becomes unreachable; one unreachable for `expiry_s`
+  is removed (tombstone) and its IP goes to quarantine. Nothing is declared unreachable or removed before
+  `started_at + grace_s` (grace >= TTL), so a registrar restart never looks like a mass failure.
+- One global revision counter: every transition that changes a published record takes the next revision
+  and stamps it on every record it changed; the roster revision is that counter and only grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from types import MappingProxyType
+
+from meshcontract.messages import Endpoint, ErrorCode, MemberRecord, MemberState, RosterEntry
+from registrar.errors import PoolExhausted, Refused
+from registrar.ipam import Ipam
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessPolicy:
+    """How long silence may last before a member is unreachable, then removed; grace after a restart."""
+
+    ttl_s: float
+    expiry_s: float
+    grace_s: float
+
+    def __post_init__(self) -> None:
+        if self.ttl_s <= 0 or self.expiry_s <= 0:
+            raise ValueError("ttl_s and expiry_s must be > 0")
+        if self.grace_s < self.ttl_s:
+            raise ValueError("grace_s must be >= ttl_s so a restart never races a heartbeat")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """Everything the registrar knows about one member."""
+
+    node_id: str
+    name: str
+    public_key: str
+    mesh_ip: str
+    endpoints: tuple[Endpoint, ...]
+    listen_port: int
+    state: MemberState
+    epoch: int
+    revision: int  # the revision at which its published record last changed
+    joined_at: float
+    updated_at: float  # when its published record last changed
+    last_seen: float  # last registration, heartbeat or online status of the current epoch (or newer)
+    unreachable_since: float | None = None
+
+    def record(self) -> MemberRecord:
+        """The retained members/<node> payload."""
+        return MemberRecord(
+            node_id=self.node_id,
+            name=self.name,
+            mesh_ip=self.mesh_ip,
+            public_key=self.public_key,
+            endpoints=list(self.endpoints),
+            listen_port=self.listen_port,
+            state=self.state,
+            revision=self.revision,
+            updated_at=self.updated_at,
+        )
+
+    def published_fields(self) -> tuple:
+        """What peers see; a change here needs a new revision."""
+        return (self.name, self.mesh_ip, self.public_key, self.endpoints, self.listen_port, self.state)
+
+
+class Event(StrEnum):
+    """Membership events, logged at INFO with the member's node_id, name and mesh_ip."""
+
+    JOINED = "member joined"
+    UPDATED = "member updated"
+    ACTIVE = "member active"
+    UNREACHABLE = "member unreachable"
+    REMOVED = "member removed"
+
+
+@dataclass(frozen=True, slots=True)
+class Happened:
+    """One event and the member it concerns (as it is after the event; as it was for removals)."""
+
+    event: Event
+    member: Member
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """The whole membership state. Treat as immutable: transitions build new ones."""
+
+    members: Mapping[str, Member]
+    keys: Mapping[str, str]  # public key -> node id
+    ipam: Ipam
+    revision: int
+    started_at: float  # when this registrar process started: the grace period counts from here
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        ipam: Ipam,
+        started_at: float,
+        members: list[Member] | tuple[Member, ...] = (),
+        revision: int = 0,
+    ) -> Membership:
+        """A Membership from stored members; `ipam` must already hold their addresses."""
+        by_id = {m.node_id: m for m in members}
+        keys = {m.public_key: m.node_id for m in members}
+        if len(keys) != len(by_id):
+            raise ValueError("two members share a public key")
+        for m in members:
+            if ipam.ip_of(m.node_id) != m.mesh_ip:
+                raise ValueError(
+                    f"member {m.node_id} holds {m.mesh_ip} but ipam says {ipam.ip_of(m.node_id)}"
+                )
+        revision = max([revision, *(m.revision for m in members)])
+        return cls(MappingProxyType(by_id), MappingProxyType(keys), ipam, revision, started_at)
+
+    def roster(self) -> list[RosterEntry]:
+        """Roster entries, sorted by node id."""
+        return [RosterEntry(node_id=i, revision=self.members[i].revision) for i in sorted(self.members)]
+
+    def count(self, state: MemberState) -> int:
+        return sum(1 for m in self.members.values() if m.state is state)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The result of a transition. `state is before` (identity) means nothing changed at all."""
+
+    state: Membership
+    dirty: tuple[Member, ...] = ()  # members whose stored row changed (persist)
+    published: tuple[Member, ...] = ()  # members whose record changed (publish; subset of dirty)
+    removed: tuple[Member, ...] = ()  # members gone (persist delete, publish tombstone)
+    happened: tuple[Happened, ...] = ()
+    ignored: str | None = None  # why an input had no effect, for logs and metrics
+    joined: bool = False  # a registration admitted a new member (the caller must redeem a join token)
+
+    @property
+    def revision_bumped(self) -> bool:
+        return bool(self.published or self.removed)
+
+
+def _next(state: Membership) -> int:
+    return state.revision + 1
+
+
+def _put(state: Membership, members: list[Member], *, revision: int | None = None, **kw) -> Membership:
+    by_id = dict(state.members)
+    for m in members:
+        by_id[m.node_id] = m
+    return replace(state, members=MappingProxyType(by_id), revision=revision or state.revision, **kw)
+
+
+def register(
+    state: Membership,
+    *,
+    node_id: str,
+    name: str,
+    public_key: str,
+    endpoints: tuple[Endpoint, ...],
+    listen_port: int,
+    epoch: int,
+    now: float,
+) -> Change:
+    """Admit or refresh a member. Idempotent: the same node id and key keep the same IP and record.
+
+    Refused KEY_CONFLICT if the node id is held by another key (a key change needs an admin delete or
+    expiry first: a join token alone must never let someone take over an existing identity) or the key is
+    held by another node id; INVALID_REQUEST for an epoch older than the member's current one (a replayed
+    request); POOL_EXHAUSTED when no address is free. Change.joined tells the caller a token must be redeemed.
+    """
+    existing = state.members.get(node_id)
+    owner = state.keys.get(public_key)
+    if existing is not None:
+        if existing.public_key != public_key:
+            raise Refused(
+                ErrorCode.KEY_CONFLICT,
+                f"node id {node_id} is registered with another public key; an admin must remove it first",
+            )
+        if epoch < existing.epoch:
+            raise Refused(
+                ErrorCode.INVALID_REQUEST, f"stale epoch {epoch}: the current session is {existing.epoch}"
+            )
+        refreshed = replace(
+            existing,
+            name=name,
+            endpoints=endpoints,
+            listen_port=listen_port,
+            state=MemberState.ACTIVE,
+            epoch=epoch,
+            last_seen=now,
+            unreachable_since=None,
+        )
+        if refreshed.published_fields() == existing.published_fields():
+            # Same record: persist only when the epoch moved (it decides which wills count after a restart).
+            dirty = (refreshed,) if refreshed.epoch != existing.epoch else ()
+            return Change(_put(state, [refreshed]), dirty=dirty)
+        rev = _next(state)
+        refreshed = replace(refreshed, revision=rev, updated_at=now)
+        events = []
+        if existing.state is MemberState.UNREACHABLE:
+            events.append(Happened(Event.ACTIVE, refreshed, "re-registered"))
+        if refreshed.published_fields()[:-1] != existing.published_fields()[:-1]:
+            events.append(Happened(Event.UPDATED, refreshed, "registration changed its record"))
+        return Change(
+            _put(state, [refreshed], revision=rev),
+            dirty=(refreshed,),
+            published=(refreshed,),
+            happened=tuple(events),
+        )
+    if owner is not None:
+        raise Refused(ErrorCode.KEY_CONFLICT, f"this public key is already registered as node {owner}")
+    try:
+        ipam, ip = state.ipam.allocate(node_id, now=now)
+    except PoolExhausted as exc:
+        raise Refused(ErrorCode.POOL_EXHAUSTED, str(exc)) from exc
+    rev = _next(state)
+    member = Member(
+        node_id=node_id,
+        name=name,
+        public_key=public_key,
+        mesh_ip=ip,
+        endpoints=endpoints,
+        listen_port=listen_port,
+        state=MemberState.ACTIVE,
+        epoch=epoch,
+        revision=rev,
+        joined_at=now,
+        updated_at=now,
+        last_seen=now,
+    )
+    keys = dict(state.keys)
+    keys[public_key] = node_id
+    new = _put(state, [member], revision=rev, ipam=ipam, keys=MappingProxyType(keys))
+    return Change(
+        new,
+        dirty=(member,),
+        published=(member,),
+        happened=(Happened(Event.JOINED, member, "registered"),),
+        joined=True,
+    )
+
+
+def _seen(state: Membership, node_id: str, epoch: int, now: float, what: str) -> Change:
+    member = state.members.get(node_id)
+    if member is None:
+        return Change(state, ignored=f"{what} from unknown node")
+    if epoch < member.epoch:
+        return Change(state, ignored=f"{what} with stale epoch {epoch} < {member.epoch}")
+    if member.state is MemberState.ACTIVE:
+        return Change(_put(state, [replace(member, last_seen=now)]))
+    rev = _next(state)
+    back = replace(
+        member, state=MemberState.ACTIVE, last_seen=now, unreachable_since=None, revision=rev, updated_at=now
+    )
+    return Change(
+        _put(state, [back], revision=rev),
+        dirty=(back,),
+        published=(back,),
+        happened=(Happened(Event.ACTIVE, back, what),),
+    )
+
+
+def heartbeat(state: Membership, *, node_id: str, epoch: int, now: float) -> Change:
+    """A heartbeat of the current (or a newer) epoch refreshes liveness and revives an unreachable member."""
+    return _seen(state, node_id, epoch, now, "heartbeat")
+
+
+def status(state: Membership, *, node_id: str, online: bool, epoch: int, now: float) -> Change:
+    """A node's status (or its will). Offline of the current (or a newer) epoch makes it unreachable now."""
+    if online:
+        return _seen(state, node_id, epoch, now, "online status")
+    member = state.members.get(node_id)
+    if member is None:
+        return Change(state, ignored="offline status from unknown node")
+    if epoch < member.epoch:
+        return Change(state, ignored=f"offline status with stale epoch {epoch} < {member.epoch}")
+    if member.state is MemberState.UNREACHABLE:
+        return Change(state, ignored="offline status for a member already unreachable")
+    return _unreachable(state, [member], now, "offline status (graceful stop or will)")
+
+
+def _unreachable(state: Membership, members: list[Member], now: float, reason: str) -> Change:
+    rev = _next(state)
+    down = [
+        replace(m, state=MemberState.UNREACHABLE, unreachable_since=now, revision=rev, updated_at=now)
+        for m in members
+    ]
+    return Change(
+        _put(state, down, revision=rev),
+        dirty=tuple(down),
+        published=tuple(down),
+        happened=tuple(Happened(Event.UNREACHABLE, m, reason) for m in down),
+    )
+
+
+def _drop(state: Membership, gone: list[Member], now: float) -> Membership:
+    by_id = dict(state.members)
+    keys = dict(state.keys)
+    ipam = state.ipam
+    for m in gone:
+        del by_id[m.node_id]
+        keys.pop(m.public_key, None)
+        ipam = ipam.release(m.node_id, now=now)
+    return replace(state, members=MappingProxyType(by_id), keys=MappingProxyType(keys), ipam=ipam)
+
+
+def remove(state: Membership, *, node_ids: list[str] | tuple[str, ...], now: float, reason: str) -> Change:
+    """Remove members (expiry or admin): tombstone their records, quarantine their IPs, free their keys."""
+    gone = [state.members[i] for i in node_ids if i in state.members]
+    if not gone:
+        return Change(state, ignored="no such member")
+    new = replace(_drop(state, gone, now), revision=_next(state))
+    return Change(new, removed=tuple(gone), happened=tuple(Happened(Event.REMOVED, m, reason) for m in gone))
+
+
+def next_deadline(state: Membership, policy: LivenessPolicy) -> float | None:
+    """The earliest time at which tick() could change something, or None if nothing is pending."""
+    floor = state.started_at + policy.grace_s
+    times = []
+    for m in state.members.values():
+        if m.state is MemberState.ACTIVE:
+            times.append(max(m.last_seen + policy.ttl_s, floor))
+        elif m.unreachable_since is not None:
+            times.append(max(m.unreachable_since + policy.expiry_s, floor))
+    times.extend(q.until for q in state.ipam.quarantine.values())
+    return min(times) if times else None
+
+
+def tick(state: Membership, *, now: float, policy: LivenessPolicy) -> Change:
+    """Apply the clock: expire quarantine, mark silent members unreachable, remove long-unreachable ones.
+
+    Within the grace period after `started_at` nobody is marked or removed: members had no chance to
+    heartbeat to this process yet.
+    """
+    ipam = state.ipam.expire(now=now)
+    base = state if ipam is state.ipam else replace(state, ipam=ipam)
+    if now < state.started_at + policy.grace_s:
+        return Change(base)
+    expired = sorted(
+        (
+            m
+            for m in base.members.values()
+            if m.state is MemberState.UNREACHABLE
+            and m.unreachable_since is not None
+            and now - m.unreachable_since >= policy.expiry_s
+        ),
+        key=lambda m: m.node_id,
+    )
+    silent = sorted(
+        (
+            m
+            for m in base.members.values()
+            if m.state is MemberState.ACTIVE and now - max(m.last_seen, state.started_at) > policy.ttl_s
+        ),
+        key=lambda m: m.node_id,
+    )
+    if not expired and not silent:
+        return Change(base)
+    # One tick is one transition: removals and new unreachables share a single revision.
+    rev = _next(base)
+    after = _drop(base, expired, now) if expired else base
+    down = [
+        replace(m, state=MemberState.UNREACHABLE, unreachable_since=now, revision=rev, updated_at=now)
+        for m in silent
+    ]
+    after = _put(after, down, revision=rev)
+    happened = [Happened(Event.REMOVED, m, f"unreachable for {policy.expiry_s:g} s") for m in expired]
+    happened += [Happened(Event.UNREACHABLE, m, f"no heartbeat for {policy.ttl_s:g} s") for m in down]
+    return Change(
+        after, dirty=tuple(down), published=tuple(down), removed=tuple(expired), happened=tuple(happened)
+    )

@@ -1,0 +1,240 @@
+"""Membership transitions and liveness, table-driven, plus a property test over random event sequences."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshcontract.messages import Endpoint, ErrorCode, MemberState
+from registrar import membership as ms
+from registrar.errors import Refused
+from registrar.ipam import Ipam
+
+POLICY = ms.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=15)
+
+
+def key(n: int) -> str:
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
+def empty(started_at: float = 0.0) -> ms.Membership:
+    return ms.Membership.create(ipam=Ipam.create("10.1.0.0/24", quarantine_s=50), started_at=started_at)
+
+
+def reg(state, node="n1", k=1, *, epoch=1, now=1.0, name=None, port=51820):
+    return ms.register(
+        state,
+        node_id=node,
+        name=name or node,
+        public_key=key(k),
+        endpoints=(Endpoint(host="192.0.2.1", port=port),),
+        listen_port=port,
+        epoch=epoch,
+        now=now,
+    )
+
+
+def test_register_new_member():
+    change = reg(empty())
+    m = change.state.members["n1"]
+    assert (m.mesh_ip, m.state, m.epoch, m.revision) == ("10.1.0.1", MemberState.ACTIVE, 1, 1)
+    assert change.joined and change.published == (m,) and change.dirty == (m,)
+    assert [h.event for h in change.happened] == [ms.Event.JOINED]
+    assert change.state.revision == 1
+
+
+def test_reregistration_is_idempotent():
+    first = reg(empty()).state
+    again = reg(first, now=5.0)
+    assert not again.joined and not again.published and not again.dirty
+    assert again.state.members["n1"].mesh_ip == "10.1.0.1"
+    assert again.state.revision == 1
+    assert again.state.members["n1"].last_seen == 5.0
+
+
+def test_reregistration_with_new_epoch_is_persisted_not_published():
+    first = reg(empty()).state
+    again = reg(first, epoch=2, now=5.0)
+    assert again.dirty and not again.published and again.state.revision == 1
+
+
+def test_reregistration_with_new_endpoint_bumps_revision():
+    first = reg(empty()).state
+    again = reg(first, port=51821, now=5.0)
+    assert again.published[0].revision == 2 and again.state.revision == 2
+    assert [h.event for h in again.happened] == [ms.Event.UPDATED]
+
+
+@pytest.mark.parametrize(
+    ("node", "k", "epoch", "code"),
+    [
+        ("n1", 2, 1, ErrorCode.KEY_CONFLICT),  # same id, other key
+        ("n2", 1, 1, ErrorCode.KEY_CONFLICT),  # same key, other id
+        ("n1", 1, 0, ErrorCode.INVALID_REQUEST),  # replay of an older session
+    ],
+)
+def test_register_refusals(node, k, epoch, code):
+    state = reg(empty()).state
+    with pytest.raises(Refused) as err:
+        reg(state, node, k, epoch=epoch)
+    assert err.value.code is code
+
+
+def test_pool_exhausted():
+    state = ms.Membership.create(ipam=Ipam.create("10.1.0.0/30", quarantine_s=50), started_at=0)
+    state = reg(state, "a", 1).state
+    state = reg(state, "b", 2).state
+    with pytest.raises(Refused) as err:
+        reg(state, "c", 3)
+    assert err.value.code is ErrorCode.POOL_EXHAUSTED
+
+
+# (event, args) applied after registering n1 with epoch 2 at t=1; expected state and whether a record changed.
+@pytest.mark.parametrize(
+    ("events", "state_after", "published"),
+    [
+        ([("status", False, 2, 3)], MemberState.UNREACHABLE, True),
+        ([("status", False, 1, 3)], MemberState.ACTIVE, False),  # stale will ignored
+        ([("status", False, 3, 3)], MemberState.UNREACHABLE, True),  # a newer session going down
+        ([("status", False, 2, 3), ("hb", 2, 4)], MemberState.ACTIVE, True),  # heartbeat revives
+        ([("status", False, 2, 3), ("hb", 1, 4)], MemberState.UNREACHABLE, False),  # stale heartbeat no
+        ([("status", False, 2, 3), ("status", True, 2, 4)], MemberState.ACTIVE, True),
+        ([("hb", 2, 9), ("tick", 18.5)], MemberState.ACTIVE, False),  # heard at 9, ttl 10
+        ([("hb", 2, 9), ("tick", 19)], MemberState.ACTIVE, False),  # exactly the TTL: not yet
+        ([("hb", 2, 9), ("tick", 19.5)], MemberState.UNREACHABLE, True),
+        ([("hb", 2, 16), ("tick", 26.5)], MemberState.UNREACHABLE, True),
+        ([("hb", 1, 16), ("tick", 26.5)], MemberState.UNREACHABLE, True),  # stale heartbeat did not refresh
+    ],
+)
+def test_liveness_table(events, state_after, published):
+    state = reg(empty(), epoch=2).state
+    last = None
+    for ev in events:
+        if ev[0] == "status":
+            last = ms.status(state, node_id="n1", online=ev[1], epoch=ev[2], now=ev[3])
+        elif ev[0] == "hb":
+            last = ms.heartbeat(state, node_id="n1", epoch=ev[1], now=ev[2])
+        else:
+            last = ms.tick(state, now=ev[1], policy=POLICY)
+        state = last.state
+    assert state.members["n1"].state is state_after
+    assert bool(last.published) is published
+
+
+@pytest.mark.parametrize(
+    ("started_at", "now", "expected"),
+    [
+        (0, 14, MemberState.ACTIVE),  # within grace: not yet
+        (0, 15.5, MemberState.UNREACHABLE),
+        (100, 114, MemberState.ACTIVE),  # a restart at 100 with stale last_seen=1: still grace
+        (100, 115, MemberState.UNREACHABLE),
+    ],
+)
+def test_restart_grace(started_at, now, expected):
+    stored = reg(empty(), now=1.0).state
+    restarted = ms.Membership.create(
+        ipam=stored.ipam,
+        started_at=started_at,
+        members=list(stored.members.values()),
+        revision=stored.revision,
+    )
+    assert ms.tick(restarted, now=now, policy=POLICY).state.members["n1"].state is expected
+
+
+def test_expiry_removes_and_quarantines():
+    state = reg(empty()).state
+    state = reg(state, "n2", 2).state
+    state = ms.status(state, node_id="n1", online=False, epoch=1, now=20).state
+    assert ms.tick(state, now=119, policy=POLICY).state.members["n1"].state is MemberState.UNREACHABLE
+    gone = ms.tick(state, now=120.5, policy=POLICY)
+    assert [m.node_id for m in gone.removed] == ["n1"]
+    assert "n1" not in gone.state.members and key(1) not in gone.state.keys
+    assert "10.1.0.1" in gone.state.ipam.quarantine
+    assert gone.state.revision > state.revision
+    # n2 was silent too: one tick, one revision for both changes
+    assert gone.published[0].node_id == "n2" and gone.published[0].revision == gone.state.revision
+    newcomer = reg(gone.state, "n3", 3, now=121).state
+    assert newcomer.members["n3"].mesh_ip == "10.1.0.3"
+    # the expired node comes back within quarantine: it gets its old address back
+    back = reg(newcomer, "n1", 1, now=122).state
+    assert back.members["n1"].mesh_ip == "10.1.0.1"
+
+
+def test_admin_remove_and_unknown():
+    state = reg(empty()).state
+    assert ms.remove(state, node_ids=["zz"], now=1, reason="x").ignored
+    change = ms.remove(state, node_ids=["n1"], now=2, reason="admin")
+    assert change.removed and not change.state.members
+    assert change.state.revision == 2
+
+
+@pytest.mark.parametrize("fn", ["hb", "on", "off"])
+def test_unknown_node_ignored(fn):
+    state = empty()
+    if fn == "hb":
+        change = ms.heartbeat(state, node_id="x", epoch=1, now=1)
+    else:
+        change = ms.status(state, node_id="x", online=fn == "on", epoch=1, now=1)
+    assert change.state is state and change.ignored
+
+
+def test_next_deadline():
+    state = reg(empty(), now=1.0).state
+    assert ms.next_deadline(state, POLICY) == 15  # grace floor
+    assert ms.next_deadline(empty(), POLICY) is None
+
+
+def test_policy_grace_must_cover_ttl():
+    with pytest.raises(ValueError):
+        ms.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=5)
+
+
+event = st.one_of(
+    st.tuples(st.just("reg"), st.sampled_from("abcd"), st.integers(1, 5), st.integers(0, 3)),
+    st.tuples(st.just("hb"), st.sampled_from("abcd"), st.integers(0, 3)),
+    st.tuples(st.just("status"), st.sampled_from("abcd"), st.booleans(), st.integers(0, 3)),
+    st.tuples(st.just("tick")),
+    st.tuples(st.just("remove"), st.sampled_from("abcd")),
+    st.tuples(st.just("wait"), st.floats(0, 60)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(event, max_size=50))
+def test_invariants_under_any_sequence(events):
+    state = empty()
+    now = 0.0
+    for ev in events:
+        before = state
+        try:
+            if ev[0] == "reg":
+                change = reg(state, ev[1], ev[2], epoch=ev[3], now=now)
+            elif ev[0] == "hb":
+                change = ms.heartbeat(state, node_id=ev[1], epoch=ev[2], now=now)
+            elif ev[0] == "status":
+                change = ms.status(state, node_id=ev[1], online=ev[2], epoch=ev[3], now=now)
+            elif ev[0] == "tick":
+                change = ms.tick(state, now=now, policy=POLICY)
+            elif ev[0] == "remove":
+                change = ms.remove(state, node_ids=[ev[1]], now=now, reason="t")
+            else:
+                now += ev[1]
+                continue
+        except Refused:
+            continue
+        state = change.state
+        assert state.revision >= before.revision  # the roster revision only grows
+        if change.published or change.removed:
+            assert state.revision > before.revision
+            assert all(m.revision == state.revision for m in change.published)
+        ips = [m.mesh_ip for m in state.members.values()]
+        assert len(ips) == len(set(ips))  # unique addresses
+        assert dict(state.ipam.allocated) == {m.node_id: m.mesh_ip for m in state.members.values()}
+        assert dict(state.keys) == {m.public_key: m.node_id for m in state.members.values()}
+        for node, m in before.members.items():
+            if node in state.members:
+                assert state.members[node].mesh_ip == m.mesh_ip  # stable while a member
+                assert state.members[node].epoch >= m.epoch
