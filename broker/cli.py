@@ -1,0 +1,147 @@
+"""`meshvpn-broker`: run the embedded broker, or manage its (Mosquitto-format) password file.
+
+    meshvpn-broker [--config FILE] [--host H] [--port P] [--password-file F] [--allow-anonymous] [--log-json]
+    meshvpn-broker --password-file F passwd add USER [--password PW]   # prompts when --password is not given
+    meshvpn-broker --password-file F passwd remove USER
+
+The composition root of the broker service: settings are loaded here once (file, MESHVPN_* env, flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from broker.embedded import EmbeddedBroker
+from broker.errors import BrokerError, PasswordFileError
+from broker.settings import BrokerServerSettings
+from meshcontract import access, logs
+from meshcontract.errors import ContractError
+from meshcontract.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshvpn-broker", description="meshvpn's embedded MQTT broker (amqtt)")
+    parser.add_argument("--config", help="TOML settings file (BrokerServerSettings fields)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 1883)")
+    parser.add_argument("--password-file", help="Mosquitto-format password file (enables authentication + ACL)")
+    parser.add_argument("--allow-anonymous", action="store_true", default=None, help="let clients in without a username")
+    parser.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the broker (the default)")
+    passwd = sub.add_parser("passwd", help="manage the password file")
+    psub = passwd.add_subparsers(dest="passwd_command", required=True)
+    add = psub.add_parser("add", help="add a user or change its password")
+    add.add_argument("user")
+    add.add_argument("--password", help="the password (prompted for when omitted)")
+    remove = psub.add_parser("remove", help="remove a user")
+    remove.add_argument("user")
+    return parser
+
+
+def write_password_file(path: Path, entries: dict[str, str]) -> None:
+    """Replace the password file atomically (0600), so a broker re-reading it never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(access.render_password_file(entries))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PasswordFileError(f"cannot write password file {path}: {exc}") from exc
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """username -> hash; an absent file is empty."""
+    try:
+        return access.parse_password_file(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise PasswordFileError(f"cannot read password file {path}: {exc}") from exc
+
+
+def _passwd(args: argparse.Namespace, settings: BrokerServerSettings) -> int:
+    if settings.password_file is None:
+        print("meshvpn-broker passwd: --password-file (or password_file in --config) is required", file=sys.stderr)
+        return 2
+    path = settings.password_file
+    user = args.user
+    if args.passwd_command == "add":
+        if access.role_of(user) is None:
+            print(f"invalid username {user!r}: must be 'registrar', 'observer' or a node id "
+                  "(lowercase letters, digits, - and _)", file=sys.stderr)
+            return 2
+        password = args.password
+        if password is None:
+            password = getpass.getpass(f"password for {user}: ")
+            if sys.stdin.isatty() and getpass.getpass("again: ") != password:
+                print("passwords differ", file=sys.stderr)
+                return 1
+        if not password or password.startswith(access.JOIN_PASSWORD_PREFIX):
+            print(f"a password must be non-empty and not start with {access.JOIN_PASSWORD_PREFIX!r}", file=sys.stderr)
+            return 2
+        entries = read_password_file(path)
+        entries[user] = access.hash_password(password)
+        write_password_file(path, entries)
+        print(f"{user} added to {path}", file=sys.stderr)
+        return 0
+    entries = read_password_file(path)
+    if entries.pop(user, None) is None:
+        print(f"{user} is not in {path}", file=sys.stderr)
+        return 1
+    write_password_file(path, entries)
+    print(f"{user} removed from {path}", file=sys.stderr)
+    return 0
+
+
+def _run(settings: BrokerServerSettings) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    broker = EmbeddedBroker(settings)
+    broker.start()
+    log.info("broker ready on %s", broker.url)
+    try:
+        stop.wait()
+    finally:
+        broker.stop()
+    log.info("broker stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `meshvpn-broker` and `python -m broker`; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(
+            BrokerServerSettings,
+            path=args.config,
+            overrides={
+                "host": args.host,
+                "port": args.port,
+                "password_file": args.password_file,
+                "allow_anonymous": args.allow_anonymous,
+                "log_json": args.log_json,
+            },
+        )
+    except ContractError as exc:
+        print(f"meshvpn-broker: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(level=settings.log_level, json_format=settings.log_json)
+    try:
+        if args.command == "passwd":
+            return _passwd(args, settings)
+        return _run(settings)
+    except BrokerError as exc:
+        log.error("%s", exc)
+        return 1

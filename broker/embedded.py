@@ -1,0 +1,375 @@
+"""The embedded MQTT broker: amqtt 0.12.1, made correct for meshvpn, running in its own thread and event loop.
+
+What we change in amqtt, each by overriding one method of `amqtt.broker.Broker` (the version is pinned in
+pyproject.toml because these are private methods) — see docs/broker.md for the tests that show each bug:
+
+1. Keepalive is not enforced: BrokerProtocolHandler.handle_read_timeout is empty
+   (https://github.com/Yakifo/amqtt/issues/308), so a frozen or cut-off client stays "connected" forever and its
+   will never fires. `_MeshHandler.handle_read_timeout` closes the connection after 1.5 x keepalive of silence,
+   which publishes the will like any abnormal disconnect.
+2. Session takeover: with clean_session=1, amqtt drops the old session but leaves the old connection running,
+   and when that connection finally dies its will is published, e.g. "node offline" after the node's new
+   connection said "online". With clean_session=0 it kicks the old connection but publishes the *new*
+   connection's will. We disconnect the old connection ourselves and never publish its will.
+3. Retained messages bypass the ACL: amqtt checks "receive" for live messages only; retained ones are sent on
+   subscribe unchecked, and on every (re)connect it sends the retained messages matching *every* filter any
+   client holds, to a client that may not have subscribed to anything. We send a retained message only for
+   the client's own filters and only if it may receive it.
+4. Authentication runs after amqtt has already acted on the CONNECT: it deletes the old session of that client
+   id (clean_session=1) or overwrites its credentials and will (clean_session=0), so a CONNECT with a wrong
+   password could make a connected node deaf. We decide admission first, before any session state changes.
+
+Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
+
+Access rules are meshcontract.access, the same ones Mosquitto enforces via broker/mosquitto/acl.conf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, BrokerContext
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import AMQTTError, MQTTError
+from amqtt.errors import BrokerError as AmqttBrokerError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.manager import PluginManager
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from broker import admission
+from broker.errors import BrokerStartError
+from broker.settings import BrokerServerSettings
+from meshcontract import access
+
+log = logging.getLogger(__name__)
+
+TokenVerifier = Callable[[str, str], bool]
+_TAKEOVER_WAIT_S = 5.0
+_START_TIMEOUT_S = 15.0
+
+
+class PasswordFile:
+    """A Mosquitto-format password file, re-read whenever it changes (mtime, size or inode)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._entries: dict[str, str] = {}
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._stamp is not None or self._entries:
+                log.warning("password file %s is missing: nobody can log in with a password", self.path)
+            self._stamp, self._entries = None, {}
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return
+        self._entries = access.parse_password_file(self.path.read_text())
+        self._stamp = stamp
+        log.info("loaded %d broker users from %s", len(self._entries), self.path)
+
+    def check(self, username: str, password: str) -> bool:
+        """True if the file holds `username` with `password` (the file is re-read first if it changed)."""
+        self._refresh()
+        hashed = self._entries.get(username)
+        return hashed is not None and access.verify_password(password, hashed)
+
+
+class _MeshHandler(BrokerProtocolHandler):
+    """amqtt's per-connection protocol handler, with keepalive enforced."""
+
+    def __init__(self, plugins_manager: PluginManager[BrokerContext], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(plugins_manager, loop=loop)
+        self.taken_over = False  # set when a newer connection with the same client id replaced this one
+        self._timeout_task: asyncio.Task[None] | None = None
+
+    def handle_read_timeout(self) -> None:
+        # amqtt's reader waits `session.keep_alive` seconds (set to 1.5 x the client's keepalive at CONNECT) for
+        # the next packet, then calls this and keeps waiting; upstream does nothing here (amqtt#308). Report the
+        # connection as closed: the broker then publishes the will and stops this handler.
+        if self._timeout_task is not None or self.session is None:
+            return
+        log.info("client %s sent nothing for %.1fs: disconnecting it", self.session.client_id, self.session.keep_alive)
+        self._timeout_task = asyncio.ensure_future(self.handle_connection_closed())
+
+
+@dataclass(eq=False)
+class _Live:
+    """One accepted connection, from admission until its message loop has ended."""
+
+    handler: _MeshHandler
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MeshBroker(Broker):
+    """amqtt's Broker with meshvpn's admission, ACL and the fixes listed in the module docstring."""
+
+    def __init__(
+        self,
+        config: dict,
+        *,
+        password_file: Path | None,
+        allow_anonymous: bool,
+        token_verifier: TokenVerifier | None,
+        keepalive_factor: float,
+    ) -> None:
+        super().__init__(config)
+        self._passwords = PasswordFile(password_file) if password_file is not None else None
+        self._allow_anonymous = allow_anonymous
+        self._token_verifier = token_verifier
+        self._keepalive_factor = keepalive_factor
+        # No credentials configured and anonymous allowed: an open broker without ACL, for quick tests.
+        self.open_access = password_file is None and token_verifier is None and allow_anonymous
+        self._live: dict[str, _Live] = {}
+
+    # --- connection setup -------------------------------------------------------------------------------------
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await super().stream_connected(reader, writer, listener_name)
+
+    async def _credentials_ok(self, username: str, password: str | bytes | None) -> bool:
+        if password is None:
+            return False
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        if password.startswith(access.JOIN_PASSWORD_PREFIX):
+            if self._token_verifier is None or access.role_of(username) is not access.Role.NODE:
+                return False
+            token = password[len(access.JOIN_PASSWORD_PREFIX):]
+            # The verifier may do blocking I/O (the registrar's token store): keep it off the broker's loop.
+            return await asyncio.to_thread(self._token_verifier, username, token)
+        return self._passwords is not None and self._passwords.check(username, password)
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # Replaces amqtt's version so that admission is decided before any session state changes (fix 4), an
+        # existing connection is taken over without its will (fix 2) and keepalive is enforced (fix 1).
+        try:
+            _, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            await writer.close()
+            raise
+        client_id = incoming.client_id or ""
+        if not self.open_access:
+            username = incoming.username
+            ok = username is not None and await self._credentials_ok(username, incoming.password)
+            reason = admission.refusal(
+                username=username,
+                client_id=client_id,
+                credentials_ok=ok,
+                allow_anonymous=self._allow_anonymous,
+                will_topic=incoming.will_topic if incoming.will_flag else None,
+            )
+            if reason is not None:
+                log.warning("refused connection from %s:%s: %s", remote_address, remote_port, reason)
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+                await writer.close()
+                raise MQTTError(f"connection refused: {reason}")
+
+        if client_id in self._live:
+            await self._take_over(client_id)
+
+        # From here on as amqtt's Broker._initialize_client_session (0.12.1), plus will_retain which it forgets
+        # to copy onto a resumed session.
+        session = incoming
+        if incoming.clean_session:
+            if client_id:
+                await self._delete_session(client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+        elif client_id in self._sessions:
+            session, _ = self._sessions[client_id]
+            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password"):
+                setattr(session, attr, getattr(incoming, attr))
+            session.parent = 1
+        else:
+            incoming.parent = 0
+        if session.keep_alive > 0:
+            session.keep_alive = session.keep_alive * self._keepalive_factor
+        handler = _MeshHandler(self.plugins_manager, self._loop)
+        self._live[session.client_id] = _Live(handler)
+        return handler, session
+
+    async def _take_over(self, client_id: str) -> None:
+        """Disconnect the current connection of `client_id` without publishing its will; wait until it is gone."""
+        live = self._live[client_id]
+        log.info("client %s connected again: closing its previous connection (no will)", client_id)
+        live.handler.taken_over = True
+        await live.handler.handle_connection_closed()
+        try:
+            await asyncio.wait_for(live.ended.wait(), _TAKEOVER_WAIT_S)
+        except TimeoutError:
+            log.warning("previous connection of %s did not end within %.0fs", client_id, _TAKEOVER_WAIT_S)
+
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
+        # Every connection reaching this point was admitted in _initialize_client_session.
+        return True
+
+    async def _handle_client_session(self, reader, writer, client_session, handler, server, listener_name) -> None:
+        try:
+            await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+        finally:
+            for client_id, live in list(self._live.items()):
+                if live.handler is handler:
+                    del self._live[client_id]
+                    live.ended.set()
+
+    async def _handle_disconnect(self, client_session: Session, handler, disconnect_waiter) -> None:
+        if isinstance(handler, _MeshHandler) and handler.taken_over:
+            # A takeover is not an abnormal disconnect of the node: its new connection is alive. Do what amqtt's
+            # _handle_disconnect does minus the will (with clean_session=0 the session's will is the *new* one).
+            await self._stop_handler(handler)
+            client_session.transitions.disconnect()
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    # --- authorization ----------------------------------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        if self.open_access:
+            return True
+        username = session.username if session is not None else None
+        if action == Action.PUBLISH:
+            return access.may_publish(username, topic)
+        if action == Action.SUBSCRIBE:
+            return access.may_subscribe(username, topic)
+        return access.may_receive(username, topic)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
+        # amqtt calls this after a SUBSCRIBE and, on every (re)connect, once for every filter held by *any*
+        # session; and it checks nothing. Send only for the session's own filter and only what it may receive.
+        topic_filter, _ = subscription
+        own = [qos for s, qos in self._subscriptions.get(topic_filter, ()) if s.client_id == session.client_id]
+        handler = self._get_handler(session)
+        if not own or handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                log.debug("not sending retained %s to %s: not allowed", topic, session.client_id)
+                continue
+            qos = min(own[0], retained.qos if retained.qos is not None else own[0])
+            sends.append(asyncio.ensure_future(handler.mqtt_publish(topic, retained.data, qos, retain=True)))
+        if sends:
+            await asyncio.wait(sends)
+
+
+class EmbeddedBroker:
+    """meshvpn's MQTT broker in-process: amqtt in its own thread and event loop.
+
+    `token_verifier(username, token)` lets a node log in with password "join:<token>" before it has broker
+    credentials; it is called from a worker thread and must be thread-safe.
+    """
+
+    def __init__(self, settings: BrokerServerSettings, *, token_verifier: TokenVerifier | None = None) -> None:
+        self.settings = settings
+        self._token_verifier = token_verifier
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._port: int | None = None
+        self.broker: MeshBroker | None = None
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the real one when settings.port is 0); only valid after start()."""
+        if self._port is None:
+            raise BrokerStartError("embedded broker is not running")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.settings.host}:{self.port}"
+
+    def start(self) -> None:
+        """Start listening; returns once connections are accepted. Raises BrokerStartError."""
+        if self._thread is not None:
+            raise BrokerStartError("embedded broker already started")
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(_START_TIMEOUT_S):
+            raise BrokerStartError(f"embedded broker did not start within {_START_TIMEOUT_S}s")
+        if self._error is not None:
+            self._thread.join()
+            self._thread = None
+            raise BrokerStartError(
+                f"embedded broker cannot listen on {self.settings.host}:{self.settings.port}: {self._error}"
+            ) from self._error
+        log.info("embedded broker listening on %s:%s", self.settings.host, self._port)
+
+    def stop(self) -> None:
+        """Close every connection and the listener; returns when the broker thread has ended."""
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stop_requested is not None:
+            self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join(timeout=15)
+        self._thread = None
+        self._port = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        s = self.settings
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{s.host}:{s.port}"}},
+            # No amqtt plugins: MeshBroker authenticates and authorizes itself, and $SYS is not wanted.
+            "plugins": {},
+        }
+        try:
+            self.broker = MeshBroker(
+                config,
+                password_file=s.password_file,
+                allow_anonymous=s.allow_anonymous,
+                token_verifier=self._token_verifier,
+                keepalive_factor=s.keepalive_factor,
+            )
+            await self.broker.start()
+        except (AmqttBrokerError, AMQTTError, OSError) as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        server = self.broker._servers["default"].instance
+        self._port = server.sockets[0].getsockname()[1]
+        if self.broker.open_access:
+            log.warning("embedded broker is open: anonymous access and no ACL (no password file configured)")
+        self._ready.set()
+        await self._stop_requested.wait()
+        await self.broker.shutdown()

@@ -1,0 +1,225 @@
+"""Real MQTT brokers for tests: Mosquitto and the embedded amqtt broker, each in its own process.
+
+Both listen on a random free port on 127.0.0.1 and can be stopped and started again on the same port (to test
+reconnects). `users` maps username -> password; the password file is Mosquitto's format (one file serves both
+brokers). users=None means an open broker: anonymous access and no ACL, for quick tests.
+
+    with start_mosquitto(tmp_path, users={"registrar": "pw"}) as broker:
+        broker.url  # "mqtt://127.0.0.1:PORT"
+        broker.add_user("n1", "pw1")  # effective once it returns
+        broker.stop(); broker.start()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meshcontract.access import hash_password, parse_password_file, render_password_file
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO_TEMPLATES = REPO / "broker" / "mosquitto"
+START_DEADLINE_S = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A rename gives the file a new inode and mtime at once: a reader never sees half a file, and the embedded
+    # broker's change check (mtime, size, inode) cannot miss two writes within one mtime tick.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+class RunningBroker:
+    """A broker process on 127.0.0.1:`port`. Use as a context manager; `stop()`/`start()` keep the port."""
+
+    kind = "?"
+
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.users = users
+        self.password_file = workdir / "passwords"
+        self.log_file = workdir / "broker.log"
+        self._proc: subprocess.Popen | None = None
+        _write_atomically(
+            self.password_file,
+            render_password_file({u: hash_password(p) for u, p in (users or {}).items()}),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> RunningBroker:
+        """Start the broker (again, on the same port) and return once it accepts TCP connections."""
+        if self.running:
+            return self
+        with open(self.log_file, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            )
+        deadline = time.monotonic() + START_DEADLINE_S
+        while not _accepts(self.host, self.port):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} broker exited with {self._proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.kind} broker not listening on {self.port} after {START_DEADLINE_S}s:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Kill the broker (SIGKILL: like a crash, no goodbyes) and wait until it is gone."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(timeout=10)
+        self._proc = None
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add or replace a user in the password file; the broker accepts it once this returns."""
+        entries = parse_password_file(self.password_file.read_text())
+        entries[name] = hash_password(password)
+        _write_atomically(self.password_file, render_password_file(entries))
+        self._reload()
+
+    def _reload(self) -> None:
+        """Make the broker see the new password file (embedded: re-read on the next CONNECT)."""
+
+    def log(self) -> str:
+        """The broker's output so far (for failure messages)."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> RunningBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} broker {self.url}>"
+
+
+class MosquittoBroker(RunningBroker):
+    """`mosquitto -c conf` rendered from broker/mosquitto/{mosquitto,acl}.conf."""
+
+    kind = "mosquitto"
+
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None, acl: bool = True) -> None:
+        super().__init__(workdir, users=users)
+        self.config_file = workdir / "mosquitto.conf"
+        self.config_file.write_text(self._render(acl=acl))
+
+    def _render(self, *, acl: bool) -> str:
+        template = (MOSQUITTO_TEMPLATES / "mosquitto.conf").read_text()
+        lines = []
+        for line in template.splitlines():
+            key = line.split(" ", 1)[0]
+            if key == "listener":
+                line = f"listener {self.port} {self.host}"
+            elif key == "allow_anonymous":
+                line = f"allow_anonymous {'true' if self.users is None else 'false'}"
+            elif key == "password_file":
+                line = f"password_file {self.password_file}" if self.users is not None else "#"
+            elif key == "acl_file":
+                if self.users is not None and acl:
+                    acl_copy = self.workdir / "acl.conf"
+                    acl_copy.write_text((MOSQUITTO_TEMPLATES / "acl.conf").read_text())
+                    line = f"acl_file {acl_copy}"
+                else:
+                    line = "#"
+            lines.append(line)
+        # Tests run as root: keep root instead of dropping to the mosquitto user, which cannot read tmp_path.
+        # Logging to a file, not stdout: mosquitto flushes its file log per line but block-buffers a piped stdout.
+        lines += ["user root", f"log_dest file {self.log_file}", "log_type error", "log_type warning", "log_type notice",
+                  "log_type information", "log_timestamp_format %H:%M:%S"]
+        return "\n".join(lines) + "\n"
+
+    def _command(self) -> list[str]:
+        return ["mosquitto", "-c", str(self.config_file)]
+
+    def _reload(self) -> None:
+        if not self.running:
+            return
+        before = self.log().count("Reloading config")
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGHUP)
+        # Mosquitto reloads in its main loop right after logging this line, before it reads any further
+        # packet; so once the line is out, the next CONNECT is checked against the new file.
+        deadline = time.monotonic() + START_DEADLINE_S
+        while self.log().count("Reloading config") <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not reload within {START_DEADLINE_S}s:\n{self.log()}")
+            time.sleep(0.01)
+
+
+class EmbeddedBrokerProcess(RunningBroker):
+    """`python -m broker` (the embedded amqtt broker) in a subprocess, so a test can kill and restart it."""
+
+    kind = "amqtt"
+
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None, allow_anonymous: bool = False) -> None:
+        super().__init__(workdir, users=users)
+        self.allow_anonymous = allow_anonymous or users is None
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "broker", "--host", self.host, "--port", str(self.port)]
+        if self.users is not None:
+            cmd += ["--password-file", str(self.password_file)]
+        if self.allow_anonymous:
+            cmd.append("--allow-anonymous")
+        return cmd
+
+
+def start_mosquitto(tmp_path: Path, *, users: dict[str, str] | None = None, acl: bool = True) -> RunningBroker:
+    """Start Mosquitto on a random port under `tmp_path`. users=None: anonymous, no ACL; acl=False: no ACL."""
+    return MosquittoBroker(_workdir(tmp_path, "mosquitto"), users=users, acl=acl).start()
+
+
+def start_embedded(
+    tmp_path: Path, *, users: dict[str, str] | None = None, allow_anonymous: bool = False
+) -> RunningBroker:
+    """Start the embedded broker (`python -m broker`) on a random port. users=None: anonymous, no ACL."""
+    return EmbeddedBrokerProcess(_workdir(tmp_path, "amqtt"), users=users, allow_anonymous=allow_anonymous).start()
+
+
+def _workdir(tmp_path: Path, kind: str) -> Path:
+    n = 0
+    while (tmp_path / f"{kind}-{n}").exists():
+        n += 1
+    return tmp_path / f"{kind}-{n}"

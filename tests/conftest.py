@@ -1,0 +1,38 @@
+"""Shared pytest fixtures. Keep this small and importable: helpers live in modules next to it (tests/brokers.py)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Make `tests.brokers` importable as `brokers` too, whatever the rootdir / import mode.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from brokers import RunningBroker, start_embedded, start_mosquitto  # noqa: E402
+
+BrokerFactory = Callable[..., RunningBroker]
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerFactory]:
+    """A factory `make(users=None) -> RunningBroker` for each broker kind; every broker made is stopped after."""
+    kind = request.param
+    if kind == "mosquitto" and shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    started: list[RunningBroker] = []
+
+    def make(users: dict[str, str] | None = None) -> RunningBroker:
+        start = start_mosquitto if kind == "mosquitto" else start_embedded
+        broker = start(tmp_path, users=users)
+        started.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in started:
+            broker.stop()
