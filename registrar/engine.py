@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from meshcontract import topics
 from meshcontract.errors import ContractError, PayloadError
@@ -28,7 +29,7 @@ from meshcontract.messages import (
 from meshcontract.topics import Kind
 from registrar import membership, tokens
 from registrar.errors import Refused
-from registrar.ipam import Quarantined
+from registrar.ipam import Ipam, Quarantined
 from registrar.membership import Change, LivenessPolicy, Member, Membership
 from registrar.tokens import JoinToken, Tokens
 
@@ -301,3 +302,24 @@ def revoke_token(state: CoreState, token_id: str) -> Outcome:
 def with_tokens(state: CoreState, loaded: Tokens) -> CoreState:
     """Adopt the token table as stored (the CLI may add or revoke tokens while the registrar runs)."""
     return replace(state, tokens=loaded)
+
+
+def restore(
+    *,
+    members: list[Member],
+    join_tokens: list[JoinToken],
+    revision: int,
+    quarantine: list[Quarantined],
+    network: str,
+    quarantine_s: float,
+    started_at: float,
+) -> CoreState:
+    """Rebuild the state from what a store loaded; `started_at` (this process's start) opens the grace period."""
+    ipam = Ipam.create(
+        network,
+        quarantine_s=quarantine_s,
+        allocated={m.node_id: m.mesh_ip for m in members},
+        quarantine=quarantine,
+    )
+    state = Membership.create(ipam=ipam, started_at=started_at, members=members, revision=revision)
+    return CoreState(state, MappingProxyType({t.id: t for t in join_tokens}))

@@ -1,0 +1,247 @@
+"""Where the registrar's state survives restarts: members, join tokens, the revision counter, quarantined IPs.
+
+`Store` is the small interface the single writer uses: `load` once at start, `commit` one engine Delta per
+command in one transaction. SqliteStore is the real one (WAL, synchronous=FULL: a commit that returned is on
+disk, so a kill -9 at any moment loses no acknowledged registration, because the writer commits before it
+publishes a reply). MemoryStore is the same contract in memory, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from meshcontract.messages import Endpoint, MemberState
+from registrar.engine import Delta
+from registrar.errors import StoreError
+from registrar.ipam import Quarantined
+from registrar.membership import Member
+from registrar.tokens import JoinToken
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class StoredState:
+    """Everything `load` returns."""
+
+    members: list[Member] = field(default_factory=list)
+    tokens: list[JoinToken] = field(default_factory=list)
+    revision: int = 0
+    quarantine: list[Quarantined] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """Durable registrar state. `commit` is atomic: all of a Delta or none of it."""
+
+    def load(self) -> StoredState: ...
+
+    def load_tokens(self) -> list[JoinToken]: ...
+
+    def commit(self, delta: Delta) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Store in memory: the same contract as SqliteStore without a disk."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.members: dict[str, Member] = {}
+        self.tokens: dict[str, JoinToken] = {}
+        self.revision = 0
+        self.quarantine: list[Quarantined] = []
+        self.commits = 0
+
+    def load(self) -> StoredState:
+        with self._lock:
+            return StoredState(
+                list(self.members.values()), list(self.tokens.values()), self.revision, list(self.quarantine)
+            )
+
+    def load_tokens(self) -> list[JoinToken]:
+        with self._lock:
+            return list(self.tokens.values())
+
+    def commit(self, delta: Delta) -> None:
+        with self._lock:
+            members = dict(self.members)
+            for node_id in delta.delete_members:
+                members.pop(node_id, None)
+            for m in delta.upsert_members:
+                members[m.node_id] = m
+            ips = [m.mesh_ip for m in members.values()]
+            if len(ips) != len(set(ips)):
+                raise StoreError("commit would give two members the same mesh IP")
+            self.members = members
+            for token_id in delta.delete_tokens:
+                self.tokens.pop(token_id, None)
+            for t in delta.upsert_tokens:
+                self.tokens[t.id] = t
+            if delta.revision is not None:
+                self.revision = delta.revision
+            if delta.quarantine is not None:
+                self.quarantine = list(delta.quarantine)
+            self.commits += 1
+
+    def close(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE,
+    mesh_ip TEXT NOT NULL UNIQUE,
+    endpoints TEXT NOT NULL,
+    listen_port INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    joined_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    unreachable_since REAL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    reusable INTEGER NOT NULL,
+    max_uses INTEGER,
+    uses INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (ip TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
+"""
+
+
+class SqliteStore:
+    """The registrar's SQLite database (registrar.db in the state dir). Safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves so one Delta is exactly one transaction.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: in WAL mode NORMAL may lose the last commits on power loss; acknowledged means on disk.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the registrar database {self.path}: {exc}") from exc
+
+    def load(self) -> StoredState:
+        with self._lock:
+            try:
+                members = [_member(row) for row in self._db.execute("SELECT * FROM members ORDER BY node_id")]
+                tokens = [_token(row) for row in self._db.execute("SELECT * FROM tokens")]
+                (revision,) = self._db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+                quarantine = [
+                    Quarantined(*row) for row in self._db.execute("SELECT ip, owner, until FROM quarantine")
+                ]
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        return StoredState(members, tokens, int(revision), quarantine)
+
+    def load_tokens(self) -> list[JoinToken]:
+        with self._lock:
+            try:
+                return [_token(row) for row in self._db.execute("SELECT * FROM tokens")]
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read tokens from {self.path}: {exc}") from exc
+
+    def commit(self, delta: Delta) -> None:
+        if delta.is_empty():
+            return
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("DELETE FROM members WHERE node_id=?", [(i,) for i in delta.delete_members])
+                db.executemany(
+                    "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [_member_row(m) for m in delta.upsert_members],
+                )
+                db.executemany("DELETE FROM tokens WHERE id=?", [(i,) for i in delta.delete_tokens])
+                db.executemany(
+                    "INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,?,?)",
+                    [
+                        (t.id, t.hash, t.created_at, t.expires_at, int(t.reusable), t.max_uses, t.uses)
+                        for t in delta.upsert_tokens
+                    ],
+                )
+                if delta.revision is not None:
+                    db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(delta.revision),))
+                if delta.quarantine is not None:
+                    db.execute("DELETE FROM quarantine")
+                    db.executemany(
+                        "INSERT INTO quarantine VALUES (?,?,?)",
+                        [(q.ip, q.owner, q.until) for q in delta.quarantine],
+                    )
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"cannot write to {self.path}: {exc}") from exc
+
+    def add_token(self, token: JoinToken) -> None:
+        """Insert one token (the CLI, while the registrar may be running: it re-reads tokens before use)."""
+        self.commit(Delta(upsert_tokens=(token,)))
+
+    def delete_token(self, token_id: str) -> bool:
+        """Delete one token by id; True if it existed."""
+        with self._lock:
+            try:
+                cur = self._db.execute("DELETE FROM tokens WHERE id=?", (token_id,))
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write to {self.path}: {exc}") from exc
+            return cur.rowcount > 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _member_row(m: Member) -> tuple:
+    endpoints = json.dumps([e.model_dump() for e in m.endpoints])
+    return (
+        m.node_id, m.name, m.public_key, m.mesh_ip, endpoints, m.listen_port, m.state.value, m.epoch,
+        m.revision, m.joined_at, m.updated_at, m.last_seen, m.unreachable_since,
+    )  # fmt: skip
+
+
+def _member(row: tuple) -> Member:
+    (node_id, name, key, ip, endpoints, port, state, epoch, revision, joined, updated, seen, down) = row
+    return Member(
+        node_id=node_id,
+        name=name,
+        public_key=key,
+        mesh_ip=ip,
+        endpoints=tuple(Endpoint.model_validate(e) for e in json.loads(endpoints)),
+        listen_port=port,
+        state=MemberState(state),
+        epoch=epoch,
+        revision=revision,
+        joined_at=joined,
+        updated_at=updated,
+        last_seen=seen,
+        unreachable_since=down,
+    )
+
+
+def _token(row: tuple) -> JoinToken:
+    token_id, digest, created, expires, reusable, max_uses, uses = row
+    return JoinToken(token_id, digest, created, expires, bool(reusable), max_uses, uses)
