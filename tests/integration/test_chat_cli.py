@@ -1,0 +1,129 @@
+"""The headless CLI as a user (or the lab) runs it: `meshchat listen` and `meshchat send` as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from desktop_chat.agentstub import StubAgent
+from meshcontract.localapi import AgentStatus, PeerView
+
+A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def meshchat(*args: str) -> list[str]:
+    return [sys.executable, "-m", "desktop_chat.cli", *args]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(meshchat(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((B, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(ip: str, port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"listener exited early: {proc.communicate()}")
+        with socket.socket() as s:
+            # This probe is not a member and gets refused, which is fine: it only proves the port is open.
+            s.settimeout(0.5)
+            if s.connect_ex((ip, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {ip}:{port} after {timeout}s")
+
+
+@pytest.fixture
+def listener():
+    procs = []
+
+    def start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(meshchat("listen", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+def test_send_and_listen(listener):
+    port = free_port()
+    proc = listener("--bind", B, "--allow", A, "--port", str(port), "--count", "2")
+    wait_listening(B, port, proc)
+    first = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "hello", "bob")
+    assert (first.returncode, first.stderr) == (0, "")
+    second = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "two\nlines")
+    assert second.returncode == 0, second.stderr
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [f"{A} alice: hello bob", f"{A} alice: two\\nlines"]
+
+
+def test_send_exit_codes_and_reasons(listener):
+    port = free_port()
+    refused = run("send", "--to", B, "--bind", A, "--port", str(port), "--timeout", "2", "anyone?")
+    assert refused.returncode == 1
+    assert "connection refused" in refused.stderr
+    proc = listener("--bind", B, "--allow", A, "--port", str(port))
+    wait_listening(B, port, proc)
+    stranger = run("send", "--to", B, "--bind", C, "--port", str(port), "let me in")
+    assert stranger.returncode == 1
+    assert f"{C} is not a current mesh member" in stranger.stderr
+    by_name = run("send", "--to", "bob", "hi")
+    assert by_name.returncode == 2
+    assert "not an IP address" in by_name.stderr
+
+
+def test_listen_takes_ip_and_members_from_the_agent(tmp_path, listener):
+    """The lab's way: `meshchat listen --socket PATH` binds the mesh IP the agent reports."""
+    port = free_port()
+    now = time.time()
+    status = AgentStatus(
+        node_id="bob", name="bob", mesh_ip=B, prefix_len=16, interface="mc0", broker_connected=False,
+        registrar_online=False, membership_revision=4, membership_complete=True, now=now,
+        peers=[PeerView(node_id="alice", name="alice", mesh_ip=A, public_key="k", state="active",
+                        configured=True, latest_handshake=now)],
+    )
+    with StubAgent(tmp_path / "agent.sock", status) as agent:
+        proc = listener("--socket", agent.socket_path, "--port", str(port), "--count", "1")
+        wait_listening(B, port, proc)
+        sent = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice",
+                   "--state-dir", str(tmp_path / "alice"), "via the mesh")
+        assert sent.returncode == 0, sent.stderr
+        out, err = proc.communicate(timeout=15)
+    assert out.splitlines() == [f"{A} alice: via the mesh"]
+    assert (tmp_path / "alice" / "history.db").exists()
+
+
+def test_listen_without_agent_or_allow_bind_is_a_usage_error():
+    result = run("listen", "--allow", A)
+    assert result.returncode == 2
+    assert "--bind" in result.stderr
+
+
+def test_gui_without_pyside6_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['PySide6'] = None; from desktop_chat.cli import main; "
+            f"sys.exit(main(['--state-dir', {str(tmp_path)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert result.returncode == 2
+    assert "meshvpn[chat]" in result.stderr

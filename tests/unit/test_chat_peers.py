@@ -1,0 +1,70 @@
+"""Peer presence (tunnel + membership) and the snapshot the chat shows: pure, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from desktop_chat.peers import MemoryPeerSource, PeerDirectory, presence, snapshot_from_status, static_status
+from meshcontract.localapi import AgentStatus, PeerView
+
+NOW = 1_000_000.0
+
+
+def view(ip="100.96.0.2", name="bob", *, state="active", configured=True, handshake=None):
+    return PeerView(node_id=f"n-{ip}", name=name, mesh_ip=ip, public_key="k", state=state, configured=configured,
+                    latest_handshake=handshake)
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        (view(handshake=NOW - 5), "online"),
+        (view(handshake=NOW - 180), "online"),
+        (view(handshake=NOW + 2), "online"),  # clock skew between reads: still fresh
+        (view(handshake=NOW - 181), "idle"),
+        (view(handshake=None), "idle"),
+        (view(state="unreachable", handshake=NOW - 5), "offline"),
+        (view(configured=False, handshake=NOW - 5), "offline"),
+    ],
+)
+def test_presence(peer, expected):
+    assert presence(peer, now=NOW)[0] == expected
+
+
+def test_presence_window_is_configurable():
+    assert presence(view(handshake=NOW - 30), now=NOW, window=10)[0] == "idle"
+
+
+def status(peers, *, broker=True, registrar=True):
+    return AgentStatus(node_id="me", name="alice", mesh_ip="100.96.0.1", prefix_len=16, interface="meshvpn0",
+                       broker_connected=broker, registrar_online=registrar, membership_revision=3,
+                       membership_complete=True, peers=peers, now=NOW)
+
+
+def test_snapshot_sorts_by_name_then_ip_and_reports_the_control_plane():
+    snap = snapshot_from_status(
+        status([view("100.96.0.10", "carol"), view("100.96.0.9", "Bob"), view("100.96.0.3", "bob")],
+               registrar=False),
+        now=NOW,
+    )
+    assert [p.mesh_ip for p in snap.peers] == ["100.96.0.3", "100.96.0.9", "100.96.0.10"]
+    assert (snap.self_ip, snap.self_name, snap.control_plane_online) == ("100.96.0.1", "alice", False)
+
+
+def test_directory_membership():
+    directory = PeerDirectory()
+    assert not directory.is_member("100.96.0.2")
+    source = MemoryPeerSource(status([view("100.96.0.2"), view("100.96.0.3", state="unreachable")]))
+    directory.update(source.snapshot(now=NOW))
+    assert directory.is_member("100.96.0.2")
+    assert directory.is_member("::ffff:100.96.0.2")
+    assert directory.is_member("100.96.0.3")  # listed: membership, not presence, decides
+    assert not directory.is_member("100.96.0.4")
+    assert not directory.is_member("not an ip")
+    assert directory.get("100.96.0.2").name == "bob"
+
+
+def test_static_status_lists_allowed_ips_online():
+    snap = snapshot_from_status(static_status(self_ip="127.0.0.2", name="me", member_ips=["127.0.0.3"], now=NOW),
+                                now=NOW)
+    assert [(p.mesh_ip, p.presence) for p in snap.peers] == [("127.0.0.3", "online")]
