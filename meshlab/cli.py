@@ -1,0 +1,193 @@
+"""`meshlab`: build a mesh of real node agents in network namespaces and break it on purpose.
+
+The composition root of the lab: loads LabSettings once (file, MESHVPN_* environment, flags) and drives
+meshlab.lab.Lab. Every command works from any shell on the same lab directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from meshcontract.errors import ContractError
+from meshcontract.settings import load_settings
+from meshlab.errors import LabError
+from meshlab.lab import Lab
+from meshlab.report import format_matrix, format_status
+from meshlab.settings import LabSettings
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML settings file (LabSettings)")
+    parser.add_argument("--lab-dir", help="lab directory (default /var/lib/meshlab, env MESHVPN_LAB_DIR)")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="build a lab of N nodes")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--broker", choices=["embedded", "mosquitto"])
+    p.add_argument("--id", help="lab id (2-5 of [a-z0-9]); random by default")
+    p.add_argument("--heartbeat-interval", type=float)
+    p.add_argument("--heartbeat-ttl", type=float)
+
+    p = sub.add_parser("down", help="remove everything the lab made (safe to repeat)")
+    p.add_argument("--id", help="also clean up namespaces of this lab id (when the state is lost)")
+
+    p = sub.add_parser("status", help="nodes, mesh IPs, agent states, peers and handshakes")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("add", help="add one node")
+    for name, text in [("kill", "SIGKILL the node's agent (agent crash; wireguard-go stays)"),
+                       ("crash", "SIGKILL every process of the node (machine crash)"),
+                       ("freeze", "SIGSTOP every process of the node"),
+                       ("thaw", "SIGCONT every process of the node"),
+                       ("stop", "SIGTERM the agent (graceful leave)"),
+                       ("start", "start the node's agent again"),
+                       ("partition", "cut the node's underlay link"),
+                       ("heal", "restore the node's underlay link")]:
+        sub.add_parser(name, help=text).add_argument("node")
+    for name in ("broker", "registrar"):
+        sub.add_parser(name, help=f"stop or start the {name}").add_argument("action", choices=["stop", "start"])
+
+    p = sub.add_parser("exec", help="run a command in a node's namespace (ctl = control namespace)")
+    p.add_argument("node")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    p = sub.add_parser("logs", help="show logs (a node, registrar, mosquitto, or all)")
+    p.add_argument("node", nargs="?")
+    p.add_argument("-n", "--lines", type=int, default=40)
+
+    p = sub.add_parser("ping", help="ping matrix over mesh IPs between running nodes")
+    p.add_argument("--tcp", action="store_true", help="also a TCP connect to each node's echo probe")
+
+    p = sub.add_parser("wait", help="wait until the mesh of running nodes is complete")
+    p.add_argument("--timeout", type=float, default=30)
+
+    p = sub.add_parser("demo", help="the README demo: 3 nodes, pings, chat, a crash and its recovery")
+    p.add_argument("--keep", action="store_true", help="leave the lab up at the end")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> LabSettings:
+    overrides = {
+        "lab_dir": args.lab_dir,
+        "broker": getattr(args, "broker", None),
+        "heartbeat_interval_s": getattr(args, "heartbeat_interval", None),
+        "heartbeat_ttl_s": getattr(args, "heartbeat_ttl", None),
+    }
+    return load_settings(LabSettings, path=args.config, overrides=overrides)
+
+
+def _logs(lab: Lab, node: str | None, lines: int) -> int:
+    root = lab.store.root
+    if node in ("registrar", "mosquitto"):
+        paths = [root / "control" / f"{node}.log"]
+    elif node:
+        lab.state().node(node)  # KeyError -> unknown node
+        paths = [lab.store.agent_log(node)]
+    else:
+        paths = [root / "control" / "registrar.log", root / "control" / "mosquitto.log",
+                 *sorted((root / "nodes").glob("*/agent.log"))]
+    for path in paths:
+        if not path.exists():
+            continue
+        print(f"==> {path} <==")
+        text = path.read_text(errors="replace").splitlines()
+        print("\n".join(text[-lines:]))
+    return 0
+
+
+def _ping_matrix(lab: Lab, *, tcp: bool) -> int:
+    names = lab.running_nodes()
+    results = {(a, b): lab.ping(a, b) for a in names for b in names if a != b}
+    print(format_matrix(names, results))
+    ok = all(results.values())
+    if tcp:
+        tcp_results = {(a, b): lab.tcp(a, b) for a in names for b in names if a != b}
+        print("tcp:")
+        print(format_matrix(names, tcp_results))
+        ok = ok and all(tcp_results.values())
+    return 0 if ok else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    lab = Lab(settings, report=_say)
+    cmd = args.cmd
+    if cmd == "up":
+        if os.geteuid() != 0:
+            raise LabError("meshlab up needs root (network namespaces, wireguard-go)")
+        try:
+            lab.up(args.nodes, lab_id=args.id)
+        except (LabError, ContractError):
+            _say(f"up failed; the lab is left for inspection (meshlab logs), remove it with: "
+                 f"meshlab --lab-dir {settings.lab_dir} down")
+            raise
+        _say(f"lab up in {settings.lab_dir}: try `meshlab --lab-dir {settings.lab_dir} status`")
+        return 0
+    if cmd == "down":
+        lab.down(lab_id=args.id)
+        return 0
+    if cmd == "status":
+        rows = lab.rows()
+        if args.json:
+            print(json.dumps({"services": lab.services(), "nodes": [r.as_dict() for r in rows]}, indent=2))
+        else:
+            print(format_status(rows, services=lab.services()))
+        return 0
+    if cmd == "add":
+        lab.add()
+        return 0
+    if cmd in ("kill", "crash", "freeze", "thaw", "stop", "start", "partition", "heal"):
+        getattr(lab, cmd)(args.node)
+        return 0
+    if cmd in ("broker", "registrar"):
+        getattr(lab, cmd)(args.action)
+        return 0
+    if cmd == "exec":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            raise LabError("usage: meshlab exec NODE -- COMMAND [ARGS...]")
+        return lab.exec(args.node, argv, capture=False).returncode
+    if cmd == "logs":
+        return _logs(lab, args.node, args.lines)
+    if cmd == "ping":
+        return _ping_matrix(lab, tcp=args.tcp)
+    if cmd == "wait":
+        took = lab.wait_mesh(timeout=args.timeout)
+        _say(f"mesh of {', '.join(lab.running_nodes())} complete ({took:.1f} s)")
+        return 0
+    if cmd == "demo":
+        from meshlab.demo import run_demo
+
+        return run_demo(settings, keep=args.keep)
+    raise LabError(f"unknown command {cmd}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (LabError, ContractError) as exc:
+        print(f"meshlab: {exc}", file=sys.stderr)
+        return 1
+    except KeyError as exc:
+        print(f"meshlab: unknown {exc}", file=sys.stderr)
+        return 1
+    except subprocess.SubprocessError as exc:
+        print(f"meshlab: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,91 @@
+"""Judging a lab's mesh from what each node reports: is it complete, who still holds a tunnel. No I/O here.
+
+A node's view is what its WireGuard interface really holds (one entry per peer: that peer's allowed IPs)
+plus the mesh IP its agent reports for itself. The mesh is complete when every expected node has a mesh IP,
+the IPs are distinct, and every expected node holds exactly one tunnel to each other expected node and
+nothing else (no ghost of a departed node, no duplicate of a restarted one).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """One node as observed: its own mesh IP (None if unknown) and its WireGuard peers' allowed IPs."""
+
+    name: str
+    mesh_ip: str | None
+    peers: tuple[tuple[str, ...], ...] = ()  # per WireGuard peer, its allowed IPs without /32
+
+    def tunnel_ips(self) -> set[str]:
+        """Every mesh IP this node holds a tunnel to."""
+        return {ip for allowed in self.peers for ip in allowed}
+
+
+def strip_host_prefix(cidr: str) -> str:
+    """"100.96.0.5/32" -> "100.96.0.5"; other prefixes are kept as they are (they are not host routes)."""
+    return cidr[:-3] if cidr.endswith("/32") else cidr
+
+
+def mesh_problems(views: Mapping[str, NodeView], expected: Collection[str]) -> list[str]:
+    """Why the mesh of the `expected` node names is not complete; an empty list means it is."""
+    problems: list[str] = []
+    ips: dict[str, str] = {}
+    for name in sorted(expected):
+        view = views.get(name)
+        if view is None or view.mesh_ip is None:
+            problems.append(f"{name}: no mesh IP known")
+        else:
+            ips[name] = view.mesh_ip
+    for ip, count in Counter(ips.values()).items():
+        if count > 1:
+            holders = sorted(n for n, i in ips.items() if i == ip)
+            problems.append(f"mesh IP {ip} held by {', '.join(holders)}")
+    for name in sorted(ips):
+        view = views[name]
+        want = {ip for other, ip in ips.items() if other != name}
+        have = view.tunnel_ips()
+        missing = sorted(want - have)
+        ghosts = sorted(have - want)
+        if missing:
+            problems.append(f"{name}: no tunnel to {', '.join(missing)}")
+        if ghosts:
+            problems.append(f"{name}: ghost tunnel to {', '.join(ghosts)}")
+        empty = sum(1 for allowed in view.peers if not allowed)
+        if empty:
+            problems.append(f"{name}: {empty} peer(s) without allowed IPs (duplicate key for one IP?)")
+        if len(view.peers) != len(want) and not missing and not ghosts and not empty:
+            problems.append(f"{name}: {len(view.peers)} peers for {len(want)} members")
+    return problems
+
+
+def holders_of(views: Mapping[str, NodeView], mesh_ip: str, *, among: Collection[str]) -> list[str]:
+    """Names (among `among`) whose WireGuard interface still holds a tunnel to `mesh_ip`."""
+    return sorted(name for name in among if name in views and mesh_ip in views[name].tunnel_ips())
+
+
+def parse_wg_allowed_ips(text: str) -> tuple[tuple[str, ...], ...]:
+    """Parse `wg show IF allowed-ips` (`<pubkey>\\t<cidr> <cidr>...` or `(none)`) into per-peer IP tuples."""
+    peers = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        _, _, rest = line.partition("\t")
+        cidrs = tuple(strip_host_prefix(c) for c in rest.split() if c != "(none)")
+        peers.append(cidrs)
+    return tuple(peers)
+
+
+def parse_ping_summary(text: str) -> tuple[int, int]:
+    """(transmitted, received) from iputils ping's summary line; (0, 0) if there is none."""
+    for line in reversed(text.splitlines()):
+        if "packets transmitted" in line:
+            parts = [p.strip() for p in line.split(",")]
+            sent = int(parts[0].split()[0])
+            received = int(parts[1].split()[0])
+            return sent, received
+    return 0, 0

@@ -1,0 +1,64 @@
+"""Tables for people: `meshlab status` and the ping matrix. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    """One line of `meshlab status`. `handshakes` maps peer name (or IP) to seconds since its last handshake."""
+
+    name: str
+    agent: str  # running | stopped | frozen
+    mesh_ip: str | None = None
+    node_id: str | None = None
+    underlay_ip: str = ""
+    partitioned: bool = False
+    peers_configured: int | None = None
+    peers_known: int | None = None
+    handshakes: dict[str, float | None] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name, "agent": self.agent, "mesh_ip": self.mesh_ip, "node_id": self.node_id,
+            "underlay_ip": self.underlay_ip, "partitioned": self.partitioned,
+            "peers_configured": self.peers_configured, "peers_known": self.peers_known,
+            "handshakes_age_s": self.handshakes, "error": self.error,
+        }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.0f}m"
+
+
+def format_status(rows: Sequence[NodeRow], *, services: Mapping[str, str]) -> str:
+    """The status table: services first (registrar/broker and their state), then one line per node."""
+    lines = ["  ".join(f"{name}={state}" for name, state in services.items())]
+    lines.append(f"{'node':<6}{'agent':<9}{'mesh ip':<16}{'underlay':<14}{'peers':<7}handshakes (age)")
+    for row in rows:
+        peers = "-" if row.peers_configured is None else f"{row.peers_configured}/{row.peers_known}"
+        shakes = " ".join(f"{peer}:{_age(age)}" for peer, age in sorted(row.handshakes.items()))
+        agent = row.agent + ("*" if row.partitioned else "")
+        tail = shakes or (row.error or "")
+        lines.append(f"{row.name:<6}{agent:<9}{row.mesh_ip or '-':<16}{row.underlay_ip:<14}{peers:<7}{tail}")
+    if any(row.partitioned for row in rows):
+        lines.append("* partitioned: underlay link down")
+    return "\n".join(lines)
+
+
+def format_matrix(names: Sequence[str], results: Mapping[tuple[str, str], bool | None]) -> str:
+    """A from/to matrix: ok, FAIL, or - for the diagonal and pairs not tried."""
+    width = max([4, *(len(n) + 2 for n in names)])
+    lines = [" " * width + "".join(f"{n:>{width}}" for n in names)]
+    for src in names:
+        cells = []
+        for dst in names:
+            value = results.get((src, dst))
+            cells.append(f"{'-' if value is None else ('ok' if value else 'FAIL'):>{width}}")
+        lines.append(f"{src:<{width}}" + "".join(cells))
+    return "\n".join(lines)

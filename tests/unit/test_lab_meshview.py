@@ -1,0 +1,69 @@
+"""Judging a mesh from per-node WireGuard views: complete, missing tunnels, ghosts, duplicates."""
+
+import pytest
+
+from meshlab.meshview import NodeView, holders_of, mesh_problems, parse_ping_summary, parse_wg_allowed_ips
+
+A, B, C = "100.96.0.1", "100.96.0.2", "100.96.0.3"
+
+
+def v(name, ip, *peers):
+    return NodeView(name, ip, tuple((p,) if isinstance(p, str) else p for p in peers))
+
+
+COMPLETE = {"a": v("a", A, B, C), "b": v("b", B, A, C), "c": v("c", C, A, B)}
+
+
+@pytest.mark.parametrize(
+    ("views", "expected", "problems"),
+    [
+        (COMPLETE, ["a", "b", "c"], []),
+        ({"a": v("a", A, B), "b": v("b", B, A)}, ["a", "b"], []),
+        ({"a": v("a", A)}, ["a"], []),
+        # c left: a and b still hold tunnels to it
+        (COMPLETE, ["a", "b"], ["a: ghost tunnel to 100.96.0.3", "b: ghost tunnel to 100.96.0.3"]),
+        ({**COMPLETE, "c": v("c", C, A)}, ["a", "b", "c"], ["c: no tunnel to 100.96.0.2"]),
+        ({**COMPLETE, "c": v("c", None)}, ["a", "b", "c"],
+         ["c: no mesh IP known", "a: ghost tunnel to 100.96.0.3", "b: ghost tunnel to 100.96.0.3"]),
+        ({"a": v("a", A, B), "b": v("b", A, A)}, ["a", "b"],
+         ["mesh IP 100.96.0.1 held by a, b", "a: no tunnel to 100.96.0.1", "a: ghost tunnel to 100.96.0.2",
+          "b: 2 peers for 1 members"]),
+        # a restarted node left a stale peer: the same IP moved to the new key, the old peer kept nothing
+        ({"a": v("a", A, B, ()), "b": v("b", B, A)}, ["a", "b"],
+         ["a: 1 peer(s) without allowed IPs (duplicate key for one IP?)"]),
+        ({}, ["a"], ["a: no mesh IP known"]),
+    ],
+)
+def test_mesh_problems(views, expected, problems):
+    assert mesh_problems(views, expected) == problems
+
+
+def test_holders_of():
+    assert holders_of(COMPLETE, C, among=["a", "b"]) == ["a", "b"]
+    assert holders_of({"a": v("a", A, B)}, C, among=["a"]) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "peers"),
+    [
+        ("", ()),
+        ("KEY1=\t100.96.0.2/32\n", (("100.96.0.2",),)),
+        ("K1=\t100.96.0.2/32\nK2=\t(none)\n", (("100.96.0.2",), ())),
+        ("K1=\t100.96.0.2/32 10.0.0.0/8\n", (("100.96.0.2", "10.0.0.0/8"),)),
+    ],
+)
+def test_parse_wg_allowed_ips(text, peers):
+    assert parse_wg_allowed_ips(text) == peers
+
+
+@pytest.mark.parametrize(
+    ("text", "result"),
+    [
+        ("--- 1.2.3.4 ping statistics ---\n25 packets transmitted, 25 received, 0% packet loss, time 4800ms\n",
+         (25, 25)),
+        ("7 packets transmitted, 5 received, +2 errors, 28.5714% packet loss, time 1205ms\n", (7, 5)),
+        ("PING 1.2.3.4\n", (0, 0)),
+    ],
+)
+def test_parse_ping_summary(text, result):
+    assert parse_ping_summary(text) == result

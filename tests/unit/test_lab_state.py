@@ -1,0 +1,36 @@
+"""The lab state file round-trips and rejects what it does not know."""
+
+import pytest
+from pydantic import ValidationError
+
+from meshlab import state as state_mod
+from meshlab.state import ControlRecord, LabState, NodeRecord, ProcessRecord
+
+
+def _state():
+    st = LabState(lab_id="ab1", created_at=1.5, control=ControlRecord(namespace="mlab1-ctl"))
+    for i in (10, 2, 1):
+        st.nodes[f"n{i}"] = NodeRecord(index=i, name=f"n{i}", namespace=f"mlab1-n{i}", interface=f"mv-ab1-{i}",
+                                       underlay_ip=f"10.77.1.{10 + i}")
+    st.nodes["n1"].agent = ProcessRecord(pid=42, start_ticks=7, argv=["meshvpn-agent"], log="/x/agent.log")
+    st.nodes["n1"].mesh_ip = "100.96.0.1"
+    return st
+
+
+def test_round_trip():
+    st = _state()
+    assert state_mod.load(state_mod.dump(st)) == st
+
+
+def test_nodes_in_index_order():
+    assert [n.name for n in _state().ordered_nodes()] == ["n1", "n2", "n10"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{}", "not json", '{"lab_id": "ab", "created_at": 0, "control": {"namespace": "x"}, "surprise": 1}',
+     '{"version": 2, "lab_id": "ab", "created_at": 0, "control": {"namespace": "x"}}'],
+)
+def test_bad_files_rejected(text):
+    with pytest.raises((ValidationError, ValueError)):
+        state_mod.load(text)
