@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
+from wgctl import keys
+from wgctl.errors import InvalidConfigError
 from wgctl.model import PeerChanges, PeerConfig, PeerState
 
 
@@ -41,6 +43,49 @@ def canonical_endpoint(endpoint: str | None) -> str | None:
     if addr.version == 6:
         return f"[{addr}]:{int(port)}"
     return f"{addr}:{int(port)}"
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """(address, port) of an `IP:port` / `[IPv6]:port` endpoint; InvalidConfigError for anything else.
+
+    Backends take IP literals only: neither wireguard-go's UAPI nor the kernel resolves names, and a name
+    would never compare equal to the address WireGuard reports back.
+    """
+    host, sep, port = endpoint.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        # Unbracketed IPv6 is ambiguous (is the last group the port?); Go's SplitHostPort refuses it too.
+        raise InvalidConfigError(f"endpoint {endpoint!r}: write IPv6 endpoints as [address]:port")
+    try:
+        addr = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError as exc:
+        raise InvalidConfigError(f"endpoint {endpoint!r} is not IP:port") from exc
+    if not sep or not 0 < number < 65536:
+        raise InvalidConfigError(f"endpoint {endpoint!r} has no valid port")
+    return str(addr), number
+
+
+def validated_peer(peer: PeerConfig) -> PeerConfig:
+    """`peer` as WireGuard would store it: canonical CIDRs (deduplicated, in order) and endpoint.
+
+    InvalidKeyError for a bad public key, InvalidConfigError for a bad CIDR, endpoint or keepalive.
+    """
+    keys.decode_key(peer.public_key)
+    try:
+        cidrs = tuple(dict.fromkeys(canonical_cidr(c) for c in peer.allowed_ips))
+    except ValueError as exc:
+        raise InvalidConfigError(f"peer {peer.public_key}: bad allowed IP: {exc}") from exc
+    if not 0 <= peer.persistent_keepalive <= 65535:
+        raise InvalidConfigError(
+            f"peer {peer.public_key}: keepalive {peer.persistent_keepalive} out of range"
+        )
+    endpoint = None
+    if peer.endpoint is not None:
+        split_endpoint(peer.endpoint)
+        endpoint = canonical_endpoint(peer.endpoint)
+    return PeerConfig(peer.public_key, cidrs, endpoint, peer.persistent_keepalive)
 
 
 def peer_differs(desired: PeerConfig, actual: PeerConfig) -> bool:

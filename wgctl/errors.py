@@ -17,6 +17,10 @@ class InvalidKeyError(WireGuardError):
     """A key is not 32 bytes of base64 (or hex, on the UAPI wire)."""
 
 
+class InvalidConfigError(WireGuardError):
+    """A peer or interface setting cannot be applied: a bad CIDR, a hostname endpoint, a port out of range."""
+
+
 class KeyFileError(WireGuardError):
     """The private key file could not be created, read or parsed."""
 

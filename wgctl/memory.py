@@ -15,8 +15,8 @@ import threading
 from dataclasses import dataclass, field, replace
 
 from wgctl import keys
-from wgctl.diff import canonical_cidr, canonical_endpoint
-from wgctl.errors import InterfaceNotFoundError, WireGuardError
+from wgctl.diff import canonical_cidr, validated_peer
+from wgctl.errors import InterfaceNotFoundError, InvalidConfigError, WireGuardError
 from wgctl.model import InterfaceState, PeerChanges, PeerConfig, PeerState
 
 
@@ -90,7 +90,7 @@ class InMemoryWireGuard:
     def apply(self, name: str, changes: PeerChanges) -> None:
         """Apply all of `changes` or, if any part is invalid, none of it."""
         # Validate everything before mutating, like a UAPI set that fails before touching the device.
-        prepared = [_validated(peer) for peer in changes.upsert]
+        prepared = [validated_peer(peer) for peer in changes.upsert]
         for key in changes.remove:
             keys.decode_key(key)
         with self._lock:
@@ -204,18 +204,6 @@ class InMemoryWireGuard:
         self._record("update_peer", name, peer=peer.public_key)
 
 
-def _validated(peer: PeerConfig) -> PeerConfig:
-    """`peer` with canonical CIDRs (deduplicated, in order) and endpoint, as WireGuard would store it."""
-    keys.decode_key(peer.public_key)
-    try:
-        cidrs = tuple(dict.fromkeys(canonical_cidr(c) for c in peer.allowed_ips))
-    except ValueError as exc:
-        raise WireGuardError(f"peer {peer.public_key}: bad allowed IP: {exc}") from exc
-    if not 0 <= peer.persistent_keepalive <= 65535:
-        raise WireGuardError(f"peer {peer.public_key}: keepalive {peer.persistent_keepalive} out of range")
-    return replace(peer, allowed_ips=cidrs, endpoint=canonical_endpoint(peer.endpoint))
-
-
 @dataclass(slots=True)
 class _Link:
     ident: int | None
@@ -245,7 +233,7 @@ class InMemoryRoutes:
         try:
             iface = ipaddress.ip_interface(address)
         except ValueError as exc:
-            raise WireGuardError(f"{ifname}: bad address {address!r}") from exc
+            raise InvalidConfigError(f"{ifname}: bad address {address!r}") from exc
         with self._lock:
             link = self._link(ifname)
             text = str(iface)
@@ -275,7 +263,7 @@ class InMemoryRoutes:
         try:
             net = canonical_cidr(network)
         except ValueError as exc:
-            raise WireGuardError(f"{ifname}: bad network {network!r}") from exc
+            raise InvalidConfigError(f"{ifname}: bad network {network!r}") from exc
         with self._lock:
             self._link(ifname)
             current = self._route_table().get(net)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from wgctl.diff import canonical_cidr, canonical_endpoint, peer_differs, plan
+from wgctl.diff import (
+    canonical_cidr,
+    canonical_endpoint,
+    peer_differs,
+    plan,
+    split_endpoint,
+    validated_peer,
+)
+from wgctl.errors import InvalidConfigError, InvalidKeyError
 from wgctl.model import PeerChanges, PeerConfig, PeerState
 
 A = "A" * 43 + "="
 B = "B" * 43 + "="
 C = "C" * 43 + "="
+# "A"*43 + "=" decodes to 32 bytes, so these are well-formed keys for validated_peer too.
 
 
 def cfg(key: str, *ips: str, endpoint: str | None = None, keepalive: int = 0) -> PeerConfig:
@@ -160,3 +169,48 @@ def test_canonical_endpoint(text, expected):
 )
 def test_peer_differs(desired, actual, differs):
     assert peer_differs(desired, actual) is differs
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("192.0.2.1:51820", ("192.0.2.1", 51820)),
+        ("[2001:db8::1]:1", ("2001:db8::1", 1)),
+    ],
+)
+def test_split_endpoint(endpoint, expected):
+    assert split_endpoint(endpoint) == expected
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["node-a.example:51820", "192.0.2.1", "192.0.2.1:0", "192.0.2.1:65536", "2001:db8::1:51820", ""],
+)
+def test_split_endpoint_rejects(endpoint):
+    with pytest.raises(InvalidConfigError):
+        split_endpoint(endpoint)
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        (cfg(A, "10.1.2.3/24", "10.1.2.0/24", "100.96.0.2"), cfg(A, "10.1.2.0/24", "100.96.0.2/32")),
+        (cfg(A, endpoint="[2001:DB8::1]:5", keepalive=25), cfg(A, endpoint="[2001:db8::1]:5", keepalive=25)),
+    ],
+)
+def test_validated_peer(peer, expected):
+    assert validated_peer(peer) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "error"),
+    [
+        (cfg("nope", "10.0.0.1/32"), InvalidKeyError),
+        (cfg(A, "10.0.0.300/32"), InvalidConfigError),
+        (cfg(A, endpoint="host:1"), InvalidConfigError),
+        (cfg(A, keepalive=65536), InvalidConfigError),
+    ],
+)
+def test_validated_peer_rejects(peer, error):
+    with pytest.raises(error):
+        validated_peer(peer)
