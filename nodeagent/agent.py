@@ -1,0 +1,741 @@
+"""The node agent: one MQTT session to the control plane, one reconcile loop, one local API.
+
+Threads and who owns what:
+  - the *session* thread (`_run_session`) owns the connection: it creates one paho client per connection
+    (each with a new epoch and a last-will carrying it), registers, publishes status, and reconnects with
+    backoff and jitter. It never touches WireGuard.
+  - paho's network thread runs the callbacks: it decodes messages into the membership view and wakes the
+    reconcile loop. It never blocks and never touches WireGuard.
+  - the *reconcile* thread (`_run_reconcile`) is the only one that changes the interface: on every wake-up
+    (bursts coalesce into one) and every `reconcile_interval_s` it applies the newest complete membership.
+  - apscheduler's thread publishes heartbeats; the local API serves meshctl from its own threads.
+
+The agent's view of the mesh only ever shrinks the peer set from a *complete* membership, so a broker restart,
+a registrar outage or a half-delivered retained state never tears down a working tunnel.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from meshcontract import messages, topics
+from meshcontract.access import JOIN_PASSWORD_PREFIX
+from meshcontract.errors import ContractError
+from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PeerView, PingResult
+from meshcontract.messages import (
+    Endpoint,
+    ErrorCode,
+    Heartbeat,
+    MemberRecord,
+    NodeStatus,
+    RegisterReply,
+    RegisterRequest,
+    RegistrarStatus,
+    Roster,
+)
+from meshcontract.topics import Kind
+from meshcontract.transport import BrokerSettings, make_client
+from nodeagent.errors import AgentError, RegistrationRefused, SettingsError, StateDirError
+from nodeagent.membership import Membership, MembershipView
+from nodeagent.ping import Pinger, SystemPinger
+from nodeagent.reconcile import DEFAULT_KEEPALIVE_S, desired_peers, plan_reconcile
+from nodeagent.session import backoff_delay, next_epoch
+from nodeagent.settings import AgentSettings
+from nodeagent.statestore import Registration, StateStore
+from wgctl.errors import WireGuardError
+from wgctl.model import RouteBackend, WireGuardBackend
+
+log = logging.getLogger(__name__)
+
+EXIT_REFUSED = 3
+# Refusals that no retry can fix; anything else (e.g. "internal") is retried with backoff.
+_FATAL_CODES = frozenset(
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.INVALID_TOKEN,
+        ErrorCode.TOKEN_EXPIRED,
+        ErrorCode.TOKEN_USED,
+        ErrorCode.INVALID_KEY,
+        ErrorCode.KEY_CONFLICT,
+        ErrorCode.POOL_EXHAUSTED,
+    }
+)
+_STOP_PUBLISH_TIMEOUT_S = 2.0
+
+
+def default_route_ipv4() -> str:
+    """The source address the kernel would use towards the internet: the primary IPv4 of the default route.
+
+    Connecting a UDP socket sends nothing; it only asks the routing table for a source address.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: never answered, only routed
+        except OSError as exc:
+            raise SettingsError(
+                f"no endpoint given and no IPv4 default route to derive one from: {exc}"
+            ) from exc
+        return sock.getsockname()[0]
+
+
+def parse_endpoint(text: str, *, default_port: int) -> Endpoint:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT -> Endpoint; SettingsError if it is not one."""
+    host, port = text.strip(), default_port
+    try:
+        if host.startswith("["):
+            inner, _, rest = host[1:].partition("]")
+            host = inner
+            if rest.startswith(":"):
+                port = int(rest[1:])
+        elif host.count(":") == 1:
+            host, port_text = host.split(":")
+            port = int(port_text)
+        return Endpoint(host=host, port=port)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise SettingsError(f"endpoint {text!r} is not HOST[:PORT]: {exc}") from exc
+
+
+@dataclass
+class _Connection:
+    """One MQTT connection attempt and what happened on it so far."""
+
+    client: mqtt.Client
+    epoch: int
+    connected: threading.Event
+    subscribed: threading.Event
+    lost: threading.Event
+    sub_mid: int | None = None
+
+
+class Agent:
+    """The node daemon. `start()` returns at once; `wait()` blocks until a stop or a fatal refusal; `stop()`.
+
+    Backends are injected so tests can run several agents in one process on in-memory WireGuard:
+    `Agent(settings, wireguard=InMemoryWireGuard(), routes=InMemoryRoutes(wg))`.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        wireguard: WireGuardBackend,
+        routes: RouteBackend,
+        clock: Callable[[], float] = time.time,
+        pinger: Pinger | None = None,
+        local_api: bool = True,
+        hostname: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.wireguard = wireguard
+        self.routes = routes
+        self._clock = clock
+        self._pinger = pinger or SystemPinger()
+        self._local_api_enabled = local_api
+        self._hostname = hostname
+        self.store = StateStore(settings.state_dir)
+
+        self._lock = threading.RLock()  # guards the view, registration, connection and persisted state
+        self._view = MembershipView()
+        self._known: dict[
+            str, MemberRecord
+        ] = {}  # every record ever seen, by public key: names removed peers
+        self._persisted: Membership | None = None
+        self._registration: Registration | None = None
+        self._registrar_online = False
+        self._conn: _Connection | None = None
+        self._reply_cond = threading.Condition(self._lock)
+        self._replies: dict[str, RegisterReply] = {}
+        self._epoch: int | None = None
+        self._heartbeat_seq = 0
+
+        self._stopping = threading.Event()
+        self._crashed = False
+        self._finished = threading.Event()
+        self._wake_reconcile = threading.Event()
+        self._reconcile_lock = threading.Lock()
+        self.registered = threading.Event()  # set after each successful registration, cleared on disconnect
+        self.exit_code = 0
+        self.failure: AgentError | None = None
+        self.reconcile_count = 0
+
+        self._threads: list[threading.Thread] = []
+        self._scheduler: BackgroundScheduler | None = None
+        self._api = None
+
+        self.node_id = ""
+        self.name = ""
+        self.private_key = ""
+        self.public_key = ""
+        self.endpoint: Endpoint | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load identity and persisted state, restore the mesh from it, then start talking to the broker.
+
+        Raises AgentError (SettingsError, StateDirError) for problems no retry can fix, and WireGuardError if
+        the backend cannot be used at all.
+        """
+        from wgctl import keys  # local: keeps module import light for meshctl
+
+        self.store.ensure_dir()
+        self.private_key = self.store.private_key()
+        self.public_key = keys.public_key(self.private_key)
+        self.node_id = self.store.node_id(self.settings.node_id)
+        self.name = self.settings.name or self._hostname or socket.gethostname()
+        self.endpoint = parse_endpoint(
+            self.settings.endpoint or default_route_ipv4(), default_port=self.settings.listen_port
+        )
+        self._registration = self.store.registration()
+        self._persisted = self.store.membership()
+        if self._persisted is not None:
+            for record in self._persisted.members.values():
+                self._known[record.public_key] = record
+        log.info(
+            "agent starting: interface %s, endpoint %s, %s persisted members",
+            self.settings.interface,
+            self.endpoint,
+            len(self._persisted.members) if self._persisted else "no",
+            extra=self._self_extra(),
+        )
+        # The interface itself must be usable; a permanent backend error ends start-up with a clear message.
+        self.wireguard.ensure_interface(
+            self.settings.interface, private_key=self.private_key, listen_port=self.settings.listen_port
+        )
+        # Before the broker is reachable: an agent restarted during a control-plane outage restores the mesh.
+        self._reconcile_once("startup")
+
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.start()
+        if self._local_api_enabled:
+            from nodeagent.localapi_server import LocalApiServer
+
+            self._api = LocalApiServer(
+                self.settings.socket_path,
+                self.handle_local,
+                mode=self.settings.socket_mode,
+                group=self.settings.socket_group,
+            )
+            self._api.start()
+        for target, name in ((self._run_session, "session"), (self._run_reconcile, "reconcile")):
+            thread = threading.Thread(target=target, name=f"agent-{name}-{self.node_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `request_stop()` or a fatal error; True if that happened within `timeout`."""
+        return self._finished.wait(timeout)
+
+    def request_stop(self) -> None:
+        """Ask `wait()` to return (signal handlers call this); `stop()` does the work."""
+        self._finished.set()
+
+    def stop(self) -> None:
+        """Graceful stop: status offline (retained), clean disconnect (no will), keep the interface by default."""
+        self._stopping.set()
+        self._finished.set()
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            conn.lost.set()  # wakes the session thread, which says goodbye on the broker
+        self._wake_reconcile.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
+        if not self._crashed and not self.settings.keep_interface_on_stop:
+            self.wireguard.delete_interface(self.settings.interface)
+            log.info("interface %s deleted", self.settings.interface, extra=self._self_extra())
+        log.info("agent stopped", extra=self._self_extra())
+
+    def simulate_crash(self) -> None:
+        """Test hook: die like a killed process. The TCP connection is cut without DISCONNECT (the broker
+        publishes our will), nothing more is published, and the interface stays as it was."""
+        self._crashed = True
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            sock = conn.client.socket()
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.stop()
+
+    # -- state for callers ------------------------------------------------------------------------------
+    @property
+    def mesh_ip(self) -> str | None:
+        with self._lock:
+            return None if self._registration is None else self._registration.mesh_ip
+
+    @property
+    def broker_connected(self) -> bool:
+        with self._lock:
+            return self._conn is not None and self._conn.connected.is_set() and not self._conn.lost.is_set()
+
+    def membership(self) -> Membership | None:
+        """The membership reconcile works from: the newest complete view, else the persisted one."""
+        with self._lock:
+            return self._view.complete() or self._persisted
+
+    def _self_extra(self) -> dict[str, str]:
+        return {"node_id": self.node_id, "name": self.name, "mesh_ip": self.mesh_ip or "-"}
+
+    # -- reconcile --------------------------------------------------------------------------------------
+    def _run_reconcile(self) -> None:
+        while not self._stopping.is_set():
+            woke = self._wake_reconcile.wait(self.settings.reconcile_interval_s)
+            if self._stopping.is_set():
+                return
+            # Clear before reading state: a change that lands while we work sets it again, so the newest
+            # state is never missed, and any number of changes during one pass cost one more pass.
+            self._wake_reconcile.clear()
+            try:
+                self._reconcile_once("membership change" if woke else "periodic")
+            except Exception:  # the daemon loop: log, keep the tunnels, try again next interval
+                log.exception("reconcile failed; retrying in %ss", self.settings.reconcile_interval_s)
+
+    def _keepalive(self, registration: Registration | None) -> int:
+        if self.settings.persistent_keepalive_s is not None:
+            return self.settings.persistent_keepalive_s
+        if registration is not None:
+            return registration.settings.persistent_keepalive_s
+        return DEFAULT_KEEPALIVE_S
+
+    def _reconcile_once(self, reason: str) -> None:
+        """Bring the interface, its address, link, route and peers to the desired state; apply only changes."""
+        with self._reconcile_lock:
+            with self._lock:
+                membership = self._view.complete() or self._persisted
+                registration = self._registration
+                known = dict(self._known)
+                persisted = self._persisted
+            ifname = self.settings.interface
+            try:
+                self.wireguard.ensure_interface(
+                    ifname, private_key=self.private_key, listen_port=self.settings.listen_port
+                )
+                if registration is not None:
+                    address = f"{registration.mesh_ip}/{registration.prefix_len}"
+                    if self.routes.ensure_address(ifname, address):
+                        log.info("address %s set on %s", address, ifname, extra=self._self_extra())
+                    if self.routes.ensure_up(ifname, mtu=registration.settings.mtu):
+                        log.info(
+                            "link %s up, mtu %s", ifname, registration.settings.mtu, extra=self._self_extra()
+                        )
+                    if self.routes.ensure_route(ifname, registration.settings.network):
+                        log.info(
+                            "route %s via %s", registration.settings.network, ifname, extra=self._self_extra()
+                        )
+                if membership is None:
+                    return  # never seen a complete membership: no opinion on peers, so touch none
+                actual = self.wireguard.read(ifname).peers
+                desired = desired_peers(
+                    membership,
+                    self_id=self.node_id,
+                    self_public_key=self.public_key,
+                    keepalive=self._keepalive(registration),
+                )
+                for record in membership.members.values():
+                    known[record.public_key] = record
+                plan = plan_reconcile(desired, actual, members_by_key=known)
+                if not plan.changes.is_empty():
+                    self.wireguard.apply(ifname, plan.changes)
+            except WireGuardError as exc:
+                log.warning("reconcile (%s) failed, will retry: %s", reason, exc, extra=self._self_extra())
+                return
+            self.reconcile_count += 1
+            for event in plan.events:
+                member = event.member
+                log.info(
+                    "peer %s",
+                    event.kind,
+                    extra={
+                        "node_id": member.node_id if member else "?",
+                        "name": member.name if member else "?",
+                        "mesh_ip": member.mesh_ip if member else "?",
+                        "peer": event.public_key,
+                        "revision": membership.revision,
+                    },
+                )
+            with self._lock:
+                self._known.update(known)
+            if membership != persisted:
+                try:
+                    self.store.save_membership(membership)
+                except StateDirError as exc:
+                    log.error("cannot persist membership: %s", exc)
+                    return
+                with self._lock:
+                    self._persisted = membership
+
+    # -- MQTT session -----------------------------------------------------------------------------------
+    def _broker_settings(self) -> BrokerSettings:
+        broker = self.settings.broker
+        password = broker.password
+        if password is None:
+            password = self.store.broker_password()
+        if password is None and self.settings.join_token:
+            password = JOIN_PASSWORD_PREFIX + self.settings.join_token
+        return broker.model_copy(update={"username": broker.username or self.node_id, "password": password})
+
+    def _topic(self, kind: Kind, node: str | None = None) -> str:
+        return topics.build(self.settings.mesh, kind, node)
+
+    def _new_connection(self) -> _Connection:
+        epoch = next_epoch(self.store.epoch(), now_ms=int(self._clock() * 1000))
+        self.store.save_epoch(epoch)
+        client = make_client(self._broker_settings(), client_id=self.node_id)
+        conn = _Connection(client, epoch, threading.Event(), threading.Event(), threading.Event())
+        will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=self._clock())
+        client.will_set(self._topic(Kind.STATUS, self.node_id), messages.encode(will), qos=1, retain=True)
+        client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, rc)
+        client.on_subscribe = lambda c, u, mid, rcs, props: self._on_subscribe(conn, mid, rcs)
+        client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(conn, rc)
+        client.on_message = lambda c, u, msg: self._on_message(msg)
+        return conn
+
+    def _run_session(self) -> None:
+        attempt = 0
+        host, port, _ = self.settings.broker.host_port()
+        while not self._stopping.is_set():
+            conn = self._new_connection()
+            with self._lock:
+                self._conn = conn
+                self._epoch = conn.epoch
+            # stop() sets _stopping, then marks the connection it sees as lost; checking after publishing the
+            # connection under the lock means one of the two always notices the other.
+            if self._stopping.is_set():
+                return
+            try:
+                conn.client.connect(host, port, keepalive=self.settings.broker.keepalive_s)
+            except OSError as exc:
+                delay = backoff_delay(attempt)
+                attempt += 1
+                log.warning(
+                    "broker %s unreachable (%s); retrying in %.1fs", self.settings.broker.url, exc, delay
+                )
+                self._stopping.wait(delay)
+                continue
+            conn.client.loop_start()
+            registered = self._serve_connection(conn)
+            if registered:
+                attempt = 0
+            if self._stopping.is_set():
+                self._close_connection(conn, goodbye=registered and not self._crashed)
+                return
+            conn.client.loop_stop()
+            delay = backoff_delay(attempt)
+            attempt += 1
+            log.info("reconnecting to the broker in %.1fs", delay, extra=self._self_extra())
+            self._stopping.wait(delay)
+
+    def _serve_connection(self, conn: _Connection) -> bool:
+        """Register on `conn` and stay until it is lost or we stop. True if registration succeeded."""
+        # Subscribed before registering: the reply (and membership) must have somewhere to land.
+        while not conn.subscribed.wait(0.1):
+            if conn.lost.is_set():
+                return False
+        try:
+            registered = self._register(conn)
+        except RegistrationRefused as exc:
+            log.error("%s", exc, extra=self._self_extra())
+            self.failure = exc
+            self.exit_code = EXIT_REFUSED
+            self._stopping.set()
+            self._finished.set()
+            return False
+        if not registered:
+            return False
+        conn.lost.wait()
+        self.registered.clear()
+        if not self._stopping.is_set():
+            log.warning("lost the broker connection; keeping every tunnel", extra=self._self_extra())
+        return True
+
+    def _register(self, conn: _Connection) -> bool:
+        """Send RegisterRequests until one is answered. False if the connection was lost or we stop."""
+        attempt = 0
+        while not conn.lost.is_set():
+            request_id = secrets.token_urlsafe(12)
+            assert self.endpoint is not None
+            request = RegisterRequest(
+                request_id=request_id,
+                node_id=self.node_id,
+                name=self.name,
+                public_key=self.public_key,
+                endpoints=[self.endpoint],
+                listen_port=self.settings.listen_port,
+                join_token=self.settings.join_token,
+                epoch=conn.epoch,
+            )
+            conn.client.publish(self._topic(Kind.REGISTER, self.node_id), messages.encode(request), qos=1)
+            log.info("registering (epoch %s)", conn.epoch, extra={**self._self_extra(), "epoch": conn.epoch})
+            deadline = time.monotonic() + self.settings.register_timeout_s
+            with self._reply_cond:
+                while request_id not in self._replies and not conn.lost.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._reply_cond.wait(min(remaining, 0.5))
+                reply = self._replies.pop(request_id, None)
+                self._replies.clear()
+            if reply is None:
+                if conn.lost.is_set():
+                    return False
+                delay = backoff_delay(attempt, base=1.0, cap=15.0)
+                attempt += 1
+                log.warning(
+                    "no registration reply within %ss (registrar down?); retrying in %.1fs",
+                    self.settings.register_timeout_s,
+                    delay,
+                    extra=self._self_extra(),
+                )
+                if conn.lost.wait(delay):
+                    return False
+                continue
+            if reply.ok:
+                self._registered(conn, reply)
+                return True
+            error = reply.error
+            code = error.code if error else ErrorCode.INTERNAL
+            message = error.message if error else "no reason given"
+            if code in _FATAL_CODES:
+                raise RegistrationRefused(str(code), message)
+            delay = backoff_delay(attempt, base=1.0, cap=15.0)
+            attempt += 1
+            log.warning("registration failed (%s: %s); retrying in %.1fs", code, message, delay)
+            if conn.lost.wait(delay):
+                return False
+        return False
+
+    def _registered(self, conn: _Connection, reply: RegisterReply) -> None:
+        if (
+            reply.node_id != self.node_id
+            or reply.mesh_ip is None
+            or reply.prefix_len is None
+            or reply.settings is None
+        ):
+            raise RegistrationRefused(
+                ErrorCode.INVALID_REQUEST.value, f"incomplete registration reply: {reply}"
+            )
+        registration = Registration(
+            mesh_ip=reply.mesh_ip, prefix_len=reply.prefix_len, settings=reply.settings
+        )
+        if reply.broker_password:
+            self.store.save_broker_password(reply.broker_password)
+        with self._lock:
+            previous = self._registration
+            self._registration = registration
+        if registration != previous:
+            self.store.save_registration(registration)
+        log.info(
+            "registered as %s/%s",
+            reply.mesh_ip,
+            reply.prefix_len,
+            extra={**self._self_extra(), "epoch": conn.epoch},
+        )
+        online = NodeStatus(node_id=self.node_id, state="online", epoch=conn.epoch, at=self._clock())
+        conn.client.publish(
+            self._topic(Kind.STATUS, self.node_id), messages.encode(online), qos=1, retain=True
+        )
+        if self._scheduler is not None:
+            self._scheduler.add_job(
+                self._heartbeat,
+                "interval",
+                seconds=registration.settings.heartbeat_interval_s,
+                id="heartbeat",
+                replace_existing=True,
+                max_instances=1,
+                coalesce=True,
+            )
+        self._heartbeat()
+        self.registered.set()
+        self._wake_reconcile.set()
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            conn = self._conn
+            seq = self._heartbeat_seq
+            self._heartbeat_seq += 1
+        if conn is None or conn.lost.is_set() or self._crashed:
+            return
+        beat = Heartbeat(node_id=self.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock())
+        conn.client.publish(self._topic(Kind.HEARTBEAT, self.node_id), messages.encode(beat), qos=0)
+
+    def _close_connection(self, conn: _Connection, *, goodbye: bool) -> None:
+        if goodbye and conn.connected.is_set():
+            offline = NodeStatus(node_id=self.node_id, state="offline", epoch=conn.epoch, at=self._clock())
+            info = conn.client.publish(
+                self._topic(Kind.STATUS, self.node_id), messages.encode(offline), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout=_STOP_PUBLISH_TIMEOUT_S)
+            except (RuntimeError, ValueError) as exc:  # paho: not queued / connection gone
+                log.warning("could not publish offline status: %s", exc)
+            log.info("published status offline", extra=self._self_extra())
+        if not self._crashed:
+            conn.client.disconnect()  # a clean DISCONNECT: the broker discards our will
+        conn.client.loop_stop()
+
+    # -- paho callbacks (network thread: never block here) ----------------------------------------------
+    def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker refused the connection: %s (check broker.username/password or the join token)",
+                reason_code,
+                extra=self._self_extra(),
+            )
+            return
+        log.info("connected to the broker %s", self.settings.broker.url, extra=self._self_extra())
+        conn.connected.set()
+        mesh = self.settings.mesh
+        subscriptions = [
+            (self._topic(Kind.REPLY, self.node_id), 1),
+            (topics.subscription(mesh, Kind.MEMBERS), 1),
+            (topics.subscription(mesh, Kind.ROSTER), 1),
+            (topics.subscription(mesh, Kind.REGISTRAR), 1),
+        ]
+        _, conn.sub_mid = conn.client.subscribe(subscriptions)
+
+    def _on_subscribe(self, conn: _Connection, mid: int, reason_codes: list[mqtt.ReasonCode]) -> None:
+        if mid != conn.sub_mid:
+            return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("broker refused %s of our subscriptions (ACL?): %s", len(refused), refused)
+        conn.subscribed.set()
+
+    def _on_disconnect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
+        conn.lost.set()
+        with self._reply_cond:
+            self._reply_cond.notify_all()
+        # One paho client per connection: stop this one's thread instead of letting paho reconnect it with
+        # the old epoch and will. The session thread builds the next connection.
+        conn.client.loop_stop()
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = topics.parse(msg.topic)
+            if topic.mesh != self.settings.mesh:
+                return
+            if topic.kind is Kind.REPLY:
+                reply = messages.decode(RegisterReply, msg.payload)
+                with self._reply_cond:
+                    self._replies[reply.request_id] = reply
+                    self._reply_cond.notify_all()
+            elif topic.kind is Kind.MEMBERS:
+                self._on_member(topic.node or "", msg.payload)
+            elif topic.kind is Kind.ROSTER:
+                roster = messages.decode(Roster, msg.payload, max_size=messages.MAX_ROSTER_PAYLOAD)
+                with self._lock:
+                    changed = self._view.apply_roster(roster)
+                if changed:
+                    self._wake_reconcile.set()
+            elif topic.kind is Kind.REGISTRAR:
+                status = messages.decode(RegistrarStatus, msg.payload)
+                with self._lock:
+                    was, self._registrar_online = self._registrar_online, status.state == "online"
+                if was != (status.state == "online"):
+                    log.info("registrar is %s", status.state, extra=self._self_extra())
+        except ContractError as exc:
+            log.warning("dropping message on %s: %s", msg.topic, exc)
+
+    def _on_member(self, node_id: str, payload: bytes) -> None:
+        if not payload:
+            with self._lock:
+                changed = self._view.apply_tombstone(node_id)
+        else:
+            record = messages.decode(MemberRecord, payload)
+            if record.node_id != node_id:
+                raise ContractError(f"member record for {record.node_id} on the topic of {node_id}")
+            with self._lock:
+                changed = self._view.apply_record(record)
+                self._known[record.public_key] = record
+        if changed:
+            self._wake_reconcile.set()
+
+    # -- local API --------------------------------------------------------------------------------------
+    def handle_local(self, request: LocalRequest) -> LocalResponse:
+        """Answer one local API request (called from the local API server's threads)."""
+        if request.op == "status":
+            return LocalResponse(ok=True, status=self.status())
+        if not request.target:
+            return LocalResponse(ok=False, error="ping needs a target: a node name or mesh IP")
+        try:
+            return LocalResponse(ok=True, ping=self.ping(request.target, count=request.count))
+        except AgentError as exc:
+            return LocalResponse(ok=False, error=str(exc))
+
+    def status(self) -> AgentStatus:
+        """This agent and its peers as `meshctl status` shows them."""
+        with self._lock:
+            membership = self._view.complete() or self._persisted
+            records = list(membership.members.values()) if membership else self._view.records()
+            registration = self._registration
+            revision = self._view.roster_revision
+            complete = self._view.is_complete()
+            registrar_online = self._registrar_online
+        if revision is None and membership is not None:
+            revision = membership.revision
+        try:
+            actual = self.wireguard.read(self.settings.interface).peers
+        except WireGuardError:
+            actual = {}
+        peers = []
+        for record in sorted(records, key=lambda r: (r.name, r.node_id)):
+            if record.node_id == self.node_id:
+                continue
+            state = actual.get(record.public_key)
+            peers.append(
+                PeerView(
+                    node_id=record.node_id,
+                    name=record.name,
+                    mesh_ip=record.mesh_ip,
+                    public_key=record.public_key,
+                    state=str(record.state),
+                    configured=state is not None,
+                    endpoint=state.endpoint if state else None,
+                    latest_handshake=state.latest_handshake if state else None,
+                    rx_bytes=state.rx_bytes if state else 0,
+                    tx_bytes=state.tx_bytes if state else 0,
+                )
+            )
+        return AgentStatus(
+            node_id=self.node_id,
+            name=self.name,
+            mesh_ip=registration.mesh_ip if registration else None,
+            prefix_len=registration.prefix_len if registration else None,
+            interface=self.settings.interface,
+            broker_connected=self.broker_connected,
+            registrar_online=registrar_online,
+            membership_revision=revision or 0,
+            membership_complete=complete,
+            peers=peers,
+            now=self._clock(),
+        )
+
+    def ping(self, target: str, *, count: int = 3) -> PingResult:
+        """Ping a member by name or mesh IP over the mesh; AgentError if no such member."""
+        with self._lock:
+            membership = self._view.complete() or self._persisted
+            records = list(membership.members.values()) if membership else self._view.records()
+        match = next((r for r in records if target in (r.mesh_ip, r.name, r.node_id)), None)
+        if match is None:
+            raise AgentError(f"no mesh member named or addressed {target!r}")
+        rtts = self._pinger.ping(match.mesh_ip, count=count)
+        return PingResult(target=target, mesh_ip=match.mesh_ip, rtts_ms=rtts)

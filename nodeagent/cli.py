@@ -1,0 +1,129 @@
+"""`meshvpn-agent`: the composition root of the node daemon. Loads settings once, builds the backends, runs.
+
+Exit status: 0 after a graceful stop, 1 for a configuration or start-up error, 3 when the registrar refused
+the registration (bad, expired or used join token, key conflict, pool exhausted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from meshcontract import logs
+from meshcontract.errors import ContractError
+from meshcontract.settings import load_settings
+from nodeagent.agent import Agent
+from nodeagent.errors import AgentError
+from nodeagent.settings import AgentSettings
+from wgctl.errors import WireGuardError
+from wgctl.model import RouteBackend, WireGuardBackend
+
+log = logging.getLogger("nodeagent")
+
+EXIT_CONFIG = 1
+
+
+def build_backends(backend: str) -> tuple[WireGuardBackend, RouteBackend]:
+    """The WireGuard and route backends for `backend` (auto | kernel | userspace | memory)."""
+    if backend == "memory":
+        from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
+
+        wireguard = InMemoryWireGuard()
+        return wireguard, InMemoryRoutes(wireguard)
+    from wgctl.routes import NetlinkRoutes
+
+    try:
+        from wgctl import select_backend  # type: ignore[attr-defined]
+    except ImportError:
+        # Until wgctl chooses for us: wireguard-go is what runs everywhere (no kernel module needed).
+        if backend == "kernel":
+            raise AgentError(
+                "the kernel WireGuard backend is not available in this build; use userspace"
+            ) from None
+        from wgctl.userspace import UserspaceWireGuard
+
+        return UserspaceWireGuard(), NetlinkRoutes()
+    return select_backend(backend), NetlinkRoutes()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshvpn-agent", description="meshvpn node agent")
+    parser.add_argument("--config", help="TOML settings file (e.g. /etc/meshvpn/agent.toml)")
+    parser.add_argument(
+        "command", nargs="?", default="run", choices=["run"], help="what to do (default: run)"
+    )
+    parser.add_argument("--broker", help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parser.add_argument("--mesh", help="mesh name")
+    parser.add_argument("--join-token", help="join token from `meshvpn-registrar tokens create`")
+    parser.add_argument("--name", help="display name (default: hostname)")
+    parser.add_argument("--node-id", help="node id (default: generated once, kept in the state dir)")
+    parser.add_argument("--interface", help="WireGuard interface name (default meshvpn0)")
+    parser.add_argument("--listen-port", type=int, help="WireGuard UDP port (default 51820)")
+    parser.add_argument("--endpoint", help="advertised HOST[:PORT] (default: IPv4 of the default route)")
+    parser.add_argument("--state-dir", help="state directory (default /var/lib/meshvpn)")
+    parser.add_argument(
+        "--backend", choices=["auto", "kernel", "userspace", "memory"], help="WireGuard backend"
+    )
+    parser.add_argument("--socket", help="local API socket (default /run/meshvpn/agent.sock)")
+    parser.add_argument("--reconcile-interval", type=float, help="seconds between drift repairs (default 10)")
+    parser.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings overrides (dotted keys) from parsed flags; unset flags are None and do not override."""
+    return {
+        "broker.url": args.broker,
+        "mesh": args.mesh,
+        "join_token": args.join_token,
+        "name": args.name,
+        "node_id": args.node_id,
+        "interface": args.interface,
+        "listen_port": args.listen_port,
+        "endpoint": args.endpoint,
+        "state_dir": args.state_dir,
+        "backend": args.backend,
+        "socket_path": args.socket,
+        "reconcile_interval_s": args.reconcile_interval,
+        "log_json": args.log_json,
+        "log_level": args.log_level,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `meshvpn-agent`."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(AgentSettings, path=args.config, overrides=overrides_from(args))
+    except ContractError as exc:
+        print(f"meshvpn-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(level=settings.log_level, json_format=settings.log_json)
+    try:
+        wireguard, routes = build_backends(settings.backend)
+        agent = Agent(settings, wireguard=wireguard, routes=routes)
+        agent.start()
+    except (AgentError, WireGuardError, ContractError) as exc:
+        log.error("cannot start: %s", exc)
+        print(f"meshvpn-agent: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        agent.request_stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    agent.wait()
+    agent.stop()
+    if agent.failure is not None:
+        print(f"meshvpn-agent: {agent.failure}", file=sys.stderr)
+    return agent.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

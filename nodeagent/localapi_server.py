@@ -1,0 +1,119 @@
+"""The agent's local API: a unix socket speaking meshcontract.localapi (one JSON request, one JSON reply).
+
+Served from its own threads (one per connection), so a slow `ping` never blocks the MQTT session or the
+reconcile loop. The socket is root-only (0600) by default: status and ping reveal the mesh's topology. To let
+a desktop chat running as a user read it, set `socket_mode = 0o660` and `socket_group` (see docs/agent.md).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from meshcontract.localapi import MAX_LOCAL_MESSAGE, LocalRequest, LocalResponse
+from nodeagent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[LocalRequest], LocalResponse]
+_READ_TIMEOUT_S = 5.0
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    handle_request_fn: Handler
+
+
+class _RequestHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.connection.settimeout(_READ_TIMEOUT_S)
+        try:
+            line = self.rfile.readline(MAX_LOCAL_MESSAGE + 1)
+        except OSError:
+            return
+        response = self._answer(line)
+        try:
+            self.wfile.write(response.model_dump_json().encode() + b"\n")
+        except OSError:
+            pass  # the client went away; nothing to tell it
+
+    def _answer(self, line: bytes) -> LocalResponse:
+        if len(line) > MAX_LOCAL_MESSAGE:
+            return LocalResponse(ok=False, error="request too large")
+        try:
+            request = LocalRequest.model_validate(json.loads(line))
+        except (ValueError, ValidationError) as exc:
+            return LocalResponse(ok=False, error=f"bad request: {exc}")
+        server: _Server = self.server  # type: ignore[assignment]
+        try:
+            return server.handle_request_fn(request)
+        except AgentError as exc:
+            return LocalResponse(ok=False, error=str(exc))
+
+
+class LocalApiServer:
+    """Serves `handler` on the unix socket at `path` until `stop()`."""
+
+    def __init__(self, path: Path, handler: Handler, *, mode: int = 0o600, group: str | None = None) -> None:
+        self.path = Path(path)
+        self._handler = handler
+        self._mode = mode
+        self._group = group
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind the socket (replacing a stale one) and serve from a background thread."""
+        try:
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AgentError(f"cannot create {self.path.parent} for the local API socket: {exc}") from exc
+        self._remove_stale()
+        try:
+            server = _Server(str(self.path), _RequestHandler, bind_and_activate=True)
+            os.chmod(self.path, self._mode)
+            if self._group is not None:
+                os.chown(self.path, -1, grp.getgrnam(self._group).gr_gid)
+        except (OSError, KeyError) as exc:
+            raise AgentError(f"cannot serve the local API on {self.path}: {exc}") from exc
+        server.handle_request_fn = self._handler
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="agent-localapi", daemon=True
+        )
+        self._thread.start()
+        log.info("local API listening on %s (mode %o)", self.path, self._mode)
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket file."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _remove_stale(self) -> None:
+        if not self.path.exists():
+            return
+        # A socket someone still answers on belongs to a running agent: refuse rather than steal it.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()
+                return
+        raise AgentError(f"another agent is already serving {self.path}")

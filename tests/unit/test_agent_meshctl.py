@@ -1,0 +1,147 @@
+"""meshctl rendering and ping output parsing (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshcontract.localapi import AgentStatus, PeerView, PingResult
+from nodeagent.meshctl import format_age, format_bytes, render_ping, render_status
+from nodeagent.ping import parse_ping_output
+
+
+@pytest.mark.parametrize(
+    ("then", "now", "text"),
+    [
+        (None, 100.0, "never"),
+        (0.0, 100.0, "never"),
+        (88.0, 100.0, "12s ago"),
+        (100.0, 400.0, "5m ago"),
+        (0.5, 10801.0, "3h ago"),
+        (1.0, 1.0 + 3 * 86400, "3d ago"),
+        (105.0, 100.0, "0s ago"),
+    ],
+)
+def test_format_age(then: float | None, now: float, text: str) -> None:
+    assert format_age(then, now=now) == text
+
+
+@pytest.mark.parametrize(
+    ("count", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (12 * 1024**2, "12.0 MiB")]
+)
+def test_format_bytes(count: int, text: str) -> None:
+    assert format_bytes(count) == text
+
+
+def _status(peers: list[PeerView], **kw: object) -> AgentStatus:
+    base = dict(
+        node_id="n1",
+        name="alpha",
+        mesh_ip="100.96.0.1",
+        prefix_len=16,
+        interface="meshvpn0",
+        broker_connected=True,
+        registrar_online=True,
+        membership_revision=7,
+        membership_complete=True,
+        peers=peers,
+        now=1000.0,
+    )
+    base.update(kw)
+    return AgentStatus(**base)
+
+
+def test_render_status_table() -> None:
+    peers = [
+        PeerView(
+            node_id="n2",
+            name="beta",
+            mesh_ip="100.96.0.2",
+            public_key="k2",
+            state="active",
+            configured=True,
+            endpoint="192.0.2.2:51820",
+            latest_handshake=988.0,
+            rx_bytes=2048,
+            tx_bytes=10,
+        ),
+        PeerView(
+            node_id="n3",
+            name="gamma",
+            mesh_ip="100.96.0.3",
+            public_key="k3",
+            state="unreachable",
+            configured=False,
+        ),
+    ]
+    text = render_status(_status(peers))
+    lines = text.splitlines()
+    assert "alpha (n1)" in lines[0] and "100.96.0.1/16 on meshvpn0" in lines[1]
+    assert "revision 7, complete" in text
+    header = next(line for line in lines if line.startswith("NAME"))
+    assert header.split() == ["NAME", "MESH", "IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX"]
+    beta = next(line for line in lines if line.startswith("beta"))
+    assert beta.split() == [
+        "beta",
+        "100.96.0.2",
+        "active",
+        "12s",
+        "ago",
+        "192.0.2.2:51820",
+        "2.0",
+        "KiB",
+        "10",
+        "B",
+    ]
+    gamma = next(line for line in lines if line.startswith("gamma"))
+    assert "unreachable" in gamma and "-" in gamma
+
+
+def test_render_status_control_plane_down() -> None:
+    text = render_status(
+        _status(
+            [],
+            broker_connected=False,
+            registrar_online=False,
+            membership_complete=False,
+            mesh_ip=None,
+            prefix_len=None,
+        )
+    )
+    assert "DISCONNECTED" in text and "OFFLINE" in text and "INCOMPLETE" in text and "not registered" in text
+    assert text.endswith("no peers")
+
+
+def test_render_ping() -> None:
+    text = render_ping(PingResult(target="beta", mesh_ip="100.96.0.2", rtts_ms=[1.0, None, 3.0]))
+    assert "seq=2 timeout" in text
+    assert "3 sent, 2 received, 33% loss, rtt min/avg/max 1.00/2.00/3.00 ms" in text
+
+
+IPUTILS = """PING 100.96.0.2 (100.96.0.2) 56(84) bytes of data.
+64 bytes from 100.96.0.2: icmp_seq=1 ttl=64 time=0.086 ms
+64 bytes from 100.96.0.2: icmp_seq=3 ttl=64 time=1.50 ms
+
+--- 100.96.0.2 ping statistics ---
+3 packets transmitted, 2 received, 33% packet loss, time 404ms
+"""
+BUSYBOX = """PING 100.96.0.2 (100.96.0.2): 56 data bytes
+64 bytes from 100.96.0.2: seq=0 ttl=64 time=0.101 ms
+64 bytes from 100.96.0.2: seq=1 ttl=64 time=0.202 ms
+"""
+DUP = """64 bytes from 100.96.0.2: icmp_seq=1 ttl=64 time=0.5 ms
+64 bytes from 100.96.0.2: icmp_seq=1 ttl=64 time=0.9 ms (DUP!)
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "rtts"),
+    [
+        (IPUTILS, 3, [0.086, None, 1.5]),
+        (BUSYBOX, 2, [0.101, 0.202]),
+        (DUP, 1, [0.5]),
+        ("", 2, [None, None]),
+        ("From 100.96.0.1 icmp_seq=1 Destination Host Unreachable", 1, [None]),
+    ],
+)
+def test_parse_ping_output(text: str, count: int, rtts: list[float | None]) -> None:
+    assert parse_ping_output(text, count=count) == rtts

@@ -1,0 +1,112 @@
+"""Epochs, backoff, and the state directory (node id, epoch, registration, membership, file modes)."""
+
+from __future__ import annotations
+
+import random
+import stat
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from meshcontract.messages import MemberRecord, MemberState, MeshSettings
+from meshcontract.topics import is_valid_id
+from nodeagent.errors import StateDirError
+from nodeagent.membership import Membership
+from nodeagent.session import backoff_delay, next_epoch
+from nodeagent.statestore import Registration, StateStore, generate_node_id
+from wgctl import keys
+
+
+@pytest.mark.parametrize(
+    ("persisted", "now_ms", "expected"),
+    [
+        pytest.param(None, 1_700_000_000_000, 1_700_000_000_000, id="first session: the clock"),
+        pytest.param(1_600_000_000_000, 1_700_000_000_000, 1_700_000_000_000, id="clock ahead of persisted"),
+        pytest.param(1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_001, id="same millisecond: +1"),
+        pytest.param(1_800_000_000_000, 1_700_000_000_000, 1_800_000_000_001, id="clock went backwards"),
+    ],
+)
+def test_next_epoch(persisted: int | None, now_ms: int, expected: int) -> None:
+    assert next_epoch(persisted, now_ms=now_ms) == expected
+
+
+@pytest.mark.parametrize(
+    ("attempt", "low", "high"), [(0, 0.25, 0.5), (1, 0.5, 1.0), (3, 2.0, 4.0), (20, 15.0, 30.0)]
+)
+def test_backoff_bounds(attempt: int, low: float, high: float) -> None:
+    rng = random.Random(attempt)
+    for _ in range(50):
+        assert low <= backoff_delay(attempt, rng=rng) <= high
+
+
+def test_epoch_persists_and_grows(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    assert store.epoch() is None
+    epochs = []
+    for now_ms in (5_000, 5_000, 4_000):  # the clock stalls, then goes back: epochs still only grow
+        epoch = next_epoch(StateStore(tmp_path).epoch(), now_ms=now_ms)
+        StateStore(tmp_path).save_epoch(epoch)
+        epochs.append(epoch)
+    assert epochs == [5_000, 5_001, 5_002]
+    (tmp_path / "epoch").write_text("garbage")
+    assert store.epoch() is None
+
+
+def test_node_id_generated_once(tmp_path: Path) -> None:
+    first = StateStore(tmp_path).node_id()
+    assert is_valid_id(first) and first.startswith("n") and len(first) == 11
+    assert StateStore(tmp_path).node_id() == first
+    assert StateStore(tmp_path).node_id("fixed") == "fixed"
+    assert StateStore(tmp_path).node_id() == "fixed"
+    assert len({generate_node_id() for _ in range(100)}) == 100
+
+
+def test_invalid_stored_node_id(tmp_path: Path) -> None:
+    (tmp_path / "node_id").write_text("Not/Valid\n")
+    with pytest.raises(StateDirError):
+        StateStore(tmp_path).node_id()
+
+
+def test_secret_files_are_0600(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.ensure_dir()
+    key = store.private_key()
+    assert store.private_key() == key
+    store.save_broker_password("s3cret")
+    assert store.broker_password() == "s3cret"
+    for name in ("private.key", "broker_password"):
+        assert stat.S_IMODE((tmp_path / "state" / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
+def test_registration_and_membership_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    assert store.registration() is None and store.membership() is None
+    settings = MeshSettings(
+        mesh="m",
+        network="100.96.0.0/16",
+        heartbeat_interval_s=2,
+        heartbeat_ttl_s=6,
+        persistent_keepalive_s=25,
+        mtu=1420,
+    )
+    registration = Registration(mesh_ip="100.96.0.9", prefix_len=16, settings=settings)
+    store.save_registration(registration)
+    assert store.registration() == registration
+    record = MemberRecord(
+        node_id="b",
+        name="b",
+        mesh_ip="100.96.0.2",
+        public_key=keys.public_key(keys.generate_private_key()),
+        listen_port=51820,
+        state=MemberState.ACTIVE,
+        revision=3,
+        updated_at=1.0,
+    )
+    membership = Membership(revision=3, members=MappingProxyType({"b": record}))
+    store.save_membership(membership)
+    assert store.membership() == membership
+    assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary files"
+    (tmp_path / "membership.json").write_text("{torn")
+    assert store.membership() is None, "an unreadable file means: wait for the broker, not crash"
