@@ -45,6 +45,8 @@ class _Interface:
 class InMemoryWireGuard:
     """A WireGuardBackend holding interfaces in a dict. Thread-safe; one instance models one machine."""
 
+    name = "memory"
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._interfaces: dict[str, _Interface] = {}

@@ -1,0 +1,60 @@
+"""Choosing a WireGuard backend and the route backend that goes with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from wgctl.errors import BackendUnavailableError, InvalidConfigError
+from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
+from wgctl.model import RouteBackend, WireGuardBackend
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAMES = ("auto", "kernel", "userspace", "memory")
+
+
+def select_backend(
+    name: str,
+    *,
+    wireguard_go: str = "wireguard-go",
+    socket_dir: str | os.PathLike[str] | None = None,
+) -> WireGuardBackend:
+    """The WireGuard backend called `name`.
+
+    "auto" picks the kernel when its wireguard netlink family answers, else wireguard-go when `wireguard_go`
+    is on PATH; BackendUnavailableError when neither is there. "memory" is the in-process fake for tests.
+    """
+    if name not in BACKEND_NAMES:
+        raise InvalidConfigError(
+            f"unknown WireGuard backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    if name == "memory":
+        return InMemoryWireGuard()
+    if name in ("auto", "kernel"):
+        # Imported here so that a memory-only user never loads pyroute2's netlink machinery.
+        from wgctl.kernel import KernelWireGuard, kernel_available
+
+        if kernel_available():
+            log.info("using the kernel WireGuard backend")
+            return KernelWireGuard()
+        if name == "kernel":
+            raise BackendUnavailableError("kernel WireGuard requested but the module is not loaded")
+    from wgctl.userspace import DEFAULT_SOCKET_DIR, UserspaceWireGuard
+
+    if shutil.which(wireguard_go) is None:
+        raise BackendUnavailableError(
+            f"no WireGuard backend: the kernel module is not loaded and {wireguard_go} is not on PATH"
+        )
+    log.info("using the userspace WireGuard backend (%s)", wireguard_go)
+    return UserspaceWireGuard(binary=wireguard_go, socket_dir=socket_dir or DEFAULT_SOCKET_DIR)
+
+
+def routes_for(backend: WireGuardBackend) -> RouteBackend:
+    """The route backend matching `backend`: in-memory routes bound to an in-memory backend, else netlink."""
+    if isinstance(backend, InMemoryWireGuard):
+        return InMemoryRoutes(backend)
+    from wgctl.routes import NetlinkRoutes
+
+    return NetlinkRoutes()
