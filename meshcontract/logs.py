@@ -1,6 +1,8 @@
 """Logging setup shared by every service: readable text for people, one JSON object per line for machines.
 
-Membership and tunnel events pass node_id / name / mesh_ip through `extra=`; both formats print them.
+Membership and tunnel events pass node_id / node_name / mesh_ip through `extra=`; both formats print them.
+The alias travels as `node_name` because `name` is a reserved LogRecord attribute (the logger's name):
+`extra={"name": ...}` raises KeyError in logging.Logger.makeRecord.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 import time
 
 # Fields services attach with `extra=` that the formatters print when present.
-CONTEXT_FIELDS = ("node_id", "name", "mesh_ip", "peer", "epoch", "revision", "event")
+CONTEXT_FIELDS = ("node_id", "node_name", "mesh_ip", "peer", "epoch", "revision", "event")
 
 
 class JsonFormatter(logging.Formatter):
