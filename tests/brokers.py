@@ -13,12 +13,16 @@ brokers). users=None means an open broker: anonymous access and no ACL, for quic
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
 
 from meshcontract.access import hash_password, parse_password_file, render_password_file
 
@@ -152,6 +156,9 @@ class MosquittoBroker(RunningBroker):
             key = line.split(" ", 1)[0]
             if key == "listener":
                 line = f"listener {self.port} {self.host}"
+            elif key == "use_username_as_clientid" and self.users is None:
+                # Mosquitto 2.0.11 refuses every client without a username when this is on.
+                line = "use_username_as_clientid false"
             elif key == "allow_anonymous":
                 line = f"allow_anonymous {'true' if self.users is None else 'false'}"
             elif key == "password_file":
@@ -223,3 +230,111 @@ def _workdir(tmp_path: Path, kind: str) -> Path:
     while (tmp_path / f"{kind}-{n}").exists():
         n += 1
     return tmp_path / f"{kind}-{n}"
+
+
+class ProbeClient:
+    """A paho MQTT 3.1.1 client for tests: connect and wait for CONNACK, subscribe and wait for SUBACK,
+    publish and wait for PUBACK, and a queue of every message received.
+
+        with ProbeClient(broker, client_id="n1", username="n1", password="pw") as c:
+            c.subscribe("meshvpn/v1/m/members/+")
+            msg = c.expect("meshvpn/v1/m/members/n2")
+    """
+
+    def __init__(
+        self,
+        broker: RunningBroker | str,
+        *,
+        client_id: str = "",
+        username: str | None = None,
+        password: str | None = None,
+        will: tuple[str, bytes | str, bool] | None = None,
+        keepalive: int = 10,
+        clean_session: bool = True,
+        connect: bool = True,
+    ) -> None:
+        url = broker.url if isinstance(broker, RunningBroker) else broker
+        host_port = url.split("://", 1)[1]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.keepalive = keepalive
+        self.messages: queue.Queue = queue.Queue()
+        self.seen: list = []  # messages taken from the queue by expect(), in order
+        self.connack: queue.Queue = queue.Queue()
+        self.disconnected = threading.Event()
+        self._subacks: dict[int, queue.Queue] = {}
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+            protocol=mqtt.MQTTv311, reconnect_on_failure=False,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=will[2])
+        self.client.on_connect = lambda c, u, flags, rc, props: self.connack.put(rc.value)
+        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.client.on_subscribe = lambda c, u, mid, rcs, props: self._subacks.setdefault(mid, queue.Queue()).put(
+            [rc.value for rc in rcs]
+        )
+        self.client.on_disconnect = lambda *a: self.disconnected.set()
+        self.rc: int | None = None
+        if connect:
+            self.connect()
+
+    def connect(self, timeout: float = 5.0) -> int:
+        """Connect and return the CONNACK code (0 = accepted; 5 = not authorized). Raises on timeout."""
+        self.client.connect(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        try:
+            self.rc = self.connack.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no CONNACK within {timeout}s") from None
+        return self.rc
+
+    def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 5.0) -> int:
+        """Subscribe and return the granted QoS (0x80 = refused)."""
+        _, mid = self.client.subscribe(topic_filter, qos)
+        box = self._subacks.setdefault(mid, queue.Queue())
+        try:
+            return box.get(timeout=timeout)[0]
+        except queue.Empty:
+            raise TimeoutError(f"no SUBACK for {topic_filter} within {timeout}s") from None
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 5.0):
+        """Publish and (QoS 1) wait for the PUBACK."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos:
+            info.wait_for_publish(timeout)
+        return info
+
+    def expect(self, topic: str, payload: bytes | str | None = None, *, timeout: float = 5.0):
+        """Wait for a message on `topic` (and with `payload`); everything received meanwhile goes to `seen`."""
+        want = payload.encode() if isinstance(payload, str) else payload
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                msg = self.messages.get(timeout=max(left, 0))
+            except queue.Empty:
+                got = [(m.topic, m.payload) for m in self.seen]
+                raise TimeoutError(f"no message on {topic} ({want!r}) within {timeout}s; saw {got}") from None
+            self.seen.append(msg)
+            if msg.topic == topic and (want is None or msg.payload == want):
+                return msg
+
+    def received(self) -> list[tuple[str, bytes]]:
+        """(topic, payload) of every message so far (drains the queue into `seen`)."""
+        while not self.messages.empty():
+            self.seen.append(self.messages.get_nowait())
+        return [(m.topic, m.payload) for m in self.seen]
+
+    def close(self) -> None:
+        """Disconnect cleanly (DISCONNECT: no will)."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> ProbeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
