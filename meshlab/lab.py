@@ -645,6 +645,36 @@ class Lab:
         return Pinger(record)
 
 
+    # --- chat (desktop_chat's headless mode) -------------------------------------------------------------
+
+    def chat_listen(self, name: str, *, count: int) -> ProcessRecord:
+        """Start `meshchat listen` on node `name` (on its mesh IP, from its agent); exits after `count` messages."""
+        st = self.state()
+        record = self._node(st, name)
+        log_path = self.store.node_dir(name) / "chat.log"
+        log_path.unlink(missing_ok=True)
+        return system.spawn([tool("meshchat"), "--socket", str(self.store.agent_socket(name)), "--name", name,
+                             "listen", "--count", str(count)],
+                            namespace=record.namespace, log_path=log_path, env=child_env())
+
+    def chat_listening(self, name: str) -> bool:
+        """True once node `name`'s chat listener says it listens."""
+        return "listening on" in _read_from(self.store.node_dir(name) / "chat.log", 0)
+
+    def chat_received(self, name: str) -> list[str]:
+        """Messages node `name`'s chat listener printed (one per line: `<ip> <name>: <text>`)."""
+        text = _read_from(self.store.node_dir(name) / "chat.log", 0)
+        return [line for line in text.splitlines() if line and not line.startswith("meshchat:")
+                and ": " in line and line.split(" ", 1)[0].count(".") == 3]
+
+    def chat_send(self, src: str, dst: str, text: str, *, timeout_s: float = 3.0) -> tuple[bool, str]:
+        """`meshchat send` from `src` to `dst`'s mesh IP; (delivered, stderr)."""
+        proc = self.exec(src, [tool("meshchat"), "--socket", str(self.store.agent_socket(src)), "--name", src,
+                               "send", "--to", self.mesh_ip(dst), "--timeout", str(timeout_s), text],
+                         timeout=timeout_s + 15)
+        return proc.returncode == 0, (proc.stderr or "").strip()
+
+
 class Pinger:
     """A running `ping`; `stop()` ends it with SIGINT and returns (sent, received) from its summary."""
 
