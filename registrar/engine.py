@@ -323,3 +323,23 @@ def restore(
     )
     state = Membership.create(ipam=ipam, started_at=started_at, members=members, revision=revision)
     return CoreState(state, MappingProxyType({t.id: t for t in join_tokens}))
+
+
+def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config) -> Outcome:
+    """A RegisterRequest that arrived without a topic (the HTTP API): the payload's node id is the topic's."""
+    node = None
+    try:
+        data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if (
+        isinstance(data, dict)
+        and isinstance(data.get("node_id"), str)
+        and topics.is_valid_id(data["node_id"])
+    ):
+        node = data["node_id"]
+    if node is None:
+        return _nothing(state, rejected="registration without a valid node_id")
+    return handle_message(
+        state, topics.build(config.mesh.mesh, Kind.REGISTER, node), payload, now=now, config=config
+    )

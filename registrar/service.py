@@ -1,0 +1,514 @@
+"""The registrar's MQTT side: one writer thread applies every input to the engine, the store, and the broker.
+
+Threads: paho's network loop and the HTTP server only enqueue commands; the writer thread alone reads the queue,
+runs the pure engine, commits each Outcome to the store *before* anything becomes visible (reply or record), and
+publishes. Member records and the roster are batched over `publish_window_s`, so a burst of registrations or a
+tick that marks many members unreachable becomes one roster publish carrying the newest state.
+
+On every (re)connection the writer publishes RegistrarStatus online (its will says offline), republishes every
+member record and the roster (a broker restart may have lost retained messages), tombstones retained records of
+nodes that are no longer members, subscribes to register/+, status/+, heartbeat/+ and members/+, and restarts
+the grace period: while it could not hear heartbeats it must not conclude that members went silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from meshcontract import messages, topics
+from meshcontract.messages import ErrorCode, MemberState, RegistrarStatus, Roster
+from meshcontract.topics import Kind
+from meshcontract.transport import BrokerSettings, connect_async, make_client
+from registrar import engine, tokens
+from registrar.credentials import Credentials
+from registrar.errors import CredentialsError, Refused, StoreError
+from registrar.membership import Event
+from registrar.store import Store
+
+log = logging.getLogger(__name__)
+
+QOS_RELIABLE = 1
+_STOP_PUBLISH_WAIT_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscribed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Run `fn(state, now)` -> Outcome in the writer; its result (the Outcome) completes `future`."""
+
+    fn: Callable[[engine.CoreState, float], engine.Outcome]
+    future: Future
+    refresh_tokens: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+class RegistrarService:
+    """The running registrar of one mesh. `start()`, then `stop()` (publishes RegistrarStatus offline)."""
+
+    def __init__(
+        self,
+        *,
+        config: engine.Config,
+        store: Store,
+        broker: BrokerSettings,
+        network: str,
+        quarantine_s: float,
+        credentials: Credentials | None = None,
+        publish_window_s: float = 0.2,
+        tick_interval_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.mesh = config.mesh.mesh
+        self._store = store
+        self._broker = broker
+        self._network = network
+        self._quarantine_s = quarantine_s
+        self._credentials = credentials
+        self._window = publish_window_s
+        self._tick_s = tick_interval_s or min(1.0, max(0.05, config.policy.ttl_s / 5))
+        self._clock = clock
+        self.instance = secrets.token_hex(6)
+        self.started_at = clock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._state: engine.CoreState | None = None
+        self._pending: set[str] = set()  # node ids whose record (or tombstone) awaits the next flush
+        self._roster_due = False
+        self._flush_at: float | None = None
+        self._connected = False
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self.counters: Counter[str] = Counter()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load state, connect (in the background) and start the writer. Returns at once."""
+        stored = self._store.load()
+        self._state = engine.restore(
+            members=stored.members,
+            join_tokens=stored.tokens,
+            revision=stored.revision,
+            quarantine=stored.quarantine,
+            network=self._network,
+            quarantine_s=self._quarantine_s,
+            started_at=self._clock(),
+        )
+        log.info(
+            "registrar state loaded: %d members, revision %d",
+            len(self._state.membership.members),
+            self._state.membership.revision,
+            extra={"revision": self._state.membership.revision},
+        )
+        client = make_client(self._broker, client_id=f"registrar.{self.mesh}")
+        client.will_set(
+            topics.build(self.mesh, Kind.REGISTRAR),
+            self._status_payload("offline"),
+            qos=QOS_RELIABLE,
+            retain=True,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        # Do not let paho drop our QoS 1 publishes when a burst fills its in-flight window.
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+        self._client = client
+        self._writer = threading.Thread(target=self._run, name=f"registrar-writer-{self.mesh}", daemon=True)
+        self._writer.start()
+        connect_async(client, self._broker)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once connected and subscribed (the first time); False on timeout."""
+        return self._ready.wait(timeout)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Graceful stop: flush, publish RegistrarStatus offline (retained), disconnect, join the writer."""
+        if self._writer is None:
+            return
+        self._queue.put(_Stop())
+        self._writer.join(timeout)
+        if self._client is not None:
+            self._client.loop_stop()
+        self._writer = None
+
+    # ---- what others read (thread-safe: the state is an immutable snapshot swapped atomically) -------
+
+    @property
+    def state(self) -> engine.CoreState:
+        assert self._state is not None, "start() first"
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def token_valid(self, token: str) -> bool:
+        """Whether `token` could admit a node now (the embedded broker's join-token login check)."""
+        table = {t.id: t for t in self._store.load_tokens()}
+        try:
+            tokens.check(table, token, now=self._clock())
+        except Refused:
+            return False
+        return True
+
+    # ---- commands from other threads (HTTP API, CLI) --------------------------------------------------
+
+    def call(
+        self,
+        fn: Callable[[engine.CoreState, float], engine.Outcome],
+        *,
+        refresh_tokens: bool = False,
+        timeout: float = 10.0,
+    ) -> engine.Outcome:
+        """Run `fn` in the writer like any other input and return its (committed, published) Outcome."""
+        future: Future = Future()
+        self._queue.put(_Call(fn, future, refresh_tokens))
+        return future.result(timeout)
+
+    def register_payload(self, payload: bytes, *, timeout: float = 10.0) -> engine.Outcome:
+        """A registration over HTTP: same rules, same writer; the reply comes back instead of being published."""
+        config = self.config
+        return self.call(
+            lambda state, now: engine.register_payload(state, payload, now=now, config=config),
+            refresh_tokens=True,
+            timeout=timeout,
+        )
+
+    # ---- paho callbacks: enqueue only ------------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the registrar: %s", reason_code)
+            return
+        self._queue.put(_Connected())
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._queue.put(_Disconnected(str(reason_code)))
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put(_Message(msg.topic, msg.payload))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._queue.put(_Subscribed())
+
+    # ---- the writer ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + self._tick_s
+        while True:
+            wake = next_tick if self._flush_at is None else min(next_tick, self._flush_at)
+            try:
+                item = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if isinstance(item, _Stop):
+                self._shutdown()
+                return
+            if item is not None:
+                try:
+                    self._dispatch(item)
+                except (
+                    Exception
+                ) as exc:  # the daemon loop: a bug in one command must not stop the control plane
+                    self.counters["internal_errors"] += 1
+                    log.exception("registrar command failed: %r", item)
+                    if isinstance(item, _Call) and not item.future.done():
+                        item.future.set_exception(exc)
+            now_mono = time.monotonic()
+            if now_mono >= next_tick:
+                next_tick = now_mono + self._tick_s
+                if self._connected:
+                    # Deaf while disconnected: silence then says nothing about the members.
+                    self._apply(engine.tick(self.state, now=self._clock(), config=self.config))
+            if self._flush_at is not None and now_mono >= self._flush_at:
+                self._flush()
+
+    def _dispatch(self, item: object) -> None:
+        if isinstance(item, _Message):
+            self._handle_message(item)
+        elif isinstance(item, _Call):
+            self._handle_call(item)
+        elif isinstance(item, _Connected):
+            self._handle_connected()
+        elif isinstance(item, _Subscribed):
+            if not self._ready.is_set():
+                self._ready.set()
+                log.info("registrar ready", extra={"revision": self.state.membership.revision})
+        elif isinstance(item, _Disconnected):
+            if self._connected:
+                log.warning("registrar lost the broker connection: %s", item.reason)
+            self._connected = False
+
+    def _handle_message(self, msg: _Message) -> None:
+        self.counters["messages"] += 1
+        try:
+            parsed = topics.parse(msg.topic)
+        except topics.TopicError:
+            parsed = None
+        if parsed is not None and parsed.kind is Kind.MEMBERS:
+            self._check_retained_record(parsed.node, msg.payload)
+            return
+        if (
+            parsed is not None
+            and parsed.kind is Kind.REGISTER
+            and parsed.node not in self.state.membership.members
+        ):
+            self._refresh_tokens()
+        outcome = engine.handle_message(
+            self.state, msg.topic, msg.payload, now=self._clock(), config=self.config
+        )
+        self._apply(outcome)
+
+    def _handle_call(self, call: _Call) -> None:
+        if call.future.set_running_or_notify_cancel():
+            if call.refresh_tokens:
+                self._refresh_tokens()
+            try:
+                outcome = call.fn(self.state, self._clock())
+            except ValueError as exc:  # bad admin arguments (e.g. a token ttl <= 0)
+                call.future.set_exception(exc)
+                return
+            call.future.set_result(self._apply(outcome, publish_reply=False))
+
+    def _refresh_tokens(self) -> None:
+        # The CLI may add or revoke tokens in the database while we run: adopt the stored table before a
+        # decision that needs one. Cheap: the token table is small.
+        try:
+            loaded = self._store.load_tokens()
+        except StoreError as exc:
+            log.error("cannot re-read join tokens: %s", exc)
+            return
+        self._state = engine.with_tokens(self.state, {t.id: t for t in loaded})
+
+    def _apply(self, outcome: engine.Outcome, *, publish_reply: bool = True) -> engine.Outcome:
+        """Commit, then make visible. Returns the Outcome as applied (reply possibly amended)."""
+        node = outcome.node_id
+        if outcome.rejected:
+            self.counters["rejected"] += 1
+            log.warning("rejected input: %s", outcome.rejected, extra={"node_id": node or "-"})
+        elif outcome.ignored:
+            self.counters["ignored"] += 1
+            log.debug("ignored input: %s", outcome.ignored, extra={"node_id": node or "-"})
+        if not outcome.delta.is_empty():
+            try:
+                self._store.commit(outcome.delta)
+            except StoreError as exc:
+                # Nothing of this command happened: the state is not swapped, the node is told to retry.
+                self.counters["store_errors"] += 1
+                log.error("store commit failed, command dropped: %s", exc, extra={"node_id": node or "-"})
+                if outcome.reply is not None:
+                    failed = engine.error_reply(
+                        outcome.reply.request_id,
+                        outcome.reply.node_id,
+                        ErrorCode.INTERNAL,
+                        "registrar storage failure, retry",
+                    )
+                    outcome = replace(outcome, state=self.state, reply=failed, delta=engine.Delta())
+                    if publish_reply:
+                        self._publish_reply(outcome)
+                return outcome
+        self._state = outcome.state
+        for happened in outcome.change.happened:
+            m = happened.member
+            log.info(
+                "%s (%s)",
+                happened.event.value,
+                happened.reason,
+                extra={
+                    "node_id": m.node_id,
+                    "node_name": m.name,
+                    "mesh_ip": m.mesh_ip,
+                    "event": happened.event.name.lower(),
+                    "epoch": m.epoch,
+                },
+            )
+            if happened.event is Event.JOINED:
+                self.counters["joins"] += 1
+        touched = [m.node_id for m in outcome.published] + [m.node_id for m in outcome.removed]
+        if touched:
+            self._pending.update(touched)
+            self._roster_due = True
+            if self._flush_at is None:
+                self._flush_at = time.monotonic() + self._window
+        if outcome.reply is not None:
+            if outcome.reply.ok:
+                self.counters["registrations"] += 1
+                outcome = self._with_credentials(outcome)
+            else:
+                self.counters["registrations_refused"] += 1
+            if publish_reply:
+                self._publish_reply(outcome)
+        return outcome
+
+    def _with_credentials(self, outcome: engine.Outcome) -> engine.Outcome:
+        reply = outcome.reply
+        assert reply is not None
+        if self._credentials is None:
+            return outcome
+        try:
+            if self._credentials.has(reply.node_id):
+                return outcome
+            password = self._credentials.issue(reply.node_id)
+        except CredentialsError as exc:
+            # The membership is committed; a retry (same key) finds no password entry and issues again.
+            log.error("cannot issue broker credentials: %s", exc, extra={"node_id": reply.node_id})
+            failed = engine.error_reply(
+                reply.request_id, reply.node_id, ErrorCode.INTERNAL, "cannot issue broker credentials, retry"
+            )
+            return replace(outcome, reply=failed)
+        log.info("broker credentials issued", extra={"node_id": reply.node_id})
+        return replace(outcome, reply=reply.model_copy(update={"broker_password": password}))
+
+    def _publish_reply(self, outcome: engine.Outcome) -> None:
+        if outcome.reply is None or outcome.reply_to is None or self._client is None:
+            return
+        self._client.publish(
+            topics.build(self.mesh, Kind.REPLY, outcome.reply_to),
+            messages.encode(outcome.reply),
+            qos=QOS_RELIABLE,
+        )
+
+    def _check_retained_record(self, node: str | None, payload: bytes) -> None:
+        # We are the only publisher on members/+: a non-empty record for a node that is no longer a member is a
+        # leftover (e.g. removed while the broker was down, or a restored database) and must be tombstoned.
+        if node is None or not payload or node in self.state.membership.members:
+            return
+        log.info("tombstoning a stale retained record", extra={"node_id": node})
+        self._pending.add(node)
+        self._roster_due = True
+        if self._flush_at is None:
+            self._flush_at = time.monotonic() + self._window
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        if not self._connected or self._client is None:
+            return  # the next (re)connection republishes everything
+        members = self.state.membership.members
+        for node in sorted(self._pending):
+            member = members.get(node)
+            if member is not None:
+                self._publish(topics.build(self.mesh, Kind.MEMBERS, node), messages.encode(member.record()))
+            else:
+                self._publish(topics.build(self.mesh, Kind.MEMBERS, node), b"")
+                # Its retained status would otherwise linger for every observer.
+                self._publish(topics.build(self.mesh, Kind.STATUS, node), b"")
+        self._pending.clear()
+        if self._roster_due:
+            self._publish_roster()
+
+    def _publish_roster(self) -> None:
+        self._roster_due = False
+        ms = self.state.membership
+        roster = Roster(mesh=self.mesh, revision=ms.revision, members=ms.roster(), published_at=self._clock())
+        self._publish(topics.build(self.mesh, Kind.ROSTER), messages.encode(roster))
+        self.counters["roster_publishes"] += 1
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        assert self._client is not None
+        self._client.publish(topic, payload, qos=QOS_RELIABLE, retain=True)
+
+    def _status_payload(self, state: str) -> bytes:
+        return messages.encode(
+            RegistrarStatus(state=state, instance=self.instance, started_at=self.started_at, at=self._clock())
+        )
+
+    def _handle_connected(self) -> None:
+        assert self._client is not None
+        first = not self._connected and not self._ready.is_set()
+        self._connected = True
+        # Restart the grace period: while disconnected we heard no heartbeat, which proves nothing.
+        ms = self.state.membership
+        self._state = replace(self.state, membership=replace(ms, started_at=self._clock()))
+        self._publish(topics.build(self.mesh, Kind.REGISTRAR), self._status_payload("online"))
+        for node in sorted(ms.members):
+            self._publish(
+                topics.build(self.mesh, Kind.MEMBERS, node), messages.encode(ms.members[node].record())
+            )
+        self._pending -= set(ms.members)
+        self._publish_roster()
+        self._client.subscribe(
+            [
+                (topics.subscription(self.mesh, Kind.REGISTER), QOS_RELIABLE),
+                (topics.subscription(self.mesh, Kind.STATUS), QOS_RELIABLE),
+                (topics.subscription(self.mesh, Kind.HEARTBEAT), 0),
+                (topics.subscription(self.mesh, Kind.MEMBERS), QOS_RELIABLE),
+            ]
+        )
+        log.info(
+            "registrar %s to the broker, %d member records republished",
+            "connected" if first else "reconnected",
+            len(ms.members),
+            extra={"revision": ms.revision},
+        )
+
+    def _shutdown(self) -> None:
+        client = self._client
+        if self._pending or self._roster_due:
+            self._flush()
+        if client is not None and self._connected:
+            info = client.publish(
+                topics.build(self.mesh, Kind.REGISTRAR),
+                self._status_payload("offline"),
+                qos=QOS_RELIABLE,
+                retain=True,
+            )
+            try:
+                info.wait_for_publish(_STOP_PUBLISH_WAIT_S)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed: %s", exc)
+            client.disconnect()
+        self._connected = False
+        self._stopped.set()
+        log.info("registrar stopped")
+
+    # ---- metrics -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for /metrics."""
+        ms = self.state.membership
+        out = {f"counter_{k}": float(v) for k, v in self.counters.items()}
+        out["members_active"] = float(ms.count(MemberState.ACTIVE))
+        out["members_unreachable"] = float(ms.count(MemberState.UNREACHABLE))
+        out["revision"] = float(ms.revision)
+        out["quarantined_ips"] = float(len(ms.ipam.quarantine))
+        out["broker_connected"] = 1.0 if self._connected else 0.0
+        return out

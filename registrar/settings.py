@@ -1,0 +1,116 @@
+"""RegistrarSettings: everything `meshvpn-registrar` can be told, loaded once in its CLI (file, MESHVPN_*, flags)."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from meshcontract import topics
+from meshcontract.access import REGISTRAR_USER
+from meshcontract.transport import BrokerSettings
+
+DEFAULT_NETWORK = "100.96.0.0/16"
+DEFAULT_STATE_DIR = Path("/var/lib/meshvpn/registrar")
+
+
+class RegistrarSettings(BaseModel):
+    """The registrar's settings. Nested: MESHVPN_BROKER__URL sets broker.url."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mesh: str = Field(default="mesh", description="mesh name: a topic level, [a-z0-9][a-z0-9_-]*")
+    network: str = Field(default=DEFAULT_NETWORK, description="the mesh prefix IPs are allocated from")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    heartbeat_ttl_s: float = Field(
+        default=15.0, gt=0, le=86400, description="silence after which a member is unreachable"
+    )
+    grace_s: float | None = Field(
+        default=None,
+        description="after start or a broker reconnect nobody is declared unreachable for this long (>= TTL; default TTL + interval)",
+    )
+    expiry_s: float = Field(
+        default=3600.0, gt=0, description="unreachable this long: removed, IP quarantined"
+    )
+    quarantine_s: float = Field(
+        default=600.0, ge=0, description="a freed IP goes to nobody else for this long"
+    )
+    persistent_keepalive_s: int = Field(default=25, ge=0, le=65535)
+    mtu: int = Field(default=1420, ge=576, le=9000)
+    require_token: bool = Field(default=True, description="new nodes need a join token")
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings(username=REGISTRAR_USER))
+    embedded_broker: bool = False
+    broker_listen: str = Field(default="127.0.0.1:1883", description="embedded broker HOST:PORT")
+    password_file: Path | None = Field(
+        default=None,
+        description="broker password file the registrar adds node credentials to (default: STATE_DIR/passwords)",
+    )
+    issue_credentials: bool = Field(default=True, description="give each new node its own broker password")
+    broker_reload_command: list[str] | None = Field(
+        default=None,
+        description="run after the password file changed, e.g. ['pkill', '-HUP', '-x', 'mosquitto']",
+    )
+
+    http_listen: str | None = Field(
+        default="127.0.0.1:8080", description="HTTP API HOST:PORT; empty disables"
+    )
+    admin_token: str | None = Field(default=None, repr=False, description="bearer token for admin endpoints")
+    publish_window_s: float = Field(
+        default=0.2, ge=0, le=10, description="member/roster publishes are batched over this"
+    )
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("mesh")
+    @classmethod
+    def _mesh(cls, value: str) -> str:
+        return topics.check_id(value, "mesh name")
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        net = ipaddress.ip_network(value, strict=True)
+        if net.num_addresses < 4 and net.version == 4 and net.prefixlen < 31:
+            raise ValueError("network too small")
+        return value
+
+    @field_validator("broker_reload_command", mode="before")
+    @classmethod
+    def _command(cls, value: object) -> object:
+        # From the environment a command arrives as one string: split it like a shell would.
+        if isinstance(value, str):
+            return shlex.split(value) or None
+        return value
+
+    @model_validator(mode="after")
+    def _grace(self) -> RegistrarSettings:
+        if self.grace_s is not None and self.grace_s < self.heartbeat_ttl_s:
+            raise ValueError("grace_s must be >= heartbeat_ttl_s")
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be > heartbeat_interval_s")
+        return self
+
+    @property
+    def effective_grace_s(self) -> float:
+        return self.grace_s if self.grace_s is not None else self.heartbeat_ttl_s + self.heartbeat_interval_s
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "registrar.db"
+
+    @property
+    def effective_password_file(self) -> Path:
+        return self.password_file if self.password_file is not None else self.state_dir / "passwords"
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT) into its parts; ValueError if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
