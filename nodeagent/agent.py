@@ -293,7 +293,7 @@ class Agent:
             return self._view.complete() or self._persisted
 
     def _self_extra(self) -> dict[str, str]:
-        return {"node_id": self.node_id, "name": self.name, "mesh_ip": self.mesh_ip or "-"}
+        return {"node_id": self.node_id, "node_name": self.name, "mesh_ip": self.mesh_ip or "-"}
 
     # -- reconcile --------------------------------------------------------------------------------------
     def _run_reconcile(self) -> None:
@@ -366,7 +366,7 @@ class Agent:
                     event.kind,
                     extra={
                         "node_id": member.node_id if member else "?",
-                        "name": member.name if member else "?",
+                        "node_name": member.name if member else "?",
                         "mesh_ip": member.mesh_ip if member else "?",
                         "peer": event.public_key,
                         "revision": membership.revision,

@@ -33,19 +33,9 @@ def build_backends(backend: str) -> tuple[WireGuardBackend, RouteBackend]:
 
         wireguard = InMemoryWireGuard()
         return wireguard, InMemoryRoutes(wireguard)
+    from wgctl.backends import select_backend
     from wgctl.routes import NetlinkRoutes
 
-    try:
-        from wgctl import select_backend  # type: ignore[attr-defined]
-    except ImportError:
-        # Until wgctl chooses for us: wireguard-go is what runs everywhere (no kernel module needed).
-        if backend == "kernel":
-            raise AgentError(
-                "the kernel WireGuard backend is not available in this build; use userspace"
-            ) from None
-        from wgctl.userspace import UserspaceWireGuard
-
-        return UserspaceWireGuard(), NetlinkRoutes()
     return select_backend(backend), NetlinkRoutes()
 
 
