@@ -1,0 +1,27 @@
+# Shared by the scenario scripts: a private lab directory, a `lab` command, timestamps, cleanup on exit.
+# Sourced, not run. Needs root and a bootstrapped checkout (scripts/bootstrap).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+LAB_DIR=${LAB_DIR:-$(mktemp -d /tmp/meshlab-scenario.XXXXXX)}
+MESHLAB=("$REPO/.venv/bin/python" -m meshlab.cli --lab-dir "$LAB_DIR")
+T0=$(date +%s.%N)
+
+lab() { "${MESHLAB[@]}" "$@"; }
+
+# A line stamped with seconds since the scenario started.
+say() { printf '+%7.2fs  %s\n' "$(awk -v now="$(date +%s.%N)" -v t0="$T0" 'BEGIN { print now - t0 }')" "$*"; }
+
+# Run a lab command, echoing it first.
+step() { say "\$ meshlab $*"; lab "$@" 2>&1 | sed 's/^/            /'; }
+
+# Tunnel changes every agent logged (the evidence of convergence), stamped by the agents themselves.
+tunnel_events() {
+  for f in "$LAB_DIR"/nodes/*/agent.log; do
+    grep -hE "peer (added|removed|updated)" "$f" | sed "s|^|$(basename "$(dirname "$f")"): |" || true
+  done | sort -k2,2
+}
+
+cleanup() { say "cleaning up"; lab down >/dev/null 2>&1 || true; rm -rf "$LAB_DIR"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
