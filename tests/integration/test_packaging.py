@@ -1,0 +1,106 @@
+"""The released artifact works: a wheel of this repository installs into a clean venv and every entry point runs.
+
+This is how people install meshvpn (pip / wheel, docs/deploy.md), so it is tested the same way: build the wheel
+from a clean copy of the source (`pip wheel --no-deps`), install it with its dependencies from the package index
+(pip's cache keeps that fast), and ask every console script declared in pyproject.toml for `--help`. The chat
+extra (PySide6) is deliberately not installed: `meshchat` must still start and say clearly why it has no GUI.
+
+Marked slow (about half a minute, most of it pip); deselect with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+# What a source checkout may hold that must never reach the wheel build (stale modules in build/, the dev venv).
+_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
+    ".hypothesis", "wheels", "var", ".lab",
+)
+
+
+def _run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The meshvpn wheel, built without dependencies from a clean copy of the working tree."""
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    shutil.copytree(REPO, src, ignore=_IGNORE)
+    out = root / "dist"
+    proc = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q",
+         "--wheel-dir", str(out), str(src)],
+        timeout=180,
+    )
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}"
+    wheels = list(out.glob("meshvpn-*.whl"))
+    assert len(wheels) == 1, f"expected one meshvpn wheel, got {wheels}"
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bin/ of a fresh venv (no system site-packages) with the wheel and its dependencies installed."""
+    env_dir = tmp_path_factory.mktemp("venv") / "venv"
+    venv.EnvBuilder(with_pip=True, system_site_packages=False, clear=True).create(env_dir)
+    bindir = env_dir / "bin"
+    proc = _run(
+        [str(bindir / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(wheel)],
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"pip install of the wheel failed:\n{proc.stdout}\n{proc.stderr}"
+    return bindir
+
+
+def _clean_env() -> dict[str, str]:
+    # Nothing of the development checkout may leak in: the installed package alone must be enough.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHVPN_", "PYTHON", "VIRTUAL_ENV"))}
+    env["QT_QPA_PLATFORM"] = "offscreen"
+    return env
+
+
+def test_wheel_carries_the_packages_and_the_mosquitto_config(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info/" not in n}
+    expected = {"meshcontract", "wgctl", "broker", "registrar", "nodeagent", "desktop_chat", "meshlab"}
+    assert expected <= tops, f"missing packages: {sorted(expected - tops)}"
+    assert "tests" not in tops, "the test suite must not be installed"
+    # The Mosquitto role of the container image and docs/deploy.md use the packaged config.
+    assert "broker/mosquitto/mosquitto.conf" in names
+    assert "broker/mosquitto/acl.conf" in names
+
+
+def test_dependencies_are_consistent(installed: Path) -> None:
+    proc = _run([str(installed / "python"), "-m", "pip", "check"], timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_entry_point_answers_help(installed: Path, script: str) -> None:
+    proc = _run([str(installed / script), "--help"], timeout=60, env=_clean_env())
+    assert proc.returncode == 0, f"{script} --help exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "usage" in proc.stdout.lower(), f"{script} --help printed no usage:\n{proc.stdout}"
+
+
+def test_meshchat_without_qt_explains_what_is_missing(installed: Path) -> None:
+    probe = _run([str(installed / "python"), "-c", "import PySide6"], timeout=60, env=_clean_env())
+    assert probe.returncode != 0, "the clean venv must not have PySide6 (the chat extra is not installed)"
+    proc = _run([str(installed / "meshchat"), "gui"], timeout=60, env=_clean_env())
+    assert proc.returncode != 0
+    assert "PySide6" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
