@@ -37,6 +37,40 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def _one_run(lab: Lab, results: dict[str, list[float]]) -> None:
+    """One round: a fresh node joins, is killed, frozen, crashed and restarted, then leaves."""
+    # join: measured until every pair with the new node answers ping
+    start = time.monotonic()
+    victim = lab.add().name
+    others = [n for n in lab.running_nodes() if n != victim]
+    wait_for("reachable", lambda: all(lab.ping(o, victim, wait_s=0.5) and lab.ping(victim, o, wait_s=0.5)
+                                      for o in others), timeout=60, interval=POLL)
+    results["join->reachable"].append(time.monotonic() - start)
+    ip = lab.mesh_ip(victim)
+
+    lab.kill(victim)
+    results["sigkill->removed"].append(_removed(lab, ip, others))
+    lab.start(victim, wait=False)
+    lab.wait_mesh(timeout=60)
+
+    lab.freeze(victim)
+    results["freeze->removed"].append(_removed(lab, ip, others))
+    lab.thaw(victim)
+    lab.wait_mesh(timeout=60)
+
+    lab.crash(victim)
+    _removed(lab, ip, others)
+    start = time.monotonic()
+    lab.start(victim, wait=False)
+    wait_for("complete", lambda: not lab.mesh_problems([*others, victim]), timeout=60, interval=POLL)
+    results["restart->complete"].append(time.monotonic() - start)
+
+    start = time.monotonic()
+    lab.stop(victim)
+    _removed(lab, ip, others)
+    results["leave->removed"].append(time.monotonic() - start)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -53,38 +87,7 @@ def main() -> int:
         lab.up(args.nodes - 1, lab_id=new_lab_id())
         lab.wait_mesh(timeout=60)
         for run in range(args.runs):
-            # join: a fresh node each run, measured until every pair with it answers ping
-            start = time.monotonic()
-            new = lab.add().name
-            others = [n for n in lab.running_nodes() if n != new]
-            wait_for("reachable", lambda: all(lab.ping(o, new, wait_s=0.5) and lab.ping(new, o, wait_s=0.5)
-                                              for o in others), timeout=60, interval=POLL)
-            results["join->reachable"].append(time.monotonic() - start)
-            victim = new
-            ip = lab.mesh_ip(victim)
-            others = [n for n in lab.running_nodes() if n != victim]
-
-            lab.kill(victim)
-            results["sigkill->removed"].append(_removed(lab, ip, others))
-            lab.start(victim, wait=False)
-            lab.wait_mesh(timeout=60)
-
-            lab.freeze(victim)
-            results["freeze->removed"].append(_removed(lab, ip, others))
-            lab.thaw(victim)
-            lab.wait_mesh(timeout=60)
-
-            lab.crash(victim)
-            _removed(lab, ip, others)
-            start = time.monotonic()
-            lab.start(victim, wait=False)
-            wait_for("complete", lambda: not lab.mesh_problems([*others, victim]), timeout=60, interval=POLL)
-            results["restart->complete"].append(time.monotonic() - start)
-
-            start = time.monotonic()
-            lab.stop(victim)
-            _removed(lab, ip, others)
-            results["leave->removed"].append(time.monotonic() - start)
+            _one_run(lab, results)
             print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in results.items()),
                   flush=True)
     finally:
