@@ -272,7 +272,9 @@ class RegistrarService:
         elif isinstance(item, _Subscribed):
             if not self._ready.is_set():
                 self._ready.set()
-                log.info("registrar ready", extra={"revision": self.state.membership.revision})
+                log.info(
+                    "registrar subscribed and serving", extra={"revision": self.state.membership.revision}
+                )
         elif isinstance(item, _Disconnected):
             if self._connected:
                 log.warning("registrar lost the broker connection: %s", item.reason)
