@@ -7,7 +7,7 @@ import os
 import shutil
 
 from wgctl.errors import BackendUnavailableError, InvalidConfigError
-from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
+from wgctl.memory import InMemoryWireGuard
 from wgctl.model import RouteBackend, WireGuardBackend
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ def select_backend(
 
 
 def routes_for(backend: WireGuardBackend) -> RouteBackend:
-    """The route backend matching `backend`: in-memory routes bound to an in-memory backend, else netlink."""
+    """The route backend matching `backend`: the in-memory backend's own routes, else netlink."""
     if isinstance(backend, InMemoryWireGuard):
-        return InMemoryRoutes(backend)
+        return backend.routes
     from wgctl.routes import NetlinkRoutes
 
     return NetlinkRoutes()

@@ -54,6 +54,15 @@ class InMemoryWireGuard:
         self._failures: dict[str, list[WireGuardError]] = {}
         self.operations: list[Operation] = []
         self.apply_calls = 0
+        self._routes: InMemoryRoutes | None = None
+
+    @property
+    def routes(self) -> InMemoryRoutes:
+        """The routes of this machine: one InMemoryRoutes bound to this backend, made on first use."""
+        with self._lock:
+            if self._routes is None:
+                self._routes = InMemoryRoutes(self)
+            return self._routes
 
     # -- WireGuardBackend -------------------------------------------------------------------------------
     def ensure_interface(self, name: str, *, private_key: str, listen_port: int) -> bool:

@@ -45,3 +45,8 @@ def test_auto_without_kernel_module(binary, expected):
 def test_kernel_requested_without_module():
     with pytest.raises(BackendUnavailableError):
         select_backend("kernel")
+
+
+def test_memory_routes_are_one_per_backend():
+    backend = select_backend("memory")
+    assert routes_for(backend) is routes_for(backend) is backend.routes

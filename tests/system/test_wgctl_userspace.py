@@ -1,0 +1,134 @@
+"""wireguard-go end to end: two namespaces, a real tunnel, idempotent re-apply, peer removal, clean delete.
+
+Each step runs `python -m wgctl.cli` under `ip netns exec`, i.e. in a fresh process each time, so this also
+shows that an interface and its tunnel outlive the process that configured them (an agent restart).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from netns import Namespace, NetnsLab, require_root, running_wireguard_go, wait_until
+
+from wgctl import keys
+
+pytestmark = pytest.mark.system
+
+
+def wgctl(ns: Namespace, *args: str, check: bool = True):
+    done = ns.python("-m", "wgctl.cli", "--backend", "userspace", *args, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"wgctl {args} in {ns.name} failed: {done.stderr}")
+    return done
+
+
+def apply(ns: Namespace, ifname: str, path: Path, desired: dict) -> dict:
+    path.write_text(json.dumps(desired))
+    return json.loads(wgctl(ns, "apply", ifname, "--json", str(path)).stdout)
+
+
+def show(ns: Namespace, ifname: str) -> dict:
+    return json.loads(wgctl(ns, "show", ifname, "--json").stdout)
+
+
+@pytest.fixture
+def lab():
+    require_root("ip", "ping", "wireguard-go")
+    with NetnsLab(prefix="wgc") as lab:
+        yield lab
+
+
+def test_two_nodes_tunnel_reapply_and_remove(lab, tmp_path):
+    a, b = lab.namespace("a"), lab.namespace("b")
+    lab.link(a, b, "10.77.0.1/24", "10.77.0.2/24")
+    nodes = {}
+    for ns, host, mesh_ip in ((a, "10.77.0.1", "100.96.7.1"), (b, "10.77.0.2", "100.96.7.2")):
+        key_file = tmp_path / f"{ns.name}.key"
+        private = keys.write_private_key(key_file)
+        nodes[ns.name] = {
+            "ns": ns,
+            "ifname": lab.ifname("wg"),
+            "host": host,
+            "mesh_ip": mesh_ip,
+            "key_file": str(key_file),
+            "public": keys.public_key(private),
+        }
+
+    def desired(me: dict, peers: list[dict]) -> dict:
+        return {
+            "private_key_file": me["key_file"],
+            "listen_port": 51820,
+            "address": f"{me['mesh_ip']}/24",
+            "mtu": 1420,
+            "peers": [
+                {
+                    "public_key": p["public"],
+                    "allowed_ips": [f"{p['mesh_ip']}/32"],
+                    "endpoint": f"{p['host']}:51820",
+                    "persistent_keepalive": 0,
+                }
+                for p in peers
+            ],
+        }
+
+    na, nb = nodes[a.name], nodes[b.name]
+    first_a = apply(a, na["ifname"], tmp_path / "a.json", desired(na, [nb]))
+    first_b = apply(b, nb["ifname"], tmp_path / "b.json", desired(nb, [na]))
+    for first, other in ((first_a, nb), (first_b, na)):
+        assert first["changed"] and first["interface"] and first["address"] and first["up"]
+        assert first["added"] == [other["public"]] and first["removed"] == []
+
+    wait_until(lambda: a.ping(nb["mesh_ip"]), timeout=15, what="ping a -> b over the tunnel")
+    assert b.ping(na["mesh_ip"])
+
+    before = show(a, na["ifname"])
+    assert before["public_key"] == na["public"] and before["listen_port"] == 51820
+    (peer,) = before["peers"]
+    assert peer["latest_handshake"] is not None and peer["endpoint"] == "10.77.0.2:51820"
+
+    # Re-applying the same desired state, from a new process, changes nothing and keeps the session.
+    again = apply(a, na["ifname"], tmp_path / "a.json", desired(na, [nb]))
+    assert again == {
+        "interface": False,
+        "address": False,
+        "up": False,
+        "routes": [],
+        "added": [],
+        "updated": [],
+        "removed": [],
+        "changed": False,
+    }
+    after = show(a, na["ifname"])
+    (peer_after,) = after["peers"]
+    assert {k: v for k, v in peer_after.items() if k not in ("handshake_age", "rx_bytes", "tx_bytes")} == {
+        k: v for k, v in peer.items() if k not in ("handshake_age", "rx_bytes", "tx_bytes")
+    }
+    assert a.ping(nb["mesh_ip"])
+
+    # Removing the peer stops the traffic.
+    removed = apply(a, na["ifname"], tmp_path / "a.json", desired(na, []))
+    assert removed["removed"] == [nb["public"]] and removed["changed"]
+    assert show(a, na["ifname"])["peers"] == []
+    assert not a.ping(nb["mesh_ip"], wait=1)
+
+    # Deleting stops wireguard-go and removes the link.
+    ifnames = [na["ifname"], nb["ifname"]]
+    for n in (na, nb):
+        wgctl(n["ns"], "delete", n["ifname"])
+        assert n["ifname"] not in n["ns"].run("ip", "-o", "link").stdout
+    wait_until(lambda: not running_wireguard_go(ifnames), timeout=10, what="wireguard-go to exit")
+    assert wgctl(a, "show", na["ifname"], check=False).returncode == 1
+
+
+def test_interface_name_in_another_namespace_is_refused(lab, tmp_path):
+    a, b = lab.namespace("a"), lab.namespace("b")
+    ifname = lab.ifname("wg")
+    key_file = tmp_path / "k"
+    keys.write_private_key(key_file)
+    desired = {"private_key_file": str(key_file), "listen_port": 51820, "peers": []}
+    assert apply(a, ifname, tmp_path / "a.json", desired)["interface"] is True
+    (tmp_path / "b.json").write_text(json.dumps(desired))
+    refused = wgctl(b, "apply", ifname, "--json", str(tmp_path / "b.json"), check=False)
+    assert refused.returncode == 1 and "another network namespace" in refused.stderr
