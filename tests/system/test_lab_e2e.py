@@ -46,12 +46,13 @@ def lab(request, tmp_path_factory):
     settings = LabSettings(lab_dir=tmp_path_factory.mktemp("lab"), broker=request.param,
                            heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0, join_timeout_s=JOIN_DEADLINE)
     lab = Lab(settings, report=lambda line: print(f"[lab] {line}"))
+    lab_id = new_lab_id()
     try:
-        lab.up(len(NODES), lab_id=new_lab_id())
+        lab.up(len(NODES), lab_id=lab_id)
         yield lab
     finally:
         lab.down()
-        assert not [ns for ns in _namespaces() if ns.startswith(f"ml{lab.store.recorded_id() or '?'}-")]
+        assert not [ns for ns in _namespaces() if ns.startswith(f"ml{lab_id}-")], "down left namespaces"
 
 
 def _namespaces() -> list[str]:
