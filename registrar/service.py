@@ -497,6 +497,8 @@ class RegistrarService:
                 info.wait_for_publish(_STOP_PUBLISH_WAIT_S)
             except (RuntimeError, ValueError) as exc:
                 log.warning("offline status not confirmed: %s", exc)
+        if client is not None:
+            # Also when not connected: it ends paho's reconnect wait, so loop_stop() returns at once.
             client.disconnect()
         self._connected = False
         self._stopped.set()
