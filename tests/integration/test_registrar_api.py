@@ -10,9 +10,9 @@ import base64
 
 import httpx
 import pytest
+from brokers import free_port
 from fastapi.testclient import TestClient
 
-from brokers import free_port
 from meshcontract.messages import MeshSettings
 from meshcontract.transport import BrokerSettings
 from registrar import engine, tokens
@@ -37,7 +37,12 @@ def service():
     store.tokens.update(table)
     config = engine.Config(
         mesh=MeshSettings(
-            mesh="lab", network="10.8.0.0/29", heartbeat_interval_s=1, heartbeat_ttl_s=3, persistent_keepalive_s=0, mtu=1420
+            mesh="lab",
+            network="10.8.0.0/29",
+            heartbeat_interval_s=1,
+            heartbeat_ttl_s=3,
+            persistent_keepalive_s=0,
+            mtu=1420,
         ),
         policy=LivenessPolicy(ttl_s=3, expiry_s=60, grace_s=4),
     )
@@ -119,14 +124,23 @@ def test_pool_exhausted(client):
     assert r.status_code == 503 and r.json()["error"]["code"] == "pool_exhausted"
 
 
-ADMIN_ROUTES = [("DELETE", "/v1/nodes/n1"), ("POST", "/v1/tokens"), ("GET", "/v1/tokens"), ("DELETE", "/v1/tokens/abc")]
+ADMIN_ROUTES = [
+    ("DELETE", "/v1/nodes/n1"),
+    ("POST", "/v1/tokens"),
+    ("GET", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/abc"),
+]
 
 
 def test_admin_needs_token(client):
     # one service for the whole table: each fixture start/stop costs about a second
     for method, path in ADMIN_ROUTES:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"}):
-            assert client.request(method, path, headers=headers, json={}).status_code == 401, (method, path, headers)
+            assert client.request(method, path, headers=headers, json={}).status_code == 401, (
+                method,
+                path,
+                headers,
+            )
 
 
 def test_admin_tokens_and_delete(client):
