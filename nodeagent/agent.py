@@ -603,6 +603,10 @@ class Agent:
             return
         log.info("connected to the broker %s", self.settings.broker.url, extra=self._self_extra())
         conn.connected.set()
+        with self._lock:
+            # Unknown until the retained RegistrarStatus arrives: a broker that restarted empty has none, and
+            # the registrar's will may have been lost with the old broker.
+            self._registrar_online = False
         mesh = self.settings.mesh
         subscriptions = [
             (self._topic(Kind.REPLY, self.node_id), 1),

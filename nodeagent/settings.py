@@ -31,7 +31,7 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    mesh: str = "default"
+    mesh: str = "mesh"
     join_token: str | None = Field(default=None, repr=False)
     name: str | None = None  # display alias; default: the hostname
     node_id: str | None = None  # default: generated once and kept in state_dir/node_id

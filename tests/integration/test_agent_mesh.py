@@ -1,0 +1,411 @@
+"""Agents, a real registrar and a real broker: the mesh converges and survives failures.
+
+The registrar runs as a subprocess (`python -m registrar run`) so it can be killed and restarted; the broker is
+a real one (tests/brokers.py); the agents run in this process on the in-memory WireGuard backend, one
+`InMemoryWireGuard` per agent standing for that machine's kernel (it survives an agent crash or restart).
+Short heartbeat/TTL settings keep every case within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from brokers import ProbeClient, RunningBroker
+
+from meshcontract import messages, topics
+from meshcontract.messages import Roster, RosterEntry
+from meshcontract.topics import Kind
+from meshcontract.transport import BrokerSettings
+from nodeagent.agent import Agent
+from nodeagent.settings import AgentSettings
+from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
+from wgctl.model import PeerChanges
+
+MESH = "itmesh"
+IFNAME = "meshvpn0"
+HEARTBEAT_S = 0.5
+TTL_S = 2.0
+RECONCILE_S = 0.5
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(condition: Callable[[], object], *, timeout: float, what: str) -> None:
+    """Poll `condition` until it is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+
+
+class Registrar:
+    """`python -m registrar run` against `broker`, with its state in `state_dir`; restartable."""
+
+    def __init__(self, broker: RunningBroker, state_dir: Path) -> None:
+        self.broker = broker
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / "registrar.log"
+        self.proc: subprocess.Popen | None = None
+        self.env = {
+            **os.environ,
+            "MESHVPN_STATE_DIR": str(state_dir),
+            "MESHVPN_MESH": MESH,
+            "PYTHONPATH": str(REPO),
+        }
+
+    def _cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "registrar", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, f"registrar {args} failed: {done.stderr}"
+        return done.stdout.strip()
+
+    def create_token(self) -> str:
+        return self._cli("tokens", "create", "--reusable").splitlines()[-1].strip()
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "registrar", "run",
+                    "--broker", self.broker.url,
+                    "--state-dir", str(self.state_dir),
+                    "--mesh", MESH,
+                    "--heartbeat-interval", str(HEARTBEAT_S),
+                    "--heartbeat-ttl", str(TTL_S),
+                    "--http", "",
+                ],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+        def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            return "registrar ready" in self.log()[start:]
+
+        wait_for(ready, timeout=30, what="registrar ready")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Node:
+    """One machine: its agent (replaced on restart), its 'kernel' (in-memory WireGuard) and its state dir."""
+
+    name: str
+    settings: AgentSettings
+    wireguard: InMemoryWireGuard
+    routes: InMemoryRoutes
+    agent: Agent | None = None
+
+    def peers(self) -> dict[str, tuple[str, ...]]:
+        """public key -> allowed IPs on this machine's interface now."""
+        return {k: p.allowed_ips for k, p in self.wireguard.read(IFNAME).peers.items()}
+
+
+class Mesh:
+    """Start, stop, crash and restart agents; check the mesh as a whole."""
+
+    def __init__(self, tmp_path: Path, broker: RunningBroker, token: str) -> None:
+        self.tmp_path = tmp_path
+        self.broker = broker
+        self.token = token
+        self.nodes: dict[str, Node] = {}
+
+    def add(self, name: str) -> Node:
+        wireguard = InMemoryWireGuard()
+        settings = AgentSettings(
+            broker=BrokerSettings(url=self.broker.url, keepalive_s=2),
+            mesh=MESH,
+            join_token=self.token,
+            name=name,
+            endpoint=f"127.0.0.1:{51000 + len(self.nodes)}",
+            state_dir=self.tmp_path / "nodes" / name,
+            reconcile_interval_s=RECONCILE_S,
+            register_timeout_s=2,
+        )
+        node = Node(name, settings, wireguard, InMemoryRoutes(wireguard))
+        self.nodes[name] = node
+        self.start(name)
+        return node
+
+    def start(self, name: str, *, fresh_kernel: bool = False) -> Agent:
+        node = self.nodes[name]
+        if fresh_kernel:  # a reboot: the interface and its peers are gone
+            node.wireguard = InMemoryWireGuard()
+            node.routes = InMemoryRoutes(node.wireguard)
+        node.agent = Agent(node.settings, wireguard=node.wireguard, routes=node.routes, local_api=False)
+        node.agent.start()
+        return node.agent
+
+    def running(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.agent is not None]
+
+    def stop(self, name: str) -> None:
+        agent = self.nodes[name].agent
+        assert agent is not None
+        agent.stop()
+        self.nodes[name].agent = None
+
+    def crash(self, name: str) -> None:
+        agent = self.nodes[name].agent
+        assert agent is not None
+        agent.simulate_crash()
+        self.nodes[name].agent = None
+
+    def expected_peers(self, node: Node, members: list[Node]) -> dict[str, tuple[str, ...]]:
+        return {
+            m.agent.public_key: (f"{m.agent.mesh_ip}/32",)
+            for m in members
+            if m is not node and m.agent is not None and m.agent.mesh_ip is not None
+        }
+
+    def is_complete(self) -> bool:
+        """Symmetric full mesh: every running agent has exactly every other running agent as its peer."""
+        running = self.running()
+        if any(n.agent.mesh_ip is None for n in running):  # type: ignore[union-attr]
+            return False
+        return all(n.peers() == self.expected_peers(n, running) for n in running)
+
+    def wait_complete(self, timeout: float = 20) -> None:
+        wait_for(self.is_complete, timeout=timeout, what=f"full mesh of {[n.name for n in self.running()]}")
+
+    def snapshot(self) -> dict[str, dict[str, tuple[str, ...]]]:
+        return {n.name: n.peers() for n in self.nodes.values()}
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.agent is not None:
+                node.agent.stop()
+                node.agent = None
+
+
+@pytest.fixture
+def broker(any_broker: Callable[..., RunningBroker]) -> RunningBroker:
+    """Each case runs on the embedded broker (amqtt) and on Mosquitto; anonymous, no ACL."""
+    return any_broker()
+
+
+@pytest.fixture
+def registrar(tmp_path: Path, broker: RunningBroker) -> Iterator[Registrar]:
+    reg = Registrar(broker, tmp_path / "registrar")
+    reg.state_dir.mkdir(parents=True)
+    try:
+        reg.start()
+        yield reg
+    finally:
+        reg.kill()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, broker: RunningBroker, registrar: Registrar) -> Iterator[Mesh]:
+    m = Mesh(tmp_path, broker, registrar.create_token())
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def test_mesh_completes_symmetric_and_idempotent(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma", "delta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    ips = {n.agent.mesh_ip for n in mesh.running()}  # type: ignore[union-attr]
+    assert len(ips) == 4, "every node has its own mesh IP"
+    for node in mesh.running():
+        assert node.routes.addresses(IFNAME) == [f"{node.agent.mesh_ip}/16"]  # type: ignore[union-attr]
+        assert node.routes.link(IFNAME) == (True, 1420)
+    # Converged: further reconcile passes (periodic, every RECONCILE_S) change nothing.
+    for node in mesh.running():
+        node.wireguard.clear_operations()
+    before = {n.name: n.agent.reconcile_count for n in mesh.running()}  # type: ignore[union-attr]
+    wait_for(
+        lambda: all(n.agent.reconcile_count >= before[n.name] + 2 for n in mesh.running()),  # type: ignore[union-attr]
+        timeout=10,
+        what="two more reconcile passes everywhere",
+    )
+    assert all(n.wireguard.operations == [] for n in mesh.running()), "a converged reconcile applies nothing"
+
+
+def test_leave_join_crash_restart(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+
+    # Graceful leave: status offline -> unreachable -> everyone drops the tunnel.
+    mesh.stop("gamma")
+    mesh.wait_complete(timeout=10)
+
+    # Join: a new node gets a tunnel to and from everyone.
+    mesh.add("delta")
+    mesh.wait_complete()
+
+    # Crash: no goodbye; the broker's will and/or the heartbeat TTL take it out of everyone's peers.
+    beta_ip = mesh.nodes["beta"].agent.mesh_ip  # type: ignore[union-attr]
+    mesh.crash("beta")
+    mesh.wait_complete(timeout=TTL_S + 10)
+
+    # Restart after the crash (same state dir, same kernel): same node id and mesh IP, back everywhere.
+    agent = mesh.start("beta")
+    mesh.wait_complete()
+    assert agent.mesh_ip == beta_ip
+
+    # The gracefully stopped node comes back too, with its old IP.
+    mesh.start("gamma")
+    mesh.wait_complete()
+
+
+def test_control_plane_outage_keeps_every_tunnel(
+    mesh: Mesh, broker: RunningBroker, registrar: Registrar
+) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    converged = mesh.snapshot()
+
+    def reconciled_twice_more() -> Callable[[], bool]:
+        before = {n.name: n.agent.reconcile_count for n in mesh.running()}  # type: ignore[union-attr]
+        return lambda: all(n.agent.reconcile_count >= before[n.name] + 2 for n in mesh.running())  # type: ignore[union-attr]
+
+    # Broker down: agents notice, keep retrying, keep every tunnel through several reconcile passes.
+    broker.stop()
+    wait_for(
+        lambda: not any(n.agent.broker_connected for n in mesh.running()),
+        timeout=10,  # type: ignore[union-attr]
+        what="agents notice the broker is gone",
+    )
+    wait_for(reconciled_twice_more(), timeout=10, what="reconcile passes during the broker outage")
+    assert mesh.snapshot() == converged
+
+    # Registrar down too, then an agent restarts during the outage on a rebooted machine (empty interface):
+    # it restores its tunnels from the persisted membership before the broker is reachable.
+    registrar.kill()
+    mesh.stop("gamma")
+    agent = mesh.start("gamma", fresh_kernel=True)
+    assert mesh.nodes["gamma"].peers() == converged["gamma"], "restored from membership.json at start-up"
+    assert not agent.broker_connected
+
+    # Broker back, registrar still down: the broker restarted empty (no retained state), so the agents'
+    # views hold no newer complete membership and nothing is removed.
+    broker.start()
+    wait_for(
+        lambda: all(n.agent.broker_connected for n in mesh.running()),
+        timeout=15,  # type: ignore[union-attr]
+        what="agents reconnect to the restarted broker",
+    )
+    wait_for(reconciled_twice_more(), timeout=10, what="reconcile passes with the registrar down")
+    assert mesh.snapshot() == converged
+    status = mesh.nodes["alpha"].agent.status()  # type: ignore[union-attr]
+    assert status.broker_connected and not status.registrar_online
+
+    # Registrar back: everyone re-registers, the mesh is the same as before the outage.
+    registrar.start()
+    wait_for(
+        lambda: all(n.agent.registered.is_set() for n in mesh.running()),
+        timeout=20,  # type: ignore[union-attr]
+        what="everyone registered again",
+    )
+    mesh.wait_complete()
+    assert mesh.snapshot() == converged
+
+
+def test_stale_or_partial_views_remove_nothing(
+    mesh: Mesh, broker: RunningBroker, registrar: Registrar
+) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    converged = mesh.snapshot()
+    revision = mesh.nodes["alpha"].agent.status().membership_revision  # type: ignore[union-attr]
+    registrar.kill()  # so nothing it publishes repairs what we inject
+    roster_topic = topics.build(MESH, Kind.ROSTER)
+    with ProbeClient(broker, client_id="it-injector") as probe:
+        probe.connect()
+        # A stale roster (lower revision) listing only alpha: must be ignored.
+        stale = Roster(
+            mesh=MESH,
+            revision=max(0, revision - 1),
+            members=[RosterEntry(node_id="x", revision=0)],
+            published_at=time.time(),
+        )
+        probe.publish(roster_topic, messages.encode(stale), qos=1)
+        # A newer roster naming a member nobody has a record of: the view is partial, nothing may go.
+        partial = Roster(
+            mesh=MESH,
+            revision=revision + 100,
+            members=[RosterEntry(node_id="ghost", revision=revision + 100)],
+            published_at=time.time(),
+        )
+        probe.publish(roster_topic, messages.encode(partial), qos=1)
+        # A tombstone for beta without a roster that drops it: partial again.
+        beta = mesh.nodes["beta"].agent.node_id  # type: ignore[union-attr]
+        probe.publish(topics.build(MESH, Kind.MEMBERS, beta), b"", qos=1, retain=True)
+        wait_for(
+            lambda: not mesh.nodes["alpha"].agent.status().membership_complete,
+            timeout=5,  # type: ignore[union-attr]
+            what="alpha sees an incomplete view",
+        )
+    before = {n.name: n.agent.reconcile_count for n in mesh.running()}  # type: ignore[union-attr]
+    wait_for(
+        lambda: all(n.agent.reconcile_count >= before[n.name] + 2 for n in mesh.running()),  # type: ignore[union-attr]
+        timeout=10,
+        what="reconcile passes on the partial view",
+    )
+    assert mesh.snapshot() == converged
+
+
+def test_drift_is_repaired(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.nodes["alpha"]
+    victim = next(iter(alpha.peers()))
+    # Someone removes a peer by hand (`wg set meshvpn0 peer ... remove`): back within the reconcile interval.
+
+    interface_id = alpha.wireguard.interface_id(IFNAME)
+    alpha.wireguard.apply(IFNAME, PeerChanges(remove=(victim,)))
+    assert victim not in alpha.peers()
+    wait_for(lambda: victim in alpha.peers(), timeout=RECONCILE_S * 4 + 2, what="the removed peer comes back")
+    assert alpha.wireguard.interface_id(IFNAME) == interface_id, "the interface was not recreated"
+    mesh.wait_complete(timeout=5)
+
+    # The whole interface deleted by hand (`ip link del meshvpn0`): recreated with its address, link and
+    # every peer within the reconcile interval.
+    converged = mesh.snapshot()
+    alpha.wireguard.delete_interface(IFNAME)
+    wait_for(
+        lambda: IFNAME in alpha.wireguard.interfaces() and alpha.peers() == converged["alpha"],
+        timeout=RECONCILE_S * 4 + 2,
+        what="interface, address and peers restored",
+    )
+    assert alpha.routes.addresses(IFNAME) == [f"{alpha.agent.mesh_ip}/16"]  # type: ignore[union-attr]
+    assert alpha.routes.link(IFNAME) == (True, 1420)
+
+
+def test_refused_registration_stops_with_exit_code_3(mesh: Mesh) -> None:
+    mesh.token = "not-a-real-token"
+    agent = mesh.add("intruder").agent
+    assert agent is not None
+    assert agent.wait(timeout=15), "a refused agent stops by itself"
+    assert agent.exit_code == 3
+    assert agent.failure is not None and agent.failure.code in ("invalid_token", "invalid_request")
