@@ -7,6 +7,7 @@ mention a peer that is already right — so re-running it on a converged interfa
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 
@@ -15,6 +16,7 @@ from wgctl.errors import InvalidConfigError
 from wgctl.model import PeerChanges, PeerConfig, PeerState
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_cidr(cidr: str) -> str:
     """A CIDR as WireGuard reports it: host bits cleared, IPv6 compressed (10.0.0.5/24 -> 10.0.0.0/24).
 
@@ -23,6 +25,7 @@ def canonical_cidr(cidr: str) -> str:
     return str(ipaddress.ip_network(cidr.strip(), strict=False))
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_endpoint(endpoint: str | None) -> str | None:
     """`host:port` with an IP literal normalised (IPv6 in brackets, compressed); hostnames are kept as given.
 

@@ -40,6 +40,7 @@ class _Interface:
     private_key: str
     listen_port: int
     peers: dict[str, PeerState] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)  # allowed IP -> public key, like WireGuard's trie
 
 
 class InMemoryWireGuard:
@@ -109,7 +110,10 @@ class InMemoryWireGuard:
             iface = self._get(name)
             self.apply_calls += 1
             for key in changes.remove:
-                if iface.peers.pop(key, None) is not None:
+                old = iface.peers.pop(key, None)
+                if old is not None:
+                    for cidr in old.allowed_ips:
+                        iface.owners.pop(cidr, None)
                     self._record("remove_peer", name, peer=key)
             for peer in prepared:
                 self._upsert(name, iface, peer)
@@ -187,16 +191,23 @@ class InMemoryWireGuard:
         self.operations.append(Operation(kind, interface, peer, detail))
 
     def _upsert(self, name: str, iface: _Interface, peer: PeerConfig) -> None:
-        wanted = set(peer.allowed_ips)
         # An allowed IP routes to one peer only: WireGuard moves it from whichever peer had it before.
-        for other_key, other in list(iface.peers.items()):
-            if other_key == peer.public_key:
-                continue
-            kept = tuple(c for c in other.allowed_ips if c not in wanted)
-            if kept != other.allowed_ips:
-                iface.peers[other_key] = replace(other, allowed_ips=kept)
-                self._record("update_peer", name, peer=other_key, detail="allowed_ips taken by another peer")
+        taken: dict[str, set[str]] = {}
+        for cidr in peer.allowed_ips:
+            owner = iface.owners.get(cidr)
+            if owner is not None and owner != peer.public_key:
+                taken.setdefault(owner, set()).add(cidr)
+        for other_key, cidrs in sorted(taken.items()):
+            other = iface.peers[other_key]
+            iface.peers[other_key] = replace(
+                other, allowed_ips=tuple(c for c in other.allowed_ips if c not in cidrs)
+            )
+            self._record("update_peer", name, peer=other_key, detail="allowed_ips taken by another peer")
         old = iface.peers.get(peer.public_key)
+        for cidr in old.allowed_ips if old is not None else ():
+            iface.owners.pop(cidr, None)
+        for cidr in peer.allowed_ips:
+            iface.owners[cidr] = peer.public_key
         if old is None:
             iface.peers[peer.public_key] = PeerState(
                 public_key=peer.public_key,

@@ -230,3 +230,21 @@ def test_bad_addresses_are_errors(routes, bad):
         routes.ensure_address("wg0", bad)
     with pytest.raises(WireGuardError):
         routes.ensure_route("wg0", bad)
+
+
+def test_allowed_ip_ownership_follows_updates_and_removals(wg):
+    wg.apply("wg0", PeerChanges(upsert=(peer(0, "10.0.0.1/32", "10.0.0.2/32"), peer(1, "10.0.0.3/32"))))
+    # Peer 0 gives up 10.0.0.2; peer 1 then claims it without touching peer 0 again.
+    wg.apply("wg0", PeerChanges(upsert=(peer(0, "10.0.0.1/32"),)))
+    wg.clear_operations()
+    wg.apply("wg0", PeerChanges(upsert=(peer(1, "10.0.0.2/32", "10.0.0.3/32"),)))
+    assert wg.touched_peers() == {K[1]}
+    # After peer 1 is removed, a new peer claims its IPs and nobody else is touched.
+    wg.apply("wg0", PeerChanges(remove=(K[1],)))
+    wg.clear_operations()
+    wg.apply("wg0", PeerChanges(upsert=(peer(2, "10.0.0.2/32"),)))
+    assert wg.touched_peers() == {K[2]}
+    assert {k: p.allowed_ips for k, p in wg.read("wg0").peers.items()} == {
+        K[0]: ("10.0.0.1/32",),
+        K[2]: ("10.0.0.2/32",),
+    }
