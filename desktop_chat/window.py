@@ -109,6 +109,11 @@ class ChatWindow(QMainWindow):
         left_layout.setContentsMargins(6, 6, 0, 6)
         left_layout.addWidget(peers_title)
         left_layout.addWidget(self.peer_list)
+        legend = QLabel(" &nbsp; ".join(
+            f"<span style='color:{colour}'>●</span> {state}" for state, colour in PRESENCE_COLOURS.items()))
+        legend.setToolTip("online: handshake within the window · idle: tunnel up, no recent handshake · "
+                          "offline: marked unreachable or no tunnel")
+        left_layout.addWidget(legend)
 
         self.conversation_title = QLabel("Select a peer to chat with")
         self.conversation_title.setTextFormat(Qt.TextFormat.RichText)
@@ -291,16 +296,15 @@ class ChatWindow(QMainWindow):
         stamp = time.strftime("%H:%M:%S", time.localtime(record.sent_at))
         if record.direction == "in":
             return f"{record.name} · {stamp}\n{record.text}"
-        state = {
-            "sending": "sending…",
-            "delivered": "✓ delivered",
-            "failed": f"✗ failed: {record.reason or 'unknown'} — right-click or Retry",
-        }.get(record.status, record.status)
+        if record.status == "failed":
+            return (f"me · {stamp} · ✗ failed — select it and Retry\n{record.text}\n"
+                    f"reason: {record.reason or 'unknown'}")
+        state = {"sending": "sending…", "delivered": "✓ delivered"}.get(record.status, record.status)
         return f"me · {stamp} · {state}\n{record.text}"
 
     def _style(self, item: QListWidgetItem, record: Record) -> None:
         item.setText(self._record_text(record))
-        item.setData(MSG_ROLE, (record.msg_id, record.direction, record.status))
+        item.setData(MSG_ROLE, (record.msg_id, record.direction, record.status, record.seq))
         if record.direction == "out":
             item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             colour = {"failed": PRESENCE_COLOURS["offline"], "sending": "#777777"}.get(record.status, "#1a237e")
@@ -336,12 +340,16 @@ class ChatWindow(QMainWindow):
         if record.peer_ip == self._current_ip:
             item = self.message_item(record.msg_id)
             if item is None:
+                # Records from worker threads arrive queued, our own sends directly: place by store order.
                 item = QListWidgetItem()
-                self.conversation.addItem(item)
+                row = self.conversation.count()
+                while row > 0 and self.conversation.item(row - 1).data(MSG_ROLE)[3] > record.seq:
+                    row -= 1
+                self.conversation.insertItem(row, item)
                 self.conversation.scrollToBottom()
             self._style(item, record)
-            if record.direction == "in" and self.isActiveWindow():
-                self.session.history.mark_read(record.peer_ip)
+            if record.direction == "in":
+                self.session.history.mark_read(record.peer_ip)  # shown in the open conversation: read
         self._refresh_peers()
         self._update_buttons()
 
@@ -365,7 +373,7 @@ class ChatWindow(QMainWindow):
         item = self.conversation.currentItem()
         if item is None:
             return None
-        msg_id, direction, status = item.data(MSG_ROLE)
+        msg_id, direction, status, _ = item.data(MSG_ROLE)
         return msg_id if direction == "out" and status == "failed" else None
 
     def retry_selected(self) -> None:

@@ -1,0 +1,9 @@
+"""GUI tests run offscreen: the platform must be chosen before any QApplication exists."""
+
+import os
+
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("PySide6", reason="the chat GUI needs PySide6 (pip install meshvpn[chat])")

@@ -1,0 +1,230 @@
+"""The chat window against a stub node agent (a real unix-socket server speaking the local API) and a real
+chat endpoint on loopback: the peer list follows the agent, sends succeed or fail visibly, incoming messages
+are marked unread, and history survives a restart."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt
+
+from desktop_chat.agentstub import StubAgent
+from desktop_chat.framing import ChatMessage
+from desktop_chat.history import MemoryHistory, SqliteHistory
+from desktop_chat.peers import MemoryPeerSource, PeerDirectory, static_status
+from desktop_chat.session import ChatSession
+from desktop_chat.transport import ListenError, send_message
+from desktop_chat.window import PRESENCE_ROLE, ChatWindow
+from meshcontract.localapi import AgentStatus, PeerView
+
+pytestmark = pytest.mark.gui
+
+ME, BOB, CAROL, DAVE = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+WAIT_MS = 5000
+
+
+def peer(ip: str, name: str, *, state: str = "active", handshake_age: float | None = 5.0) -> PeerView:
+    return PeerView(node_id=name.lower(), name=name, mesh_ip=ip, public_key="k", state=state, configured=True,
+                    latest_handshake=None if handshake_age is None else time.time() - handshake_age)
+
+
+def status(peers: list[PeerView], *, control_plane: bool = True) -> AgentStatus:
+    return AgentStatus(node_id="alice", name="alice", mesh_ip=ME, prefix_len=16, interface="mc0",
+                       broker_connected=control_plane, registrar_online=control_plane, membership_revision=1,
+                       membership_complete=True, peers=peers, now=time.time())
+
+
+class Node:
+    """Everything a window test needs: the stub agent, Bob's real endpoint, and a way to open windows."""
+
+    def __init__(self, tmp_path: Path, qtbot) -> None:
+        self.tmp_path = tmp_path
+        self.qtbot = qtbot
+        self.agent = StubAgent(tmp_path / "agent.sock", status([peer(BOB, "bob"), peer(CAROL, "carol", handshake_age=None)]))
+        self.agent.start()
+        self.windows: list[ChatWindow] = []
+        self.bob = self._bob()
+
+    def _bob(self) -> ChatSession:
+        for _ in range(20):
+            with socket.socket() as s:
+                s.bind((ME, 0))
+                port = s.getsockname()[1]
+            directory = PeerDirectory()
+            directory.update(MemoryPeerSource(static_status(self_ip=BOB, name="bob", member_ips=[ME],
+                                                            now=time.time())).snapshot(now=time.time()))
+            bob = ChatSession(history=MemoryHistory(), directory=directory, port=port, timeout=2.0, name="bob")
+            try:
+                bob.ensure_listening()
+                return bob
+            except ListenError:
+                continue
+        raise AssertionError("no free port on 127.0.0.3")
+
+    def open(self, history=None) -> ChatWindow:
+        from desktop_chat.peers import AgentPeerSource
+
+        session = ChatSession(history=history or MemoryHistory(), directory=PeerDirectory(), port=self.bob.port,
+                              timeout=1.0)
+        window = ChatWindow(session=session, source=AgentPeerSource(self.agent.socket_path), poll_interval=0.1)
+        self.qtbot.addWidget(window)
+        window.show()
+        window.start()
+        self.windows.append(window)
+        self.qtbot.waitUntil(lambda: session.listening is not None, timeout=WAIT_MS)
+        self.qtbot.waitUntil(lambda: window.peer_ips() != [], timeout=WAIT_MS)
+        return window
+
+    def close(self) -> None:
+        for window in self.windows:
+            window.close()
+        self.bob.close(wait=1)
+        self.agent.stop()
+
+
+@pytest.fixture
+def node(tmp_path, qtbot):
+    n = Node(tmp_path, qtbot)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def presences(window: ChatWindow) -> dict[str, str]:
+    return {ip: window.peer_item(ip).data(PRESENCE_ROLE) for ip in window.peer_ips()}
+
+
+def item_text(window: ChatWindow, row: int = -1) -> str:
+    count = window.conversation.count()
+    return window.conversation.item(count + row if row < 0 else row).text() if count else ""
+
+
+def test_peer_list_follows_the_agent(node, qtbot):
+    window = node.open()
+    assert window.peer_ips() == [BOB, CAROL]
+    assert presences(window) == {BOB: "online", CAROL: "idle"}
+    assert window.peer_item(BOB).text() == f"bob\n{BOB}"
+
+    node.agent.set_status(status([peer(BOB, "bob"), peer(CAROL, "carol", state="unreachable"), peer(DAVE, "dave")]))
+    qtbot.waitUntil(lambda: presences(window) == {BOB: "online", CAROL: "offline", DAVE: "online"}, timeout=WAIT_MS)
+
+    node.agent.set_status(status([peer(BOB, "bob", handshake_age=600), peer(DAVE, "dave")]))
+    qtbot.waitUntil(lambda: presences(window) == {BOB: "idle", DAVE: "online"}, timeout=WAIT_MS)
+    assert window.peer_ips() == [BOB, DAVE]
+
+
+def test_status_bar_tells_control_plane_and_agent_trouble(node, qtbot):
+    window = node.open()
+    qtbot.waitUntil(lambda: "control plane online" in window.status_label.text(), timeout=WAIT_MS)
+    assert f"listening on {ME}:{node.bob.port}" in window.status_label.text()
+    node.agent.set_status(status([peer(BOB, "bob")], control_plane=False))
+    qtbot.waitUntil(lambda: "control plane down" in window.status_label.text(), timeout=WAIT_MS)
+    node.agent.stop()
+    qtbot.waitUntil(lambda: "agent unreachable" in window.status_label.text(), timeout=WAIT_MS)
+    assert window.peer_ips() == [BOB]  # last-known peers stay
+
+
+def test_send_to_the_selected_peer_is_delivered(node, qtbot):
+    window = node.open()
+    window.select_peer(BOB)
+    assert "bob" in window.conversation_title.text()
+    qtbot.keyClicks(window.entry, "hello over the mesh")
+    qtbot.keyClick(window.entry, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: "✓ delivered" in item_text(window), timeout=WAIT_MS)
+    assert "hello over the mesh" in item_text(window)
+    assert window.entry.text() == ""
+    assert [(r.name, r.text) for r in node.bob.history.conversation(ME)] == [("alice", "hello over the mesh")]
+
+
+def test_delivery_failure_is_shown_and_can_be_retried(node, qtbot):
+    window = node.open()
+    window.select_peer(BOB)
+    node.bob.close()
+    window.entry.setText("anyone home?")
+    qtbot.mouseClick(window.send_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "✗ failed" in item_text(window), timeout=WAIT_MS)
+    assert "connection refused" in item_text(window)
+    assert not window.retry_button.isEnabled()
+    window.conversation.setCurrentRow(window.conversation.count() - 1)
+    assert window.retry_button.isEnabled()
+
+    node.bob.ensure_listening()
+    qtbot.mouseClick(window.retry_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "✓ delivered" in item_text(window), timeout=WAIT_MS)
+    assert window.conversation.count() == 1
+    assert [r.text for r in node.bob.history.conversation(ME)] == ["anyone home?"]
+
+
+def test_incoming_message_appears_with_an_unread_marker(node, qtbot):
+    window = node.open()
+    window.select_peer(CAROL)
+    assert node.bob.send_now(ME, "ping from bob").status == "delivered"
+    qtbot.waitUntil(lambda: window.unread(BOB) == 1, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: "1 new" in window.peer_item(BOB).text(), timeout=WAIT_MS)
+    assert window.peer_item(BOB).font().bold()
+
+    window.select_peer(BOB)
+    assert "ping from bob" in item_text(window)
+    assert item_text(window).startswith("bob ·")
+    assert window.unread(BOB) == 0
+    assert window.peer_item(BOB).text() == f"bob\n{BOB}"
+    # While the conversation is open, a new message is shown read.
+    assert node.bob.send_now(ME, "second").status == "delivered"
+    qtbot.waitUntil(lambda: "second" in item_text(window), timeout=WAIT_MS)
+    assert window.unread(BOB) == 0
+
+
+def test_history_survives_a_restart(node, qtbot, tmp_path):
+    db = tmp_path / "state" / "history.db"
+    window = node.open(SqliteHistory(db))
+    window.select_peer(BOB)
+    window.entry.setText("remember me")
+    window.send_current()
+    qtbot.waitUntil(lambda: "✓ delivered" in item_text(window), timeout=WAIT_MS)
+    window.close()
+    window.session.history.close()
+
+    again = node.open(SqliteHistory(db))
+    again.select_peer(BOB)
+    assert "remember me" in item_text(again) and "✓ delivered" in item_text(again)
+    again.close()
+    again.session.history.close()
+
+
+def test_screenshot(node, qtbot, tmp_path):
+    """A window with a few peers and a conversation; MESHCHAT_SCREENSHOT=PATH also saves it there."""
+    node.agent.set_status(status([peer(BOB, "bob"), peer(CAROL, "carol", handshake_age=None),
+                                  peer(DAVE, "dave", state="unreachable")]))
+    window = node.open()
+    qtbot.waitUntil(lambda: len(window.peer_ips()) == 3, timeout=WAIT_MS)
+    assert node.bob.send_now(ME, "hi alice, are you on the mesh?").status == "delivered"
+    window.select_peer(BOB)
+    window.entry.setText("yes: straight to your IP, no broker in between")
+    window.send_current()
+    qtbot.waitUntil(lambda: "✓ delivered" in item_text(window), timeout=WAIT_MS)
+    assert node.bob.send_now(ME, "great, the control plane never saw that").status == "delivered"
+    qtbot.waitUntil(lambda: "never saw" in item_text(window), timeout=WAIT_MS)
+    node.bob.close()
+    window.entry.setText("and now?")
+    window.send_current()
+    qtbot.waitUntil(lambda: "✗ failed" in item_text(window), timeout=WAIT_MS)
+    node.agent.set_status(status([peer(BOB, "bob"), peer(CAROL, "carol", handshake_age=None),
+                                  peer(DAVE, "dave", state="unreachable"), peer("127.0.0.6", "erin")]))
+    qtbot.waitUntil(lambda: len(window.peer_ips()) == 4, timeout=WAIT_MS)
+    send_message(ME, node.bob.port, ChatMessage(uuid.uuid4().hex, "carol", time.time(), "lunch?"),
+                 timeout=2, source_ip=CAROL)
+    qtbot.waitUntil(lambda: "1 new" in window.peer_item(CAROL).text(), timeout=WAIT_MS)
+    window.entry.setText("")
+    window.resize(900, 520)
+    path = tmp_path / "chat.png"
+    assert window.grab().save(str(path))
+    assert path.stat().st_size > 10_000
+    target = os.environ.get("MESHCHAT_SCREENSHOT")
+    if target:
+        assert window.grab().save(target)
