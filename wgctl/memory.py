@@ -67,7 +67,7 @@ class InMemoryWireGuard:
 
     # -- WireGuardBackend -------------------------------------------------------------------------------
     def ensure_interface(self, name: str, *, private_key: str, listen_port: int) -> bool:
-        """Create `name` if missing; set key and port if they differ. True if anything changed."""
+        """Create `name` if missing; set key and port if they differ (port 0: any). True if anything changed."""
         keys.decode_key(private_key)
         with self._lock:
             self._maybe_fail("ensure_interface")
@@ -81,7 +81,8 @@ class InMemoryWireGuard:
                 iface.private_key = private_key
                 self._record("set_private_key", name)
                 changed = True
-            if iface.listen_port != listen_port:
+            # 0 asks for "any port", like the real backends: an interface already listening keeps its port.
+            if listen_port and iface.listen_port != listen_port:
                 iface.listen_port = listen_port
                 self._record("set_listen_port", name, detail=str(listen_port))
                 changed = True

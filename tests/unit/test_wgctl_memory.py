@@ -31,6 +31,7 @@ def peer(i: int, *ips: str, endpoint: str | None = None, keepalive: int = 0) -> 
     [
         pytest.param(PRIV, 51820, False, [], id="same"),
         pytest.param(PRIV, 51821, True, ["set_listen_port"], id="port"),
+        pytest.param(PRIV, 0, False, [], id="port-0-means-any"),
         pytest.param(keys.generate_private_key(), 51820, True, ["set_private_key"], id="key"),
     ],
 )
@@ -38,7 +39,7 @@ def test_ensure_interface_reports_changes(wg, key, port, changed, ops):
     assert wg.ensure_interface("wg0", private_key=key, listen_port=port) is changed
     assert [op.kind for op in wg.operations] == ops
     state = wg.read("wg0")
-    assert (state.public_key, state.listen_port) == (keys.public_key(key), port)
+    assert (state.public_key, state.listen_port) == (keys.public_key(key), port or 51820)
 
 
 def test_create_and_delete_interface():
