@@ -154,11 +154,13 @@ class Agent:
         self._conn: _Connection | None = None
         self._reply_cond = threading.Condition(self._lock)
         self._replies: dict[str, RegisterReply] = {}
+        self._registrar_kicks = 0  # bumped when the registrar comes online: cuts registration backoff short
         self._epoch: int | None = None
         self._heartbeat_seq = 0
 
         self._stopping = threading.Event()
         self._crashed = False
+        self._heartbeats_paused = False
         self._finished = threading.Event()
         self._wake_reconcile = threading.Event()
         self._reconcile_lock = threading.Lock()
@@ -275,6 +277,12 @@ class Agent:
                 except OSError:
                     pass
         self.stop()
+
+    def pause_heartbeats(self, paused: bool = True) -> None:
+        """Failure injection: stop (or resume) heartbeats while staying connected, which is how a frozen or
+        partitioned node looks to the registrar: no will fires, only the heartbeat TTL notices."""
+        self._heartbeats_paused = paused
+        log.warning("heartbeats %s", "paused" if paused else "resumed", extra=self._self_extra())
 
     # -- state for callers ------------------------------------------------------------------------------
     @property
@@ -468,60 +476,73 @@ class Agent:
         return True
 
     def _register(self, conn: _Connection) -> bool:
-        """Send RegisterRequests until one is answered. False if the connection was lost or we stop."""
+        """Send RegisterRequests until one is answered. False if the connection was lost or we stop.
+
+        Retries back off (with jitter) up to 10 s, but a registrar coming online cuts the wait short: it
+        restarted, and answering it quickly keeps us inside its grace period. A late answer to the last
+        request, arriving during the backoff, still counts.
+        """
         attempt = 0
         while not conn.lost.is_set():
-            request_id = secrets.token_urlsafe(12)
-            assert self.endpoint is not None
-            request = RegisterRequest(
-                request_id=request_id,
-                node_id=self.node_id,
-                name=self.name,
-                public_key=self.public_key,
-                endpoints=[self.endpoint],
-                listen_port=self.settings.listen_port,
-                join_token=self.settings.join_token,
-                epoch=conn.epoch,
-            )
-            conn.client.publish(self._topic(Kind.REGISTER, self.node_id), messages.encode(request), qos=1)
-            log.info("registering (epoch %s)", conn.epoch, extra={**self._self_extra(), "epoch": conn.epoch})
-            deadline = time.monotonic() + self.settings.register_timeout_s
-            with self._reply_cond:
-                while request_id not in self._replies and not conn.lost.is_set():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._reply_cond.wait(min(remaining, 0.5))
-                reply = self._replies.pop(request_id, None)
-                self._replies.clear()
-            if reply is None:
+            request_id = self._send_register(conn)
+            reply = self._wait_reply(conn, request_id, self.settings.register_timeout_s, kickable=False)
+            why = f"no reply within {self.settings.register_timeout_s}s (registrar down?)"
+            while reply is None or not reply.ok:
+                if reply is not None:
+                    error = reply.error
+                    code = error.code if error else ErrorCode.INTERNAL
+                    message = error.message if error else "no reason given"
+                    if code in _FATAL_CODES:
+                        raise RegistrationRefused(str(code), message)
+                    why = f"refused for now ({code}: {message})"
                 if conn.lost.is_set():
                     return False
-                delay = backoff_delay(attempt, base=1.0, cap=15.0)
+                delay = backoff_delay(attempt, base=1.0, cap=10.0)
                 attempt += 1
-                log.warning(
-                    "no registration reply within %ss (registrar down?); retrying in %.1fs",
-                    self.settings.register_timeout_s,
-                    delay,
-                    extra=self._self_extra(),
-                )
-                if conn.lost.wait(delay):
-                    return False
-                continue
-            if reply.ok:
+                log.warning("registration: %s; retrying in %.1fs", why, delay, extra=self._self_extra())
+                reply = self._wait_reply(conn, request_id, delay, kickable=True)
+                if reply is None:
+                    break  # backoff over (or the registrar came online): send a new request
+            if reply is not None and reply.ok:
                 self._registered(conn, reply)
                 return True
-            error = reply.error
-            code = error.code if error else ErrorCode.INTERNAL
-            message = error.message if error else "no reason given"
-            if code in _FATAL_CODES:
-                raise RegistrationRefused(str(code), message)
-            delay = backoff_delay(attempt, base=1.0, cap=15.0)
-            attempt += 1
-            log.warning("registration failed (%s: %s); retrying in %.1fs", code, message, delay)
-            if conn.lost.wait(delay):
-                return False
         return False
+
+    def _send_register(self, conn: _Connection) -> str:
+        request_id = secrets.token_urlsafe(12)
+        assert self.endpoint is not None
+        request = RegisterRequest(
+            request_id=request_id,
+            node_id=self.node_id,
+            name=self.name,
+            public_key=self.public_key,
+            endpoints=[self.endpoint],
+            listen_port=self.settings.listen_port,
+            join_token=self.settings.join_token,
+            epoch=conn.epoch,
+        )
+        conn.client.publish(self._topic(Kind.REGISTER, self.node_id), messages.encode(request), qos=1)
+        log.info("registering (epoch %s)", conn.epoch, extra={**self._self_extra(), "epoch": conn.epoch})
+        return request_id
+
+    def _wait_reply(
+        self, conn: _Connection, request_id: str, timeout: float, *, kickable: bool
+    ) -> RegisterReply | None:
+        """The reply to `request_id` if it arrives within `timeout`, else None. Returns None early when the
+        connection is lost, or (if `kickable`) when the registrar comes online."""
+        deadline = time.monotonic() + timeout
+        with self._reply_cond:
+            kicks = self._registrar_kicks
+            while request_id not in self._replies and not conn.lost.is_set():
+                if kickable and self._registrar_kicks != kicks:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._reply_cond.wait(remaining)
+            reply = self._replies.pop(request_id, None)
+            self._replies.clear()  # answers to older requests are of no use any more
+            return reply
 
     def _registered(self, conn: _Connection, reply: RegisterReply) -> None:
         if (
@@ -572,7 +593,7 @@ class Agent:
             conn = self._conn
             seq = self._heartbeat_seq
             self._heartbeat_seq += 1
-        if conn is None or conn.lost.is_set() or self._crashed:
+        if conn is None or conn.lost.is_set() or self._crashed or self._heartbeats_paused:
             return
         beat = Heartbeat(node_id=self.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock())
         conn.client.publish(self._topic(Kind.HEARTBEAT, self.node_id), messages.encode(beat), qos=0)
@@ -652,9 +673,13 @@ class Agent:
                     self._wake_reconcile.set()
             elif topic.kind is Kind.REGISTRAR:
                 status = messages.decode(RegistrarStatus, msg.payload)
-                with self._lock:
-                    was, self._registrar_online = self._registrar_online, status.state == "online"
-                if was != (status.state == "online"):
+                online = status.state == "online"
+                with self._reply_cond:
+                    was, self._registrar_online = self._registrar_online, online
+                    if online and not was:
+                        self._registrar_kicks += 1
+                        self._reply_cond.notify_all()
+                if was != online:
                     log.info("registrar is %s", status.state, extra=self._self_extra())
         except ContractError as exc:
             log.warning("dropping message on %s: %s", msg.topic, exc)

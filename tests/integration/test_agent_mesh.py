@@ -275,6 +275,28 @@ def test_leave_join_crash_restart(mesh: Mesh) -> None:
     mesh.wait_complete()
 
 
+def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
+    """A node that stays connected but stops heartbeating (frozen, partitioned) fires no will: the
+    registrar's TTL takes it out; its next heartbeat (same epoch) brings it back."""
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    beta = mesh.nodes["beta"]
+    alpha, gamma = mesh.nodes["alpha"], mesh.nodes["gamma"]
+    beta_key = beta.agent.public_key  # type: ignore[union-attr]
+    started = time.monotonic()
+    beta.agent.pause_heartbeats()  # type: ignore[union-attr]
+    wait_for(
+        lambda: beta_key not in alpha.peers() and beta_key not in gamma.peers(),
+        timeout=TTL_S + 8,
+        what="beta removed by the heartbeat TTL",
+    )
+    assert time.monotonic() - started >= TTL_S * 0.5, "removed by the TTL, not by something faster"
+    assert len(beta.peers()) == 2, "beta itself keeps its tunnels to the live members"
+    beta.agent.pause_heartbeats(False)  # type: ignore[union-attr]
+    mesh.wait_complete(timeout=10)
+
+
 def test_control_plane_outage_keeps_every_tunnel(
     mesh: Mesh, broker: RunningBroker, registrar: Registrar
 ) -> None:
