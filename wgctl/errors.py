@@ -21,6 +21,12 @@ class InvalidConfigError(WireGuardError):
     """A peer or interface setting cannot be applied: a bad CIDR, a hostname endpoint, a port out of range."""
 
 
+class ResolveError(InvalidConfigError):
+    """An endpoint's host name could not be resolved to an address (possibly only for now)."""
+
+    temporary = True
+
+
 class KeyFileError(WireGuardError):
     """The private key file could not be created, read or parsed."""
 
