@@ -122,6 +122,10 @@ class Lab:
             if self.store.exists() or self.store.recorded_id():
                 raise LabStateError(f"{self.store.root} already holds a lab; run `meshlab down` first")
             plan = LabPlan(check_lab_id(lab_id) if lab_id else new_lab_id())
+            # Logs and state of a previous lab in this directory stay until the next `up`: a new lab must not
+            # start from the old registrar database or node keys (different underlay, different ids).
+            for leftover in ("control", "nodes", "traffic"):
+                shutil.rmtree(self.store.root / leftover, ignore_errors=True)
             # Written before anything exists, so `down` can find this lab's leftovers whatever happens next.
             self.store.write_id(plan.lab_id)
             st = LabState(
@@ -653,8 +657,8 @@ class Lab:
         record = self._node(st, name)
         log_path = self.store.node_dir(name) / "chat.log"
         log_path.unlink(missing_ok=True)
-        return system.spawn([tool("meshchat"), "--socket", str(self.store.agent_socket(name)), "--name", name,
-                             "listen", "--count", str(count)],
+        return system.spawn([tool("meshchat"), "listen", "--socket", str(self.store.agent_socket(name)),
+                             "--name", name, "--count", str(count)],
                             namespace=record.namespace, log_path=log_path, env=child_env())
 
     def chat_listening(self, name: str) -> bool:
@@ -669,10 +673,12 @@ class Lab:
 
     def chat_send(self, src: str, dst: str, text: str, *, timeout_s: float = 3.0) -> tuple[bool, str]:
         """`meshchat send` from `src` to `dst`'s mesh IP; (delivered, stderr)."""
-        proc = self.exec(src, [tool("meshchat"), "--socket", str(self.store.agent_socket(src)), "--name", src,
-                               "send", "--to", self.mesh_ip(dst), "--timeout", str(timeout_s), text],
+        proc = self.exec(src, [tool("meshchat"), "send", "--socket", str(self.store.agent_socket(src)),
+                               "--name", src, "--to", self.mesh_ip(dst), "--timeout", str(timeout_s), text],
                          timeout=timeout_s + 15)
-        return proc.returncode == 0, (proc.stderr or "").strip()
+        # meshchat logs a warning and then prints its verdict: the verdict (last line) is the reason.
+        lines = (proc.stderr or "").strip().splitlines()
+        return proc.returncode == 0, (lines[-1] if lines else "")
 
 
 class Pinger:
