@@ -1,8 +1,8 @@
 """`meshvpn-broker`: run the embedded broker, or manage its (Mosquitto-format) password file.
 
     meshvpn-broker [--config FILE] [--host H] [--port P] [--password-file F] [--allow-anonymous] [--log-json]
-    meshvpn-broker --password-file F passwd add USER [--password PW]   # prompts when --password is not given
-    meshvpn-broker --password-file F passwd remove USER
+    meshvpn-broker passwd add USER --password-file F [--password PW]   # prompts when --password is not given
+    meshvpn-broker passwd remove USER --password-file F
 
 The composition root of the broker service: settings are loaded here once (file, MESHVPN_* env, flags).
 """
@@ -18,7 +18,6 @@ import sys
 import threading
 from pathlib import Path
 
-from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError, PasswordFileError
 from broker.settings import BrokerServerSettings
 from meshcontract import access, logs
@@ -28,12 +27,17 @@ from meshcontract.settings import load_settings
 log = logging.getLogger(__name__)
 
 
+def _file_options(parser: argparse.ArgumentParser, *, default: object) -> None:
+    parser.add_argument("--config", default=default, help="TOML settings file (BrokerServerSettings fields)")
+    parser.add_argument("--password-file", default=default,
+                        help="Mosquitto-format password file (enables authentication + ACL)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshvpn-broker", description="meshvpn's embedded MQTT broker (amqtt)")
-    parser.add_argument("--config", help="TOML settings file (BrokerServerSettings fields)")
+    _file_options(parser, default=None)
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 1883)")
-    parser.add_argument("--password-file", help="Mosquitto-format password file (enables authentication + ACL)")
     parser.add_argument("--allow-anonymous", action="store_true", default=None, help="let clients in without a username")
     parser.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
     sub = parser.add_subparsers(dest="command")
@@ -45,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--password", help="the password (prompted for when omitted)")
     remove = psub.add_parser("remove", help="remove a user")
     remove.add_argument("user")
+    # Also accepted after the subcommand ("passwd add n1 --password-file F"); SUPPRESS keeps an absent option
+    # from overwriting one given before the subcommand.
+    for subcommand in (add, remove):
+        _file_options(subcommand, default=argparse.SUPPRESS)
     return parser
 
 
@@ -82,9 +90,12 @@ def _passwd(args: argparse.Namespace, settings: BrokerServerSettings) -> int:
                   "(lowercase letters, digits, - and _)", file=sys.stderr)
             return 2
         password = args.password
-        if password is None:
+        if password is None and not sys.stdin.isatty():
+            # Scripts pipe it in (getpass would look for a terminal first).
+            password = sys.stdin.readline().rstrip("\n")
+        elif password is None:
             password = getpass.getpass(f"password for {user}: ")
-            if sys.stdin.isatty() and getpass.getpass("again: ") != password:
+            if getpass.getpass("again: ") != password:
                 print("passwords differ", file=sys.stderr)
                 return 1
         if not password or password.startswith(access.JOIN_PASSWORD_PREFIX):
@@ -105,6 +116,9 @@ def _passwd(args: argparse.Namespace, settings: BrokerServerSettings) -> int:
 
 
 def _run(settings: BrokerServerSettings) -> int:
+    # Imported here: amqtt takes about a second to import, which `passwd` does not need.
+    from broker.embedded import EmbeddedBroker
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
