@@ -1,0 +1,187 @@
+"""The local API and meshctl against running agents, and `meshvpn-agent` itself as a process.
+
+A real broker (Mosquitto) and the registrar subprocess, as in test_agent_mesh.py. Agents use the in-memory
+WireGuard backend; pings are real `ping` runs redirected to 127.0.0.1, since mesh IPs are not routed here
+(and tests must not send anything anywhere else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from brokers import RunningBroker, start_mosquitto
+from test_agent_mesh import MESH, REPO, Mesh, Registrar, wait_for
+
+from meshcontract.localapi import LocalRequest, query
+from meshcontract.transport import BrokerSettings
+from nodeagent import meshctl
+from nodeagent.agent import Agent
+from nodeagent.ping import SystemPinger
+from nodeagent.settings import AgentSettings
+from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
+
+
+class LoopbackPinger:
+    """Runs the real system ping, but at 127.0.0.1; remembers which mesh IP was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def ping(self, ip: str, *, count: int) -> list[float | None]:
+        self.asked.append(ip)
+        return SystemPinger().ping("127.0.0.1", count=count)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="mvpn", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = start_mosquitto(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def registrar(tmp_path: Path, broker: RunningBroker) -> Iterator[Registrar]:
+    reg = Registrar(broker, tmp_path / "registrar")
+    reg.state_dir.mkdir(parents=True)
+    try:
+        reg.start()
+        yield reg
+    finally:
+        reg.kill()
+
+
+def test_meshctl_status_and_ping(
+    tmp_path: Path,
+    short_dir: Path,
+    broker: RunningBroker,
+    registrar: Registrar,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    mesh = Mesh(tmp_path, broker, registrar.create_token())
+    try:
+        mesh.add("beta")
+        wireguard = InMemoryWireGuard()
+        sock = short_dir / "agent.sock"
+        settings = AgentSettings(
+            broker=BrokerSettings(url=broker.url), mesh=MESH, join_token=mesh.token, name="alpha",
+            endpoint="127.0.0.1:52000", state_dir=tmp_path / "alpha", socket_path=sock, reconcile_interval_s=0.5,
+        )  # fmt: skip
+        pinger = LoopbackPinger()
+        alpha = Agent(settings, wireguard=wireguard, routes=InMemoryRoutes(wireguard), pinger=pinger)
+        alpha.start()
+        try:
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600, "root-only socket by default"
+            beta = mesh.nodes["beta"].agent
+            assert beta is not None
+            wait_for(
+                lambda: beta.public_key in wireguard.read("meshvpn0").peers, timeout=15, what="alpha has beta"
+            )
+            wireguard.simulate_handshake(
+                "meshvpn0", beta.public_key, at=alpha.status().now - 3, rx_bytes=4096
+            )
+
+            assert meshctl.main(["--socket", str(sock), "status"]) == 0
+            text = capsys.readouterr().out
+            assert f"alpha ({alpha.node_id})" in text and f"{alpha.mesh_ip}/16 on meshvpn0" in text
+            assert "broker    connected" in text and "registrar online" in text
+            row = next(line for line in text.splitlines() if line.startswith("beta"))
+            assert row.split()[:5] == ["beta", beta.mesh_ip, "active", "3s", "ago"]
+            assert "127.0.0.1:51000" in row and "4.0 KiB" in row
+
+            assert meshctl.main(["--socket", str(sock), "status", "--json"]) == 0
+            data = json.loads(capsys.readouterr().out)
+            assert data["membership_complete"] is True
+            assert [(p["name"], p["configured"]) for p in data["peers"]] == [("beta", True)]
+
+            assert meshctl.main(["--socket", str(sock), "ping", "beta", "-c", "2"]) == 0
+            out = capsys.readouterr().out
+            assert f"PING beta ({beta.mesh_ip})" in out and "2 received" in out
+            assert pinger.asked == [beta.mesh_ip], "the ping went to the peer's mesh IP"
+
+            assert meshctl.main(["--socket", str(sock), "ping", "nobody"]) == 1
+            assert "no mesh member named" in capsys.readouterr().err
+        finally:
+            alpha.stop()
+        assert not sock.exists(), "the socket is removed on stop"
+        assert meshctl.main(["--socket", str(sock), "status"]) == meshctl.EXIT_NOT_RUNNING
+        assert "agent is not running" in capsys.readouterr().err
+    finally:
+        mesh.close()
+
+
+def _agent_cmd(broker: RunningBroker, state: Path, sock: Path, token: str) -> list[str]:
+    return [
+        sys.executable, "-m", "nodeagent", "run", "--backend", "memory", "--broker", broker.url, "--mesh", MESH,
+        "--join-token", token, "--name", "cli-node", "--state-dir", str(state), "--socket", str(sock),
+        "--endpoint", "127.0.0.1:52999",
+    ]  # fmt: skip
+
+
+def test_agent_process_runs_and_stops_gracefully(
+    tmp_path: Path, short_dir: Path, broker: RunningBroker, registrar: Registrar
+) -> None:
+    sock = short_dir / "agent.sock"
+    state = tmp_path / "cli-state"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            _agent_cmd(broker, state, sock, registrar.create_token()),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+
+        def registered() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            if not sock.exists():
+                return False
+            status = query(LocalRequest(op="status"), socket_path=str(sock), timeout=5).status
+            return status is not None and status.mesh_ip is not None
+
+        wait_for(registered, timeout=20, what="the agent process registers")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_path.read_text()
+    assert "published status offline" in output and "agent stopped" in output
+    for name in ("private.key", "broker_password"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
+    for name in ("node_id", "epoch", "registration.json"):
+        assert (state / name).exists()
+
+
+def test_agent_process_exits_3_when_refused(tmp_path: Path, short_dir: Path, broker: RunningBroker,
+                                            registrar: Registrar) -> None:  # fmt: skip
+    done = subprocess.run(
+        _agent_cmd(broker, tmp_path / "state", short_dir / "agent.sock", "bogus-token"),
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "registration refused" in done.stderr
