@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from wgctl import routes, uapi
+from wgctl import keys, routes, uapi
 from wgctl.errors import (
     BackendUnavailableError,
     InterfaceNotFoundError,
@@ -79,6 +79,8 @@ class UserspaceWireGuard:
 
         A `listen_port` of 0 means "any port": an interface already listening somewhere is left as it is.
         """
+        # Validate first: a bad key must not leave a freshly started, unconfigured daemon behind.
+        keys.decode_key(private_key)
         with self._lock:
             created = False
             device = self._device_or_none(name)
