@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from brokers import ProbeClient, RunningBroker
+from brokers import ProbeClient, RunningBroker, free_port
 
 from meshcontract import messages, topics
 from meshcontract.messages import Roster, RosterEntry
@@ -49,8 +49,11 @@ def wait_for(condition: Callable[[], object], *, timeout: float, what: str) -> N
 class Registrar:
     """`python -m registrar run` against `broker`, with its state in `state_dir`; restartable."""
 
-    def __init__(self, broker: RunningBroker, state_dir: Path) -> None:
+    def __init__(
+        self, broker: RunningBroker | None, state_dir: Path, *, embedded_port: int | None = None
+    ) -> None:
         self.broker = broker
+        self.embedded_port = embedded_port
         self.state_dir = state_dir
         self.log_path = state_dir.parent / "registrar.log"
         self.proc: subprocess.Popen | None = None
@@ -82,7 +85,7 @@ class Registrar:
             self.proc = subprocess.Popen(
                 [
                     sys.executable, "-m", "registrar", "run",
-                    "--broker", self.broker.url,
+                    *self._broker_args(),
                     "--state-dir", str(self.state_dir),
                     "--mesh", MESH,
                     "--heartbeat-interval", str(HEARTBEAT_S),
@@ -97,6 +100,12 @@ class Registrar:
             return "registrar ready" in self.log()[start:]
 
         wait_for(ready, timeout=30, what="registrar ready")
+
+    def _broker_args(self) -> list[str]:
+        if self.embedded_port is not None:
+            return ["--embedded-broker", "--broker-listen", f"127.0.0.1:{self.embedded_port}"]
+        assert self.broker is not None
+        return ["--broker", self.broker.url]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -126,16 +135,16 @@ class Node:
 class Mesh:
     """Start, stop, crash and restart agents; check the mesh as a whole."""
 
-    def __init__(self, tmp_path: Path, broker: RunningBroker, token: str) -> None:
+    def __init__(self, tmp_path: Path, broker: RunningBroker | str, token: str) -> None:
         self.tmp_path = tmp_path
-        self.broker = broker
+        self.broker_url = broker if isinstance(broker, str) else broker.url
         self.token = token
         self.nodes: dict[str, Node] = {}
 
     def add(self, name: str) -> Node:
         wireguard = InMemoryWireGuard()
         settings = AgentSettings(
-            broker=BrokerSettings(url=self.broker.url, keepalive_s=2),
+            broker=BrokerSettings(url=self.broker_url, keepalive_s=2),
             mesh=MESH,
             join_token=self.token,
             name=name,
@@ -431,3 +440,30 @@ def test_refused_registration_stops_with_exit_code_3(mesh: Mesh) -> None:
     assert agent.wait(timeout=15), "a refused agent stops by itself"
     assert agent.exit_code == 3
     assert agent.failure is not None and agent.failure.code in ("invalid_token", "invalid_request")
+
+
+def test_embedded_broker_join_token_then_issued_credentials(tmp_path: Path) -> None:
+    """The registrar's embedded broker enforces the access rules: a new node logs in with "join:<token>",
+    receives its own broker password in the RegisterReply (stored 0600), and uses it from then on."""
+    port = free_port()
+    registrar = Registrar(None, tmp_path / "registrar", embedded_port=port)
+    registrar.state_dir.mkdir(parents=True)
+    mesh = Mesh(tmp_path, f"mqtt://127.0.0.1:{port}", "")
+    try:
+        registrar.start()
+        mesh.token = registrar.create_token()
+        for name in ("alpha", "beta"):
+            mesh.add(name)
+        mesh.wait_complete()
+        alpha = mesh.nodes["alpha"]
+        password_file = alpha.settings.state_dir / "broker_password"
+        assert password_file.read_text().strip(), "the registrar issued a broker password"
+        # Restart without the join token: the stored password is what gets alpha in now.
+        mesh.stop("alpha")
+        alpha.settings = alpha.settings.model_copy(update={"join_token": None})
+        agent = mesh.start("alpha")
+        wait_for(agent.registered.is_set, timeout=15, what="alpha registers with its issued password")
+        mesh.wait_complete()
+    finally:
+        mesh.close()
+        registrar.kill()
