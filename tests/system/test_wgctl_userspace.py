@@ -132,3 +132,49 @@ def test_interface_name_in_another_namespace_is_refused(lab, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(desired))
     refused = wgctl(b, "apply", ifname, "--json", str(tmp_path / "b.json"), check=False)
     assert refused.returncode == 1 and "another network namespace" in refused.stderr
+
+
+def test_three_nodes_on_a_bridged_lan_form_a_full_mesh(lab, tmp_path):
+    names = ("a", "b", "c")
+    spaces = {n: lab.namespace(n) for n in names}
+    lab.lan({spaces[n]: f"10.78.0.{i + 1}/24" for i, n in enumerate(names)})
+    nodes = {}
+    for i, n in enumerate(names):
+        key_file = tmp_path / f"{n}.key"
+        nodes[n] = {
+            "ifname": lab.ifname("wg"),
+            "host": f"10.78.0.{i + 1}",
+            "mesh_ip": f"100.96.8.{i + 1}",
+            "key_file": str(key_file),
+            "public": keys.public_key(keys.write_private_key(key_file)),
+        }
+    for n, me in nodes.items():
+        result = apply(
+            spaces[n],
+            me["ifname"],
+            tmp_path / f"{n}.json",
+            {
+                "private_key_file": me["key_file"],
+                "listen_port": 51820,
+                "address": f"{me['mesh_ip']}/24",
+                "mtu": 1420,
+                "peers": [
+                    {
+                        "public_key": p["public"],
+                        "allowed_ips": [f"{p['mesh_ip']}/32"],
+                        "endpoint": f"{p['host']}:51820",
+                    }
+                    for o, p in nodes.items()
+                    if o != n
+                ],
+            },
+        )
+        assert sorted(result["added"]) == sorted(p["public"] for o, p in nodes.items() if o != n)
+    for n in names:
+        for o in names:
+            if o != n:
+                wait_until(
+                    lambda n=n, o=o: spaces[n].ping(nodes[o]["mesh_ip"]),
+                    timeout=15,
+                    what=f"ping {n} -> {o} over the mesh",
+                )
