@@ -252,6 +252,7 @@ class ProbeClient:
         keepalive: int = 10,
         clean_session: bool = True,
         connect: bool = True,
+        nodelay: bool = True,
     ) -> None:
         url = broker.url if isinstance(broker, RunningBroker) else broker
         host_port = url.split("://", 1)[1]
@@ -267,6 +268,8 @@ class ProbeClient:
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
             protocol=mqtt.MQTTv311, reconnect_on_failure=False,
         )
+        if nodelay:  # like meshcontract.transport.make_client
+            self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if username is not None:
             self.client.username_pw_set(username, password)
         if will is not None:
