@@ -1,0 +1,598 @@
+"""The registrar over MQTT against both brokers (Mosquitto and the embedded amqtt), driven by real paho clients.
+
+Brokers run with passwords and ACLs, like production. Short timings: heartbeat 0.3 s, TTL 1 s. Every wait is a
+poll on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from meshcontract import messages, topics
+from meshcontract.messages import (
+    ErrorCode,
+    Heartbeat,
+    MemberRecord,
+    MemberState,
+    MeshSettings,
+    NodeStatus,
+    RegisterReply,
+    RegistrarStatus,
+    Roster,
+)
+from meshcontract.topics import Kind
+from meshcontract.transport import BrokerSettings, make_client
+from registrar import engine, tokens
+from registrar.credentials import PasswordFileCredentials
+from registrar.membership import LivenessPolicy
+from registrar.service import RegistrarService
+from registrar.store import SqliteStore
+
+MESH = "lab"
+NETWORK = "10.44.0.0/24"
+HB_S, TTL_S, GRACE_S = 0.3, 1.0, 1.5
+TOKEN = "mvj_integration-token"
+REPO = Path(__file__).resolve().parents[2]
+NODES = [f"n{i}" for i in range(1, 6)]
+USERS = {"registrar": "reg-pw", "observer": "obs-pw", **{n: f"{n}-pw" for n in NODES}}
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def key(n: int) -> str:
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
+def settings_for(broker, user: str, password: str | None, keepalive: int = 2) -> BrokerSettings:
+    return BrokerSettings(url=broker.url, username=user, password=password, keepalive_s=keepalive)
+
+
+class Observer:
+    """Subscribes to the whole mesh and keeps the newest retained view plus every member state it saw."""
+
+    def __init__(self, broker, user: str = "observer", password: str = USERS["observer"]) -> None:
+        self.members: dict[str, MemberRecord] = {}
+        self.roster: Roster | None = None
+        self.registrar: RegistrarStatus | None = None
+        self.history: list[tuple[str, str]] = []  # (node, state) for every record received
+        self.replies: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = make_client(settings_for(broker, user, password), client_id=f"{user}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.mesh_filter(MESH), qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect(broker.host, broker.port, keepalive=5)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "observer not subscribed"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        parsed = topics.parse(msg.topic)
+        with self._lock:
+            if parsed.kind is Kind.MEMBERS:
+                if msg.payload:
+                    rec = messages.decode(MemberRecord, msg.payload)
+                    self.members[parsed.node] = rec
+                    self.history.append((parsed.node, rec.state.value))
+                else:
+                    self.members.pop(parsed.node, None)
+                    self.history.append((parsed.node, "tombstone"))
+            elif parsed.kind is Kind.ROSTER and msg.payload:
+                self.roster = messages.decode(Roster, msg.payload, max_size=messages.MAX_ROSTER_PAYLOAD)
+            elif parsed.kind is Kind.REGISTRAR and msg.payload:
+                self.registrar = messages.decode(RegistrarStatus, msg.payload)
+
+    def state_of(self, node: str) -> str | None:
+        rec = self.members.get(node)
+        return rec.state.value if rec else None
+
+    def complete(self) -> bool:
+        """The agent's rule: every roster entry is held at least that new, and nothing else is held."""
+        with self._lock:
+            if self.roster is None:
+                return False
+            want = {e.node_id: e.revision for e in self.roster.members}
+            have = {n: r.revision for n, r in self.members.items()}
+            return set(want) == set(have) and all(have[n] >= r for n, r in want.items())
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Node:
+    """A simulated node: registers, publishes status (with a will) and heartbeats like an agent would."""
+
+    def __init__(
+        self, broker, node_id: str, *, password: str | None = None, key_n: int | None = None
+    ) -> None:
+        self.broker = broker
+        self.node_id = node_id
+        self.password = password if password is not None else USERS.get(node_id)
+        self.key = key(key_n if key_n is not None else int(node_id.lstrip("n") or 0) + 1)
+        self.replies: queue.Queue[RegisterReply] = queue.Queue()
+        self.client: mqtt.Client | None = None
+        self.epoch = 0
+        self._hb_stop = threading.Event()
+        self._hb: threading.Thread | None = None
+        self._seq = 0
+
+    def topic(self, kind: Kind) -> str:
+        return topics.build(MESH, kind, self.node_id)
+
+    def connect(self, epoch: int) -> Node:
+        self.epoch = epoch
+        subscribed = threading.Event()
+        client = make_client(settings_for(self.broker, self.node_id, self.password), client_id=self.node_id)
+        will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=time.time())
+        client.will_set(self.topic(Kind.STATUS), messages.encode(will), qos=1, retain=True)
+        client.on_message = lambda c, u, m: self.replies.put(messages.decode(RegisterReply, m.payload))
+        client.on_connect = lambda c, *a: c.subscribe(self.topic(Kind.REPLY), qos=1)
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.connect(self.broker.host, self.broker.port, keepalive=2)
+        client.loop_start()
+        assert subscribed.wait(10), f"{self.node_id} not subscribed"
+        self.client = client
+        return self
+
+    def register(
+        self, *, token: str | None = TOKEN, body: dict | None = None, raw: bytes | None = None, timeout=10
+    ):
+        request_id = f"rq-{self.node_id}-{time.monotonic_ns()}"
+        data = {
+            "v": 1,
+            "request_id": request_id,
+            "node_id": self.node_id,
+            "name": f"Node {self.node_id}",
+            "public_key": self.key,
+            "endpoints": [{"host": "192.0.2.7", "port": 51820}],
+            "listen_port": 51820,
+            "join_token": token,
+            "epoch": self.epoch,
+        }
+        data.update(body or {})
+        assert self.client is not None
+        self.client.publish(self.topic(Kind.REGISTER), raw if raw is not None else json.dumps(data), qos=1)
+        if raw is not None and b"request_id" not in raw:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.replies.get(timeout=max(0.01, deadline - time.monotonic()))
+            if reply.request_id == data["request_id"] or raw is not None:
+                return reply
+
+    def status(self, state: str, *, epoch: int | None = None) -> None:
+        msg = NodeStatus(
+            node_id=self.node_id, state=state, epoch=self.epoch if epoch is None else epoch, at=time.time()
+        )
+        self.client.publish(
+            self.topic(Kind.STATUS), messages.encode(msg), qos=1, retain=True
+        ).wait_for_publish(5)
+
+    def start_heartbeats(self) -> Node:
+        self._hb_stop.clear()
+
+        def beat() -> None:
+            while not self._hb_stop.wait(HB_S):
+                self._seq += 1
+                hb = Heartbeat(node_id=self.node_id, epoch=self.epoch, seq=self._seq, sent_at=time.time())
+                self.client.publish(self.topic(Kind.HEARTBEAT), messages.encode(hb), qos=0)
+
+        self._hb = threading.Thread(target=beat, daemon=True)
+        self._hb.start()
+        return self
+
+    def stop_heartbeats(self) -> None:
+        self._hb_stop.set()
+        if self._hb is not None:
+            self._hb.join()
+
+    def join(self, epoch: int = 1, **kw) -> RegisterReply:
+        """connect + register + online + heartbeats."""
+        self.connect(epoch)
+        reply = self.register(**kw)
+        assert reply.ok, reply
+        self.status("online")
+        self.start_heartbeats()
+        return reply
+
+    def crash(self) -> None:
+        """Abrupt: the socket closes without DISCONNECT, so the broker publishes the will."""
+        self.stop_heartbeats()
+        sock = self.client.socket()
+        self.client.loop_stop()
+        sock.close()
+
+    def freeze(self) -> None:
+        """Frozen process: the network loop stops, the socket stays open, nothing more is sent."""
+        self.stop_heartbeats()
+        self.client.loop_stop()
+
+    def close(self) -> None:
+        self.stop_heartbeats()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+
+def mesh_config(expiry_s: float = 60.0) -> engine.Config:
+    return engine.Config(
+        mesh=MeshSettings(
+            mesh=MESH,
+            network=NETWORK,
+            heartbeat_interval_s=HB_S,
+            heartbeat_ttl_s=TTL_S,
+            persistent_keepalive_s=0,
+            mtu=1420,
+        ),
+        policy=LivenessPolicy(ttl_s=TTL_S, expiry_s=expiry_s, grace_s=GRACE_S),
+    )
+
+
+@pytest.fixture
+def mesh(any_broker, tmp_path):
+    """(broker, start_registrar, cleanup list). The token TOKEN is stored, reusable."""
+    broker = any_broker(users=dict(USERS))
+    db = tmp_path / "registrar.db"
+    seed = SqliteStore(db)
+    table, tok = tokens.create(tokens.EMPTY, secret=TOKEN, now=time.time(), reusable=True)
+    seed.add_token(tok)
+    seed.close()
+    started: list[RegistrarService] = []
+    closers: list[Callable[[], None]] = []
+
+    def start_registrar(expiry_s: float = 60.0) -> RegistrarService:
+        svc = RegistrarService(
+            config=mesh_config(expiry_s),
+            store=SqliteStore(db),
+            broker=settings_for(broker, "registrar", USERS["registrar"], keepalive=5),
+            network=NETWORK,
+            quarantine_s=30,
+            credentials=PasswordFileCredentials(broker.password_file, reload=broker._reload),
+            publish_window_s=0.05,
+        )
+        svc.start()
+        assert svc.wait_ready(10), "registrar not ready"
+        started.append(svc)
+        return svc
+
+    try:
+        yield broker, start_registrar, closers
+    finally:
+        for close in reversed(closers):
+            close()
+        for svc in started:
+            svc.stop()
+
+
+def nodes(broker, closers, *ids: str) -> list[Node]:
+    out = [Node(broker, i) for i in ids]
+    closers.extend(n.close for n in out)
+    return out
+
+
+def observer(broker, closers) -> Observer:
+    obs = Observer(broker)
+    closers.append(obs.close)
+    return obs
+
+
+def test_registration_errors_and_idempotency(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    n1, n2, n3 = nodes(broker, closers, "n1", "n2", "n3")
+    first = n1.join()
+    assert first.mesh_ip == "10.44.0.1" and first.prefix_len == 24 and first.settings.heartbeat_ttl_s == TTL_S
+    assert first.broker_password is None  # n1 already had broker credentials
+    # idempotent: same key, new epoch, no token -> same IP, still one member
+    n1.epoch = 2
+    again = n1.register(token=None)
+    assert again.ok and again.mesh_ip == first.mesh_ip
+    assert len(svc.state.membership.members) == 1
+    n2.connect(1)
+    cases = [
+        ({"public_key": n1.key}, ErrorCode.KEY_CONFLICT),  # n1's key under another id
+        ({"join_token": "mvj_wrong"}, ErrorCode.INVALID_TOKEN),
+        ({"join_token": None}, ErrorCode.INVALID_TOKEN),
+        ({"public_key": "bm90IGEga2V5"}, ErrorCode.INVALID_KEY),
+        ({"node_id": "n3"}, ErrorCode.INVALID_REQUEST),  # payload id differs from topic id
+        ({"listen_port": 70000}, ErrorCode.INVALID_REQUEST),
+    ]
+    for body, code in cases:
+        reply = n2.register(body=body)
+        assert not reply.ok and reply.error.code is code, (body, reply)
+    # n1's id with another key
+    n1.key = key(77)
+    assert n1.register(token=None).error.code is ErrorCode.KEY_CONFLICT
+    # a stale epoch (replayed request of an old session)
+    n1.key, n1.epoch = key(2), 1
+    assert n1.register(token=None).error.code is ErrorCode.INVALID_REQUEST
+    # expired and used tokens
+    now = time.time()
+    store = SqliteStore(broker.workdir.parent / "registrar.db")
+    _, expired = tokens.create(tokens.EMPTY, secret="mvj_expired", now=now - 100, ttl_s=1)
+    _, single = tokens.create(tokens.EMPTY, secret="mvj_single", now=now)
+    store.add_token(expired)
+    store.add_token(single)
+    store.close()
+    assert n2.register(token="mvj_expired").error.code is ErrorCode.TOKEN_EXPIRED
+    assert n2.register(token="mvj_single").ok
+    n3.connect(1)
+    assert n3.register(token="mvj_single").error.code is ErrorCode.TOKEN_USED
+    assert sorted(svc.state.membership.members) == ["n1", "n2"]
+
+
+def test_late_subscriber_sees_retained_membership(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    joined = nodes(broker, closers, "n1", "n2", "n3")
+    ips = {n.node_id: n.join().mesh_ip for n in joined}
+    wait_for(lambda: svc.state.membership.revision >= 3, what="3 registrations")
+    time.sleep(0.2)  # let the batched publish go out; completeness below is the real check
+    obs = observer(broker, closers)
+    wait_for(obs.complete, what="a complete retained view")
+    assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
+    assert obs.registrar.state == "online" and obs.registrar.instance == svc.instance
+    assert all(r.state.value == "active" for r in obs.members.values())
+
+
+def test_crash_detected_by_will_then_expiry(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar(expiry_s=2.0)
+    obs = observer(broker, closers)
+    n1, n2 = nodes(broker, closers, "n1", "n2")
+    n1.join()
+    n2.join()
+    wait_for(lambda: obs.state_of("n1") == "active" and obs.state_of("n2") == "active", what="both active")
+    t0 = time.monotonic()
+    n1.crash()
+    wait_for(lambda: svc.state.membership.members["n1"].state.value == "unreachable", what="n1 unreachable")
+    member = svc.state.membership.members["n1"]
+    assert member.unreachable_since - member.last_seen < TTL_S  # by the will, before silence could tell
+    wait_for(lambda: obs.state_of("n1") == "unreachable", what="observer sees n1 unreachable")
+    detected = time.monotonic() - t0
+    assert obs.state_of("n2") == "active"
+    # expiry: tombstone, roster without it, complete view
+    wait_for(lambda: "n1" not in obs.members and obs.complete(), timeout=10, what="n1 removed")
+    assert [e.node_id for e in obs.roster.members] == ["n2"]
+    assert detected < 5
+
+
+def test_frozen_client_detected_by_missed_heartbeats_and_revives(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    obs = observer(broker, closers)
+    (n1,) = nodes(broker, closers, "n1")
+    n1.join()
+    wait_for(lambda: obs.state_of("n1") == "active", what="n1 active")
+    n1.freeze()
+    wait_for(lambda: obs.state_of("n1") == "unreachable", what="n1 unreachable after TTL")
+    member = svc.state.membership.members["n1"]
+    # by silence, not by a will: declared only after a full TTL without hearing from it
+    assert member.unreachable_since - member.last_seen > TTL_S
+    # the process thaws: heartbeats of the same epoch revive it (the broker may have cut the connection meanwhile)
+    n1.client.loop_start()
+    n1.start_heartbeats()
+    wait_for(lambda: obs.state_of("n1") == "active", what="n1 active again")
+    assert svc.state.membership.members["n1"].mesh_ip == "10.44.0.1"
+
+
+def test_graceful_offline(mesh):
+    broker, start_registrar, closers = mesh
+    start_registrar()
+    obs = observer(broker, closers)
+    (n1,) = nodes(broker, closers, "n1")
+    n1.join()
+    wait_for(lambda: obs.state_of("n1") == "active", what="n1 active")
+    n1.stop_heartbeats()
+    n1.status("offline")
+    n1.close()
+    wait_for(
+        lambda: obs.state_of("n1") == "unreachable", timeout=TTL_S * 0.9, what="offline well before the TTL"
+    )
+
+
+def test_stale_epoch_will_ignored_after_reregistration(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    obs = observer(broker, closers)
+    (n1,) = nodes(broker, closers, "n1")
+    n1.join(epoch=1)
+    wait_for(lambda: obs.state_of("n1") == "active", what="n1 active")
+    # the node restarts: a new connection (taking over the client id) with a new epoch and will
+    n1.stop_heartbeats()
+    old = n1.client
+    n1.connect(2)
+    old.loop_stop()  # before paho's reconnect (>= 1 s) could take the client id back
+    assert n1.register(token=None).ok
+    n1.status("online")
+    n1.start_heartbeats()
+    # A broker may publish the old connection's will at takeover (epoch 1, still current then): that is
+    # a transient unreachable, healed by the registration; what matters is what follows.
+    wait_for(
+        lambda: svc.state.membership.members["n1"].epoch == 2 and obs.state_of("n1") == "active",
+        what="new session active",
+    )
+    # a late will or status of the old session must not take the new session down
+    n1.status("offline", epoch=1)
+    n1.status("online")
+    rev = svc.state.membership.revision
+    time.sleep(TTL_S * 1.5)  # observation window: the member must stay active throughout
+    assert svc.state.membership.members["n1"].state.value == "active"
+    assert svc.state.membership.members["n1"].epoch == 2
+    assert obs.state_of("n1") == "active"
+    assert svc.state.membership.revision == rev
+
+
+def test_malformed_input_changes_nothing(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    n1, n2 = nodes(broker, closers, "n1", "n2")
+    n1.join()
+    n2.connect(1)
+    wait_for(lambda: svc.state.membership.revision == 1, what="n1 registered")
+    before = (dict(svc.state.membership.members), svc.state.membership.revision)
+    rejected = svc.counters["rejected"]
+    junk = [
+        b"",
+        b"\x00\xff",
+        b"[]",
+        b"{",
+        b"null",
+        b'{"v":2}',
+        json.dumps({"v": 1, "x": "y" * 20000}).encode(),
+    ]
+    for payload in junk:
+        for kind in (Kind.REGISTER, Kind.STATUS, Kind.HEARTBEAT):
+            n2.client.publish(n2.topic(kind), payload, qos=1).wait_for_publish(5)
+    # heartbeats and status for a node that is not a member, and a register with a usable request id
+    n2.client.publish(
+        n2.topic(Kind.HEARTBEAT), messages.encode(Heartbeat(node_id="n2", epoch=1, seq=1, sent_at=1))
+    )
+    bad = n2.register(raw=json.dumps({"request_id": "bad-request-1", "node_id": "n2", "epoch": -1}).encode())
+    assert (
+        bad is not None and bad.request_id == "bad-request-1" and bad.error.code is ErrorCode.INVALID_REQUEST
+    )
+    wait_for(lambda: svc.counters["rejected"] >= rejected + 10, what="rejections counted")
+    assert (dict(svc.state.membership.members), svc.state.membership.revision) == before
+    # still alive and serving
+    assert n2.register().ok
+
+
+def test_registrar_restart_keeps_members_and_ips(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    obs = observer(broker, closers)
+    joined = nodes(broker, closers, "n1", "n2", "n3")
+    ips = {n.node_id: n.join().mesh_ip for n in joined}
+    wait_for(lambda: all(obs.state_of(n) == "active" for n in ips), what="all active")
+    svc.stop()
+    wait_for(lambda: obs.registrar.state == "offline", what="graceful registrar offline")
+    history_len = len(obs.history)
+    svc2 = start_registrar()
+    assert {n: m.mesh_ip for n, m in svc2.state.membership.members.items()} == ips
+    wait_for(
+        lambda: obs.registrar.state == "online" and obs.registrar.instance == svc2.instance, what="online"
+    )
+    time.sleep(GRACE_S + TTL_S)  # window for false removals: heartbeating members must stay active
+    assert all(state == "active" for _, state in obs.history[history_len:]), obs.history[history_len:]
+    assert all(m.state.value == "active" for m in svc2.state.membership.members.values())
+    again = joined[0]
+    again.epoch = 2
+    assert again.register(token=None).mesh_ip == ips["n1"]
+
+
+def test_registrar_kill_9_and_restart(mesh, tmp_path):
+    broker, _, closers = mesh
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    os.rename(tmp_path / "registrar.db", state_dir / "registrar.db")
+    env = {
+        **os.environ,
+        "MESHVPN_BROKER__URL": broker.url,
+        "MESHVPN_BROKER__USERNAME": "registrar",
+        "MESHVPN_BROKER__PASSWORD": USERS["registrar"],
+        "MESHVPN_PASSWORD_FILE": str(broker.password_file),
+        "MESHVPN_GRACE_S": str(GRACE_S),
+        "MESHVPN_BROKER__KEEPALIVE_S": "2",  # the broker publishes our will 3 s after the kill
+    }
+    args = [sys.executable, "-m", "registrar", "run", "--state-dir", str(state_dir), "--mesh", MESH,
+            "--network", NETWORK, "--heartbeat-interval", str(HB_S), "--heartbeat-ttl", str(TTL_S), "--http", ""]  # fmt: skip
+
+    def launch() -> subprocess.Popen:
+        proc = subprocess.Popen(args, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        closers.append(lambda: (proc.kill(), proc.wait()))
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "registrar ready" in line:
+                # keep draining so the child never blocks on a full pipe
+                threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+                return proc
+            if not line and proc.poll() is not None:
+                break
+        raise AssertionError("registrar did not become ready:\n" + "".join(lines))
+
+    proc = launch()
+    obs = observer(broker, closers)
+    joined = nodes(broker, closers, "n1", "n2")
+    ips = {n.node_id: n.join().mesh_ip for n in joined}
+    wait_for(lambda: all(obs.state_of(n) == "active" for n in ips), what="all active")
+    first_instance = obs.registrar.instance
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # the broker notices the dead connection (keepalive) and publishes the registrar's will
+    wait_for(lambda: obs.registrar.state == "offline", timeout=30, what="registrar will")
+    history_len = len(obs.history)
+    launch()
+    wait_for(
+        lambda: obs.registrar.state == "online" and obs.registrar.instance != first_instance, what="online"
+    )
+    wait_for(obs.complete, what="complete view after restart")
+    assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
+    time.sleep(GRACE_S + TTL_S)
+    assert all(state == "active" for _, state in obs.history[history_len:]), obs.history[history_len:]
+
+
+def test_broker_restart_republishes_state(mesh):
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    joined = nodes(broker, closers, "n1", "n2")
+    ips = {n.node_id: n.join().mesh_ip for n in joined}
+    wait_for(lambda: svc.state.membership.revision >= 2, what="registered")
+    broker.stop()
+    wait_for(lambda: not svc.connected, what="registrar notices the broker is gone")
+    broker.start()  # no persistence: every retained message is gone
+    wait_for(lambda: svc.connected, timeout=40, what="registrar reconnected")
+    obs = observer(broker, closers)
+    wait_for(obs.complete, what="retained state republished")
+    assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
+    assert obs.registrar.state == "online"
+    # paho reconnects the nodes too; their heartbeats keep them (or make them again) active
+    wait_for(lambda: all(obs.state_of(n) == "active" for n in ips), timeout=40, what="members active")
+
+
+def test_stale_retained_record_is_tombstoned(mesh):
+    broker, start_registrar, closers = mesh
+    # a record left behind (e.g. a node removed while the broker was down): only the registrar may publish it
+    leftover = MemberRecord(
+        node_id="ghost", name="ghost", mesh_ip="10.44.0.99", public_key=key(99), listen_port=1, state=MemberState.ACTIVE,
+        revision=1, updated_at=1.0,
+    )  # fmt: skip
+    pub = make_client(settings_for(broker, "registrar", USERS["registrar"]), client_id="seeder")
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    pub.publish(
+        topics.build(MESH, Kind.MEMBERS, "ghost"), messages.encode(leftover), qos=1, retain=True
+    ).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+    start_registrar()
+    obs = observer(broker, closers)
+    wait_for(
+        lambda: obs.roster is not None and obs.complete() and "ghost" not in obs.members, what="ghost gone"
+    )
