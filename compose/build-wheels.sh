@@ -7,7 +7,7 @@
 # where containers cannot reach PyPI. The wheels must fit the image's Python: both default base images carry
 # CPython 3.11, so build with a 3.11 interpreter (PYTHON=python3.11 if `python3` is another version).
 #
-# Usage: compose/build-wheels.sh        PYTHON=/path/to/python3.11 to choose the interpreter
+# Usage: compose/build-wheels.sh [OUTDIR]    (default compose/wheels; PYTHON=/path/to/python3.11 to choose)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -19,7 +19,9 @@ if [ "$version" != "3.11" ]; then
   exit 1
 fi
 
-out=$here/wheels
+out=${1:-$here/wheels}
+# Fixed timestamps inside the wheel: the same code gives the same bytes, so Docker reuses its cached layers.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800}
 staging=$(mktemp -d "${TMPDIR:-/tmp}/meshvpn-wheels.XXXXXX")
 trap 'rm -rf "$staging"' EXIT
 
