@@ -1,0 +1,181 @@
+"""`meshvpn-registrar` end to end: tokens and credentials commands, and `run --embedded-broker` where a node logs
+in with its join token, registers, receives its own broker password and logs in with that."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from brokers import free_port
+
+from meshcontract import access, messages, topics
+from meshcontract.messages import RegisterReply, RegistrarStatus
+from meshcontract.settings import load_settings
+from meshcontract.topics import Kind
+from meshcontract.transport import BrokerSettings, make_client
+from registrar import cli
+from registrar.settings import RegistrarSettings
+
+MESH = "clilab"
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().out.strip()
+
+
+def test_tokens_commands(tmp_path, capsys):
+    d = str(tmp_path)
+    code, secret = run_cli(capsys, "tokens", "create", "--state-dir", d, "--ttl", "60", "--uses", "3")
+    assert code == 0 and secret.startswith("mvj_")
+    code, listing = run_cli(capsys, "tokens", "list", "--state-dir", d)
+    token_id = listing.splitlines()[1].split()[0]
+    assert code == 0 and "yes" in listing and "0/3" in listing and secret not in listing
+    assert run_cli(capsys, "tokens", "revoke", token_id, "--state-dir", d)[0] == 0
+    assert run_cli(capsys, "tokens", "revoke", token_id, "--state-dir", d)[0] == 1
+    code, password = run_cli(capsys, "credentials", "issue", "observer", "--state-dir", d)
+    entries = access.parse_password_file((tmp_path / "passwords").read_text())
+    assert code == 0 and access.verify_password(password, entries["observer"])
+    assert run_cli(capsys, "credentials", "issue", "Not A User", "--state-dir", d)[0] == 2
+
+
+class Client:
+    def __init__(self, port: int, user: str, password: str, *, will: bool = False) -> None:
+        self.connack: list[object] = []
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = make_client(
+            BrokerSettings(url=f"mqtt://127.0.0.1:{port}", username=user, password=password, keepalive_s=5),
+            client_id=user,
+        )
+        self.client.on_connect = lambda c, u, f, rc, p: self.connack.append(rc)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        wait_for(lambda: self.connack, what=f"CONNACK for {user}")
+
+    @property
+    def accepted(self) -> bool:
+        return not self.connack[-1].is_failure
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def running(tmp_path, capsys):
+    state = tmp_path / "state"
+    code, token = run_cli(capsys, "tokens", "create", "--state-dir", str(state))
+    assert code == 0
+    broker_port, http_port = free_port(), free_port()
+    settings = load_settings(
+        RegistrarSettings,
+        environ={},
+        overrides={
+            "state_dir": str(state),
+            "embedded_broker": True,
+            "broker_listen": f"127.0.0.1:{broker_port}",
+            "http_listen": f"127.0.0.1:{http_port}",
+            "mesh": MESH,
+            "network": "10.66.0.0/24",
+            "heartbeat_interval_s": 0.3,
+            "heartbeat_ttl_s": 1.0,
+        },
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            cli.run(settings, stop=stop)
+        except BaseException as exc:  # surfaced by the test, not swallowed
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{http_port}"
+
+    def healthy() -> bool:
+        if errors:
+            raise errors[0]
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).json()["broker_connected"]
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, what="registrar serving")
+    try:
+        yield {"token": token, "broker_port": broker_port, "base": base, "state": state, "stop": stop}
+    finally:
+        stop.set()
+        thread.join(15)
+        assert not thread.is_alive(), "registrar did not stop"
+        assert not errors, errors
+
+
+def test_join_with_token_gets_own_credentials(running):
+    port, token = running["broker_port"], running["token"]
+    node = Client(port, "n1", access.JOIN_PASSWORD_PREFIX + token)
+    assert node.accepted, "a valid join token must open the broker"
+    node.client.subscribe(topics.build(MESH, Kind.REPLY, "n1"), qos=1)
+    time.sleep(0.2)  # SUBACK; the reply below is not retained
+    request = {
+        "request_id": "cli-request-1",
+        "node_id": "n1",
+        "name": "first",
+        "public_key": base64.b64encode(b"\x05" * 32).decode(),
+        "listen_port": 51820,
+        "join_token": token,
+        "epoch": 1,
+    }
+    node.client.publish(topics.build(MESH, Kind.REGISTER, "n1"), json.dumps(request), qos=1)
+    wait_for(lambda: node.messages, what="registration reply")
+    reply = messages.decode(RegisterReply, node.messages[0][1])
+    assert reply.ok and reply.mesh_ip == "10.66.0.1" and reply.broker_password
+    node.close()
+    # its own password works now; the single-use token no longer does, for anyone
+    again = Client(port, "n1", reply.broker_password)
+    assert again.accepted
+    again.close()
+    other = Client(port, "n2", access.JOIN_PASSWORD_PREFIX + token)
+    assert not other.accepted
+    other.client.loop_stop()
+    # the HTTP API shows it; admin endpoints need the generated admin token
+    base = running["base"]
+    assert httpx.get(f"{base}/v1/nodes/n1").json()["mesh_ip"] == "10.66.0.1"
+    admin = (running["state"] / "admin_token").read_text().strip()
+    assert httpx.get(f"{base}/v1/tokens").status_code == 401
+    assert httpx.get(f"{base}/v1/tokens", headers={"Authorization": f"Bearer {admin}"}).json()[0]["uses"] == 1
+
+
+def test_graceful_stop_publishes_offline(running, capsys):
+    code, password = run_cli(capsys, "credentials", "issue", "observer", "--state-dir", str(running["state"]))
+    assert code == 0
+    obs = Client(running["broker_port"], "observer", password)
+    assert obs.accepted
+    obs.client.subscribe(topics.build(MESH, Kind.REGISTRAR), qos=1)
+
+    def last_state() -> str | None:
+        payloads = [p for t, p in obs.messages if p]
+        return messages.decode(RegistrarStatus, payloads[-1]).state if payloads else None
+
+    wait_for(lambda: last_state() == "online", what="registrar online (retained)")
+    running["stop"].set()
+    wait_for(
+        lambda: last_state() == "offline" or not obs.client.is_connected(), what="offline or broker gone"
+    )
+    # the embedded broker stops with the registrar; the offline status was published before it did
+    assert last_state() == "offline"
+    obs.client.loop_stop()
