@@ -185,7 +185,9 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
     service: RegistrarService | None = None
 
     def verify(username: str, token: str) -> bool:
-        return service is not None and service.token_valid(token)
+        # A join token opens the broker only for a node id that has no credentials yet: otherwise a token
+        # holder could log in as an existing member, take over its session and speak for it.
+        return service is not None and service.token_valid(token) and not credentials.has(username)
 
     if settings.embedded_broker:
         from broker.embedded import EmbeddedBroker

@@ -125,7 +125,7 @@ def running(tmp_path, capsys):
         assert not errors, errors
 
 
-def test_join_with_token_gets_own_credentials(running):
+def test_join_with_token_gets_own_credentials(running, capsys):
     port, token = running["broker_port"], running["token"]
     node = Client(port, "n1", access.JOIN_PASSWORD_PREFIX + token)
     assert node.accepted, "a valid join token must open the broker"
@@ -152,6 +152,15 @@ def test_join_with_token_gets_own_credentials(running):
     other = Client(port, "n2", access.JOIN_PASSWORD_PREFIX + token)
     assert not other.accepted
     other.client.loop_stop()
+    # a valid reusable token never lets anyone log in as a node that already has credentials
+    code, reusable = run_cli(capsys, "tokens", "create", "--reusable", "--state-dir", str(running["state"]))
+    assert code == 0
+    impostor = Client(port, "n1", access.JOIN_PASSWORD_PREFIX + reusable)
+    assert not impostor.accepted
+    impostor.client.loop_stop()
+    newcomer = Client(port, "n3", access.JOIN_PASSWORD_PREFIX + reusable)
+    assert newcomer.accepted
+    newcomer.close()
     # the HTTP API shows it; admin endpoints need the generated admin token
     base = running["base"]
     assert httpx.get(f"{base}/v1/nodes/n1").json()["mesh_ip"] == "10.66.0.1"
