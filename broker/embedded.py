@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -59,30 +58,32 @@ _START_TIMEOUT_S = 15.0
 
 
 class PasswordFile:
-    """A Mosquitto-format password file, re-read whenever it changes (mtime, size or inode)."""
+    """A Mosquitto-format password file, read again at every check.
+
+    The file is small and logins are rare, so it is simply read each time: a stat-based cache can miss a
+    same-size rewrite within one mtime tick (ext4 stamps are jiffy-granular), and a password issued by the
+    registrar must work at once.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
+        self._text: str | None = None
         self._entries: dict[str, str] = {}
 
     def _refresh(self) -> None:
         try:
-            st = os.stat(self.path)
+            text = self.path.read_text()
         except FileNotFoundError:
-            if self._stamp is not None or self._entries:
+            if self._text:
                 log.warning("password file %s is missing: nobody can log in with a password", self.path)
-            self._stamp, self._entries = None, {}
-            return
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self._stamp:
-            return
-        self._entries = access.parse_password_file(self.path.read_text())
-        self._stamp = stamp
-        log.info("loaded %d broker users from %s", len(self._entries), self.path)
+            text = ""
+        if text != self._text:
+            self._entries = access.parse_password_file(text)
+            self._text = text
+            log.info("loaded %d broker users from %s", len(self._entries), self.path)
 
     def check(self, username: str, password: str) -> bool:
-        """True if the file holds `username` with `password` (the file is re-read first if it changed)."""
+        """True if the file holds `username` with `password`."""
         self._refresh()
         hashed = self._entries.get(username)
         return hashed is not None and access.verify_password(password, hashed)

@@ -47,8 +47,8 @@ def _accepts(host: str, port: int) -> bool:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    # A rename gives the file a new inode and mtime at once: a reader never sees half a file, and the embedded
-    # broker's change check (mtime, size, inode) cannot miss two writes within one mtime tick.
+    # Write then rename: neither the embedded broker (which reads the file at every CONNECT) nor Mosquitto
+    # (on SIGHUP) can read a half-written file.
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.chmod(tmp, 0o600)
