@@ -186,3 +186,61 @@ def test_membership_json_round_trip() -> None:
 def test_membership_json_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         Membership.from_json(text)
+
+
+# -- properties over generated registrar histories ----------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NODES = ("a", "b", "c", "d")
+# One registrar step: for some nodes, set (active/unreachable) or remove them.
+STEP = st.dictionaries(
+    st.sampled_from(NODES), st.sampled_from(["active", "unreachable", "remove"]), min_size=1
+)
+
+
+def _history(steps: list[dict[str, str]]) -> tuple[list[list[object]], dict[str, tuple[int, str]]]:
+    """The messages the registrar publishes for each step (records/tombstones, then the roster) and the
+    final membership as node -> (revision, state)."""
+    held: dict[str, MemberRecord] = {}
+    batches: list[list[object]] = []
+    for revision, step in enumerate(steps, start=1):
+        batch: list[object] = []
+        for node, action in sorted(step.items()):
+            if action == "remove":
+                if held.pop(node, None) is not None:
+                    batch.append(tomb(node))
+                continue
+            state = MemberState.ACTIVE if action == "active" else MemberState.UNREACHABLE
+            held[node] = rec(node, revision, state)
+            batch.append(held[node])
+        batch.append(roster(revision, **{n: r.revision for n, r in held.items()}))
+        batches.append(batch)
+    return batches, {n: (r.revision, r.state.value) for n, r in held.items()}
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps=st.lists(STEP, min_size=1, max_size=6), data=st.data())
+def test_stale_replays_never_undo_the_newest_state(steps: list[dict[str, str]], data: st.DataObject) -> None:
+    """Live messages arrive in order, interleaved with replays of any earlier message (a reconnect delivers
+    old retained state again). The exposed revision never goes back, and the end result is the final state."""
+    batches, final = _history(steps)
+    live = [m for batch in batches for m in batch]
+    view = MembershipView()
+    seen_revision = -1
+    delivered: list[object] = []
+    for message in live:
+        # Replays are retained state: records and rosters, never tombstones (an empty retained message is not
+        # stored by the broker).
+        replayable = [m for m in delivered if not isinstance(m, tuple)]
+        replays = data.draw(st.lists(st.sampled_from(replayable), max_size=3)) if replayable else []
+        for replay in [*replays, message]:
+            apply(view, replay)
+            current = view.complete()
+            if current is not None:
+                assert current.revision >= seen_revision
+                seen_revision = current.revision
+        delivered.append(message)
+    result = summary(view.complete())
+    assert result is not None and result[1] == final
