@@ -28,5 +28,5 @@ step wait
 wait "$PING_PID" || true
 say "continuous ping n1 -> n2 across the outage:"
 tail -n 3 "$LAB_DIR/ping.log" | sed 's/^/            /'
-say "tunnel changes logged by the agents (none after the initial joins):"
-tunnel_events
+say "registrar decisions and agent tunnel changes (service timestamps, UTC; none after the joins):"
+events

@@ -15,5 +15,5 @@ step thaw n2
 step wait --timeout 30
 step status
 step ping --tcp
-say "tunnel changes logged by the agents:"
-tunnel_events
+say "registrar decisions and agent tunnel changes (service timestamps, UTC):"
+events

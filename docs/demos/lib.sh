@@ -5,6 +5,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LAB_DIR=${LAB_DIR:-$(mktemp -d /tmp/meshlab-scenario.XXXXXX)}
 MESHLAB=("$REPO/.venv/bin/python" -m meshlab.cli --lab-dir "$LAB_DIR")
 T0=$(date +%s.%N)
+echo "scenario $(basename "$0") started at $(date -u +%H:%M:%S.%3N) UTC; lines below: seconds since then"
 
 lab() { "${MESHLAB[@]}" "$@"; }
 
@@ -14,11 +15,16 @@ say() { printf '+%7.2fs  %s\n' "$(awk -v now="$(date +%s.%N)" -v t0="$T0" 'BEGIN
 # Run a lab command, echoing it first.
 step() { say "\$ meshlab $*"; lab "$@" 2>&1 | sed 's/^/            /'; }
 
-# Tunnel changes every agent logged (the evidence of convergence), stamped by the agents themselves.
-tunnel_events() {
-  for f in "$LAB_DIR"/nodes/*/agent.log; do
-    grep -hE "peer (added|removed|updated)" "$f" | sed "s|^|$(basename "$(dirname "$f")"): |" || true
-  done | sort -k2,2
+# Membership decisions of the registrar and tunnel changes of every agent, merged in time order (wall clock,
+# as the services stamp them): the evidence of convergence.
+events() {
+  {
+    grep -hE "member (joined|active|unreachable|left|removed)" "$LAB_DIR/control/registrar.log" 2>/dev/null \
+      | sed 's|^|registrar: |' || true
+    for f in "$LAB_DIR"/nodes/*/agent.log; do
+      grep -hE "peer (added|removed|updated)" "$f" | sed "s|^|$(basename "$(dirname "$f")"): |" || true
+    done
+  } | sort -s -k2,2 | sed -E 's/ peer=[^ ]+//; s/ epoch=[0-9]+//' | cut -c1-200
 }
 
 cleanup() { say "cleaning up"; lab down >/dev/null 2>&1 || true; rm -rf "$LAB_DIR"; }

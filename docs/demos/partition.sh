@@ -16,5 +16,5 @@ step heal n4
 step wait --timeout 40
 step status
 step ping --tcp
-say "tunnel changes logged by the agents:"
-tunnel_events
+say "registrar decisions and agent tunnel changes (service timestamps, UTC):"
+events
