@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshcontract.messages import MemberRecord, MemberState, Roster, RosterEntry
 from nodeagent.membership import Membership, MembershipView
@@ -190,8 +192,6 @@ def test_membership_json_rejects_garbage(text: str) -> None:
 
 # -- properties over generated registrar histories ----------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 NODES = ("a", "b", "c", "d")
 # One registrar step: for some nodes, set (active/unreachable) or remove them.
