@@ -159,18 +159,29 @@ def cmd_listen(settings: ChatSettings, count: int | None) -> int:
     listening = threading.Event()
     failure: list[str] = []
 
+    said: set[str] = set()
+
+    def say_once(text: str) -> None:
+        if text not in said:
+            said.add(text)
+            print(f"meshchat: {text}", file=sys.stderr, flush=True)
+
     def on_update(snapshot, error) -> None:
         try:
             address = session.ensure_listening()
         except ChatError as exc:
-            failure.append(str(exc))
-            done.set()
+            if settings.bind is not None:
+                failure.append(str(exc))  # an explicit address that cannot be bound is a usage error
+                done.set()
+                return
+            # The agent may know our mesh IP a moment before the interface carries it: keep trying.
+            say_once(f"{exc}; retrying")
             return
         if address and not listening.is_set():
             listening.set()
-            print(f"meshchat: listening on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
+            say_once(f"listening on {address[0]}:{address[1]}")
         elif not address and error:
-            log.warning("waiting for the agent to tell us our mesh IP: %s", error)
+            say_once(f"waiting for the agent to tell us our mesh IP: {error}")
 
     poller = PeerPoller(source, directory, interval=settings.poll_interval, on_update=on_update)
     poller.start()

@@ -70,6 +70,8 @@ def snapshot_from_status(status: AgentStatus, *, now: float, window: float = HAN
     """The chat's view of an AgentStatus: peers with their presence, sorted by name then IP. Pure."""
     peers = []
     for view in status.peers:
+        if view.mesh_ip == status.mesh_ip:
+            continue  # we are not our own peer, whatever the agent lists
         state, detail = presence(view, now=now, window=window)
         peers.append(ChatPeer(view.mesh_ip, view.name, view.node_id, state, detail, view.latest_handshake))
     peers.sort(key=lambda p: (p.name.lower(), ipaddress.ip_address(p.mesh_ip)))

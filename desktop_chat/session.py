@@ -223,7 +223,7 @@ class PeerPoller:
         except PeerSourceError as exc:
             error = str(exc)
             if error != self._last_error:
-                log.warning("cannot read peers from the agent, keeping the last list: %s", error)
+                log.warning("cannot read peers from the agent (keeping the last list, if any): %s", error)
         self._last_error = error
         snapshot = self._directory.snapshot
         if self._on_update is not None:

@@ -155,6 +155,8 @@ class ChatServer:
         self._thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._stopping = threading.Event()
+        self._connections: set[threading.Thread] = set()
+        self._connections_lock = threading.Lock()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -183,8 +185,12 @@ class ChatServer:
         self._thread.start()
         log.info("chat listening on %s:%s", *self.address)
 
-    def stop(self) -> None:
-        """Stop accepting and close the listening socket; connections in progress finish on their own."""
+    def stop(self, *, grace: float = 2.0) -> None:
+        """Stop accepting, close the listening socket and give connections in progress up to `grace` seconds.
+
+        The grace matters when the process exits right after a message arrived (`listen --count`): the
+        message is delivered to on_message before its ack is written, and the sender must still get the ack.
+        """
         self._stopping.set()
         if self._sock is not None:
             try:
@@ -197,6 +203,11 @@ class ChatServer:
             self._thread.join(timeout=5)
         self._sock = None
         self._thread = None
+        deadline = time.monotonic() + grace
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn_thread in connections:
+            conn_thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> ChatServer:
         self.start()
@@ -222,8 +233,11 @@ class ChatServer:
                             MAX_CONNECTIONS)
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, addr[0]), name=f"chat-conn-{addr[0]}",
-                             daemon=True).start()
+            conn_thread = threading.Thread(target=self._serve, args=(conn, addr[0]), name=f"chat-conn-{addr[0]}",
+                                           daemon=True)
+            with self._connections_lock:
+                self._connections.add(conn_thread)
+            conn_thread.start()
 
     def _serve(self, conn: socket.socket, peer_ip: str) -> None:
         try:
@@ -239,6 +253,8 @@ class ChatServer:
             log.info("chat connection from %s ended: %s", peer_ip, exc)
         finally:
             self._slots.release()
+            with self._connections_lock:
+                self._connections.discard(threading.current_thread())
 
     def _serve_member(self, conn: socket.socket, peer_ip: str) -> None:
         while True:

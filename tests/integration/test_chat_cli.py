@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -127,3 +128,40 @@ def test_gui_without_pyside6_says_what_to_install(tmp_path):
                             env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
     assert result.returncode == 2
     assert "meshvpn[chat]" in result.stderr
+
+
+def test_listen_waits_for_the_agent_to_come_up(tmp_path, listener):
+    """Started before the agent (as at boot), listen waits, then binds the mesh IP the agent reports."""
+    port = free_port()
+    sock = tmp_path / "agent.sock"
+    proc = listener("--socket", str(sock), "--port", str(port), "--count", "1")
+    now = time.time()
+    status = AgentStatus(
+        node_id="bob", name="bob", mesh_ip=B, prefix_len=16, interface="mc0", broker_connected=True,
+        registrar_online=True, membership_revision=1, membership_complete=True, now=now,
+        peers=[PeerView(node_id="alice", name="alice", mesh_ip=A, public_key="k", state="active",
+                        configured=True, latest_handshake=None)],
+    )
+    wait_stderr(proc, "waiting for the agent")
+    with StubAgent(sock, status):
+        wait_listening(B, port, proc)
+        sent = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "good morning")
+        assert sent.returncode == 0, sent.stderr
+        out, _ = proc.communicate(timeout=15)
+    assert out.splitlines() == [f"{A} alice: good morning"]
+
+
+def wait_stderr(proc: subprocess.Popen, text: str, timeout: float = 15) -> None:
+    # Raw reads: a buffered readline could swallow the line we wait for while select() sees nothing more.
+    deadline = time.monotonic() + timeout
+    seen = b""
+    fd = proc.stderr.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while text.encode() not in seen and (left := deadline - time.monotonic()) > 0:
+            if sel.select(left):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                seen += chunk
+    assert text.encode() in seen, f"no {text!r} on stderr within {timeout}s: {seen!r}"

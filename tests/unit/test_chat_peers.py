@@ -68,3 +68,8 @@ def test_static_status_lists_allowed_ips_online():
     snap = snapshot_from_status(static_status(self_ip="127.0.0.2", name="me", member_ips=["127.0.0.3"], now=NOW),
                                 now=NOW)
     assert [(p.mesh_ip, p.presence) for p in snap.peers] == [("127.0.0.3", "online")]
+
+
+def test_snapshot_leaves_out_ourselves():
+    snap = snapshot_from_status(status([view("100.96.0.1", "alice"), view("100.96.0.2", "bob")]), now=NOW)
+    assert [p.mesh_ip for p in snap.peers] == ["100.96.0.2"]
