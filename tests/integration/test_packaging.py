@@ -2,7 +2,8 @@
 
 This is how people install meshvpn (pip / wheel, docs/deploy.md), so it is tested the same way: build the wheel
 from a clean copy of the source (`pip wheel --no-deps`), install it with its dependencies from the package index
-(pip's cache keeps that fast), and ask every console script declared in pyproject.toml for `--help`. The chat
+(pip's cache keeps that fast) the way
+compose/install.sh does it on a server, into a staging root, and ask every console script declared in pyproject.toml for `--help`. The chat
 extra (PySide6) is deliberately not installed: `meshchat` must still start and say clearly why it has no GUI.
 
 Marked slow (about half a minute, most of it pip); deselect with `-m "not slow"`.
@@ -15,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import venv
 import zipfile
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "compose" / "install.sh"
 SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 # What a source checkout may hold that must never reach the wheel build (stale modules in build/, the dev venv).
 _IGNORE = shutil.ignore_patterns(
@@ -55,17 +56,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bin/ of a fresh venv (no system site-packages) with the wheel and its dependencies installed."""
-    env_dir = tmp_path_factory.mktemp("venv") / "venv"
-    venv.EnvBuilder(with_pip=True, system_site_packages=False, clear=True).create(env_dir)
-    bindir = env_dir / "bin"
-    proc = _run(
-        [str(bindir / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(wheel)],
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"pip install of the wheel failed:\n{proc.stdout}\n{proc.stderr}"
-    return bindir
+def staging_root(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A staging root filled by compose/install.sh: /opt/meshvpn venv, links, units, configs."""
+    root = tmp_path_factory.mktemp("root")
+    proc = _run([str(INSTALL), "--root", str(root), "--wheel", str(wheel)], timeout=240)
+    assert proc.returncode == 0, f"install.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    return root
+
+
+@pytest.fixture(scope="module")
+def installed(staging_root: Path) -> Path:
+    """bin/ of the venv install.sh made (a fresh venv without system site-packages, the wheel and its deps)."""
+    return staging_root / "opt/meshvpn/bin"
 
 
 def _clean_env() -> dict[str, str]:
@@ -104,3 +106,21 @@ def test_meshchat_without_qt_explains_what_is_missing(installed: Path) -> None:
     proc = _run([str(installed / "meshchat"), "gui"], timeout=60, env=_clean_env())
     assert proc.returncode != 0
     assert "PySide6" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_install_script_links_units_and_configs_and_is_idempotent(staging_root: Path, wheel: Path) -> None:
+    for script in SCRIPTS:
+        link = staging_root / "usr/local/bin" / script
+        assert os.readlink(link) == f"/opt/meshvpn/bin/{script}", "links must point at the final location"
+    units = staging_root / "etc/systemd/system"
+    assert (units / "meshvpn-registrar.service").read_text() == (REPO / "compose/systemd/meshvpn-registrar.service").read_text()
+    assert (units / "meshvpn-agent.service").is_file()
+    assert (staging_root / "etc/meshvpn/registrar.toml").stat().st_mode & 0o777 == 0o640
+    assert (staging_root / "etc/meshvpn/agent.toml").stat().st_mode & 0o777 == 0o600
+    # An operator's edit survives a re-run, and a re-run with the same wheel changes nothing.
+    config = staging_root / "etc/meshvpn/registrar.toml"
+    config.write_text(config.read_text() + "# edited\n")
+    again = _run([str(INSTALL), "--root", str(staging_root), "--wheel", str(wheel)], timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout, again.stdout
+    assert config.read_text().endswith("# edited\n")
