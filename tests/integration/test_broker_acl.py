@@ -12,6 +12,7 @@ import pytest
 from brokers import ProbeClient, free_port
 
 from broker.embedded import EmbeddedBroker
+from broker.errors import BrokerStartError
 from broker.settings import BrokerServerSettings
 from meshcontract import topics
 from meshcontract.access import JOIN_PASSWORD_PREFIX, hash_password, render_password_file
@@ -223,3 +224,21 @@ def test_embedded_refuses_node_with_foreign_client_id(tmp_path):
             client = ProbeClient(broker, client_id=client_id, username="n1", password=USERS["n1"])
             client.client.loop_stop()
             assert client.rc != 0, client_id
+
+
+def test_embedded_restarts_on_its_port_and_reports_a_port_in_use(tmp_path):
+    password_file = tmp_path / "passwords"
+    password_file.write_text(render_password_file({"n1": hash_password("pw")}))
+    settings = BrokerServerSettings(port=free_port(), password_file=password_file)
+    broker = EmbeddedBroker(settings)
+    broker.start()
+    try:
+        with pytest.raises(BrokerStartError, match="cannot listen"):
+            EmbeddedBroker(settings).start()
+        broker.stop()
+        broker.start()
+        client = ProbeClient(broker.url, client_id="n1", username="n1", password="pw")
+        assert client.rc == 0
+        client.close()
+    finally:
+        broker.stop()
