@@ -115,7 +115,7 @@ class ChatSession:
             # A retry after a lost ack: stored already, ack again but show nothing new.
             log.info("duplicate message %s from %s acknowledged again", msg.id, from_ip, extra={"mesh_ip": from_ip})
             return
-        log.info("message %s received from %s", msg.id, from_ip, extra={"mesh_ip": from_ip, "name": msg.from_name})
+        log.info("message %s received from %s", msg.id, from_ip, extra={"mesh_ip": from_ip, "node_name": msg.from_name})
         self._notify(self.history.get(from_ip, msg.id) or record)
 
     def _new_record(self, peer_ip: str, text: str) -> Record:

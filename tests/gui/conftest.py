@@ -7,3 +7,9 @@ os.environ["QT_QPA_PLATFORM"] = "offscreen"
 import pytest  # noqa: E402
 
 pytest.importorskip("PySide6", reason="the chat GUI needs PySide6 (pip install meshvpn[chat])")
+
+
+@pytest.fixture(autouse=True)
+def debug_logs(caplog):
+    """Every log call really formats its record (extra= fields included), so a bad one fails the test."""
+    caplog.set_level("DEBUG")

@@ -24,6 +24,7 @@ def meshchat(*args: str) -> list[str]:
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    args = (*args[:1], "--log-level", "DEBUG", *args[1:]) if args[:1] == ("send",) else args
     return subprocess.run(meshchat(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -52,7 +53,7 @@ def listener():
     procs = []
 
     def start(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(meshchat("listen", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(meshchat("listen", "--log-level", "DEBUG", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=ROOT)
         procs.append(proc)
         return proc
@@ -71,7 +72,9 @@ def test_send_and_listen(listener):
     proc = listener("--bind", B, "--allow", A, "--port", str(port), "--count", "2")
     wait_listening(B, port, proc)
     first = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "hello", "bob")
-    assert (first.returncode, first.stderr) == (0, "")
+    assert first.returncode == 0, first.stderr
+    assert "delivered to 127.0.0.3" in first.stderr  # the INFO log line; nothing on stdout
+    assert first.stdout == ""
     second = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "two\nlines")
     assert second.returncode == 0, second.stderr
     out, err = proc.communicate(timeout=15)

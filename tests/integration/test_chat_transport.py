@@ -3,6 +3,7 @@ refusal of non-members, and live membership from a stub agent over the real loca
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -38,6 +39,12 @@ def make_session(ip: str, port: int, members: list[str], name: str) -> ChatSessi
     directory.update(MemoryPeerSource(static_status(self_ip=ip, name=name, member_ips=members, now=time.time()))
                      .snapshot(now=time.time()))
     return ChatSession(history=MemoryHistory(), directory=directory, port=port, timeout=2.0, name=name)
+
+
+@pytest.fixture(autouse=True)
+def debug_logs(caplog):
+    """Every log call really formats its record (extra= fields included), so a bad one fails the test."""
+    caplog.set_level(logging.DEBUG)
 
 
 def free_port() -> int:
