@@ -207,13 +207,22 @@ class Lab:
         if st.broker == "mosquitto":
             env["MESHVPN_BROKER__USERNAME"] = "registrar"
             env["MESHVPN_BROKER__PASSWORD"] = (self.store.control_dir / "registrar.password").read_text().strip()
+            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
         return env
+
+    def _mosquitto_reload_command(self) -> str:
+        # Mosquitto re-reads its password file on SIGHUP. The pid file is rewritten on every broker start, so
+        # the registrar's command stays right across `meshlab broker stop|start`.
+        pid_file = self.store.control_dir / "mosquitto.pid"
+        return f"sh -c 'kill -HUP \"$(cat {pid_file})\"'"
 
     def _registrar_cli(self, st: LabState, args: Sequence[str]) -> str:
         """Run a one-shot registrar command against the lab's registrar state dir; its stdout."""
         env = child_env()
         env["MESHVPN_STATE_DIR"] = str(self.store.control_dir)
         env["MESHVPN_MESH"] = st.mesh
+        if st.broker == "mosquitto" and (self.store.control_dir / "mosquitto.pid").exists():
+            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
         proc = system.run([tool("meshvpn-registrar"), *args], env=env)
         return proc.stdout
 
@@ -245,6 +254,9 @@ class Lab:
         conf = "\n".join([
             "# Written by meshlab: the shipped broker/mosquitto settings, listening on the lab's underlay only.",
             "per_listener_settings false",
+            # Started as root Mosquitto would switch to its own user, which cannot read the root-owned 0600
+            # password file the registrar rewrites; in the lab it keeps running as root inside its namespace.
+            "user root",
             f"listener {BROKER_PORT} {plan.control_ip}",
             "allow_anonymous false",
             f"password_file {control / 'passwords'}",
@@ -252,7 +264,7 @@ class Lab:
             "use_username_as_clientid true",
             "set_tcp_nodelay true",
             "persistence false",
-            "log_dest stdout",
+            f"log_dest file {control / 'mosquitto.log'}",
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             "connection_messages true",
             "",
@@ -262,25 +274,21 @@ class Lab:
     def _start_mosquitto(self, st: LabState, plan: LabPlan) -> None:
         if system.record_state(st.control.broker) != "stopped":
             return
-        log_path = self.store.control_dir / "mosquitto.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0
+        log_path = self.store.control_dir / "mosquitto.stdout.log"
         self.report("starting mosquitto")
         record = system.spawn([shutil.which("mosquitto") or "mosquitto", "-c",
                                str(self.store.control_dir / "mosquitto.conf")],
                               namespace=plan.control_ns, log_path=log_path, env=child_env())
         st.control.broker = record
+        (self.store.control_dir / "mosquitto.pid").write_text(f"{record.pid}\n")
 
         def ready() -> bool:
             if system.record_state(record) == "stopped":
                 raise LabError(f"mosquitto exited during start-up; see {log_path}:\n{_tail(log_path, 15)}")
-            return "running" in _read_from(log_path, offset)
+            return system.listening(plan.control_ns, BROKER_PORT)
 
-        wait_for("mosquitto running", ready, timeout=self.settings.start_timeout_s)
+        wait_for("mosquitto listening", ready, timeout=self.settings.start_timeout_s)
         self.report(f"mosquitto running (pid {record.pid}) on {plan.broker_url}")
-
-    def _reload_mosquitto(self, st: LabState) -> None:
-        # Mosquitto re-reads its password file on SIGHUP; credentials issued later need it.
-        system.signal_record(st.control.broker, signal.SIGHUP)
 
     def registrar(self, action: str) -> None:
         """stop (SIGTERM, graceful) or start the registrar. With the embedded broker this is the broker too."""
@@ -354,7 +362,6 @@ class Lab:
         password_file.write_text(password + "\n")
         password_file.chmod(0o600)
         (state_dir / "node_id").write_text(record.node_id + "\n")
-        self._reload_mosquitto(st)
 
     def _agent_argv(self, st: LabState, record: NodeRecord, node: NodePlan) -> list[str]:
         plan = self.plan(st)
@@ -373,7 +380,8 @@ class Lab:
         ]
         if record.node_id:
             argv += ["--node-id", record.node_id]
-        if st.join_token and st.broker == "embedded":
+        if st.join_token:
+            # With Mosquitto the node logs in with its provisioned password; the token still admits it.
             argv += ["--join-token", st.join_token]
         return argv
 

@@ -111,6 +111,12 @@ def link_up(namespace: str, ifname: str) -> bool:
     return "<" in out and ",UP" in out.split(">")[0] + ","
 
 
+def listening(namespace: str, port: int) -> bool:
+    """True if a TCP socket listens on `port` in `namespace`."""
+    out = run(["ip", "netns", "exec", namespace, "ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+    return bool(out.strip())
+
+
 def remove_wg_sockets(prefix: str) -> list[str]:
     """Delete wireguard-go UAPI sockets whose interface name starts with `prefix` (left by killed processes)."""
     removed = []

@@ -28,7 +28,7 @@ JOIN_DEADLINE = 30.0
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "wireguard-go", "wg", "ping"):
+    for binary in ("ip", "ss", "wireguard-go", "wg", "ping"):
         if shutil.which(binary) is None:
             return f"{binary} not installed (scripts/bootstrap installs it)"
     for module in ("registrar.cli", "nodeagent.cli"):
@@ -37,9 +37,11 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", params=["embedded"])
+@pytest.fixture(scope="module", params=["embedded", "mosquitto"])
 def lab(request, tmp_path_factory):
     reason = _missing()
+    if not reason and request.param == "mosquitto" and shutil.which("mosquitto") is None:
+        reason = "mosquitto not installed (scripts/bootstrap installs it)"
     if reason:
         print(f"skipping the lab end-to-end tests: {reason}")
         pytest.skip(reason)
