@@ -24,6 +24,10 @@ class DeliveryError(ChatError):
         self.reason = reason
 
 
+class ListenError(ChatError):
+    """The chat server could not bind its address (not configured on this host yet, or in use)."""
+
+
 class PeerSourceError(ChatError):
     """The peer list (the local node agent) could not be read."""
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from desktop_chat.errors import ChatError, DeliveryError, FrameError
+from desktop_chat.errors import ChatError, DeliveryError, FrameError, ListenError
 from desktop_chat.framing import (
     HEADER,
     Ack,
@@ -29,13 +29,11 @@ from desktop_chat.framing import (
     encode_refusal,
 )
 
+__all__ = ["ChatServer", "ListenError", "send_message"]
+
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 32
-
-
-class ListenError(ChatError):
-    """The chat server could not bind its address."""
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -4,6 +4,7 @@ refusal of non-members, and live membership from a stub agent over the real loca
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
@@ -158,6 +159,29 @@ def test_no_ack_times_out_with_a_reason(silent_server):
         send_message(B, port, msg, timeout=0.5, source_ip=A)
     assert "no ack" in err.value.reason
     assert time.monotonic() - start < 3
+
+
+def test_connect_timeout_when_syns_go_unanswered():
+    """A full accept queue makes Linux drop SYNs: on loopback that looks like a peer behind a dead tunnel."""
+    with socket.socket() as listener:
+        listener.bind((B, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for s in fillers:
+                s.setblocking(False)
+                s.connect_ex((B, port))
+            _, writable, _ = select.select([], fillers, [], 5)
+            assert writable, "no filler connection completed"
+            start = time.monotonic()
+            with pytest.raises(DeliveryError) as err:
+                send_message(B, port, ChatMessage("syn-00000001", "a", 1.0, "x"), timeout=0.5, source_ip=A)
+            assert "timed out" in err.value.reason
+            assert time.monotonic() - start < 3
+        finally:
+            for s in fillers:
+                s.close()
 
 
 def test_closed_without_ack(silent_server):
