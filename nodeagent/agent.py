@@ -444,7 +444,9 @@ class Agent:
             if registered:
                 attempt = 0
             if self._stopping.is_set():
-                self._close_connection(conn, goodbye=registered and not self._crashed)
+                # Say goodbye even if this connection never got registered: an offline status with a newer epoch
+                # ends our membership at once instead of after the TTL. Not when crashed or refused.
+                self._close_connection(conn, goodbye=not self._crashed and self.failure is None)
                 return
             conn.client.loop_stop()
             delay = backoff_delay(attempt)
