@@ -78,11 +78,20 @@ class LocalApiServer:
         except OSError as exc:
             raise AgentError(f"cannot create {self.path.parent} for the local API socket: {exc}") from exc
         self._remove_stale()
+        # Bind under a temporary name, set mode and group, then rename into place: the socket is never
+        # reachable at its public path with the umask's (possibly looser) permissions.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            server = _Server(str(self.path), _RequestHandler, bind_and_activate=True)
-            os.chmod(self.path, self._mode)
-            if self._group is not None:
-                os.chown(self.path, -1, grp.getgrnam(self._group).gr_gid)
+            server = _Server(str(tmp), _RequestHandler, bind_and_activate=True)
+            try:
+                os.chmod(tmp, self._mode)
+                if self._group is not None:
+                    os.chown(tmp, -1, grp.getgrnam(self._group).gr_gid)
+                os.replace(tmp, self.path)
+            except (OSError, KeyError):
+                server.server_close()
+                tmp.unlink(missing_ok=True)
+                raise
         except (OSError, KeyError) as exc:
             raise AgentError(f"cannot serve the local API on {self.path}: {exc}") from exc
         server.handle_request_fn = self._handler
