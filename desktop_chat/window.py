@@ -203,30 +203,40 @@ class ChatWindow(QMainWindow):
         peers = self._snapshot.peers if self._snapshot else ()
         unread = self.session.history.unread_counts()
         wanted = {p.mesh_ip: p for p in peers}
-        for row in reversed(range(self.peer_list.count())):
-            if self.peer_list.item(row).data(IP_ROLE) not in wanted:
-                self.peer_list.takeItem(row)
-        for index, peer in enumerate(peers):
-            item = self.peer_item(peer.mesh_ip)
-            if item is None:
-                item = QListWidgetItem()
-                item.setData(IP_ROLE, peer.mesh_ip)
-                self.peer_list.insertItem(index, item)
-            elif self.peer_list.row(item) != index:
-                # Keep the agent's order (by name) without disturbing the selection.
-                selected = item is self.peer_list.currentItem()
-                self.peer_list.takeItem(self.peer_list.row(item))
-                self.peer_list.insertItem(index, item)
-                if selected:
-                    self.peer_list.setCurrentItem(item)
-            count = unread.get(peer.mesh_ip, 0)
-            item.setText(self._peer_text(peer, count))
-            item.setIcon(self._icons[peer.presence])
-            item.setData(PRESENCE_ROLE, peer.presence)
-            item.setToolTip(f"{peer.name} ({peer.node_id})\nmesh IP {peer.mesh_ip}\n{peer.presence}: {peer.detail}")
-            font = item.font()
-            font.setBold(count > 0)
-            item.setFont(font)
+        # Removing or moving the current item makes Qt select another one; with signals on, that would open
+        # (and mark read) a conversation the user never chose. The selection is restored explicitly below.
+        self.peer_list.blockSignals(True)
+        try:
+            for row in reversed(range(self.peer_list.count())):
+                if self.peer_list.item(row).data(IP_ROLE) not in wanted:
+                    self.peer_list.takeItem(row)
+            for index, peer in enumerate(peers):
+                item = self.peer_item(peer.mesh_ip)
+                if item is None:
+                    item = QListWidgetItem()
+                    item.setData(IP_ROLE, peer.mesh_ip)
+                    self.peer_list.insertItem(index, item)
+                elif self.peer_list.row(item) != index:
+                    self.peer_list.takeItem(self.peer_list.row(item))
+                    self.peer_list.insertItem(index, item)
+                count = unread.get(peer.mesh_ip, 0)
+                item.setText(self._peer_text(peer, count))
+                item.setIcon(self._icons[peer.presence])
+                item.setData(PRESENCE_ROLE, peer.presence)
+                item.setToolTip(f"{peer.name} ({peer.node_id})\nmesh IP {peer.mesh_ip}\n"
+                                f"{peer.presence}: {peer.detail}")
+                font = item.font()
+                font.setBold(count > 0)
+                item.setFont(font)
+            current = self.peer_item(self._current_ip) if self._current_ip else None
+            if current is not None:
+                self.peer_list.setCurrentItem(current)
+            else:
+                # The open conversation's peer left the mesh: keep the conversation, select nothing.
+                self.peer_list.setCurrentItem(None)
+                self.peer_list.clearSelection()
+        finally:
+            self.peer_list.blockSignals(False)
 
     def peer_item(self, mesh_ip: str) -> QListWidgetItem | None:
         """The left-pane item for `mesh_ip`, or None if it is not listed."""

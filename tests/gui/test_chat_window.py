@@ -114,9 +114,21 @@ def test_peer_list_follows_the_agent(node, qtbot):
     node.agent.set_status(status([peer(BOB, "bob"), peer(CAROL, "carol", state="unreachable"), peer(DAVE, "dave")]))
     qtbot.waitUntil(lambda: presences(window) == {BOB: "online", CAROL: "offline", DAVE: "online"}, timeout=WAIT_MS)
 
+    window.select_peer(CAROL)
+    assert node.bob.send_now(ME, "unread until bob is opened").status == "delivered"
+    qtbot.waitUntil(lambda: window.unread(BOB) == 1, timeout=WAIT_MS)
     node.agent.set_status(status([peer(BOB, "bob", handshake_age=600), peer(DAVE, "dave")]))
     qtbot.waitUntil(lambda: presences(window) == {BOB: "idle", DAVE: "online"}, timeout=WAIT_MS)
     assert window.peer_ips() == [BOB, DAVE]
+    # Carol left while her conversation was open: it stays open, marked, and no other peer got opened.
+    assert "not a mesh member now" in window.conversation_title.text()
+    assert window.peer_list.currentItem() is None
+    assert window.unread(BOB) == 1
+
+    node.agent.set_status(status([peer(BOB, "bob"), peer(CAROL, "carol"), peer(DAVE, "dave")]))
+    qtbot.waitUntil(lambda: presences(window).get(CAROL) == "online", timeout=WAIT_MS)
+    assert window.peer_list.currentItem() is window.peer_item(CAROL)  # back, and still the open conversation
+    assert "carol" in window.conversation_title.text()
 
 
 def test_status_bar_tells_control_plane_and_agent_trouble(node, qtbot):
