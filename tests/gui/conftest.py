@@ -2,11 +2,9 @@
 
 import os
 
+import pytest
+
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
-
-import pytest  # noqa: E402
-
-pytest.importorskip("PySide6", reason="the chat GUI needs PySide6 (pip install meshvpn[chat])")
 
 
 @pytest.fixture(autouse=True)

@@ -11,16 +11,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import Qt
 
-from desktop_chat.agentstub import StubAgent
-from desktop_chat.framing import ChatMessage
-from desktop_chat.history import MemoryHistory, SqliteHistory
-from desktop_chat.peers import MemoryPeerSource, PeerDirectory, static_status
-from desktop_chat.session import ChatSession
-from desktop_chat.transport import ListenError, send_message
-from desktop_chat.window import PRESENCE_ROLE, ChatWindow
-from meshcontract.localapi import AgentStatus, PeerView
+pytest.importorskip("PySide6", reason="the chat GUI needs PySide6 (pip install meshvpn[chat])")
+
+from PySide6.QtCore import Qt  # noqa: E402
+
+from desktop_chat.agentstub import StubAgent  # noqa: E402
+from desktop_chat.framing import ChatMessage  # noqa: E402
+from desktop_chat.history import MemoryHistory, SqliteHistory  # noqa: E402
+from desktop_chat.peers import AgentPeerSource, MemoryPeerSource, PeerDirectory, static_status  # noqa: E402
+from desktop_chat.session import ChatSession  # noqa: E402
+from desktop_chat.transport import ListenError, send_message  # noqa: E402
+from desktop_chat.window import PRESENCE_ROLE, ChatWindow  # noqa: E402
+from meshcontract.localapi import AgentStatus, PeerView  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
@@ -67,8 +70,6 @@ class Node:
         raise AssertionError("no free port on 127.0.0.3")
 
     def open(self, history=None) -> ChatWindow:
-        from desktop_chat.peers import AgentPeerSource
-
         session = ChatSession(history=history or MemoryHistory(), directory=PeerDirectory(), port=self.bob.port,
                               timeout=1.0)
         window = ChatWindow(session=session, source=AgentPeerSource(self.agent.socket_path), poll_interval=0.1)
