@@ -116,7 +116,6 @@ def cmd_send(settings: ChatSettings, to: str, text: str) -> int:
     return 1
 
 
-
 def _escape(text: str) -> str:
     # One message per output line, whatever it contains.
     return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
