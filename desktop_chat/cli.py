@@ -28,37 +28,53 @@ from meshcontract.settings import load_settings
 log = logging.getLogger(__name__)
 
 COMMANDS = ("gui", "send", "listen")
+# Defaults of the options every command shares. They are declared with SUPPRESS on the top-level parser and on
+# each subcommand so they may stand before or after the subcommand; the real defaults are filled in here.
+COMMON_DEFAULTS = {"config": None, "socket": None, "port": None, "state_dir": None, "name": None, "bind": None,
+                   "log_level": "WARNING", "log_json": False}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML settings file")
-    parser.add_argument("--socket", help="node agent socket (default /run/meshvpn/agent.sock)")
-    parser.add_argument("--port", type=int, help="chat TCP port on every mesh IP (default 7800)")
-    parser.add_argument("--state-dir", help="keep history.db here")
-    parser.add_argument("--name", help="our display name in messages (display only)")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
-    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    hide = argparse.SUPPRESS
+    parser.add_argument("--config", default=hide, help="TOML settings file")
+    parser.add_argument("--socket", default=hide, help="node agent socket (default /run/meshvpn/agent.sock)")
+    parser.add_argument("--port", type=int, default=hide, help="chat TCP port on every mesh IP (default 7800)")
+    parser.add_argument("--state-dir", default=hide, help="keep history.db here")
+    parser.add_argument("--name", default=hide, help="our display name in messages (display only)")
+    parser.add_argument("--bind", default=hide,
+                        help="listen on / send from this IP instead of our mesh IP from the agent (tests, demos)")
+    parser.add_argument("--log-level", default=hide, help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--log-json", action="store_true", default=hide, help="log one JSON object per line")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshchat", description="Chat directly over mesh IPs (meshvpn demo).")
+    parser = argparse.ArgumentParser(prog="meshchat", description="Chat directly over mesh IPs (meshvpn demo).",
+                                     epilog="Without a command: gui.")
+    _common(parser)
     sub = parser.add_subparsers(dest="command")
     gui = sub.add_parser("gui", help="open the chat window (default)")
     _common(gui)
-    gui.add_argument("--bind", help="listen on this IP instead of our mesh IP (tests, loopback demos)")
     send = sub.add_parser("send", help="send one message and wait for the ack")
     _common(send)
     send.add_argument("--to", required=True, help="the peer's mesh IP (names are display only)")
     send.add_argument("--timeout", type=float, help="seconds for connect + send + ack (default 5)")
-    send.add_argument("--bind", help="send from this IP (default: our mesh IP from the agent, if it answers)")
     send.add_argument("text", nargs="+", help="the message")
     listen = sub.add_parser("listen", help="receive messages and print them, one line each")
     _common(listen)
-    listen.add_argument("--bind", help="listen on this IP (default: our mesh IP from the agent)")
     listen.add_argument("--allow", action="append", metavar="IP",
-                        help="accept messages from this IP (repeat); replaces the agent's member list")
+                        help="accept messages from this IP (repeat); replaces the agent's member list; needs --bind")
     listen.add_argument("--count", type=int, help="exit after N messages")
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; shared options may come before or after the command, which defaults to gui."""
+    args = build_parser().parse_args(argv)
+    for key, default in COMMON_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, default)
+    args.command = args.command or "gui"
+    return args
 
 
 def _settings(args: argparse.Namespace) -> ChatSettings:
@@ -67,7 +83,7 @@ def _settings(args: argparse.Namespace) -> ChatSettings:
         "port": args.port,
         "state_dir": args.state_dir,
         "name": args.name,
-        "bind": getattr(args, "bind", None),
+        "bind": args.bind,
         "timeout": getattr(args, "timeout", None),
         "allow": getattr(args, "allow", None),
     }
@@ -211,10 +227,7 @@ def cmd_gui(settings: ChatSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
-        argv.insert(0, "gui")
-    args = build_parser().parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logs.setup(level=args.log_level, json_format=args.log_json)
     try:
         settings = _settings(args)
