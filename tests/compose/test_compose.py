@@ -1,5 +1,7 @@
 """The docker compose topology end to end: registrar + 3 scaled nodes form a full mesh, survive a node crash.
 
+Run once with the registrar's embedded broker and once with Mosquitto (docker-compose.mosquitto.yml).
+
 What it proves: the image builds without any registry (local debootstrap base, wheels from the host), the
 scaled nodes join with the registrar's shared join token, every node's `meshctl status --json` shows the two
 others as configured peers, they ping each other over mesh IPs through wireguard-go, a SIGKILLed node is
@@ -156,11 +158,13 @@ def image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
 class Topology:
     """One `compose up` of compose/docker-compose.yml under a unique project name."""
 
-    def __init__(self, engine: Engine, image: str) -> None:
+    def __init__(self, engine: Engine, image: str, files: tuple[str, ...]) -> None:
         self.project = f"meshvpntest{secrets.token_hex(3)}"
         self.env = {**os.environ, "MESHVPN_IMAGE": image, "BASE_IMAGE": BASE_IMAGE,
                     "MESHVPN_HEARTBEAT_INTERVAL": "1", "MESHVPN_HEARTBEAT_TTL": "4"}
-        self.base = [*engine.compose, "-p", self.project, "-f", str(COMPOSE_DIR / "docker-compose.yml")]
+        self.base = [*engine.compose, "-p", self.project]
+        for name in files:
+            self.base += ["-f", str(COMPOSE_DIR / name)]
 
     def compose(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run([*self.base, *args], timeout=timeout, env=self.env, check=check, cwd=COMPOSE_DIR)
@@ -187,9 +191,16 @@ def _peers(status: dict | None) -> set[str]:
     return {p["mesh_ip"] for p in status["peers"] if p["configured"] and p["state"] == "active"}
 
 
-@pytest.fixture
-def topology(engine: Engine, image: str) -> Iterator[Topology]:
-    topo = Topology(engine, image)
+# The embedded broker (join token at the broker) and Mosquitto (credentials issued ahead of time).
+VARIANTS = {
+    "embedded": ("docker-compose.yml",),
+    "mosquitto": ("docker-compose.yml", "docker-compose.mosquitto.yml"),
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def topology(request: pytest.FixtureRequest, engine: Engine, image: str) -> Iterator[Topology]:
+    topo = Topology(engine, image, VARIANTS[request.param])
     try:
         topo.compose("up", "-d", "--no-build", "--scale", f"node={NODES}")
         yield topo
