@@ -160,6 +160,7 @@ class Topology:
 
     def __init__(self, engine: Engine, image: str, files: tuple[str, ...]) -> None:
         self.project = f"meshvpntest{secrets.token_hex(3)}"
+        self.broker_host = "127.0.0.1"
         self.env = {**os.environ, "MESHVPN_IMAGE": image, "BASE_IMAGE": BASE_IMAGE,
                     "MESHVPN_HEARTBEAT_INTERVAL": "1", "MESHVPN_HEARTBEAT_TTL": "4"}
         self.base = [*engine.compose, "-p", self.project]
@@ -196,11 +197,14 @@ VARIANTS = {
     "embedded": ("docker-compose.yml",),
     "mosquitto": ("docker-compose.yml", "docker-compose.mosquitto.yml"),
 }
+# Where the broker is, seen from the registrar's container.
+BROKER_HOST = {"embedded": "127.0.0.1", "mosquitto": "mosquitto"}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
 def topology(request: pytest.FixtureRequest, engine: Engine, image: str) -> Iterator[Topology]:
     topo = Topology(engine, image, VARIANTS[request.param])
+    topo.broker_host = BROKER_HOST[request.param]
     try:
         topo.compose("up", "-d", "--no-build", "--scale", f"node={NODES}")
         yield topo
@@ -247,6 +251,23 @@ def test_scaled_nodes_form_a_mesh_and_recover_from_a_crash(topology: Topology) -
         for dst in nodes:
             if src != dst:
                 wait_until(lambda s=src, d=dst: pings(s, ips[d]), timeout=20, what=f"ping {ips[dst]} from {src[:12]}")
+
+    # The documented operator commands: `compose exec node meshctl status`, and watching the control plane
+    # with mosquitto_sub as the observer.
+    shown = topology.compose("exec", "-T", "node", "meshctl", "status", timeout=60)
+    assert "mesh ip" in shown.stdout, shown.stdout
+    password = topology.compose("exec", "-T", "registrar", "meshvpn-registrar", "credentials", "issue",
+                                "observer", timeout=60).stdout.strip()
+    assert password
+
+    def observed() -> bool:
+        proc = topology.compose("exec", "-T", "registrar", "mosquitto_sub", "-h", topology.broker_host, "-v",
+                                "-t", "meshvpn/#", "-u", "observer", "-P", password, "-C", "1", "-W", "3",
+                                timeout=60, check=False)
+        return proc.returncode == 0 and proc.stdout.startswith("meshvpn/v1/")
+
+    # The broker picks the new password up when it reloads the file (Mosquitto: within a second or so).
+    wait_until(observed, timeout=30, what="mosquitto_sub as observer to see the retained mesh state")
 
     victim, survivors = nodes[0], nodes[1:]
     _run(["docker", "kill", victim], timeout=60)
