@@ -417,6 +417,19 @@ class Agent:
         client.on_message = lambda c, u, msg: self._on_message(msg)
         return conn
 
+    def _reconnect_cap(self) -> float:
+        """Longest wait between reconnect attempts: half the heartbeat TTL (once known), at most 30 s.
+
+        After an outage the registrar waits about one TTL (its grace period) before it declares silent nodes
+        unreachable; an agent still sleeping in a long backoff when the broker returns would be removed from
+        every peer although nothing is wrong with it. Jitter still spreads a fleet within that window.
+        """
+        with self._lock:
+            registration = self._registration
+        if registration is None:
+            return 30.0
+        return min(30.0, max(1.0, registration.settings.heartbeat_ttl_s / 2))
+
     def _run_session(self) -> None:
         attempt = 0
         host, port, _ = self.settings.broker.host_port()
@@ -432,7 +445,7 @@ class Agent:
             try:
                 conn.client.connect(host, port, keepalive=self.settings.broker.keepalive_s)
             except OSError as exc:
-                delay = backoff_delay(attempt)
+                delay = backoff_delay(attempt, cap=self._reconnect_cap())
                 attempt += 1
                 log.warning(
                     "broker %s unreachable (%s); retrying in %.1fs", self.settings.broker.url, exc, delay
@@ -449,7 +462,7 @@ class Agent:
                 self._close_connection(conn, goodbye=not self._crashed and self.failure is None)
                 return
             conn.client.loop_stop()
-            delay = backoff_delay(attempt)
+            delay = backoff_delay(attempt, cap=self._reconnect_cap())
             attempt += 1
             log.info("reconnecting to the broker in %.1fs", delay, extra=self._self_extra())
             self._stopping.wait(delay)
