@@ -183,11 +183,12 @@ class Agent:
     def start(self) -> None:
         """Load identity and persisted state, restore the mesh from it, then start talking to the broker.
 
-        Raises AgentError (SettingsError, StateDirError) for problems no retry can fix, and WireGuardError if
-        the backend cannot be used at all.
+        Raises AgentError (SettingsError, StateDirError) or ContractError (a malformed broker URL) for problems
+        no retry can fix, and WireGuardError if the backend cannot be used at all.
         """
         from wgctl import keys  # local: keeps module import light for meshctl
 
+        self.settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
         self.store.ensure_dir()
         self.private_key = self.store.private_key()
         self.public_key = keys.public_key(self.private_key)
@@ -431,41 +432,49 @@ class Agent:
         return min(30.0, max(1.0, registration.settings.heartbeat_ttl_s / 2))
 
     def _run_session(self) -> None:
+        """The daemon loop of the control-plane session: one connection per iteration, until stopped."""
         attempt = 0
-        host, port, _ = self.settings.broker.host_port()
         while not self._stopping.is_set():
-            conn = self._new_connection()
-            with self._lock:
-                self._conn = conn
-                self._epoch = conn.epoch
-            # stop() sets _stopping, then marks the connection it sees as lost; checking after publishing the
-            # connection under the lock means one of the two always notices the other.
-            if self._stopping.is_set():
-                return
             try:
-                conn.client.connect(host, port, keepalive=self.settings.broker.keepalive_s)
-            except OSError as exc:
-                delay = backoff_delay(attempt, cap=self._reconnect_cap())
-                attempt += 1
-                log.warning(
-                    "broker %s unreachable (%s); retrying in %.1fs", self.settings.broker.url, exc, delay
-                )
-                self._stopping.wait(delay)
-                continue
-            conn.client.loop_start()
-            registered = self._serve_connection(conn)
-            if registered:
-                attempt = 0
+                registered = self._one_connection()
+            except Exception:  # the daemon loop: log, keep the tunnels, try again after a backoff
+                log.exception("session failed; retrying", extra=self._self_extra())
+                registered = None
             if self._stopping.is_set():
-                # Say goodbye even if this connection never got registered: an offline status with a newer epoch
-                # ends our membership at once instead of after the TTL. Not when crashed or refused.
-                self._close_connection(conn, goodbye=not self._crashed and self.failure is None)
                 return
-            conn.client.loop_stop()
+            attempt = 0 if registered else attempt + 1
             delay = backoff_delay(attempt, cap=self._reconnect_cap())
-            attempt += 1
             log.info("reconnecting to the broker in %.1fs", delay, extra=self._self_extra())
             self._stopping.wait(delay)
+
+    def _one_connection(self) -> bool | None:
+        """Connect, register and serve until the connection is lost or we stop.
+
+        True if this connection registered, False if it did not, None if the broker was unreachable.
+        """
+        host, port, _ = self.settings.broker.host_port()
+        conn = self._new_connection()
+        with self._lock:
+            self._conn = conn
+            self._epoch = conn.epoch
+        # stop() sets _stopping, then marks the connection it sees as lost; checking after publishing the
+        # connection under the lock means one of the two always notices the other.
+        if self._stopping.is_set():
+            return None
+        try:
+            conn.client.connect(host, port, keepalive=self.settings.broker.keepalive_s)
+        except OSError as exc:
+            log.warning("broker %s unreachable: %s", self.settings.broker.url, exc, extra=self._self_extra())
+            return None
+        conn.client.loop_start()
+        registered = self._serve_connection(conn)
+        if self._stopping.is_set():
+            # Say goodbye even if this connection never got registered: an offline status with a newer epoch
+            # ends our membership at once instead of after the TTL. Not when crashed or refused.
+            self._close_connection(conn, goodbye=not self._crashed and self.failure is None)
+        else:
+            conn.client.loop_stop()
+        return registered
 
     def _serve_connection(self, conn: _Connection) -> bool:
         """Register on `conn` and stay until it is lost or we stop. True if registration succeeded."""
