@@ -409,6 +409,10 @@ class Agent:
         epoch = next_epoch(self.store.epoch(), now_ms=int(self._clock() * 1000))
         self.store.save_epoch(epoch)
         client = make_client(self._broker_settings(), client_id=self.node_id)
+        # A bug in one of our callbacks must not kill paho's network thread (the session would hang, neither
+        # connected nor lost): paho logs the exception and carries on.
+        client.enable_logger(logging.getLogger("nodeagent.mqtt"))
+        client.suppress_exceptions = True
         conn = _Connection(client, epoch, threading.Event(), threading.Event(), threading.Event())
         will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=self._clock())
         client.will_set(self._topic(Kind.STATUS, self.node_id), messages.encode(will), qos=1, retain=True)
