@@ -28,6 +28,7 @@ from meshlab.meshview import NodeView, mesh_problems, parse_ping_summary, parse_
 from meshlab.plan import (
     BROKER_PORT,
     HTTP_PORT,
+    MAX_NODES,
     UNDERLAY_IF,
     LabPlan,
     NodePlan,
@@ -43,6 +44,7 @@ from meshlab.store import LabStore
 log = logging.getLogger(__name__)
 
 Report = Callable[[str], None]
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 PROBE_PORT = 7901  # the TCP echo probe every node runs (meshlab.probe)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO_ACL = REPO_ROOT / "broker" / "mosquitto" / "acl.conf"
@@ -118,6 +120,10 @@ class Lab:
         """Build the underlay, start broker and registrar, create a join token and start `nodes` agents."""
         if nodes < 1:
             raise LabError("a lab needs at least one node")
+        longest = self.store.agent_socket(f"n{MAX_NODES}")
+        if len(os.fsencode(longest.resolve())) > UNIX_PATH_MAX:
+            raise LabError(f"lab directory {self.store.root} is too long: agent sockets such as {longest} "
+                           f"must fit in {UNIX_PATH_MAX} bytes (a unix socket limit); use a shorter --lab-dir")
         with self.store.locked():
             if self.store.exists() or self.store.recorded_id():
                 raise LabStateError(f"{self.store.root} already holds a lab; run `meshlab down` first")
