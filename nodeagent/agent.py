@@ -249,6 +249,8 @@ class Agent:
             conn = self._conn
         if conn is not None:
             conn.lost.set()  # wakes the session thread, which says goodbye on the broker
+        with self._reply_cond:
+            self._reply_cond.notify_all()  # ...also while it waits for a registration reply
         self._wake_reconcile.set()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -696,9 +698,9 @@ class Agent:
             elif topic.kind is Kind.ROSTER:
                 roster = messages.decode(Roster, msg.payload, max_size=messages.MAX_ROSTER_PAYLOAD)
                 with self._lock:
-                    changed = self._view.apply_roster(roster)
-                if changed:
-                    self._wake_reconcile.set()
+                    before = self._view.complete()
+                    self._view.apply_roster(roster)
+                    self._wake_if_new(before)
             elif topic.kind is Kind.REGISTRAR:
                 status = messages.decode(RegistrarStatus, msg.payload)
                 online = status.state == "online"
@@ -713,17 +715,22 @@ class Agent:
             log.warning("dropping message on %s: %s", msg.topic, exc)
 
     def _on_member(self, node_id: str, payload: bytes) -> None:
-        if not payload:
-            with self._lock:
-                changed = self._view.apply_tombstone(node_id)
-        else:
-            record = messages.decode(MemberRecord, payload)
-            if record.node_id != node_id:
-                raise ContractError(f"member record for {record.node_id} on the topic of {node_id}")
-            with self._lock:
-                changed = self._view.apply_record(record)
+        record = messages.decode(MemberRecord, payload) if payload else None
+        if record is not None and record.node_id != node_id:
+            raise ContractError(f"member record for {record.node_id} on the topic of {node_id}")
+        with self._lock:
+            before = self._view.complete()
+            if record is None:
+                self._view.apply_tombstone(node_id)
+            else:
+                self._view.apply_record(record)
                 self._known[record.public_key] = record
-        if changed:
+            self._wake_if_new(before)
+
+    def _wake_if_new(self, before: Membership | None) -> None:
+        # Only a new complete membership can change the peers: a message that leaves the view partial (or
+        # changes nothing) costs no pass. The event coalesces the rest: the loop reads the newest state.
+        if self._view.complete() is not before:
             self._wake_reconcile.set()
 
     # -- local API --------------------------------------------------------------------------------------
