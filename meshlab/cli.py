@@ -90,7 +90,7 @@ def _logs(lab: Lab, node: str | None, lines: int) -> int:
     if node in ("registrar", "mosquitto"):
         paths = [root / "control" / f"{node}.log"]
     elif node:
-        lab.state().node(node)  # KeyError -> unknown node
+        lab.node(node)  # LabError naming the lab's nodes if there is no such node
         paths = [lab.store.agent_log(node)]
     else:
         paths = [root / "control" / "registrar.log", root / "control" / "mosquitto.log",
@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error of ours.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -107,6 +107,10 @@ class Lab:
     def plan(self, state: LabState | None = None) -> LabPlan:
         return LabPlan((state or self.state()).lab_id)
 
+    def node(self, name: str) -> NodeRecord:
+        """The record of node `name`; LabError naming the lab's nodes if there is none."""
+        return self._node(self.state(), name)
+
     def _node(self, state: LabState, name: str) -> NodeRecord:
         try:
             return state.node(name)

@@ -26,7 +26,9 @@ class NodeRow:
             "name": self.name, "agent": self.agent, "mesh_ip": self.mesh_ip, "node_id": self.node_id,
             "underlay_ip": self.underlay_ip, "partitioned": self.partitioned,
             "peers_configured": self.peers_configured, "peers_known": self.peers_known,
-            "handshakes_age_s": self.handshakes, "error": self.error,
+            "handshakes_age_s": {peer: None if age is None else round(age, 1)
+                                 for peer, age in self.handshakes.items()},
+            "error": self.error,
         }
 
 
