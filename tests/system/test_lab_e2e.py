@@ -121,11 +121,18 @@ def test_agent_restart_with_tunnels_up_changes_nothing(lab):
         # wireguard-go outlives its agent: the interface still holds every tunnel.
         assert sorted(lab.wg_peers("n1")) == sorted(before)
         assert lab.ping("n1", "n4") or lab.ping("n1", "n4", count=2), "tunnels should survive the agent"
+        log = lab.store.agent_log("n1")
+        offset = log.stat().st_size
         lab.start("n1")
         lab.wait_mesh(NODES, timeout=JOIN_DEADLINE)
     finally:
         sent, received = pinger.stop()
     assert sorted(lab.wg_peers("n1")) == sorted(before)
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        restarted = handle.read().decode(errors="replace")
+    # Re-applying the same configuration is a no-op: the restarted agent adopts its tunnels, removes none.
+    assert "peer removed" not in restarted, restarted
     assert sent > 0 and received == sent, f"n2->n3 lost {sent - received}/{sent} during n1's restart"
 
 
