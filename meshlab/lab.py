@@ -185,9 +185,8 @@ class Lab:
                         system.delete_namespace(ns)
                         removed.append(f"namespace {ns}")
                 removed += [f"socket {s}" for s in system.remove_wg_sockets(plan.wg_prefix)]
-            for name in ("agent.sock",):
-                for sock in (self.store.root / "nodes").glob(f"*/{name}"):
-                    sock.unlink(missing_ok=True)
+            for sock in (self.store.root / "nodes").glob("*/agent.sock"):
+                sock.unlink(missing_ok=True)
             self.store.forget()
         for item in removed:
             self.report(f"removed {item}")
