@@ -39,6 +39,7 @@ from registrar.store import Store
 log = logging.getLogger(__name__)
 
 QOS_RELIABLE = 1
+MAX_BATCH = 256  # messages decided and committed together at most
 _STOP_PUBLISH_WAIT_S = 3.0
 
 
@@ -110,6 +111,7 @@ class RegistrarService:
         self._pending: set[str] = set()  # node ids whose record (or tombstone) awaits the next flush
         self._roster_due = False
         self._flush_at: float | None = None
+        self._next_tick = 0.0
         self._connected = False
         self._ready = threading.Event()
         self._stopped = threading.Event()
@@ -233,39 +235,53 @@ class RegistrarService:
     # ---- the writer ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_tick = time.monotonic() + self._tick_s
+        self._next_tick = time.monotonic() + self._tick_s
         while True:
-            wake = next_tick if self._flush_at is None else min(next_tick, self._flush_at)
+            wake = self._next_tick if self._flush_at is None else min(self._next_tick, self._flush_at)
             try:
                 item = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 item = None
+            batch: list[_Message] = []
+            # Group commit: a burst of messages is decided one by one but committed in one transaction (one
+            # fsync), and only then made visible. Draining stops at the first non-message, kept in order.
+            while isinstance(item, _Message) and len(batch) < MAX_BATCH:
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            if batch:
+                self._guarded(self._handle_messages, batch)
             if isinstance(item, _Stop):
                 self._shutdown()
                 return
             if item is not None:
-                try:
-                    self._dispatch(item)
-                except (
-                    Exception
-                ) as exc:  # the daemon loop: a bug in one command must not stop the control plane
-                    self.counters["internal_errors"] += 1
-                    log.exception("registrar command failed: %r", item)
-                    if isinstance(item, _Call) and not item.future.done():
-                        item.future.set_exception(exc)
-            now_mono = time.monotonic()
-            if now_mono >= next_tick:
-                next_tick = now_mono + self._tick_s
-                if self._connected:
-                    # Deaf while disconnected: silence then says nothing about the members.
-                    self._apply(engine.tick(self.state, now=self._clock(), config=self.config))
-            if self._flush_at is not None and now_mono >= self._flush_at:
-                self._flush()
+                self._guarded(self._dispatch, item)
+            self._guarded(self._housekeeping, None)
+
+    def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            fn(arg)
+        # The daemon loop: a bug in one command must not stop the control plane. Log it and go on.
+        except Exception as exc:
+            self.counters["internal_errors"] += 1
+            log.exception("registrar command failed: %r", arg)
+            if isinstance(arg, _Call) and not arg.future.done():
+                arg.future.set_exception(exc)
+
+    def _housekeeping(self, _: object) -> None:
+        now_mono = time.monotonic()
+        if now_mono >= self._next_tick:
+            self._next_tick = now_mono + self._tick_s
+            if self._connected:
+                # Deaf while disconnected: silence then says nothing about the members.
+                self._commit_and_show([engine.tick(self.state, now=self._clock(), config=self.config)])
+        if self._flush_at is not None and now_mono >= self._flush_at:
+            self._flush()
 
     def _dispatch(self, item: object) -> None:
-        if isinstance(item, _Message):
-            self._handle_message(item)
-        elif isinstance(item, _Call):
+        if isinstance(item, _Call):
             self._handle_call(item)
         elif isinstance(item, _Connected):
             self._handle_connected()
@@ -280,75 +296,97 @@ class RegistrarService:
                 log.warning("registrar lost the broker connection: %s", item.reason)
             self._connected = False
 
-    def _handle_message(self, msg: _Message) -> None:
-        self.counters["messages"] += 1
-        try:
-            parsed = topics.parse(msg.topic)
-        except topics.TopicError:
-            parsed = None
-        if parsed is not None and parsed.kind is Kind.MEMBERS:
-            self._check_retained_record(parsed.node, msg.payload)
-            return
-        if (
-            parsed is not None
-            and parsed.kind is Kind.REGISTER
-            and parsed.node not in self.state.membership.members
-        ):
-            self._refresh_tokens()
-        outcome = engine.handle_message(
-            self.state, msg.topic, msg.payload, now=self._clock(), config=self.config
-        )
-        self._apply(outcome)
+    def _handle_messages(self, batch: list[_Message]) -> None:
+        state = self.state
+        outcomes = []
+        for msg in batch:
+            self.counters["messages"] += 1
+            try:
+                parsed = topics.parse(msg.topic)
+            except topics.TopicError:
+                parsed = None
+            if parsed is not None and parsed.kind is Kind.MEMBERS:
+                self._check_retained_record(parsed.node, msg.payload)
+                continue
+            if (
+                parsed is not None
+                and parsed.kind is Kind.REGISTER
+                and parsed.node not in state.membership.members
+            ):
+                state = self._with_stored_tokens(state)
+            outcome = engine.handle_message(
+                state, msg.topic, msg.payload, now=self._clock(), config=self.config
+            )
+            state = outcome.state
+            outcomes.append(outcome)
+        self._commit_and_show(outcomes, final=state)
 
     def _handle_call(self, call: _Call) -> None:
         if call.future.set_running_or_notify_cancel():
-            if call.refresh_tokens:
-                self._refresh_tokens()
+            state = self._with_stored_tokens(self.state) if call.refresh_tokens else self.state
             try:
-                outcome = call.fn(self.state, self._clock())
+                outcome = call.fn(state, self._clock())
             except ValueError as exc:  # bad admin arguments (e.g. a token ttl <= 0)
                 call.future.set_exception(exc)
                 return
-            call.future.set_result(self._apply(outcome, publish_reply=False))
+            call.future.set_result(self._commit_and_show([outcome], publish_reply=False)[0])
 
-    def _refresh_tokens(self) -> None:
+    def _with_stored_tokens(self, state: engine.CoreState) -> engine.CoreState:
         # The CLI may add or revoke tokens in the database while we run: adopt the stored table before a
         # decision that needs one. Cheap: the token table is small.
         try:
             loaded = self._store.load_tokens()
         except StoreError as exc:
             log.error("cannot re-read join tokens: %s", exc)
-            return
-        self._state = engine.with_tokens(self.state, {t.id: t for t in loaded})
+            return state
+        return engine.with_tokens(state, {t.id: t for t in loaded})
 
-    def _apply(self, outcome: engine.Outcome, *, publish_reply: bool = True) -> engine.Outcome:
-        """Commit, then make visible. Returns the Outcome as applied (reply possibly amended)."""
-        node = outcome.node_id
-        if outcome.rejected:
-            self.counters["rejected"] += 1
-            log.warning("rejected input: %s", outcome.rejected, extra={"node_id": node or "-"})
-        elif outcome.ignored:
-            self.counters["ignored"] += 1
-            log.debug("ignored input: %s", outcome.ignored, extra={"node_id": node or "-"})
-        if not outcome.delta.is_empty():
+    def _commit_and_show(
+        self,
+        outcomes: list[engine.Outcome],
+        *,
+        final: engine.CoreState | None = None,
+        publish_reply: bool = True,
+    ) -> list[engine.Outcome]:
+        """Commit the outcomes (one transaction), then make them visible. Returns them as applied."""
+        for outcome in outcomes:
+            node = outcome.node_id or "-"
+            if outcome.rejected:
+                self.counters["rejected"] += 1
+                log.warning("rejected input: %s", outcome.rejected, extra={"node_id": node})
+            elif outcome.ignored:
+                self.counters["ignored"] += 1
+                log.debug("ignored input: %s", outcome.ignored, extra={"node_id": node})
+        deltas = [o.delta for o in outcomes if not o.delta.is_empty()]
+        if deltas:
             try:
-                self._store.commit(outcome.delta)
+                self._store.commit_many(deltas)
             except StoreError as exc:
-                # Nothing of this command happened: the state is not swapped, the node is told to retry.
+                # Nothing of these commands happened: the state is not swapped, nodes are told to retry.
                 self.counters["store_errors"] += 1
-                log.error("store commit failed, command dropped: %s", exc, extra={"node_id": node or "-"})
-                if outcome.reply is not None:
-                    failed = engine.error_reply(
-                        outcome.reply.request_id,
-                        outcome.reply.node_id,
-                        ErrorCode.INTERNAL,
-                        "registrar storage failure, retry",
-                    )
-                    outcome = replace(outcome, state=self.state, reply=failed, delta=engine.Delta())
-                    if publish_reply:
-                        self._publish_reply(outcome)
-                return outcome
-        self._state = outcome.state
+                log.error("store commit failed, %d commands dropped: %s", len(outcomes), exc)
+                failed = []
+                for outcome in outcomes:
+                    if outcome.reply is not None:
+                        reply = engine.error_reply(
+                            outcome.reply.request_id,
+                            outcome.reply.node_id,
+                            ErrorCode.INTERNAL,
+                            "registrar storage failure, retry",
+                        )
+                        outcome = replace(outcome, state=self.state, reply=reply, delta=engine.Delta())
+                        if publish_reply:
+                            self._publish_reply(outcome)
+                    failed.append(outcome)
+                return failed
+        if final is not None:
+            self._state = final
+        elif outcomes:
+            self._state = outcomes[-1].state
+        return [self._show(outcome, publish_reply=publish_reply) for outcome in outcomes]
+
+    def _show(self, outcome: engine.Outcome, *, publish_reply: bool) -> engine.Outcome:
+        """Log, schedule record publishes and answer, for one committed outcome."""
         for happened in outcome.change.happened:
             m = happened.member
             log.info(

@@ -44,6 +44,8 @@ class Store(Protocol):
 
     def commit(self, delta: Delta) -> None: ...
 
+    def commit_many(self, deltas: list[Delta]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -69,24 +71,30 @@ class MemoryStore:
             return list(self.tokens.values())
 
     def commit(self, delta: Delta) -> None:
+        self.commit_many([delta])
+
+    def commit_many(self, deltas: list[Delta]) -> None:
+        """Apply `deltas` in order, all or none."""
         with self._lock:
-            members = dict(self.members)
-            for node_id in delta.delete_members:
-                members.pop(node_id, None)
-            for m in delta.upsert_members:
-                members[m.node_id] = m
-            ips = [m.mesh_ip for m in members.values()]
-            if len(ips) != len(set(ips)):
-                raise StoreError("commit would give two members the same mesh IP")
-            self.members = members
-            for token_id in delta.delete_tokens:
-                self.tokens.pop(token_id, None)
-            for t in delta.upsert_tokens:
-                self.tokens[t.id] = t
-            if delta.revision is not None:
-                self.revision = delta.revision
-            if delta.quarantine is not None:
-                self.quarantine = list(delta.quarantine)
+            members, tokens = dict(self.members), dict(self.tokens)
+            revision, quarantine = self.revision, list(self.quarantine)
+            for delta in deltas:
+                for node_id in delta.delete_members:
+                    members.pop(node_id, None)
+                for m in delta.upsert_members:
+                    members[m.node_id] = m
+                ips = [m.mesh_ip for m in members.values()]
+                if len(ips) != len(set(ips)):
+                    raise StoreError("commit would give two members the same mesh IP")
+                for token_id in delta.delete_tokens:
+                    tokens.pop(token_id, None)
+                for t in delta.upsert_tokens:
+                    tokens[t.id] = t
+                if delta.revision is not None:
+                    revision = delta.revision
+                if delta.quarantine is not None:
+                    quarantine = list(delta.quarantine)
+            self.members, self.tokens, self.revision, self.quarantine = members, tokens, revision, quarantine
             self.commits += 1
 
     def close(self) -> None:
@@ -164,33 +172,19 @@ class SqliteStore:
                 raise StoreError(f"cannot read tokens from {self.path}: {exc}") from exc
 
     def commit(self, delta: Delta) -> None:
-        if delta.is_empty():
+        self.commit_many([delta])
+
+    def commit_many(self, deltas: list[Delta]) -> None:
+        """Apply `deltas` in order in one transaction (one fsync): all of them or none."""
+        deltas = [d for d in deltas if not d.is_empty()]
+        if not deltas:
             return
         with self._lock:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("DELETE FROM members WHERE node_id=?", [(i,) for i in delta.delete_members])
-                db.executemany(
-                    "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [_member_row(m) for m in delta.upsert_members],
-                )
-                db.executemany("DELETE FROM tokens WHERE id=?", [(i,) for i in delta.delete_tokens])
-                db.executemany(
-                    "INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,?,?)",
-                    [
-                        (t.id, t.hash, t.created_at, t.expires_at, int(t.reusable), t.max_uses, t.uses)
-                        for t in delta.upsert_tokens
-                    ],
-                )
-                if delta.revision is not None:
-                    db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(delta.revision),))
-                if delta.quarantine is not None:
-                    db.execute("DELETE FROM quarantine")
-                    db.executemany(
-                        "INSERT INTO quarantine VALUES (?,?,?)",
-                        [(q.ip, q.owner, q.until) for q in delta.quarantine],
-                    )
+                for delta in deltas:
+                    _write(db, delta)
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 if db.in_transaction:
@@ -213,6 +207,41 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_MEMBER_COLUMNS = (
+    "node_id", "name", "public_key", "mesh_ip", "endpoints", "listen_port", "state", "epoch", "revision",
+    "joined_at", "updated_at", "last_seen", "unreachable_since",
+)  # fmt: skip
+_UPSERT_MEMBER = (
+    f"INSERT INTO members ({', '.join(_MEMBER_COLUMNS)}) VALUES ({', '.join('?' * len(_MEMBER_COLUMNS))}) "
+    f"ON CONFLICT(node_id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in _MEMBER_COLUMNS[1:])}"
+)
+
+
+def _write(db: sqlite3.Connection, delta: Delta) -> None:
+    db.executemany("DELETE FROM members WHERE node_id=?", [(i,) for i in delta.delete_members])
+    db.executemany(
+        # An upsert on node_id only: INSERT OR REPLACE would resolve a mesh_ip or public_key clash by
+        # silently deleting the *other* member; this way such a bug fails the whole transaction instead.
+        _UPSERT_MEMBER,
+        [_member_row(m) for m in delta.upsert_members],
+    )
+    db.executemany("DELETE FROM tokens WHERE id=?", [(i,) for i in delta.delete_tokens])
+    db.executemany(
+        "INSERT OR REPLACE INTO tokens VALUES (?,?,?,?,?,?,?)",
+        [
+            (t.id, t.hash, t.created_at, t.expires_at, int(t.reusable), t.max_uses, t.uses)
+            for t in delta.upsert_tokens
+        ],
+    )
+    if delta.revision is not None:
+        db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(delta.revision),))
+    if delta.quarantine is not None:
+        db.execute("DELETE FROM quarantine")
+        db.executemany(
+            "INSERT INTO quarantine VALUES (?,?,?)", [(q.ip, q.owner, q.until) for q in delta.quarantine]
+        )
 
 
 def _member_row(m: Member) -> tuple:

@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -222,6 +223,8 @@ class Node:
         """Abrupt: the socket closes without DISCONNECT, so the broker publishes the will."""
         self.stop_heartbeats()
         sock = self.client.socket()
+        # shutdown first: the broker sees the connection die now, and paho's loop wakes from its select
+        sock.shutdown(socket.SHUT_RDWR)
         self.client.loop_stop()
         sock.close()
 

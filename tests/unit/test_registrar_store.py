@@ -171,3 +171,17 @@ def test_kill_9_loses_no_acknowledged_registration(tmp_path):
             assert members.get(node) == ip, f"acknowledged {node} lost or moved after kill -9"
         assert len(set(members.values())) == len(members)
         start = max(int(n[1:]) for n in members) + 1
+
+
+def test_commit_many_is_all_or_nothing(make_store):
+    from registrar.errors import StoreError
+
+    store = make_store()
+    a = engine.register(restore(store), request(1), now=1, config=CONFIG)
+    b = engine.register(a.state, request(2), now=1, config=CONFIG)
+    clash = engine.register(restore(MemoryStore()), request(3), now=1, config=CONFIG)  # n3 on n1's address
+    with pytest.raises(StoreError):
+        store.commit_many([a.delta, b.delta, clash.delta])
+    assert store.load().members == [] and store.load().revision == 0
+    store.commit_many([a.delta, b.delta])
+    assert [m.node_id for m in make_store().load().members] == ["n1", "n2"]
