@@ -230,6 +230,7 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
         quarantine_s=settings.quarantine_s,
         credentials=credentials if settings.issue_credentials else None,
         publish_window_s=settings.publish_window_s,
+        publish_max_delay_s=settings.publish_max_delay_s,
     )
     http = None
     try:

@@ -91,6 +91,7 @@ class RegistrarService:
         quarantine_s: float,
         credentials: Credentials | None = None,
         publish_window_s: float = 0.2,
+        publish_max_delay_s: float = 1.0,
         tick_interval_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -102,6 +103,7 @@ class RegistrarService:
         self._quarantine_s = quarantine_s
         self._credentials = credentials
         self._window = publish_window_s
+        self._max_delay = publish_max_delay_s
         self._tick_s = tick_interval_s or min(1.0, max(0.05, config.policy.ttl_s / 5))
         self._clock = clock
         self.instance = secrets.token_hex(6)
@@ -111,6 +113,7 @@ class RegistrarService:
         self._pending: set[str] = set()  # node ids whose record (or tombstone) awaits the next flush
         self._roster_due = False
         self._flush_at: float | None = None
+        self._first_change_at = 0.0
         self._next_tick = 0.0
         self._connected = False
         self._ready = threading.Event()
@@ -407,8 +410,7 @@ class RegistrarService:
         if touched:
             self._pending.update(touched)
             self._roster_due = True
-            if self._flush_at is None:
-                self._flush_at = time.monotonic() + self._window
+            self._schedule_flush()
         if outcome.reply is not None:
             if outcome.reply.ok:
                 self.counters["registrations"] += 1
@@ -455,8 +457,16 @@ class RegistrarService:
         log.info("tombstoning a stale retained record", extra={"node_id": node})
         self._pending.add(node)
         self._roster_due = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Debounce with a cap: publish `window` after the last change, but at most `max_delay` after the first.
+        # A burst (a fleet registering, a tick marking many unreachable) becomes one roster publish, which
+        # matters because every roster goes to every member: its fan-out grows with the square of the mesh.
+        now = time.monotonic()
         if self._flush_at is None:
-            self._flush_at = time.monotonic() + self._window
+            self._first_change_at = now
+        self._flush_at = min(now + self._window, self._first_change_at + max(self._max_delay, self._window))
 
     def _flush(self) -> None:
         self._flush_at = None

@@ -62,6 +62,12 @@ class RegistrarSettings(BaseModel):
     publish_window_s: float = Field(
         default=0.2, ge=0, le=10, description="member/roster publishes are batched over this"
     )
+    publish_max_delay_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="a burst of changes is published at most this long after its first",
+    )
 
     log_level: str = "INFO"
     log_json: bool = False
