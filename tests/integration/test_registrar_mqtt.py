@@ -551,7 +551,7 @@ def test_registrar_kill_9_and_restart(mesh, tmp_path):
     # the broker notices the dead connection (keepalive) and publishes the registrar's will
     wait_for(lambda: obs.registrar.state == "offline", timeout=30, what="registrar will")
     history_len = len(obs.history)
-    launch()
+    proc = launch()
     wait_for(
         lambda: obs.registrar.state == "online" and obs.registrar.instance != first_instance, what="online"
     )
@@ -559,6 +559,14 @@ def test_registrar_kill_9_and_restart(mesh, tmp_path):
     assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
     time.sleep(GRACE_S + TTL_S)
     assert all(state == "active" for _, state in obs.history[history_len:]), obs.history[history_len:]
+    # SIGTERM: a graceful stop publishes offline itself (same instance, not the broker's will) and exits 0
+    instance = obs.registrar.instance
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    wait_for(lambda: obs.registrar.state == "offline", what="graceful offline")
+    assert obs.registrar.instance == instance
+    # the will carries the start time; the graceful status is stamped at the stop (it ran for > 2 s)
+    assert obs.registrar.at - obs.registrar.started_at > 2.0
 
 
 def test_broker_restart_republishes_state(mesh):
