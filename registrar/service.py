@@ -248,8 +248,11 @@ class RegistrarService:
             batch: list[_Message] = []
             # Group commit: a burst of messages is decided one by one but committed in one transaction (one
             # fsync), and only then made visible. Draining stops at the first non-message, kept in order.
-            while isinstance(item, _Message) and len(batch) < MAX_BATCH:
+            while isinstance(item, _Message):
                 batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    item = None  # the rest waits in the queue for the next round
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -284,7 +287,9 @@ class RegistrarService:
             self._flush()
 
     def _dispatch(self, item: object) -> None:
-        if isinstance(item, _Call):
+        if isinstance(item, _Message):
+            self._handle_messages([item])
+        elif isinstance(item, _Call):
             self._handle_call(item)
         elif isinstance(item, _Connected):
             self._handle_connected()
