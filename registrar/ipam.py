@@ -9,7 +9,8 @@ partitioned peer still holds for the old owner never routes a newcomer's traffic
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -51,6 +52,8 @@ class Ipam:
     quarantine_s: float
     allocated: Mapping[str, str] = field(default_factory=lambda: _EMPTY)  # owner -> ip
     quarantine: Mapping[str, Quarantined] = field(default_factory=lambda: _EMPTY)  # ip -> entry
+    # Held and quarantined addresses as integers: derived, kept in step so allocation never re-parses them.
+    used: frozenset[int] = frozenset()
 
     @classmethod
     def create(
@@ -68,8 +71,10 @@ class Ipam:
         alloc = dict(allocated or {})
         if len(set(alloc.values())) != len(alloc):
             raise ValueError("two owners hold the same address")
+        to_int = _to_int(net)
+        used = frozenset(map(to_int, alloc.values())) | frozenset(to_int(q.ip) for q in quarantine)
         return cls(
-            net, quarantine_s, MappingProxyType(alloc), MappingProxyType({q.ip: q for q in quarantine})
+            net, quarantine_s, MappingProxyType(alloc), MappingProxyType({q.ip: q for q in quarantine}), used
         )
 
     @property
@@ -85,7 +90,9 @@ class Ipam:
         if not any(q.until <= now for q in self.quarantine.values()):
             return self
         kept = {ip: q for ip, q in self.quarantine.items() if q.until > now}
-        return replace(self, quarantine=MappingProxyType(kept))
+        to_int = _to_int(self.network)
+        freed = frozenset(to_int(ip) for ip in self.quarantine if ip not in kept)
+        return replace(self, quarantine=MappingProxyType(kept), used=self.used - freed)
 
     def allocate(self, owner: str, *, now: float) -> tuple[Ipam, str]:
         """Give `owner` an address: the one it holds, its own quarantined one, else the lowest free one.
@@ -100,15 +107,16 @@ class Ipam:
             if q.owner == owner:
                 quarantine = {ip: e for ip, e in state.quarantine.items() if ip != q.ip}
                 return state._with(owner, q.ip, quarantine), q.ip
-        taken = set(state.allocated.values())
-        taken.update(state.quarantine)
         first, last = host_range(state.network)
-        version = state.network.version
-        for value in range(first, last + 1):
-            ip = str(ipaddress.ip_address(value)) if version == 6 else _v4(value)
-            if ip not in taken:
-                return state._with(owner, ip, dict(state.quarantine)), ip
-        raise PoolExhausted(f"no free address in {state.network} ({len(taken)} held or quarantined)")
+        value = first
+        used = state.used
+        while value in used:  # lowest free address
+            value += 1
+        if value > last:
+            raise PoolExhausted(f"no free address in {state.network} ({len(used)} held or quarantined)")
+        ip = str(ipaddress.ip_address(value))
+        new = state._with(owner, ip, state.quarantine.copy())
+        return replace(new, used=used | {value}), ip
 
     def release(self, owner: str, *, now: float) -> Ipam:
         """Free `owner`'s address into quarantine until now + quarantine_s. Unknown owners: no change."""
@@ -116,17 +124,30 @@ class Ipam:
         if ip is None:
             return self
         allocated = {o: a for o, a in self.allocated.items() if o != owner}
-        quarantine = dict(self.quarantine)
+        quarantine = self.quarantine.copy()
+        used = self.used
         if self.quarantine_s > 0:
             quarantine[ip] = Quarantined(ip, owner, now + self.quarantine_s)
-        return replace(self, allocated=MappingProxyType(allocated), quarantine=MappingProxyType(quarantine))
+        else:
+            used = used - {_to_int(self.network)(ip)}
+        return replace(
+            self, allocated=MappingProxyType(allocated), quarantine=MappingProxyType(quarantine), used=used
+        )
 
     def _with(self, owner: str, ip: str, quarantine: dict[str, Quarantined]) -> Ipam:
-        allocated = dict(self.allocated)
+        allocated = self.allocated.copy()
         allocated[owner] = ip
         return replace(self, allocated=MappingProxyType(allocated), quarantine=MappingProxyType(quarantine))
 
 
-def _v4(value: int) -> str:
-    # ipaddress.ip_address() is slow in a 65k-address scan; dotted quad by hand is exact for IPv4.
-    return f"{value >> 24 & 255}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
+def _to_int(network: IPNetwork) -> Callable[[str], int]:
+    return _v4_int if network.version == 4 else _v6_int
+
+
+def _v4_int(ip: str) -> int:
+    # socket.inet_aton is ~10x faster than ipaddress for the conversion done once per held address.
+    return int.from_bytes(socket.inet_aton(ip), "big")
+
+
+def _v6_int(ip: str) -> int:
+    return int(ipaddress.IPv6Address(ip))

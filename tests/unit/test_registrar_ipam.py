@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,8 +23,6 @@ from registrar.ipam import Ipam, host_range
     ],
 )
 def test_host_range_skips_network_and_broadcast(network, first, last):
-    import ipaddress
-
     lo, hi = host_range(ipaddress.ip_network(network))
     assert (str(ipaddress.ip_address(lo)), str(ipaddress.ip_address(hi))) == (first, last)
 
@@ -111,6 +111,9 @@ def test_unique_and_stable_under_any_sequence(sequence):
         if ip in released_at and now < released_at[ip] + 20:
             assert history[ip] == owner
         history[ip] = owner
+        # the derived integer set never drifts from the addresses it mirrors
+        mirrored = set(ipam.allocated.values()) | set(ipam.quarantine)
+        assert ipam.used == {int(ipaddress.ip_address(a)) for a in mirrored}
         values = list(ipam.allocated.values())
         assert len(values) == len(set(values))
         assert not set(values) & {q for q, e in ipam.quarantine.items() if e.until > now}
