@@ -13,7 +13,7 @@ from meshcontract.access import REGISTRAR_USER
 from meshcontract.transport import BrokerSettings
 
 DEFAULT_NETWORK = "100.96.0.0/16"
-DEFAULT_STATE_DIR = Path("/var/lib/meshvpn/registrar")
+DEFAULT_STATE_DIR = Path("/var/lib/meshvpn-registrar")
 
 
 class RegistrarSettings(BaseModel):
