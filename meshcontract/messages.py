@@ -115,6 +115,12 @@ class RegisterRequest(Message):
 
     Idempotent: the same public key always gets the same node id and mesh IP. `epoch` starts a new
     control-plane session: status and heartbeats from older epochs are ignored from then on.
+
+    `broker_password` is the node's own broker password, generated and stored (0600) by the agent before it
+    first connects; unset when the node uses a configured (pre-provisioned) password. The registrar stores its
+    hash in the broker's password file only if the node id has no entry yet (the sender is logged in as that
+    node id, so it proved the existing password or, while there is none, a join token); it never replaces an
+    existing entry, and never retains the clear text. Requests are not retained either.
     """
 
     request_id: RequestId
@@ -125,6 +131,7 @@ class RegisterRequest(Message):
     listen_port: Port
     join_token: str | None = Field(default=None, max_length=256)
     epoch: Epoch
+    broker_password: str | None = Field(default=None, min_length=16, max_length=128)
 
     @field_validator("public_key")
     @classmethod
@@ -135,8 +142,9 @@ class RegisterRequest(Message):
 class RegisterReply(Message):
     """Published by the registrar on reply/<node> (QoS 1, not retained), answering one RegisterRequest.
 
-    `broker_password` is set only when the registrar issued new broker credentials for this node (first
-    registration); the agent stores it with mode 0600 and uses it for every later connection.
+    `broker_password` is legacy: a registrar sets it only for a node that sent no password of its own in its
+    first RegisterRequest (an older agent) and has no password entry yet; that agent stores it (0600). A lost
+    reply of that kind still locks such an old agent out; current agents send their own password instead.
     """
 
     request_id: RequestId

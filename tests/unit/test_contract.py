@@ -127,11 +127,19 @@ def test_decode_rejects_with_a_reason(payload, reason):
         {"endpoints": [{"host": "a b", "port": 1}]},
         {"endpoints": [{"host": "h", "port": 1}] * 9},
         {"request_id": "x"},
+        {"broker_password": "too-short"},
+        {"broker_password": "x" * 129},
     ],
 )
 def test_register_request_field_rules(overrides):
     with pytest.raises(ValueError):
         m.RegisterRequest.model_validate(_request(**overrides))
+
+
+def test_register_request_broker_password_is_optional():
+    assert m.RegisterRequest.model_validate(_request()).broker_password is None
+    req = m.RegisterRequest.model_validate(_request(broker_password="p" * 32))
+    assert m.decode(m.RegisterRequest, m.encode(req)).broker_password == "p" * 32
 
 
 def test_member_record_rejects_bad_ip():
