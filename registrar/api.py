@@ -168,7 +168,8 @@ def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
             "Same semantics as a RegisterRequest on MQTT register/<node>: idempotent for the same key (same node "
             "id, same mesh IP), a join token is needed only for a node that is not yet a member. Refusals come "
             "back as a RegisterReply with ok=false and an error code (400 invalid_request/invalid_key, 403 token "
-            "errors, 409 key_conflict, 503 pool_exhausted). A new node also gets its broker password here."
+            "errors, 409 key_conflict, 503 pool_exhausted). A joining node's own broker_password is stored if its "
+            "id has no password entry yet; an existing entry is never replaced."
         ),
         openapi_extra={
             "requestBody": {

@@ -1,4 +1,8 @@
-"""Broker credentials for nodes: a random password per node, written into the Mosquitto-format password file.
+"""Broker credentials for nodes, written (hashed) into the Mosquitto-format password file.
+
+A node chooses its own password and sends it with its RegisterRequest; `adopt` stores it for node ids that have
+no entry yet and never replaces one (the sender is logged in as that node id, so it already proved the existing
+password). `issue` (a registrar-generated password) remains for `credentials issue` and for older agents.
 
 `Credentials` is the small interface the service uses; PasswordFileCredentials writes the real file atomically
 (temp file, fsync, rename: a broker re-reading it never sees half a file) and then tells the broker to reload;
@@ -11,7 +15,7 @@ import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +35,8 @@ class Credentials(Protocol):
 
     def issue(self, username: str) -> str: ...
 
+    def adopt(self, passwords: Mapping[str, str]) -> list[str]: ...
+
 
 class MemoryCredentials:
     """Credentials in memory (tests)."""
@@ -44,6 +50,11 @@ class MemoryCredentials:
     def issue(self, username: str) -> str:
         self.passwords[username] = new_password()
         return self.passwords[username]
+
+    def adopt(self, passwords: Mapping[str, str]) -> list[str]:
+        added = [user for user in passwords if user not in self.passwords]
+        self.passwords.update({user: passwords[user] for user in added})
+        return added
 
 
 class PasswordFileCredentials:
@@ -70,6 +81,23 @@ class PasswordFileCredentials:
         password = new_password()
         self.set(username, password)
         return password
+
+    def adopt(self, passwords: Mapping[str, str]) -> list[str]:
+        """Store the users of `passwords` that have no entry yet, in one atomic write and one reload.
+
+        Returns the users added. Existing entries are kept as they are, whatever password is offered for them.
+        """
+        with self._lock:
+            entries = self._entries()
+            added = [user for user in passwords if user not in entries]
+            if not added:
+                return []
+            for user in added:
+                entries[user] = access.hash_password(passwords[user])
+            write_atomically(self.path, access.render_password_file(entries))
+        if self._reload is not None:
+            self._reload()
+        return added
 
     def set(self, username: str, password: str) -> None:
         """Write `username` with `password` into the file, then reload the broker."""

@@ -86,6 +86,9 @@ class Outcome:
     ignored: str | None = None  # valid but without effect (stale epoch, unknown node): logged at DEBUG
     token: JoinToken | None = None  # the token a command created or redeemed
     node_id: str | None = None  # the node the input concerned, if known (for logs)
+    # The node's own broker password from an accepted RegisterRequest: the service stores its hash (if the node
+    # has no entry yet) before it commits and answers. Never persisted in clear, never logged.
+    broker_password: str | None = field(default=None, repr=False)
 
     @property
     def published(self) -> tuple[Member, ...]:
@@ -163,7 +166,16 @@ def register(state: CoreState, request: RegisterRequest, *, now: float, config: 
         settings=config.mesh,
     )
     delta = _delta(state, after, change, tokens_up=(token,) if token else ())
-    return Outcome(after, change, delta, reply=reply, reply_to=node, token=token, node_id=node)
+    return Outcome(
+        after,
+        change,
+        delta,
+        reply=reply,
+        reply_to=node,
+        token=token,
+        node_id=node,
+        broker_password=request.broker_password,
+    )
 
 
 def _key_ok(value: object) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from meshcontract import messages, topics
+from meshcontract import access, messages, topics
 from meshcontract.messages import ErrorCode, MemberState, RegistrarStatus, Roster
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, connect_async, make_client
@@ -365,6 +365,14 @@ class RegistrarService:
             elif outcome.ignored:
                 self.counters["ignored"] += 1
                 log.debug("ignored input: %s", outcome.ignored, extra={"node_id": node})
+        # The node's own password goes into the password file before the membership is committed and long
+        # before the reply is published: whatever crashes or gets lost after this point, the node can log in
+        # with the password it holds. Failing here commits nothing, so a single-use token is not spent either.
+        try:
+            self._adopt_passwords(outcomes)
+        except CredentialsError as exc:
+            log.error("cannot store broker credentials, %d commands dropped: %s", len(outcomes), exc)
+            return self._fail(outcomes, "cannot store broker credentials, retry", publish_reply=publish_reply)
         deltas = [o.delta for o in outcomes if not o.delta.is_empty()]
         if deltas:
             try:
@@ -373,25 +381,49 @@ class RegistrarService:
                 # Nothing of these commands happened: the state is not swapped, nodes are told to retry.
                 self.counters["store_errors"] += 1
                 log.error("store commit failed, %d commands dropped: %s", len(outcomes), exc)
-                failed = []
-                for outcome in outcomes:
-                    if outcome.reply is not None:
-                        reply = engine.error_reply(
-                            outcome.reply.request_id,
-                            outcome.reply.node_id,
-                            ErrorCode.INTERNAL,
-                            "registrar storage failure, retry",
-                        )
-                        outcome = replace(outcome, state=self.state, reply=reply, delta=engine.Delta())
-                        if publish_reply:
-                            self._publish_reply(outcome)
-                    failed.append(outcome)
-                return failed
+                return self._fail(outcomes, "registrar storage failure, retry", publish_reply=publish_reply)
         if final is not None:
             self._state = final
         elif outcomes:
             self._state = outcomes[-1].state
         return [self._show(outcome, publish_reply=publish_reply) for outcome in outcomes]
+
+    def _fail(
+        self, outcomes: list[engine.Outcome], message: str, *, publish_reply: bool
+    ) -> list[engine.Outcome]:
+        """Answer every registration of a batch that was not committed with a retryable error."""
+        failed = []
+        for outcome in outcomes:
+            if outcome.reply is not None:
+                reply = engine.error_reply(
+                    outcome.reply.request_id, outcome.reply.node_id, ErrorCode.INTERNAL, message
+                )
+                outcome = replace(outcome, state=self.state, reply=reply, delta=engine.Delta())
+                if publish_reply:
+                    self._publish_reply(outcome)
+            failed.append(outcome)
+        return failed
+
+    def _adopt_passwords(self, outcomes: list[engine.Outcome]) -> None:
+        """Store the own broker password of each node admitted by this batch that has no entry yet.
+
+        Only a registration that admits the node counts (it redeemed a join token): a re-registration of an
+        existing member needs no token, and over HTTP its sender proved nothing, so it must not set credentials.
+        """
+        if self._credentials is None:
+            return
+        offered = {}
+        for o in outcomes:
+            if o.broker_password is None or o.reply is None or not o.reply.ok or not o.change.joined:
+                continue
+            if o.broker_password.startswith(access.JOIN_PASSWORD_PREFIX):
+                log.warning("ignoring a broker password shaped like a join token", extra={"node_id": o.node_id})
+                continue
+            offered[o.reply.node_id] = o.broker_password
+        if not offered:
+            return
+        for node in self._credentials.adopt(offered):
+            log.info("broker credentials stored (the node's own password)", extra={"node_id": node})
 
     def _show(self, outcome: engine.Outcome, *, publish_reply: bool) -> engine.Outcome:
         """Log, schedule record publishes and answer, for one committed outcome."""
@@ -431,6 +463,9 @@ class RegistrarService:
         assert reply is not None
         if self._credentials is None:
             return outcome
+        if outcome.broker_password is not None:
+            return outcome  # stored before the commit (or the node already had an entry)
+        # An older agent sends no password of its own: issue one in the reply, as registrars always did.
         try:
             if self._credentials.has(reply.node_id):
                 return outcome

@@ -1,4 +1,6 @@
-"""The service's single writer without a broker: bursts larger than one group commit lose nothing."""
+"""The service's single writer without a broker: bursts larger than one group commit lose nothing, and a
+node's own broker password is stored before its admission is committed (never replaced, never over HTTP
+re-registration)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import base64
 import json
 import time
 
+import pytest
 from brokers import free_port
 
 from meshcontract import topics
@@ -13,6 +16,8 @@ from meshcontract.messages import MeshSettings
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings
 from registrar import engine, service
+from registrar.credentials import MemoryCredentials
+from registrar.errors import CredentialsError
 from registrar.membership import LivenessPolicy
 from registrar.store import MemoryStore
 
@@ -70,3 +75,108 @@ class _Msg:
     def __init__(self, topic: str, payload: bytes) -> None:
         self.topic = topic
         self.payload = payload
+
+
+def _config() -> engine.Config:
+    return engine.Config(
+        mesh=MeshSettings(
+            mesh="lab",
+            network="10.9.0.0/16",
+            heartbeat_interval_s=1,
+            heartbeat_ttl_s=5,
+            persistent_keepalive_s=0,
+            mtu=1420,
+        ),
+        policy=LivenessPolicy(ttl_s=5, expiry_s=60, grace_s=6),
+        require_token=False,
+    )
+
+
+def _request(node: str, *, epoch: int = 1, password: str | None = None, n: int = 1) -> bytes:
+    body = {
+        "request_id": f"req-{node}-{epoch}",
+        "node_id": node,
+        "name": node,
+        "public_key": base64.b64encode(n.to_bytes(4, "big") * 8).decode(),
+        "listen_port": 51820,
+        "epoch": epoch,
+    }
+    if password is not None:
+        body["broker_password"] = password
+    return json.dumps(body).encode()
+
+
+class _FailingCredentials(MemoryCredentials):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def adopt(self, passwords):
+        if self.fail:
+            raise CredentialsError("disk full")
+        return super().adopt(passwords)
+
+
+@pytest.fixture
+def running():
+    made = []
+
+    def make(credentials) -> tuple[service.RegistrarService, MemoryStore]:
+        store = MemoryStore()
+        svc = service.RegistrarService(
+            config=_config(),
+            store=store,
+            broker=BrokerSettings(url=f"mqtt://127.0.0.1:{free_port()}"),  # nobody listens
+            network="10.9.0.0/16",
+            quarantine_s=60,
+            credentials=credentials,
+        )
+        svc.start()
+        made.append(svc)
+        return svc, store
+
+    try:
+        yield make
+    finally:
+        for svc in made:
+            svc.stop()
+
+
+def test_own_password_stored_at_admission_and_never_replaced(running):
+    creds = MemoryCredentials()
+    svc, _ = running(creds)
+    first = svc.register_payload(_request("n1", password="a" * 24)).reply
+    assert first.ok and first.broker_password is None  # nothing secret travels back
+    assert creds.passwords == {"n1": "a" * 24}
+    again = svc.register_payload(_request("n1", epoch=2, password="b" * 24)).reply
+    assert again.ok and again.mesh_ip == first.mesh_ip
+    assert creds.passwords == {"n1": "a" * 24}  # an existing entry is never replaced
+
+
+def test_reregistration_of_a_member_without_entry_does_not_set_credentials(running):
+    # Re-registering needs no token and over HTTP proves nothing: it must not hand out a member's login.
+    creds = MemoryCredentials()
+    svc, _ = running(creds)
+    assert svc.register_payload(_request("n1", password="a" * 24)).reply.ok
+    creds.passwords.clear()  # e.g. an operator removed the entry
+    assert svc.register_payload(_request("n1", epoch=2, password="x" * 24)).reply.ok
+    assert creds.passwords == {}
+
+
+def test_password_file_failure_commits_nothing_and_retry_succeeds(running):
+    creds = _FailingCredentials()
+    svc, store = running(creds)
+    reply = svc.register_payload(_request("n1", password="a" * 24)).reply
+    assert not reply.ok and "credentials" in reply.error.message
+    assert store.members == {} and "n1" not in svc.state.membership.members  # no token spent, no member
+    creds.fail = False
+    reply = svc.register_payload(_request("n1", epoch=2, password="a" * 24)).reply
+    assert reply.ok and creds.passwords == {"n1": "a" * 24} and "n1" in store.members
+
+
+def test_older_agent_without_own_password_still_gets_one_issued(running):
+    creds = MemoryCredentials()
+    svc, _ = running(creds)
+    reply = svc.register_payload(_request("n1")).reply
+    assert reply.ok and reply.broker_password == creds.passwords["n1"]
+    assert svc.register_payload(_request("n1", epoch=2)).reply.broker_password is None
