@@ -48,13 +48,16 @@ from nodeagent.errors import AgentError, RegistrationRefused, SettingsError, Sta
 from nodeagent.membership import Membership, MembershipView
 from nodeagent.ping import Pinger, SystemPinger
 from nodeagent.reconcile import DEFAULT_KEEPALIVE_S, desired_peers, plan_reconcile
-from nodeagent.session import backoff_delay, next_epoch
+from nodeagent.session import Login, backoff_delay, login_order, next_epoch
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
 
 log = logging.getLogger(__name__)
+
+# CONNACK reason codes (MQTT 3.1.1 return codes 4 and 5 as paho maps them) meaning "not these credentials".
+_AUTH_REFUSED = (0x86, 0x87)
 
 EXIT_REFUSED = 3
 # Refusals that no retry can fix; anything else (e.g. "internal") is retried with backoff.
@@ -178,6 +181,9 @@ class Agent:
         self.private_key = ""
         self.public_key = ""
         self.endpoint: Endpoint | None = None
+        self._own_password: str | None = None  # None when broker.password is configured
+        self._logins: tuple[Login, ...] = (Login.CONFIGURED,)
+        self._login_at = 0  # index into _logins of the credential the next connection uses
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,6 +199,7 @@ class Agent:
         self.private_key = self.store.private_key()
         self.public_key = keys.public_key(self.private_key)
         self.node_id = self.store.node_id(self.settings.node_id)
+        self._init_credentials()
         self.name = self.settings.name or self._hostname or socket.gethostname()
         self.endpoint = parse_endpoint(
             self.settings.endpoint or default_route_ipv4(), default_port=self.settings.listen_port
@@ -395,14 +402,47 @@ class Agent:
                     self._persisted = membership
 
     # -- MQTT session -----------------------------------------------------------------------------------
+    def _init_credentials(self) -> None:
+        # Our own broker password exists (on disk, 0600) before we first connect: whatever the registrar stores
+        # from our RegisterRequest, we hold too, even if we crash or its reply is lost.
+        configured = self.settings.broker.password is not None
+        if not configured:
+            self._own_password = self.store.own_broker_password()
+        self._set_logins(accepted=self.store.broker_password_accepted())
+
+    def _set_logins(self, *, accepted: bool) -> None:
+        with self._lock:
+            self._logins = login_order(
+                configured=self._own_password is None,
+                own_accepted=accepted,
+                has_token=bool(self.settings.join_token),
+            )
+            self._login_at = 0
+
     def _broker_settings(self) -> BrokerSettings:
         broker = self.settings.broker
-        password = broker.password
-        if password is None:
-            password = self.store.broker_password()
-        if password is None and self.settings.join_token:
-            password = JOIN_PASSWORD_PREFIX + self.settings.join_token
+        with self._lock:
+            login = self._logins[self._login_at]
+        if login is Login.CONFIGURED:
+            password = broker.password
+        elif login is Login.OWN:
+            password = self._own_password
+        else:
+            password = JOIN_PASSWORD_PREFIX + (self.settings.join_token or "")
+        log.info("logging in to the broker with %s", login.value, extra=self._self_extra())
         return broker.model_copy(update={"username": broker.username or self.node_id, "password": password})
+
+    def _login_refused(self) -> None:
+        """The broker refused our credential: the next connection tries the next one (see login_order)."""
+        with self._lock:
+            if len(self._logins) < 2:
+                return
+            refused = self._logins[self._login_at]
+            self._login_at = (self._login_at + 1) % len(self._logins)
+            following = self._logins[self._login_at]
+        log.warning(
+            "broker refused %s; next attempt uses %s", refused.value, following.value, extra=self._self_extra()
+        )
 
     def _topic(self, kind: Kind, node: str | None = None) -> str:
         return topics.build(self.settings.mesh, kind, node)
@@ -550,10 +590,18 @@ class Agent:
             listen_port=self.settings.listen_port,
             join_token=self.settings.join_token,
             epoch=conn.epoch,
+            broker_password=self._offered_password(),
         )
         conn.client.publish(self._topic(Kind.REGISTER, self.node_id), messages.encode(request), qos=1)
         log.info("registering (epoch %s)", conn.epoch, extra={**self._self_extra(), "epoch": conn.epoch})
         return request_id
+
+    def _offered_password(self) -> str | None:
+        """Our own password for the RegisterRequest; None with a configured one (or a legacy one out of range)."""
+        password = self._own_password
+        if password is None or not 16 <= len(password) <= 128:
+            return None
+        return password
 
     def _wait_reply(
         self, conn: _Connection, request_id: str, timeout: float, *, kickable: bool
@@ -587,8 +635,14 @@ class Agent:
         registration = Registration(
             mesh_ip=reply.mesh_ip, prefix_len=reply.prefix_len, settings=reply.settings
         )
-        if reply.broker_password:
+        if reply.broker_password and self.settings.broker.password is None:
+            # An older registrar issued a password of its own (it stores none we send): use that from now on.
             self.store.save_broker_password(reply.broker_password)
+            self._own_password = reply.broker_password
+        if self._own_password is not None and not self.store.broker_password_accepted():
+            # The registrar has an entry for us now (it writes it before answering): log in with it first.
+            self.store.mark_broker_password_accepted()
+            self._set_logins(accepted=True)
         with self._lock:
             previous = self._registration
             self._registration = registration
@@ -651,6 +705,8 @@ class Agent:
                 reason_code,
                 extra=self._self_extra(),
             )
+            if reason_code.value in _AUTH_REFUSED:
+                self._login_refused()
             return
         log.info("connected to the broker %s", self.settings.broker.url, extra=self._self_extra())
         conn.connected.set()

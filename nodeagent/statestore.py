@@ -3,7 +3,9 @@
 Files (all written atomically: temporary file, fsync, rename):
     private.key        WireGuard private key, 0600 (wgctl.keys); never leaves the machine
     node_id            the node id, generated once
-    broker_password    broker password issued by the registrar, 0600
+    broker_password    the node's own broker password (generated here before the first connection; or one an
+                       older registrar issued), 0600
+    broker_password.accepted  present once a registrar accepted a registration carrying that password
     epoch              the last session epoch used
     registration.json  mesh IP, prefix and mesh settings from the last successful registration
     membership.json    the last complete membership, to restore tunnels before the broker is reachable
@@ -129,12 +131,31 @@ class StateStore:
 
     # -- credentials ------------------------------------------------------------------------------------
     def broker_password(self) -> str | None:
-        """The broker password the registrar issued us, if any."""
+        """The node's stored broker password, if any."""
         text = self._read("broker_password")
         return text.strip() or None if text is not None else None
 
     def save_broker_password(self, password: str) -> None:
         write_atomic(self.dir / "broker_password", password + "\n", mode=0o600)
+
+    def own_broker_password(self) -> str:
+        """The node's own broker password, created (random, 192 bits, 0600) on first use.
+
+        Persisted before it is ever sent, so whatever the registrar stores is what we will log in with.
+        """
+        stored = self.broker_password()
+        if stored is not None:
+            return stored
+        password = secrets.token_urlsafe(24)
+        self.save_broker_password(password)
+        return password
+
+    def broker_password_accepted(self) -> bool:
+        """True once a registrar accepted a registration carrying our own password (then it has an entry)."""
+        return (self.dir / "broker_password.accepted").exists()
+
+    def mark_broker_password_accepted(self) -> None:
+        write_atomic(self.dir / "broker_password.accepted", "")
 
     # -- session ----------------------------------------------------------------------------------------
     def epoch(self) -> int | None:

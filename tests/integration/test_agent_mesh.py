@@ -20,11 +20,14 @@ import pytest
 from brokers import ProbeClient, RunningBroker, free_port
 
 from meshcontract import messages, topics
-from meshcontract.messages import Roster, RosterEntry
+from meshcontract.access import JOIN_PASSWORD_PREFIX
+from meshcontract.messages import RegisterRequest, Roster, RosterEntry
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
 from nodeagent.settings import AgentSettings
+from nodeagent.statestore import StateStore
+from wgctl import keys
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 from wgctl.model import PeerChanges
 
@@ -442,9 +445,9 @@ def test_refused_registration_stops_with_exit_code_3(mesh: Mesh) -> None:
     assert agent.failure is not None and agent.failure.code in ("invalid_token", "invalid_request")
 
 
-def test_embedded_broker_join_token_then_issued_credentials(tmp_path: Path) -> None:
-    """The registrar's embedded broker enforces the access rules: a new node logs in with "join:<token>",
-    receives its own broker password in the RegisterReply (stored 0600), and uses it from then on."""
+def test_embedded_broker_join_token_then_own_credentials(tmp_path: Path) -> None:
+    """The registrar's embedded broker enforces the access rules: a new node logs in with "join:<token>" and
+    registers its own broker password (generated and stored 0600 before connecting), used from then on."""
     port = free_port()
     registrar = Registrar(None, tmp_path / "registrar", embedded_port=port)
     registrar.state_dir.mkdir(parents=True)
@@ -457,13 +460,76 @@ def test_embedded_broker_join_token_then_issued_credentials(tmp_path: Path) -> N
         mesh.wait_complete()
         alpha = mesh.nodes["alpha"]
         password_file = alpha.settings.state_dir / "broker_password"
-        assert password_file.read_text().strip(), "the registrar issued a broker password"
+        assert password_file.read_text().strip(), "the agent created its own broker password"
+        assert (alpha.settings.state_dir / "broker_password.accepted").exists()
         # Restart without the join token: the stored password is what gets alpha in now.
         mesh.stop("alpha")
         alpha.settings = alpha.settings.model_copy(update={"join_token": None})
         agent = mesh.start("alpha")
         wait_for(agent.registered.is_set, timeout=15, what="alpha registers with its issued password")
         mesh.wait_complete()
+    finally:
+        mesh.close()
+        registrar.kill()
+
+
+def test_lost_register_reply_does_not_lock_the_node_out(tmp_path: Path) -> None:
+    """A node's RegisterRequest is admitted but the reply never reaches it (it disconnects right after
+    publishing, as if it crashed): a restarted agent still gets in, with the same node id and mesh IP, using
+    the password it stored before connecting; its single-use token is spent and not needed. A token holder
+    still cannot log in as that node."""
+    port = free_port()
+    registrar = Registrar(None, tmp_path / "registrar", embedded_port=port)
+    registrar.state_dir.mkdir(parents=True)
+    url = f"mqtt://127.0.0.1:{port}"
+    mesh = Mesh(tmp_path, url, "")
+    try:
+        registrar.start()
+        single_use = registrar._cli("tokens", "create").splitlines()[-1].strip()
+        # What the agent does before its first connection: identity and own password, on disk.
+        state_dir = tmp_path / "nodes" / "lost"
+        store = StateStore(state_dir)
+        store.ensure_dir()
+        node_id = store.node_id()
+        own = store.own_broker_password()
+        request = RegisterRequest(
+            request_id="lost-reply-1",
+            node_id=node_id,
+            name="lost",
+            public_key=keys.public_key(store.private_key()),
+            listen_port=51820,
+            join_token=single_use,
+            epoch=1,
+            broker_password=own,
+        )
+        with ProbeClient(url, client_id=node_id, username=node_id, password=JOIN_PASSWORD_PREFIX + single_use) as c:
+            assert c.rc == 0
+            c.publish(topics.build(MESH, Kind.REGISTER, node_id), messages.encode(request))  # never reads a reply
+        passwords = registrar.state_dir / "passwords"
+        wait_for(
+            lambda: f"{node_id}:" in passwords.read_text(), timeout=15, what="the registrar stored the password"
+        )
+        with ProbeClient(url, client_id=node_id, username=node_id, password=own) as me:
+            assert me.rc == 0, "the node's own password works although it never saw the reply"
+            me.subscribe(topics.subscription(MESH, Kind.MEMBERS))
+            record = messages.decode(
+                messages.MemberRecord, me.expect(topics.build(MESH, Kind.MEMBERS, node_id), timeout=15).payload
+            )
+        # The hardening still holds: a fresh, valid token does not open the broker for an existing entry.
+        other = registrar._cli("tokens", "create").splitlines()[-1].strip()
+        with ProbeClient(url, client_id=node_id, username=node_id, password=JOIN_PASSWORD_PREFIX + other) as thief:
+            assert thief.rc != 0, "a token holder logged in as an existing member"
+        # The agent restarts with no record of the reply: it tries the token first (refused: an entry exists),
+        # then its own password, and registers as the same node with the same IP.
+        mesh.token = single_use
+        node = mesh.add("lost")
+        assert node.settings.state_dir == state_dir
+        agent = node.agent
+        assert agent is not None
+        wait_for(agent.registered.is_set, timeout=20, what="the agent gets in after the lost reply")
+        assert agent.node_id == node_id and agent.mesh_ip == record.mesh_ip
+        assert (state_dir / "broker_password.accepted").exists()
+        assert store.broker_password() == own
     finally:
         mesh.close()
         registrar.kill()

@@ -1,4 +1,5 @@
-"""Epochs, backoff, and the state directory (node id, epoch, registration, membership, file modes)."""
+"""Epochs, backoff, login order, and the state directory (node id, own broker password, epoch, registration,
+membership, file modes)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from meshcontract.messages import MemberRecord, MemberState, MeshSettings
 from meshcontract.topics import is_valid_id
 from nodeagent.errors import StateDirError
 from nodeagent.membership import Membership
-from nodeagent.session import backoff_delay, next_epoch
+from nodeagent.session import Login, backoff_delay, login_order, next_epoch
 from nodeagent.statestore import Registration, StateStore, generate_node_id
 from wgctl import keys
 
@@ -38,6 +39,34 @@ def test_backoff_bounds(attempt: int, low: float, high: float) -> None:
     rng = random.Random(attempt)
     for _ in range(50):
         assert low <= backoff_delay(attempt, rng=rng) <= high
+
+
+@pytest.mark.parametrize(
+    ("configured", "accepted", "token", "expected"),
+    [
+        pytest.param(True, False, True, (Login.CONFIGURED,), id="pre-provisioned: only the configured password"),
+        pytest.param(True, True, False, (Login.CONFIGURED,), id="configured wins over an accepted own one"),
+        pytest.param(False, False, True, (Login.TOKEN, Login.OWN), id="not yet accepted: token, then own"),
+        pytest.param(False, True, True, (Login.OWN, Login.TOKEN), id="accepted: own, then token"),
+        pytest.param(False, False, False, (Login.OWN,), id="no token: own only"),
+        pytest.param(False, True, False, (Login.OWN,), id="accepted, no token: own only"),
+    ],
+)
+def test_login_order(configured: bool, accepted: bool, token: bool, expected: tuple[Login, ...]) -> None:
+    assert login_order(configured=configured, own_accepted=accepted, has_token=token) == expected
+
+
+def test_own_broker_password_created_once_before_use(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.ensure_dir()
+    assert store.broker_password() is None and not store.broker_password_accepted()
+    own = store.own_broker_password()
+    assert len(own) >= 22  # >= 128 bits of token_urlsafe
+    assert StateStore(tmp_path / "state").own_broker_password() == own  # survives a restart
+    assert stat.S_IMODE((tmp_path / "state" / "broker_password").stat().st_mode) == 0o600
+    store.mark_broker_password_accepted()
+    assert StateStore(tmp_path / "state").broker_password_accepted()
+    assert StateStore(tmp_path / "other").broker_password() is None
 
 
 def test_epoch_persists_and_grows(tmp_path: Path) -> None:
