@@ -23,9 +23,10 @@ DEFAULT_STATE_DIR = Path("/var/lib/meshvpn")
 class AgentSettings(BaseModel):
     """Everything `meshvpn-agent` can be told. See compose/systemd/agent.example.toml for a commented file.
 
-    broker.username defaults to the node id; broker.password to state_dir/broker_password when present, else
-    "join:<join_token>" (meshcontract.access.JOIN_PASSWORD_PREFIX) so the first connection to the embedded
-    broker can authenticate with the join token alone.
+    broker.username defaults to the node id. broker.password is for pre-provisioned credentials only; unset,
+    the agent logs in with its own password (state_dir/broker_password, created before the first connection and
+    registered with the registrar) or "join:<join_token>" (meshcontract.access.JOIN_PASSWORD_PREFIX) until the
+    registrar accepted it — see nodeagent.session.login_order.
     """
 
     model_config = ConfigDict(extra="forbid")
