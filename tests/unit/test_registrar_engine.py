@@ -76,6 +76,14 @@ def test_reregistration_needs_no_token():
     assert len(out.state.membership.members) == 1 and not out.delta.upsert_tokens
 
 
+def test_own_broker_password_travels_with_the_outcome_not_the_reply():
+    out = send(fresh(), topics.Kind.REGISTER, "n1", req(broker_password="p" * 24))
+    assert out.change.joined and out.broker_password == "p" * 24
+    assert out.reply.broker_password is None and "p" * 24 not in repr(out)  # never echoed or logged
+    refused = send(fresh(), topics.Kind.REGISTER, "n1", req(join_token="nope", broker_password="p" * 24))
+    assert not refused.reply.ok and refused.broker_password is None
+
+
 @pytest.mark.parametrize(
     ("topic_node", "body", "code"),
     [
