@@ -700,7 +700,13 @@ class Agent:
     # -- paho callbacks (network thread: never block here) ----------------------------------------------
     def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
         if reason_code.is_failure:
-            log.error(
+            with self._lock:
+                fallback = len(self._logins) > 1
+            # With another credential to try this is expected once (e.g. the token after the registrar stored
+            # our password): a warning; with nothing else to try it needs an operator.
+            level = logging.WARNING if fallback and reason_code.value in _AUTH_REFUSED else logging.ERROR
+            log.log(
+                level,
                 "broker refused the connection: %s (check broker.username/password or the join token)",
                 reason_code,
                 extra=self._self_extra(),
