@@ -1,0 +1,193 @@
+"""Footprint of real `meshvpn-agent` processes in a settled lab: resident memory and idle CPU.
+
+Builds a meshlab of N nodes (embedded broker + registrar, wireguard-go), waits for the full mesh, lets it
+settle, then samples every agent's /proc/<pid>/status (VmRSS, VmHWM), /proc/<pid>/smaps_rollup (Pss) and
+/proc/<pid>/stat (utime + stime) once a second for the measurement window. wireguard-go is a separate process
+and is reported on its own row, as is the registrar (context: it serves every agent). Idle means no traffic
+but the control plane's: heartbeats, the agent's reconcile loop and its WireGuard polling.
+
+Run as root from the repository (the numbers in docs/benchmarks.md come from the defaults):
+
+    .venv/bin/python bench/bench_agent.py [--nodes 4] [--duration 60] [--settle 10] [--heartbeats 1,5]
+
+One lab per heartbeat interval (the registrar hands the interval to agents when they register); TTL is
+3 intervals, as in the lab defaults. Aims: under 50 MB RSS and under 0.2 % of one core per idle agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshlab import system
+from meshlab.lab import Lab, new_lab_id
+from meshlab.settings import LabSettings
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPU_WINDOW_S = 10.0  # CPU % is also reported per window of this length, so a periodic spike shows as max
+AIM_RSS_MB = 50.0
+AIM_CPU_PCT = 0.2
+
+
+# --- pure: parsing /proc text and summarising samples -------------------------------------------------------
+
+
+def parse_status_kb(text: str, key: str) -> int | None:
+    """The value in kB of `key` (e.g. VmRSS) in /proc/<pid>/status or smaps_rollup text; None if absent."""
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def parse_cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) from /proc/<pid>/stat; the command name may contain spaces and parens."""
+    fields = stat.rsplit(")", 1)[1].split()
+    # After the name: field 3 (state) is fields[0], so utime (14) and stime (15) are fields[11] and fields[12].
+    return int(fields[11]) + int(fields[12])
+
+
+@dataclass
+class Series:
+    """Samples of one process: (monotonic time, cpu ticks, rss kB, pss kB)."""
+
+    label: str
+    kind: str
+    samples: list[tuple[float, int, int, int | None]] = field(default_factory=list)
+    hwm_kb: int = 0
+
+
+def cpu_percent(samples: list[tuple[float, int, int, int | None]]) -> float:
+    """Mean CPU % of one core between the first and the last sample."""
+    (t0, c0, *_), (t1, c1, *_) = samples[0], samples[-1]
+    return 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0)
+
+
+def cpu_windows(samples: list[tuple[float, int, int, int | None]], window_s: float) -> list[float]:
+    """CPU % in consecutive windows of about `window_s` seconds."""
+    out, start = [], 0
+    for i in range(1, len(samples)):
+        if samples[i][0] - samples[start][0] >= window_s:
+            out.append(cpu_percent(samples[start:i + 1]))
+            start = i
+    return out
+
+
+# --- I/O: the processes of a lab ---------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _comm(pid: int) -> str:
+    return (_read(f"/proc/{pid}/comm") or "").strip()
+
+
+def lab_processes(lab: Lab) -> list[tuple[str, str, int]]:
+    """(label, kind, pid) for every agent, every wireguard-go and the registrar of the lab."""
+    st = lab.state()
+    out = []
+    for node in st.ordered_nodes():
+        assert node.agent is not None
+        out.append((node.name, "agent", node.agent.pid))
+        wg = [pid for pid in system.namespace_pids(node.namespace) if _comm(pid) == "wireguard-go"]
+        out += [(node.name, "wireguard-go", pid) for pid in wg]
+    assert st.control.registrar is not None
+    out.append(("ctl", "registrar", st.control.registrar.pid))
+    return out
+
+
+def sample(series: dict[int, Series]) -> None:
+    now = time.monotonic()
+    for pid, s in series.items():
+        status, stat = _read(f"/proc/{pid}/status"), _read(f"/proc/{pid}/stat")
+        if status is None or stat is None:
+            raise SystemExit(f"{s.kind} of {s.label} (pid {pid}) exited during the measurement")
+        rollup = _read(f"/proc/{pid}/smaps_rollup")
+        s.samples.append((now, parse_cpu_ticks(stat), parse_status_kb(status, "VmRSS") or 0,
+                          parse_status_kb(rollup, "Pss") if rollup else None))
+        s.hwm_kb = max(s.hwm_kb, parse_status_kb(status, "VmHWM") or 0)
+
+
+def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab_dir: Path) -> list[Series]:
+    settings = LabSettings(lab_dir=lab_dir, broker="embedded", heartbeat_interval_s=heartbeat,
+                           heartbeat_ttl_s=3 * heartbeat, join_timeout_s=60)
+    lab = Lab(settings)
+    try:
+        lab.up(nodes, lab_id=new_lab_id())
+        lab.wait_mesh(timeout=60)
+        # Settling is the point here, not a proof of anything: let start-up allocation and handshakes finish.
+        time.sleep(settle)
+        lab.wait_mesh(timeout=10)
+        series = {pid: Series(label, kind) for label, kind, pid in lab_processes(lab)}
+        end = time.monotonic() + duration
+        while True:
+            sample(series)
+            if time.monotonic() >= end:
+                break
+            time.sleep(1.0)
+        problems = lab.mesh_problems()
+        if problems:
+            raise SystemExit(f"the mesh was not complete at the end of the window: {problems}")
+        return list(series.values())
+    finally:
+        lab.down()
+
+
+def _mb(kb: float) -> float:
+    return kb / 1024.0
+
+
+def report(heartbeat: float, series: list[Series]) -> list[str]:
+    lines = [f"heartbeat {heartbeat:g} s, {len(series[0].samples)} samples per process",
+             "| process | RSS mean (MB) | RSS max (MB) | VmHWM (MB) | PSS mean (MB) | CPU mean (% core) "
+             f"| CPU max per {CPU_WINDOW_S:g} s (% core) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in series:
+        rss = [r for _, _, r, _ in s.samples]
+        pss = [p for *_, p in s.samples if p is not None]
+        windows = cpu_windows(s.samples, CPU_WINDOW_S) or [cpu_percent(s.samples)]
+        lines.append(f"| {s.kind} {s.label} | {_mb(statistics.mean(rss)):.1f} | {_mb(max(rss)):.1f} "
+                     f"| {_mb(s.hwm_kb):.1f} | {_mb(statistics.mean(pss)) if pss else float('nan'):.1f} "
+                     f"| {cpu_percent(s.samples):.3f} | {max(windows):.3f} |")
+    agents = [s for s in series if s.kind == "agent"]
+    worst_rss = max(_mb(max(r for _, _, r, _ in s.samples)) for s in agents)
+    worst_cpu = max(cpu_percent(s.samples) for s in agents)
+    verdict = ("meets" if worst_rss < AIM_RSS_MB and worst_cpu < AIM_CPU_PCT else "MISSES")
+    lines.append(f"agents: worst RSS {worst_rss:.1f} MB (aim < {AIM_RSS_MB:g}), worst mean CPU {worst_cpu:.3f} % "
+                 f"(aim < {AIM_CPU_PCT:g}) -> {verdict} the aims")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=60.0, help="measurement window per heartbeat (s)")
+    parser.add_argument("--settle", type=float, default=10.0, help="wait after the full mesh before sampling (s)")
+    parser.add_argument("--heartbeats", default="1,5", help="comma-separated heartbeat intervals (s)")
+    parser.add_argument("--lab-dir", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_agent needs root (network namespaces, wireguard-go)")
+        return 2
+    for heartbeat in (float(h) for h in args.heartbeats.split(",")):
+        lab_dir = args.lab_dir or Path(tempfile.mkdtemp(prefix="meshlab-footprint."))
+        series = measure(nodes=args.nodes, heartbeat=heartbeat, settle=args.settle, duration=args.duration,
+                         lab_dir=lab_dir)
+        print("\n".join(report(heartbeat, series)), flush=True)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
