@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from brokers import ProbeClient, RunningBroker, free_port
+from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.access import JOIN_PASSWORD_PREFIX
@@ -38,15 +39,6 @@ TTL_S = 2.0
 RECONCILE_S = 0.5
 REPO = Path(__file__).resolve().parents[2]
 
-
-def wait_for(condition: Callable[[], object], *, timeout: float, what: str) -> None:
-    """Poll `condition` until it is truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
 
 
 class Registrar:

@@ -9,9 +9,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
+from polling import wait_for
 
 from desktop_chat.agentstub import StubAgent
 from desktop_chat.errors import DeliveryError
@@ -24,15 +24,6 @@ from meshcontract.localapi import AgentStatus, PeerView
 
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
-
-def wait_for(condition: Callable[[], object], *, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def make_session(ip: str, port: int, members: list[str], name: str) -> ChatSession:

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 from brokers import free_port
+from polling import wait_for
 
 from meshcontract import access, messages, topics
 from meshcontract.messages import RegisterReply, RegistrarStatus
@@ -22,13 +23,6 @@ from registrar.settings import RegistrarSettings
 
 MESH = "clilab"
 
-
-def wait_for(cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:

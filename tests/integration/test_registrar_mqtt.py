@@ -21,6 +21,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.messages import (
@@ -50,16 +51,6 @@ REPO = Path(__file__).resolve().parents[2]
 NODES = [f"n{i}" for i in range(1, 6)]
 USERS = {"registrar": "reg-pw", "observer": "obs-pw", **{n: f"{n}-pw" for n in NODES}}
 
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def key(n: int) -> str:
