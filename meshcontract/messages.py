@@ -161,12 +161,15 @@ class NodeStatus(Message):
     """Published by a node on status/<node> (QoS 1, retained), and set as its last-will with state offline.
 
     The registrar treats it as a hint: it only counts if `epoch` is the node's current session epoch or newer.
+    `last_will` is true only in the will: a broker that shuts down publishes every client's will, so the
+    registrar may take back an offline status that is a will, never one the node said itself (a goodbye).
     """
 
     node_id: NodeId
     state: Literal["online", "offline"]
     epoch: Epoch
     at: Timestamp
+    last_will: bool = False
 
 
 class Heartbeat(Message):

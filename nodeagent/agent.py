@@ -456,7 +456,7 @@ class Agent:
         client.enable_logger(logging.getLogger("nodeagent.mqtt"))
         client.suppress_exceptions = True
         conn = _Connection(client, epoch, threading.Event(), threading.Event(), threading.Event())
-        will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=self._clock())
+        will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=self._clock(), last_will=True)
         client.will_set(self._topic(Kind.STATUS, self.node_id), messages.encode(will), qos=1, retain=True)
         client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, rc)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._on_subscribe(conn, mid, rcs)

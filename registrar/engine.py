@@ -253,7 +253,12 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
                 state, rejected=f"status node_id {msg.node_id!r} is not the topic's", node_id=node
             )
         change = membership.status(
-            state.membership, node_id=node, online=msg.state == "online", epoch=msg.epoch, now=now
+            state.membership,
+            node_id=node,
+            online=msg.state == "online",
+            epoch=msg.epoch,
+            now=now,
+            last_will=msg.last_will,
         )
         return _apply(state, change, node_id=node)
     if parsed.kind is Kind.HEARTBEAT:
@@ -274,6 +279,11 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
 def tick(state: CoreState, *, now: float, config: Config) -> Outcome:
     """Apply the clock (liveness, expiry, quarantine)."""
     return _apply(state, membership.tick(state.membership, now=now, policy=config.policy))
+
+
+def forgive_offline(state: CoreState, *, since: float, now: float) -> Outcome:
+    """On reconnection to the broker: revive members whose offline status arrived at or after `since`."""
+    return _apply(state, membership.forgive_offline(state.membership, since=since, now=now))
 
 
 def remove_member(state: CoreState, node_id: str, *, now: float, reason: str = "removed by admin") -> Outcome:

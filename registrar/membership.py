@@ -12,6 +12,11 @@ Model (docs/registrar.md has the full story):
 - tick(now): an active member not heard from for `ttl_s` becomes unreachable; one unreachable for `expiry_s`
   is removed (tombstone) and its IP goes to quarantine. Nothing is declared unreachable or removed before
   `started_at + grace_s` (grace >= TTL), so a registrar restart never looks like a mass failure.
+- A broker that shuts down publishes the last will of every client it disconnects, maybe ours last: wills
+  that arrived just before the registrar lost the broker say nothing about the nodes. They are remembered
+  (`offline_at`) and forgive_offline() makes those members active again on reconnection; one that really
+  went away is then caught by the TTL after the grace period. A goodbye (an offline status that is not a
+  will) is what the node said itself and is never taken back.
 - One global revision counter: every transition that changes a published record takes the next revision
   and stamps it on every record it changed; the roster revision is that counter and only grows.
 """
@@ -19,7 +24,7 @@ Model (docs/registrar.md has the full story):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -108,6 +113,9 @@ class Membership:
     ipam: Ipam
     revision: int
     started_at: float  # when this registrar process started: the grace period counts from here
+    # Members made unreachable by a last will -> when. Not persisted: it only matters
+    # across one broker reconnection. An entry is stale once the member changed state again.
+    offline_at: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def create(
@@ -282,8 +290,13 @@ def heartbeat(state: Membership, *, node_id: str, epoch: int, now: float) -> Cha
     return _seen(state, node_id, epoch, now, "heartbeat")
 
 
-def status(state: Membership, *, node_id: str, online: bool, epoch: int, now: float) -> Change:
-    """A node's status (or its will). Offline of the current (or a newer) epoch makes it unreachable now."""
+def status(
+    state: Membership, *, node_id: str, online: bool, epoch: int, now: float, last_will: bool = False
+) -> Change:
+    """A node's status (or its will). Offline of the current (or a newer) epoch makes it unreachable now.
+
+    Only a will (`last_will`) is remembered in `offline_at`, for forgive_offline(): a goodbye is never taken back.
+    """
     if online:
         return _seen(state, node_id, epoch, now, "online status")
     member = state.members.get(node_id)
@@ -293,7 +306,47 @@ def status(state: Membership, *, node_id: str, online: bool, epoch: int, now: fl
         return Change(state, ignored=f"offline status with stale epoch {epoch} < {member.epoch}")
     if member.state is MemberState.UNREACHABLE:
         return Change(state, ignored="offline status for a member already unreachable")
-    return _unreachable(state, [member], now, "offline status (graceful stop or will)")
+    if not last_will:
+        return _unreachable(state, [member], now, "offline status (graceful stop)")
+    change = _unreachable(state, [member], now, "last will (connection lost)")
+    offline_at = dict(state.offline_at)
+    offline_at[node_id] = now
+    return replace(change, state=replace(change.state, offline_at=MappingProxyType(offline_at)))
+
+
+def forgive_offline(state: Membership, *, since: float, now: float) -> Change:
+    """Make active again every member a last will made unreachable at or after `since`.
+
+    For the registrar's reconnection to the broker: statuses that arrived shortly before it lost the broker
+    are the broker's shutdown publishing every will. Each revived member counts as just seen, so one that
+    really went away becomes unreachable again a TTL after the grace period. Clears `offline_at`.
+    """
+    revive = sorted(
+        (
+            state.members[node]
+            for node, at in state.offline_at.items()
+            if at >= since
+            and node in state.members
+            and state.members[node].state is MemberState.UNREACHABLE
+            and state.members[node].unreachable_since == at
+        ),
+        key=lambda m: m.node_id,
+    )
+    cleared = replace(state, offline_at=MappingProxyType({})) if state.offline_at else state
+    if not revive:
+        return Change(cleared)
+    rev = _next(state)
+    back = [
+        replace(m, state=MemberState.ACTIVE, last_seen=now, unreachable_since=None, revision=rev, updated_at=now)
+        for m in revive
+    ]
+    reason = "its offline status came as the broker went away (a stopping broker publishes every will)"
+    return Change(
+        _put(cleared, back, revision=rev),
+        dirty=tuple(back),
+        published=tuple(back),
+        happened=tuple(Happened(Event.ACTIVE, m, reason) for m in back),
+    )
 
 
 def _unreachable(state: Membership, members: list[Member], now: float, reason: str) -> Change:
@@ -318,7 +371,12 @@ def _drop(state: Membership, gone: list[Member], now: float) -> Membership:
         del by_id[m.node_id]
         keys.pop(m.public_key, None)
         ipam = ipam.release(m.node_id, now=now)
-    return replace(state, members=MappingProxyType(by_id), keys=MappingProxyType(keys), ipam=ipam)
+    offline_at = state.offline_at
+    if any(m.node_id in offline_at for m in gone):
+        offline_at = MappingProxyType({k: v for k, v in state.offline_at.items() if k in by_id})
+    return replace(
+        state, members=MappingProxyType(by_id), keys=MappingProxyType(keys), ipam=ipam, offline_at=offline_at
+    )
 
 
 def remove(state: Membership, *, node_ids: list[str] | tuple[str, ...], now: float, reason: str) -> Change:

@@ -8,7 +8,9 @@ tick that marks many members unreachable becomes one roster publish carrying the
 On every (re)connection the writer publishes RegistrarStatus online (its will says offline), republishes every
 member record and the roster (a broker restart may have lost retained messages), tombstones retained records of
 nodes that are no longer members, subscribes to register/+, status/+, heartbeat/+ and members/+, and restarts
-the grace period: while it could not hear heartbeats it must not conclude that members went silent.
+the grace period: while it could not hear heartbeats it must not conclude that members went silent. Before
+that it revives members whose offline status arrived within `offline_doubt_s` before the connection was lost:
+a stopping broker publishes every client's will just before it drops us, so those say nothing about the nodes.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class RegistrarService:
         credentials: Credentials | None = None,
         publish_window_s: float = 0.2,
         publish_max_delay_s: float = 1.0,
+        offline_doubt_s: float = 2.0,
         tick_interval_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -104,6 +107,8 @@ class RegistrarService:
         self._credentials = credentials
         self._window = publish_window_s
         self._max_delay = publish_max_delay_s
+        self._offline_doubt_s = offline_doubt_s
+        self._lost_at: float | None = None  # when the broker connection was last lost (our clock)
         self._tick_s = tick_interval_s or min(1.0, max(0.05, config.policy.ttl_s / 5))
         self._clock = clock
         self.instance = secrets.token_hex(6)
@@ -114,6 +119,7 @@ class RegistrarService:
         self._roster_due = False
         self._flush_at: float | None = None
         self._first_change_at = 0.0
+        self._last_flush_at = float("-inf")
         self._next_tick = 0.0
         self._connected = False
         self._ready = threading.Event()
@@ -278,7 +284,10 @@ class RegistrarService:
 
     def _housekeeping(self, _: object) -> None:
         now_mono = time.monotonic()
-        if now_mono >= self._next_tick:
+        # Silence is judged only after reading what has arrived: heartbeats still queued behind a slow batch
+        # (a long commit) must count before the clock does. Under a flood, one tick interval late at most.
+        overdue = now_mono >= self._next_tick + self._tick_s
+        if now_mono >= self._next_tick and (overdue or self._queue.empty()):
             self._next_tick = now_mono + self._tick_s
             if self._connected:
                 # Deaf while disconnected: silence then says nothing about the members.
@@ -302,6 +311,7 @@ class RegistrarService:
         elif isinstance(item, _Disconnected):
             if self._connected:
                 log.warning("registrar lost the broker connection: %s", item.reason)
+                self._lost_at = self._clock()
             self._connected = False
 
     def _handle_messages(self, batch: list[_Message]) -> None:
@@ -500,16 +510,22 @@ class RegistrarService:
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        # Debounce with a cap: publish `window` after the last change, but at most `max_delay` after the first.
-        # A burst (a fleet registering, a tick marking many unreachable) becomes one roster publish, which
-        # matters because every roster goes to every member: its fan-out grows with the square of the mesh.
+        # A change after a quiet `window` is published at once (a join, a leave or a crash reaches the peers
+        # without waiting). Changes that follow within the window are debounced with a cap: published `window`
+        # after the last one, but at most `max_delay` after the first. A burst (a fleet registering, a tick
+        # marking many unreachable) becomes one roster publish, which matters because every roster goes to every
+        # member: its fan-out grows with the square of the mesh.
         now = time.monotonic()
         if self._flush_at is None:
             self._first_change_at = now
+            if now - self._last_flush_at >= self._window:
+                self._flush_at = now
+                return
         self._flush_at = min(now + self._window, self._first_change_at + max(self._max_delay, self._window))
 
     def _flush(self) -> None:
         self._flush_at = None
+        self._last_flush_at = time.monotonic()
         if not self._connected or self._client is None:
             return  # the next (re)connection republishes everything
         members = self.state.membership.members
@@ -545,6 +561,10 @@ class RegistrarService:
         assert self._client is not None
         first = not self._connected and not self._ready.is_set()
         self._connected = True
+        if self._lost_at is not None:
+            # Before republishing: the records that go out must already be the revived ones.
+            since, self._lost_at = self._lost_at - self._offline_doubt_s, None
+            self._commit_and_show([engine.forgive_offline(self.state, since=since, now=self._clock())])
         # Restart the grace period: while disconnected we heard no heartbeat, which proves nothing.
         ms = self.state.membership
         self._state = replace(self.state, membership=replace(ms, started_at=self._clock()))

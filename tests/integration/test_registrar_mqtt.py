@@ -138,7 +138,7 @@ class Node:
         self.epoch = epoch
         subscribed = threading.Event()
         client = make_client(settings_for(self.broker, self.node_id, self.password), client_id=self.node_id)
-        will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=time.time())
+        will = NodeStatus(node_id=self.node_id, state="offline", epoch=epoch, at=time.time(), last_will=True)
         client.will_set(self.topic(Kind.STATUS), messages.encode(will), qos=1, retain=True)
         client.on_message = lambda c, u, m: self.replies.put(messages.decode(RegisterReply, m.payload))
         client.on_connect = lambda c, *a: c.subscribe(self.topic(Kind.REPLY), qos=1)
@@ -257,7 +257,7 @@ def mesh(any_broker, tmp_path):
     started: list[RegistrarService] = []
     closers: list[Callable[[], None]] = []
 
-    def start_registrar(expiry_s: float = 60.0) -> RegistrarService:
+    def start_registrar(expiry_s: float = 60.0, **kw) -> RegistrarService:
         svc = RegistrarService(
             config=mesh_config(expiry_s),
             store=SqliteStore(db),
@@ -266,6 +266,7 @@ def mesh(any_broker, tmp_path):
             quarantine_s=30,
             credentials=PasswordFileCredentials(broker.password_file, reload=broker._reload),
             publish_window_s=0.05,
+            **kw,
         )
         svc.start()
         assert svc.wait_ready(10), "registrar not ready"
@@ -576,6 +577,38 @@ def test_broker_restart_republishes_state(mesh):
     assert obs.registrar.state == "online"
     # paho reconnects the nodes too; their heartbeats keep them (or make them again) active
     wait_for(lambda: all(obs.state_of(n) == "active" for n in ips), timeout=40, what="members active")
+
+
+def test_offline_statuses_just_before_the_broker_went_away_are_forgiven(mesh):
+    """A stopping broker publishes every client's will just before it drops the registrar (Mosquitto does, in
+    no fixed order). Modelled deterministically: three wills, then the broker dies at once. On reconnection the
+    registrar must not publish those members unreachable; nodes that really are gone are then caught by the TTL."""
+    broker, start_registrar, closers = mesh
+    # A wider window than the default 2 s: on a loaded machine the three crashes below take a while.
+    svc = start_registrar(offline_doubt_s=10.0)
+    joined = nodes(broker, closers, "n1", "n2", "n3")
+    for n in joined:
+        n.join()
+    ids = [n.node_id for n in joined]
+
+    def states() -> set[str]:
+        members = svc.state.membership.members
+        return {members[i].state.value for i in ids}
+
+    wait_for(lambda: states() == {"active"}, what="all active")
+    for n in joined:
+        n.crash()
+    wait_for(lambda: states() == {"unreachable"}, timeout=5, what="the wills arrived")
+    broker.stop()
+    wait_for(lambda: not svc.connected, what="registrar notices the broker is gone")
+    broker.start()
+    wait_for(lambda: svc.connected, timeout=40, what="registrar reconnected")
+    wait_for(lambda: states() == {"active"}, timeout=2, what="members forgiven on reconnection")
+    obs = observer(broker, closers)
+    wait_for(obs.complete, what="retained state republished")
+    assert {obs.state_of(i) for i in ids} == {"active"}
+    # Nobody heartbeats: after the grace period the TTL says they are gone, as it should.
+    wait_for(lambda: states() == {"unreachable"}, timeout=GRACE_S + TTL_S + 5, what="unreachable by TTL")
 
 
 def test_stale_retained_record_is_tombstoned(mesh):

@@ -181,6 +181,55 @@ def test_unknown_node_ignored(fn):
     assert change.state is state and change.ignored
 
 
+def test_forgive_offline_revives_only_recent_will_downs():
+    """A stopping broker publishes every will: offline statuses just before the registrar lost the broker are
+    undone on reconnection; older ones, silence (TTL) and members that came back meanwhile are left alone."""
+    state = empty()
+    for i, node in enumerate(["n1", "n2", "n3", "n4"], start=1):
+        state = reg(state, node, i, now=1.0).state
+    state = ms.status(state, node_id="n1", online=False, epoch=1, now=5.0).state  # an old, real goodbye
+    state = ms.tick(state, now=16.0, policy=POLICY).state  # everyone silent: n2..n4 unreachable by TTL
+    state = reg(state, "n2", 2, now=17.0).state
+    state = reg(state, "n3", 3, now=17.0).state
+    state = reg(state, "n4", 4, now=17.0).state
+    will = {"online": False, "epoch": 1, "last_will": True}
+    state = ms.status(state, node_id="n2", now=29.5, **will).state  # the broker's shutdown
+    state = ms.status(state, node_id="n3", now=29.6, **will).state
+    state = ms.heartbeat(state, node_id="n3", epoch=1, now=29.7).state  # ...but n3 spoke again after it
+    state = ms.status(state, node_id="n4", online=False, epoch=1, now=29.8).state  # a goodbye: n4 said it
+    before = state.revision
+    change = ms.forgive_offline(state, since=28.0, now=31.0)
+    members = change.state.members
+    assert [m.node_id for m in change.published] == ["n2"]
+    assert members["n2"].state is MemberState.ACTIVE and members["n2"].last_seen == 31.0
+    assert members["n2"].revision == change.state.revision == before + 1
+    assert members["n1"].state is MemberState.UNREACHABLE  # before the window: a real goodbye stays
+    assert members["n4"].state is MemberState.UNREACHABLE  # a goodbye is never taken back
+    assert [h.event for h in change.happened] == [ms.Event.ACTIVE]
+    assert not change.state.offline_at
+    # Nothing left to forgive: no revision, no publish.
+    again = ms.forgive_offline(change.state, since=28.0, now=32.0)
+    assert not again.published and again.state.revision == change.state.revision
+    # A revived member that is really gone is caught by the TTL again.
+    later = ms.tick(replace_started(change.state, 31.0), now=46.5, policy=POLICY)
+    assert "n2" in [m.node_id for m in later.published]
+
+
+def replace_started(state: ms.Membership, started_at: float) -> ms.Membership:
+    from dataclasses import replace
+
+    return replace(state, started_at=started_at)
+
+
+def test_forgive_offline_forgets_removed_members():
+    state = reg(empty(), now=1.0).state
+    state = ms.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True).state
+    assert "n1" in state.offline_at
+    state = ms.remove(state, node_ids=["n1"], now=3.0, reason="admin").state
+    assert not state.offline_at
+    assert not ms.forgive_offline(state, since=0.0, now=4.0).published
+
+
 def test_next_deadline():
     state = reg(empty(), now=1.0).state
     assert ms.next_deadline(state, POLICY) == 15  # grace floor
@@ -195,9 +244,10 @@ def test_policy_grace_must_cover_ttl():
 event = st.one_of(
     st.tuples(st.just("reg"), st.sampled_from("abcd"), st.integers(1, 5), st.integers(0, 3)),
     st.tuples(st.just("hb"), st.sampled_from("abcd"), st.integers(0, 3)),
-    st.tuples(st.just("status"), st.sampled_from("abcd"), st.booleans(), st.integers(0, 3)),
+    st.tuples(st.just("status"), st.sampled_from("abcd"), st.booleans(), st.integers(0, 3), st.booleans()),
     st.tuples(st.just("tick")),
     st.tuples(st.just("remove"), st.sampled_from("abcd")),
+    st.tuples(st.just("forgive"), st.floats(0, 30)),
     st.tuples(st.just("wait"), st.floats(0, 60)),
 )
 
@@ -215,11 +265,13 @@ def test_invariants_under_any_sequence(events):
             elif ev[0] == "hb":
                 change = ms.heartbeat(state, node_id=ev[1], epoch=ev[2], now=now)
             elif ev[0] == "status":
-                change = ms.status(state, node_id=ev[1], online=ev[2], epoch=ev[3], now=now)
+                change = ms.status(state, node_id=ev[1], online=ev[2], epoch=ev[3], now=now, last_will=ev[4])
             elif ev[0] == "tick":
                 change = ms.tick(state, now=now, policy=POLICY)
             elif ev[0] == "remove":
                 change = ms.remove(state, node_ids=[ev[1]], now=now, reason="t")
+            elif ev[0] == "forgive":
+                change = ms.forgive_offline(state, since=now - ev[1], now=now)
             else:
                 now += ev[1]
                 continue
@@ -234,6 +286,7 @@ def test_invariants_under_any_sequence(events):
         assert len(ips) == len(set(ips))  # unique addresses
         assert dict(state.ipam.allocated) == {m.node_id: m.mesh_ip for m in state.members.values()}
         assert dict(state.keys) == {m.public_key: m.node_id for m in state.members.values()}
+        assert set(state.offline_at) <= set(state.members)  # no memory of removed members
         for node, m in before.members.items():
             if node in state.members:
                 assert state.members[node].mesh_ip == m.mesh_ip  # stable while a member
