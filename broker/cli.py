@@ -13,9 +13,7 @@ import argparse
 import getpass
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from broker.errors import BrokerError, PasswordFileError
@@ -23,6 +21,7 @@ from broker.settings import BrokerServerSettings
 from meshcontract import access, logs
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
+from meshcontract.stopping import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +118,12 @@ def _run(settings: BrokerServerSettings) -> int:
     # Imported here: amqtt takes about a second to import, which `passwd` does not need.
     from broker.embedded import EmbeddedBroker
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    signals = StopSignals().install()
     broker = EmbeddedBroker(settings)
     broker.start()
     log.info("broker ready on %s", broker.url)
     try:
-        stop.wait()
+        signals.wait()
     finally:
         broker.stop()
     log.info("broker stopped")

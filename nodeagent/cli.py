@@ -15,6 +15,7 @@ from typing import Any
 from meshcontract import logs
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
+from meshcontract.stopping import StopSignals
 from nodeagent.agent import Agent
 from nodeagent.errors import AgentError
 from nodeagent.settings import AgentSettings
@@ -102,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshvpn-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        agent.request_stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    agent.wait()
+    signals = StopSignals().install()
+    # A signal ends the wait at once; the agent giving up (refused registration) within a second.
+    while not signals.wait(1.0) and not agent.wait(0):
+        pass
+    if signals.received is not None:
+        log.info("received %s, stopping", signal.Signals(signals.received).name)
     agent.stop()
     if agent.failure is not None:
         print(f"meshvpn-agent: {agent.failure}", file=sys.stderr)

@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from meshcontract import access, logs
 from meshcontract.errors import ContractError
 from meshcontract.messages import MeshSettings
 from meshcontract.settings import load_settings
+from meshcontract.stopping import StopSignals
 from meshcontract.transport import BrokerSettings
 from registrar import engine, tokens
 from registrar.credentials import PasswordFileCredentials, command_reload, write_atomically
@@ -240,14 +240,14 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
             http = HttpServer(create_app(service, admin_token=_admin_token(settings)), host=host, port=port)
             http.start()
             log.info("HTTP API on http://%s:%d (OpenAPI at /docs)", host, http.port)
+        signals = StopSignals(stop)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
-        while not stop.is_set() and not service.wait_ready(0.5):
+            signals.install()
+        while not signals.requested and not service.wait_ready(0.5):
             pass
-        if not stop.is_set():
+        if not signals.requested:
             log.info("registrar ready", extra={"revision": service.state.membership.revision})
-        stop.wait()
+        signals.wait()
         log.info("stopping")
     finally:
         if http is not None:
