@@ -76,6 +76,9 @@ def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHVPN_")}
     env["WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    # Debugging a lab run: MESHLAB_LOG_LEVEL=DEBUG reaches every service the lab starts.
+    if os.environ.get("MESHLAB_LOG_LEVEL"):
+        env["MESHVPN_LOG_LEVEL"] = os.environ["MESHLAB_LOG_LEVEL"]
     return env
 
 

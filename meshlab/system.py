@@ -6,6 +6,7 @@ Everything here is a thin, idempotent wrapper: creating what exists or deleting 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -82,10 +83,21 @@ def kill_namespace_processes(name: str, sig: signal.Signals, *, wait_s: float = 
     return pids
 
 
+def stable_mac(name: str) -> str:
+    """A locally administered unicast MAC derived from `name`: the same name, the same address."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def add_bridge(namespace: str, bridge: str, address: str) -> None:
-    """Create bridge `bridge` in `namespace` with `address` (CIDR) and bring it up."""
+    """Create bridge `bridge` in `namespace` with `address` (CIDR) and a fixed MAC, and bring it up.
+
+    Without a MAC of its own a Linux bridge takes the lowest MAC of its ports, so adding a node can change the
+    MAC behind the control plane's address: every node's ARP entry for the broker is then stale, and their
+    MQTT traffic stalls for seconds (heartbeats lost, members expired by mistake) until ARP notices.
+    """
     if run(["ip", "-n", namespace, "link", "show", bridge], check=False).returncode != 0:
-        run(["ip", "-n", namespace, "link", "add", bridge, "type", "bridge"])
+        run(["ip", "-n", namespace, "link", "add", bridge, "address", stable_mac(bridge), "type", "bridge"])
     run(["ip", "-n", namespace, "addr", "replace", address, "dev", bridge])
     run(["ip", "-n", namespace, "link", "set", bridge, "up"])
 
