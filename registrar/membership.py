@@ -158,6 +158,9 @@ class Change:
     happened: tuple[Happened, ...] = ()
     ignored: str | None = None  # why an input had no effect, for logs and metrics
     joined: bool = False  # a registration admitted a new member (the caller must redeem a join token)
+    # Only a last will changed something: a hint the registrar may take back within moments (a stopping broker
+    # publishes every will), so it is not worth publishing before the next publish window.
+    doubtful: bool = False
 
     @property
     def revision_bumped(self) -> bool:
@@ -311,7 +314,7 @@ def status(
     change = _unreachable(state, [member], now, "last will (connection lost)")
     offline_at = dict(state.offline_at)
     offline_at[node_id] = now
-    return replace(change, state=replace(change.state, offline_at=MappingProxyType(offline_at)))
+    return replace(change, state=replace(change.state, offline_at=MappingProxyType(offline_at)), doubtful=True)
 
 
 def forgive_offline(state: Membership, *, since: float, now: float) -> Change:

@@ -457,7 +457,7 @@ class RegistrarService:
         if touched:
             self._pending.update(touched)
             self._roster_due = True
-            self._schedule_flush()
+            self._schedule_flush(prompt=not outcome.change.doubtful)
         if outcome.reply is not None:
             if outcome.reply.ok:
                 self.counters["registrations"] += 1
@@ -509,16 +509,19 @@ class RegistrarService:
         self._roster_due = True
         self._schedule_flush()
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, *, prompt: bool = True) -> None:
         # A change after a quiet `window` is published at once (a join, a leave or a crash reaches the peers
         # without waiting). Changes that follow within the window are debounced with a cap: published `window`
         # after the last one, but at most `max_delay` after the first. A burst (a fleet registering, a tick
         # marking many unreachable) becomes one roster publish, which matters because every roster goes to every
         # member: its fan-out grows with the square of the mesh.
+        # A will is never prompt: if the broker is stopping we lose it within milliseconds, and a record published
+        # now would sit unacknowledged in paho, be re-sent after the reconnection and briefly contradict the
+        # will we take back then (see forgive_offline).
         now = time.monotonic()
         if self._flush_at is None:
             self._first_change_at = now
-            if now - self._last_flush_at >= self._window:
+            if prompt and now - self._last_flush_at >= self._window:
                 self._flush_at = now
                 return
         self._flush_at = min(now + self._window, self._first_change_at + max(self._max_delay, self._window))

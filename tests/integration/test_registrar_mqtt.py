@@ -265,8 +265,7 @@ def mesh(any_broker, tmp_path):
             network=NETWORK,
             quarantine_s=30,
             credentials=PasswordFileCredentials(broker.password_file, reload=broker._reload),
-            publish_window_s=0.05,
-            **kw,
+            **{"publish_window_s": 0.05, **kw},
         )
         svc.start()
         assert svc.wait_ready(10), "registrar not ready"
@@ -351,6 +350,18 @@ def test_late_subscriber_sees_retained_membership(mesh):
     assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
     assert obs.registrar.state == "online" and obs.registrar.instance == svc.instance
     assert all(r.state.value == "active" for r in obs.members.values())
+
+
+def test_a_lone_change_is_published_without_waiting_for_the_window(mesh):
+    """With a 30 s publish window, a single registration after a quiet period still reaches observers at once;
+    changes right after it wait for the window (the burst rule), which the test does not wait for."""
+    broker, start_registrar, closers = mesh
+    start_registrar(publish_window_s=30.0, publish_max_delay_s=30.0)
+    obs = observer(broker, closers)
+    wait_for(lambda: obs.roster is not None, what="initial roster")
+    (n1,) = nodes(broker, closers, "n1")
+    n1.join()
+    wait_for(lambda: obs.state_of("n1") == "active", timeout=10, what="n1 published long before the window")
 
 
 def test_crash_detected_by_will_then_expiry(mesh):

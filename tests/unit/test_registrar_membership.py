@@ -221,6 +221,15 @@ def replace_started(state: ms.Membership, started_at: float) -> ms.Membership:
     return replace(state, started_at=started_at)
 
 
+def test_only_a_will_is_doubtful():
+    state = reg(empty(), now=1.0).state
+    state = reg(state, "n2", 2, now=1.0).state
+    will = ms.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True)
+    goodbye = ms.status(state, node_id="n2", online=False, epoch=1, now=2.0)
+    assert will.doubtful and will.published and "n1" in will.state.offline_at
+    assert not goodbye.doubtful and goodbye.published and not goodbye.state.offline_at
+
+
 def test_forgive_offline_forgets_removed_members():
     state = reg(empty(), now=1.0).state
     state = ms.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True).state
