@@ -27,6 +27,10 @@ How the clocks are read, all on this one host (CLOCK_REALTIME; the lab's namespa
   new node's agent logs "registered as": resolution 50 ms, plus the WireGuard handshake the first packet
   triggers. A direction whose ping exits (no route yet) is restarted after 20 ms.
 - "complete" polls `wg show` in every namespace (one round takes ~N x 15 ms here, on top of the 50 ms sleep).
+- Each fault is injected QUIET_S (0.5 s) after the previous step completed. The registrar publishes a change
+  at once only after a quiet publish window (0.2 s; changes closer together are debounced into one roster), and
+  "complete" is reached within milliseconds of the previous publish: without the pause a fault would measure the
+  tail of the previous step's debounce, not the event itself.
 
 Run as root from the repository:
   .venv/bin/python bench/bench_lab.py --nodes 4 --runs 10 --broker both
@@ -58,6 +62,7 @@ from meshlab.settings import LabSettings
 POLL = 0.05
 PING_INTERVAL = 0.05
 OUTAGE_S = 3.0
+QUIET_S = 0.5
 MEASURES = ("start->reachable", "registered->reachable", "registered->tunnels", "sigkill->removed",
             "freeze->removed", "partition->removed", "heal->complete", "crash->removed", "restart->complete",
             "leave->removed", "outage (actual)", "outage->reconnected", "outage: tunnels torn down")
@@ -256,6 +261,9 @@ class Bench:
         res.marks.append((t_removed, "*", "removed everywhere"))
         return t_removed
 
+    def _quiet(self) -> None:
+        time.sleep(QUIET_S)  # separates one measured event from the previous one (see the module docstring)
+
     def _mark(self, res: RunResult, node: str, what: str) -> float:
         now = time.time()
         res.marks.append((now, node, what))
@@ -330,6 +338,7 @@ class Bench:
         others = base
 
         # --- SIGKILL of the agent alone
+        self._quiet()
         t = self._mark(res, victim, "SIGKILL agent")
         lab.kill(victim)
         self._fault_removed(res, "sigkill->removed", victim, ip, others, t)
@@ -339,6 +348,7 @@ class Bench:
         self._mark(res, "*", "complete")
 
         # --- freeze the whole node
+        self._quiet()
         t = self._mark(res, victim, "SIGSTOP node")
         lab.freeze(victim)
         self._fault_removed(res, "freeze->removed", victim, ip, others, t)
@@ -348,6 +358,7 @@ class Bench:
         self._mark(res, "*", "complete")
 
         # --- partition: the underlay link goes down
+        self._quiet()
         t = self._mark(res, victim, "link down")
         lab.partition(victim)
         self._fault_removed(res, "partition->removed", victim, ip, others, t)
@@ -358,6 +369,7 @@ class Bench:
         self._mark(res, "*", "complete")
 
         # --- machine crash and restart
+        self._quiet()
         t = self._mark(res, victim, "crash (SIGKILL all)")
         lab.crash(victim)
         self._fault_removed(res, "crash->removed", victim, ip, others, t)
@@ -368,6 +380,7 @@ class Bench:
         self._mark(res, "*", "complete")
 
         # --- graceful leave
+        self._quiet()
         t = self._mark(res, victim, "SIGTERM (leave)")
         lab.stop(victim)
         self._fault_removed(res, "leave->removed", victim, ip, others, t)
