@@ -51,6 +51,7 @@ from broker.settings import BrokerServerSettings
 from meshcontract import access
 
 log = logging.getLogger(__name__)
+_SHUTDOWN_TIMEOUT_S = 3.0
 
 TokenVerifier = Callable[[str, str], bool]
 _TAKEOVER_WAIT_S = 5.0
@@ -373,4 +374,9 @@ class EmbeddedBroker:
             log.warning("embedded broker is open: anonymous access and no ACL (no password file configured)")
         self._ready.set()
         await self._stop_requested.wait()
-        await self.broker.shutdown()
+        try:
+            # amqtt's shutdown waits for every client handler; one stuck on a dead peer has held a registrar's
+            # SIGTERM for over 10 s in the lab. Bounded: leaving the loop cancels whatever is left.
+            await asyncio.wait_for(self.broker.shutdown(), timeout=_SHUTDOWN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", _SHUTDOWN_TIMEOUT_S)

@@ -159,7 +159,7 @@ class Change:
     ignored: str | None = None  # why an input had no effect, for logs and metrics
     joined: bool = False  # a registration admitted a new member (the caller must redeem a join token)
     # Only a last will changed something: a hint the registrar may take back within moments (a stopping broker
-    # publishes every will), so it is not worth publishing before the next publish window.
+    # publishes every will), so its publication is held back briefly.
     doubtful: bool = False
 
     @property

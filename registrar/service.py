@@ -95,6 +95,7 @@ class RegistrarService:
         publish_window_s: float = 0.2,
         publish_max_delay_s: float = 1.0,
         offline_doubt_s: float = 2.0,
+        will_hold_s: float = 0.1,
         tick_interval_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -108,6 +109,7 @@ class RegistrarService:
         self._window = publish_window_s
         self._max_delay = publish_max_delay_s
         self._offline_doubt_s = offline_doubt_s
+        self._will_hold_s = will_hold_s
         self._lost_at: float | None = None  # when the broker connection was last lost (our clock)
         self._tick_s = tick_interval_s or min(1.0, max(0.05, config.policy.ttl_s / 5))
         self._clock = clock
@@ -120,6 +122,7 @@ class RegistrarService:
         self._flush_at: float | None = None
         self._first_change_at = 0.0
         self._last_flush_at = float("-inf")
+        self._quiet_flush = False  # the pending flush is the prompt first one after a quiet window
         self._next_tick = 0.0
         self._connected = False
         self._ready = threading.Event()
@@ -515,19 +518,24 @@ class RegistrarService:
         # after the last one, but at most `max_delay` after the first. A burst (a fleet registering, a tick
         # marking many unreachable) becomes one roster publish, which matters because every roster goes to every
         # member: its fan-out grows with the square of the mesh.
-        # A will is never prompt: if the broker is stopping we lose it within milliseconds, and a record published
-        # now would sit unacknowledged in paho, be re-sent after the reconnection and briefly contradict the
-        # will we take back then (see forgive_offline).
+        # A will waits `will_hold_s` first: if the broker is stopping we lose it within milliseconds, and a record
+        # published before that would sit unacknowledged in paho, be re-sent after the reconnection and briefly
+        # contradict the will we take back then (see forgive_offline). Changes that come while such a first
+        # publish is pending ride along with it.
         now = time.monotonic()
         if self._flush_at is None:
             self._first_change_at = now
-            if prompt and now - self._last_flush_at >= self._window:
-                self._flush_at = now
+            if now - self._last_flush_at >= self._window:
+                self._flush_at = now if prompt else now + self._will_hold_s
+                self._quiet_flush = True
                 return
+        if self._quiet_flush:
+            return
         self._flush_at = min(now + self._window, self._first_change_at + max(self._max_delay, self._window))
 
     def _flush(self) -> None:
         self._flush_at = None
+        self._quiet_flush = False
         self._last_flush_at = time.monotonic()
         if not self._connected or self._client is None:
             return  # the next (re)connection republishes everything
