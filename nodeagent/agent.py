@@ -225,6 +225,10 @@ class Agent:
 
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.start()
+        if self._registration is not None:
+            # Heartbeat from the first connection on, as an agent that merely reconnected does: a registrar that
+            # comes back after us must not find us silent while our registration waits for its answer.
+            self._schedule_heartbeats(self._registration.settings.heartbeat_interval_s)
         if self._local_api_enabled:
             from nodeagent.localapi_server import LocalApiServer
 
@@ -554,8 +558,17 @@ class Agent:
         """
         attempt = 0
         while not conn.lost.is_set():
+            with self._reply_cond:
+                kicks = self._registrar_kicks
             request_id = self._send_register(conn)
-            reply = self._wait_reply(conn, request_id, self.settings.register_timeout_s, kickable=False)
+            # Kickable: a registrar that comes online after this request was sent (live, not the retained status
+            # we get on subscribing) never saw it: send it again at once instead of after the timeout.
+            reply = self._wait_reply(
+                conn, request_id, self.settings.register_timeout_s, kickable=True, kicks_before=kicks
+            )
+            if reply is None and self._registrar_kicks != kicks and not conn.lost.is_set():
+                log.info("registrar came online; registering again", extra=self._self_extra())
+                continue
             why = f"no reply within {self.settings.register_timeout_s}s (registrar down?)"
             while reply is None or not reply.ok:
                 if reply is not None:
@@ -604,13 +617,19 @@ class Agent:
         return password
 
     def _wait_reply(
-        self, conn: _Connection, request_id: str, timeout: float, *, kickable: bool
+        self,
+        conn: _Connection,
+        request_id: str,
+        timeout: float,
+        *,
+        kickable: bool,
+        kicks_before: int | None = None,
     ) -> RegisterReply | None:
         """The reply to `request_id` if it arrives within `timeout`, else None. Returns None early when the
-        connection is lost, or (if `kickable`) when the registrar comes online."""
+        connection is lost, or (if `kickable`) when the registrar comes online (after `kicks_before`, if given)."""
         deadline = time.monotonic() + timeout
         with self._reply_cond:
-            kicks = self._registrar_kicks
+            kicks = self._registrar_kicks if kicks_before is None else kicks_before
             while request_id not in self._replies and not conn.lost.is_set():
                 if kickable and self._registrar_kicks != kicks:
                     break
@@ -658,19 +677,22 @@ class Agent:
         conn.client.publish(
             self._topic(Kind.STATUS, self.node_id), messages.encode(online), qos=1, retain=True
         )
+        self._schedule_heartbeats(registration.settings.heartbeat_interval_s)
+        self._heartbeat()
+        self.registered.set()
+        self._wake_reconcile.set()
+
+    def _schedule_heartbeats(self, interval_s: float) -> None:
         if self._scheduler is not None:
             self._scheduler.add_job(
                 self._heartbeat,
                 "interval",
-                seconds=registration.settings.heartbeat_interval_s,
+                seconds=interval_s,
                 id="heartbeat",
                 replace_existing=True,
                 max_instances=1,
                 coalesce=True,
             )
-        self._heartbeat()
-        self.registered.set()
-        self._wake_reconcile.set()
 
     def _heartbeat(self) -> None:
         with self._lock:
@@ -768,7 +790,8 @@ class Agent:
                 online = status.state == "online"
                 with self._reply_cond:
                     was, self._registrar_online = self._registrar_online, online
-                    if online and not was:
+                    # A retained status is what we learn on subscribing, not a registrar that just came online.
+                    if online and not was and not msg.retain:
                         self._registrar_kicks += 1
                         self._reply_cond.notify_all()
                 if was != online:

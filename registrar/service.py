@@ -162,6 +162,9 @@ class RegistrarService:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        # The one client every node waits for after a broker restart (registrations, the roster): retry often
+        # instead of paho's default back-off, which left it ~4 s behind the agents after a 3 s outage.
+        client.reconnect_delay_set(min_delay=0.25, max_delay=2.0)
         # Do not let paho drop our QoS 1 publishes when a burst fills its in-flight window.
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
