@@ -6,11 +6,7 @@ source "$(dirname "$0")/lib.sh"
 step up --nodes 4
 step wait
 step status
-N2_IP=$(lab status --json | "$REPO/.venv/bin/python" -c \
-  'import json, sys; print(next(n["mesh_ip"] for n in json.load(sys.stdin)["nodes"] if n["name"] == "n2"))')
-say "continuous ping n1 -> n2 ($N2_IP) every 0.2 s for 40 s, in the background"
-lab exec n1 -- ping -n -q -i 0.2 -w 40 "$N2_IP" > "$LAB_DIR/ping.log" 2>&1 &
-PING_PID=$!
+ping_n1_n2 0.2 40
 sleep 2
 say "stop the registrar (and its embedded broker)"
 step registrar stop

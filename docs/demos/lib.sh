@@ -27,6 +27,17 @@ events() {
   } | sort -s -k2,2 | sed -E 's/ peer=[^ ]+//; s/ epoch=[0-9]+//' | cut -c1-200
 }
 
+# Continuous ping n1 -> n2 over the mesh in the background, into $LAB_DIR/ping.log; sets PING_PID.
+# Usage: ping_n1_n2 INTERVAL_S DURATION_S
+ping_n1_n2() {
+  local ip
+  ip=$(lab status --json | "$REPO/.venv/bin/python" -c \
+    'import json, sys; print(next(n["mesh_ip"] for n in json.load(sys.stdin)["nodes"] if n["name"] == "n2"))')
+  say "continuous ping n1 -> n2 ($ip) every $1 s for $2 s, in the background"
+  lab exec n1 -- ping -n -q -i "$1" -w "$2" "$ip" > "$LAB_DIR/ping.log" 2>&1 &
+  PING_PID=$!
+}
+
 cleanup() { say "cleaning up"; lab down >/dev/null 2>&1 || true; rm -rf "$LAB_DIR"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
