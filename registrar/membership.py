@@ -343,7 +343,7 @@ def forgive_offline(state: Membership, *, since: float, now: float) -> Change:
         replace(m, state=MemberState.ACTIVE, last_seen=now, unreachable_since=None, revision=rev, updated_at=now)
         for m in revive
     ]
-    reason = "its offline status came as the broker went away (a stopping broker publishes every will)"
+    reason = "its last will came as the broker went away (a stopping broker publishes every client's will)"
     return Change(
         _put(cleared, back, revision=rev),
         dirty=tuple(back),
