@@ -63,6 +63,12 @@ def test_parse_wg_allowed_ips(text, peers):
          (25, 25)),
         ("7 packets transmitted, 5 received, +2 errors, 28.5714% packet loss, time 1205ms\n", (7, 5)),
         ("PING 1.2.3.4\n", (0, 0)),
+        # the last probe was in flight when ping was interrupted: not a loss
+        ("64 bytes from 1.2.3.4: icmp_seq=1 ttl=64 time=0.3 ms\n64 bytes from 1.2.3.4: icmp_seq=2 ttl=64 time=0.3 ms\n"
+         "3 packets transmitted, 2 received, 33.3333% packet loss, time 250ms\n", (2, 2)),
+        # ...but a gap before the end is
+        ("64 bytes from 1.2.3.4: icmp_seq=1 ttl=64 time=0.3 ms\n64 bytes from 1.2.3.4: icmp_seq=3 ttl=64 time=0.3 ms\n"
+         "4 packets transmitted, 2 received, 50% packet loss, time 350ms\n", (4, 2)),
     ],
 )
 def test_parse_ping_summary(text, result):
