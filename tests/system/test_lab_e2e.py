@@ -118,9 +118,9 @@ def test_agent_restart_with_tunnels_up_changes_nothing(lab):
     pinger = lab.start_pinger("n2", "n3")
     try:
         lab.kill("n1")
-        # wireguard-go outlives its agent: the interface still holds every tunnel.
+        # wireguard-go outlives its agent: the interface still holds every tunnel. (Not a ping to a peer: the
+        # killed agent's will makes the others drop n1 within ~0.1 s + delivery, as they should for a crash.)
         assert sorted(lab.wg_peers("n1")) == sorted(before)
-        assert lab.ping("n1", "n4") or lab.ping("n1", "n4", count=2), "tunnels should survive the agent"
         log = lab.store.agent_log("n1")
         offset = log.stat().st_size
         lab.start("n1")
@@ -194,17 +194,13 @@ def test_control_plane_outage_keeps_data_plane(lab):
         wait_for("n4's tunnels restored during the outage", lambda: lab.mesh_problems(NODES) == [], timeout=20)
         assert lab.exec("n1", ["ping", "-c", "1", "-W", "2", lab.mesh_ip("n4")]).returncode == 0
         # The outage itself is the scenario: while it lasts, the mesh must stay complete.
-        while time.monotonic() < deadline:
-            assert lab.mesh_problems(NODES) == [], "a tunnel was removed while the control plane was down"
-            time.sleep(0.5)
+        stays_complete(lab, until=deadline, why="a tunnel was removed while the control plane was down")
         if st.broker == "mosquitto":
             lab.broker("start")
         lab.registrar("start")
         # Back: nobody may be removed while heartbeats resume (the registrar's grace period).
-        deadline = time.monotonic() + 2 * st.heartbeat_ttl_s + 2
-        while time.monotonic() < deadline:
-            assert lab.mesh_problems(NODES) == [], "a tunnel was removed after the control plane returned"
-            time.sleep(0.5)
+        stays_complete(lab, until=time.monotonic() + 2 * st.heartbeat_ttl_s + 2,
+                       why="a tunnel was removed after the control plane returned")
     finally:
         if st.broker == "mosquitto":
             lab.broker("start")
@@ -228,15 +224,11 @@ def test_one_part_of_the_control_plane_down_keeps_data_plane(lab, part):
     pingers = [lab.start_pinger("n1", "n2"), lab.start_pinger("n3", "n4")]
     try:
         control("stop")
-        deadline = time.monotonic() + 2 * st.heartbeat_ttl_s
-        while time.monotonic() < deadline:
-            assert lab.mesh_problems(NODES) == [], f"a tunnel was removed while the {part} was down"
-            time.sleep(0.5)
+        stays_complete(lab, until=time.monotonic() + 2 * st.heartbeat_ttl_s,
+                       why=f"a tunnel was removed while the {part} was down")
         control("start")
-        deadline = time.monotonic() + 2 * st.heartbeat_ttl_s + 2
-        while time.monotonic() < deadline:
-            assert lab.mesh_problems(NODES) == [], f"a tunnel was removed after the {part} returned"
-            time.sleep(0.2)
+        stays_complete(lab, until=time.monotonic() + 2 * st.heartbeat_ttl_s + 2,
+                       why=f"a tunnel was removed after the {part} returned")
     finally:
         control("start")
         results = [p.stop() for p in pingers]
@@ -246,6 +238,13 @@ def test_one_part_of_the_control_plane_down_keeps_data_plane(lab, part):
              lambda: all((s := lab.agent_status(n)) is not None and s.registrar_online for n in NODES), timeout=20)
     # Also a flap shorter than the polling above: no agent removed a tunnel at all.
     assert tunnels_removed(lab) == before, f"an agent removed a tunnel while the {part} was down or after"
+
+
+def stays_complete(lab, *, until: float, why: str) -> None:
+    """The scenario is the time window itself: until `until`, every check finds the mesh of NODES complete."""
+    while time.monotonic() < until:
+        assert lab.mesh_problems(NODES) == [], why
+        time.sleep(0.3)
 
 
 def tunnels_removed(lab) -> int:
