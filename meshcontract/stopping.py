@@ -23,6 +23,7 @@ class StopSignals:
         self.stop = stop or threading.Event()
         self.received: int | None = None
         self._wakeup: socket.socket | None = None
+        self._writer: socket.socket | None = None  # must stay open as long as we listen
 
     def install(self) -> StopSignals:
         """Take over SIGTERM and SIGINT (main thread only: Python delivers signals there)."""
@@ -30,7 +31,7 @@ class StopSignals:
         reader.setblocking(False)
         writer.setblocking(False)
         signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        self._wakeup, self._writer = reader, writer  # the writer must stay open as long as we listen
+        self._wakeup, self._writer = reader, writer
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         return self

@@ -81,6 +81,9 @@ def parse_wg_allowed_ips(text: str) -> tuple[tuple[str, ...], ...]:
     return tuple(peers)
 
 
+_ICMP_SEQ = re.compile(r"icmp_seq=(\d+) ")
+
+
 def parse_ping_summary(text: str) -> tuple[int, int]:
     """(transmitted, received) from iputils ping's summary line; (0, 0) if there is none.
 
@@ -99,5 +102,3 @@ def parse_ping_summary(text: str) -> tuple[int, int]:
             return sent, received
     return 0, 0
 
-
-_ICMP_SEQ = re.compile(r"icmp_seq=(\d+) ")

@@ -563,9 +563,7 @@ class Agent:
             request_id = self._send_register(conn)
             # Kickable: a registrar that comes online after this request was sent (live, not the retained status
             # we get on subscribing) never saw it: send it again at once instead of after the timeout.
-            reply = self._wait_reply(
-                conn, request_id, self.settings.register_timeout_s, kickable=True, kicks_before=kicks
-            )
+            reply = self._wait_reply(conn, request_id, self.settings.register_timeout_s, kicks_before=kicks)
             if reply is None and self._registrar_kicks != kicks and not conn.lost.is_set():
                 log.info("registrar came online; registering again", extra=self._self_extra())
                 continue
@@ -583,7 +581,7 @@ class Agent:
                 delay = backoff_delay(attempt, base=1.0, cap=10.0)
                 attempt += 1
                 log.warning("registration: %s; retrying in %.1fs", why, delay, extra=self._self_extra())
-                reply = self._wait_reply(conn, request_id, delay, kickable=True)
+                reply = self._wait_reply(conn, request_id, delay)
                 if reply is None:
                     break  # backoff over (or the registrar came online): send a new request
             if reply is not None and reply.ok:
@@ -617,21 +615,15 @@ class Agent:
         return password
 
     def _wait_reply(
-        self,
-        conn: _Connection,
-        request_id: str,
-        timeout: float,
-        *,
-        kickable: bool,
-        kicks_before: int | None = None,
+        self, conn: _Connection, request_id: str, timeout: float, *, kicks_before: int | None = None
     ) -> RegisterReply | None:
         """The reply to `request_id` if it arrives within `timeout`, else None. Returns None early when the
-        connection is lost, or (if `kickable`) when the registrar comes online (after `kicks_before`, if given)."""
+        connection is lost or the registrar comes online (since `kicks_before`, by default since now)."""
         deadline = time.monotonic() + timeout
         with self._reply_cond:
             kicks = self._registrar_kicks if kicks_before is None else kicks_before
             while request_id not in self._replies and not conn.lost.is_set():
-                if kickable and self._registrar_kicks != kicks:
+                if self._registrar_kicks != kicks:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -282,7 +282,7 @@ def tick(state: CoreState, *, now: float, config: Config) -> Outcome:
 
 
 def forgive_offline(state: CoreState, *, since: float, now: float) -> Outcome:
-    """On reconnection to the broker: revive members whose offline status arrived at or after `since`."""
+    """On reconnection to the broker: revive members whose last will arrived at or after `since`."""
     return _apply(state, membership.forgive_offline(state.membership, since=since, now=now))
 
 

@@ -9,7 +9,7 @@ On every (re)connection the writer publishes RegistrarStatus online (its will sa
 member record and the roster (a broker restart may have lost retained messages), tombstones retained records of
 nodes that are no longer members, subscribes to register/+, status/+, heartbeat/+ and members/+, and restarts
 the grace period: while it could not hear heartbeats it must not conclude that members went silent. Before
-that it revives members whose offline status arrived within `offline_doubt_s` before the connection was lost:
+that it revives members whose last will arrived within `offline_doubt_s` before the connection was lost:
 a stopping broker publishes every client's will just before it drops us, so those say nothing about the nodes.
 """
 

@@ -257,7 +257,7 @@ def mesh(any_broker, tmp_path):
     started: list[RegistrarService] = []
     closers: list[Callable[[], None]] = []
 
-    def start_registrar(expiry_s: float = 60.0, **kw) -> RegistrarService:
+    def start_registrar(expiry_s: float = 60.0, *, publish_window_s: float = 0.05, **kw) -> RegistrarService:
         svc = RegistrarService(
             config=mesh_config(expiry_s),
             store=SqliteStore(db),
@@ -265,7 +265,8 @@ def mesh(any_broker, tmp_path):
             network=NETWORK,
             quarantine_s=30,
             credentials=PasswordFileCredentials(broker.password_file, reload=broker._reload),
-            **{"publish_window_s": 0.05, **kw},
+            publish_window_s=publish_window_s,
+            **kw,
         )
         svc.start()
         assert svc.wait_ready(10), "registrar not ready"

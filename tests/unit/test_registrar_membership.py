@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -211,14 +212,8 @@ def test_forgive_offline_revives_only_recent_will_downs():
     again = ms.forgive_offline(change.state, since=28.0, now=32.0)
     assert not again.published and again.state.revision == change.state.revision
     # A revived member that is really gone is caught by the TTL again.
-    later = ms.tick(replace_started(change.state, 31.0), now=46.5, policy=POLICY)
+    later = ms.tick(replace(change.state, started_at=31.0), now=46.5, policy=POLICY)
     assert "n2" in [m.node_id for m in later.published]
-
-
-def replace_started(state: ms.Membership, started_at: float) -> ms.Membership:
-    from dataclasses import replace
-
-    return replace(state, started_at=started_at)
 
 
 def test_only_a_will_is_doubtful():
