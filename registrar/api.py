@@ -132,7 +132,10 @@ class CreatedToken(TokenView):
 
 
 class Health(BaseModel):
+    """Liveness and readiness of the registrar: `ready` once it is connected and subscribed (serving)."""
+
     ok: bool
+    ready: bool
     broker_connected: bool
     revision: int
 
@@ -280,7 +283,12 @@ def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
 
     @app.get("/healthz", response_model=Health, summary="Liveness of the registrar process")
     def healthz() -> Health:
-        return Health(ok=True, broker_connected=service.connected, revision=service.state.membership.revision)
+        return Health(
+            ok=True,
+            ready=service.wait_ready(0),
+            broker_connected=service.connected,
+            revision=service.state.membership.revision,
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     def metrics() -> str:
