@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 from brokers import RunningBroker, start_mosquitto
-from test_agent_mesh import MESH, REPO, Mesh, Registrar, wait_for
+from harness import MESH, REPO, Mesh, Registrar
+from polling import wait_for
 
 from meshcontract.localapi import LocalRequest, query
 from meshcontract.transport import BrokerSettings
@@ -59,17 +60,6 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture
-def registrar(tmp_path: Path, broker: RunningBroker) -> Iterator[Registrar]:
-    reg = Registrar(broker, tmp_path / "registrar")
-    reg.state_dir.mkdir(parents=True)
-    try:
-        reg.start()
-        yield reg
-    finally:
-        reg.kill()
 
 
 def test_meshctl_status_and_ping(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from brokers import ProbeClient, RunningBroker, start_mosquitto
-from test_agent_mesh import wait_for
+from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.messages import Endpoint, MemberRecord, MemberState, Roster, RosterEntry
