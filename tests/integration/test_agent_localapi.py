@@ -19,16 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import RunningBroker, start_mosquitto
-from harness import MESH, REPO, Mesh, Registrar
+from brokers import RunningBroker
+from harness import MESH, REPO, Mesh, Registrar, agent_settings
 from polling import wait_for
 
 from meshcontract.localapi import LocalRequest, query
-from meshcontract.transport import BrokerSettings
 from nodeagent import meshctl
 from nodeagent.agent import Agent
 from nodeagent.ping import SystemPinger
-from nodeagent.settings import AgentSettings
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
 
@@ -54,12 +52,9 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = start_mosquitto(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
+def broker(mosquitto: RunningBroker) -> RunningBroker:
+    """These cases need one broker only: Mosquitto."""
+    return mosquitto
 
 
 def test_meshctl_status_and_ping(
@@ -74,10 +69,10 @@ def test_meshctl_status_and_ping(
         mesh.add("beta")
         wireguard = InMemoryWireGuard()
         sock = short_dir / "agent.sock"
-        settings = AgentSettings(
-            broker=BrokerSettings(url=broker.url), mesh=MESH, join_token=mesh.token, name="alpha",
-            endpoint="127.0.0.1:52000", state_dir=tmp_path / "alpha", socket_path=sock, reconcile_interval_s=0.5,
-        )  # fmt: skip
+        settings = agent_settings(
+            tmp_path / "alpha", broker.url, join_token=mesh.token, name="alpha", endpoint="127.0.0.1:52000",
+            socket_path=sock,
+        )
         pinger = LoopbackPinger()
         alpha = Agent(settings, wireguard=wireguard, routes=InMemoryRoutes(wireguard), pinger=pinger)
         alpha.start()

@@ -11,9 +11,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from brokers import free_port
+from harness import agent_settings
 
 from meshcontract.messages import Endpoint, MemberRecord, MemberState, MeshSettings
-from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
 from nodeagent.membership import MembershipSnapshot
 from nodeagent.settings import AgentSettings
@@ -49,10 +49,8 @@ def _prepared_state(state_dir: Path) -> tuple[list[MemberRecord], Registration]:
 
 
 def _settings(state_dir: Path, **kw: object) -> AgentSettings:
-    return AgentSettings(
-        broker=BrokerSettings(url=f"mqtt://127.0.0.1:{free_port()}"), state_dir=state_dir,
-        endpoint="127.0.0.1:51820", reconcile_interval_s=0.2, **kw,
-    )  # fmt: skip
+    # No broker listens on a fresh free port: the agent runs without any control plane.
+    return agent_settings(state_dir, f"mqtt://127.0.0.1:{free_port()}", reconcile_interval_s=0.2, **kw)
 
 
 def test_restores_mesh_before_any_broker_and_keeps_it(tmp_path: Path) -> None:
