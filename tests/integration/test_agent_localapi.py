@@ -105,13 +105,17 @@ def test_meshctl_status_and_ping(
             assert f"PING beta ({beta.mesh_ip})" in out and "2 received" in out
             assert pinger.asked == [beta.mesh_ip], "the ping went to the peer's mesh IP"
 
+            assert meshctl.main(["ping", "beta", "-c", "1", "--json", "--socket", str(sock)]) == 0
+            data = json.loads(capsys.readouterr().out)
+            assert (data["target"], data["mesh_ip"], len(data["rtts_ms"])) == ("beta", beta.mesh_ip, 1)
+
             assert meshctl.main(["--socket", str(sock), "ping", "nobody"]) == 1
             assert "no mesh member named" in capsys.readouterr().err
         finally:
             alpha.stop()
         assert not sock.exists(), "the socket is removed on stop"
         assert meshctl.main(["--socket", str(sock), "status"]) == meshctl.EXIT_NOT_RUNNING
-        assert "agent is not running" in capsys.readouterr().err
+        assert f"the agent is not running at {sock}" in capsys.readouterr().err
     finally:
         mesh.close()
 
