@@ -224,6 +224,14 @@ class Node:
         self.stop_heartbeats()
         self.client.loop_stop()
 
+    def thaw(self) -> None:
+        """The frozen process runs again: the same client's network loop restarts."""
+        # paho 2.2's loop_start() makes a new wake-up socket pair without closing the one the last loop_start()
+        # made (it only closes them when the client is collected): close it first, or it leaks.
+        # https://github.com/eclipse-paho/paho.mqtt.python/issues/627
+        self.client._reset_sockets(sockpair_only=True)
+        self.client.loop_start()
+
     def close(self) -> None:
         self.stop_heartbeats()
         if self.client is not None:
@@ -400,7 +408,7 @@ def test_frozen_client_detected_by_missed_heartbeats_and_revives(mesh):
     # by silence, not by a will: declared only after a full TTL without hearing from it
     assert member.unreachable_since - member.last_seen > TTL_S
     # the process thaws: heartbeats of the same epoch revive it (the broker may have cut the connection meanwhile)
-    n1.client.loop_start()
+    n1.thaw()
     n1.start_heartbeats()
     wait_for(lambda: obs.state_of("n1") == "active", what="n1 active again")
     assert svc.state.membership.members["n1"].mesh_ip == "10.44.0.1"
@@ -531,17 +539,28 @@ def test_registrar_kill_9_and_restart(mesh, tmp_path):
     def launch() -> subprocess.Popen:
         proc = subprocess.Popen(args, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
         closers.append(lambda: (proc.kill(), proc.wait()))
+        stderr: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+        def drain() -> None:
+            # Always reading, so the child never blocks on a full pipe; closed at EOF, once the child is gone.
+            with proc.stderr:
+                for line in proc.stderr:
+                    stderr.put(line)
+            stderr.put(None)
+
+        threading.Thread(target=drain, daemon=True).start()
         lines = []
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = stderr.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
             lines.append(line)
             if "registrar ready" in line:
-                # keep draining so the child never blocks on a full pipe
-                threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
                 return proc
-            if not line and proc.poll() is not None:
-                break
         raise AssertionError("registrar did not become ready:\n" + "".join(lines))
 
     proc = launch()
