@@ -18,6 +18,10 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
 4. Authentication runs after amqtt has already acted on the CONNECT: it deletes the old session of that client
    id (clean_session=1) or overwrites its credentials and will (clean_session=0), so a CONNECT with a wrong
    password could make a connected node deaf. We decide admission first, before any session state changes.
+5. Stopping a connection can hang: the reader's cancellation is lost when it coincides with an incoming packet
+   (asyncio.wait_for on Python < 3.12, https://github.com/python/cpython/issues/86296), and amqtt then waits for
+   the reader until the client goes away. A broker shutdown hit it while clients acknowledged the registrar's
+   offline status. `_MeshHandler.stop` ends the reader's input as well, so it ends either way.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
@@ -106,6 +110,19 @@ class _MeshHandler(BrokerProtocolHandler):
             return
         log.info("client %s sent nothing for %.1fs: disconnecting it", self.session.client_id, self.session.keep_alive)
         self._timeout_task = asyncio.ensure_future(self.handle_connection_closed())
+
+    async def stop(self) -> None:
+        # amqtt stops a connection by cancelling its reader task once and waiting for it to end. The reader sits in
+        # asyncio.wait_for(next packet), which on Python < 3.12 swallows a cancellation that coincides with the
+        # packet it was waiting for (https://github.com/python/cpython/issues/86296): the reader reads on, and
+        # stop() waits until the client itself goes away. A broker shutdown hits that window when clients are
+        # acknowledging the registrar's offline status at that moment: the registrar's SIGTERM then hung until the
+        # shutdown bound below, and logged a CancelledError traceback (issue 13). End of input ends the reader
+        # whether or not the cancellation landed.
+        task = self._reader_task
+        if self.reader is not None and task is not None and task is not asyncio.current_task() and not task.done():
+            self.reader.feed_eof()
+        await super().stop()
 
 
 @dataclass(eq=False)
@@ -375,8 +392,8 @@ class EmbeddedBroker:
         self._ready.set()
         await self._stop_requested.wait()
         try:
-            # amqtt's shutdown waits for every client handler; one stuck on a dead peer has held a registrar's
-            # SIGTERM for over 10 s in the lab. Bounded: leaving the loop cancels whatever is left.
+            # amqtt's shutdown waits for every client handler. `_MeshHandler.stop` removed the one known way for that
+            # to hang; the bound stays as a safety net: leaving the loop cancels whatever is left.
             await asyncio.wait_for(self.broker.shutdown(), timeout=_SHUTDOWN_TIMEOUT_S)
         except TimeoutError:
             log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", _SHUTDOWN_TIMEOUT_S)
