@@ -43,7 +43,7 @@ _STATUS_OF = {
 }
 
 
-class NodeView(BaseModel):
+class MemberView(BaseModel):
     """One member as the registrar holds it: its published record plus liveness bookkeeping."""
 
     model_config = ConfigDict(extra="forbid")
@@ -63,7 +63,7 @@ class NodeView(BaseModel):
     unreachable_since: float | None = None
 
     @classmethod
-    def of(cls, m: Member) -> NodeView:
+    def of(cls, m: Member) -> MemberView:
         return cls(
             node_id=m.node_id,
             name=m.name,
@@ -194,17 +194,17 @@ def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
         status = 200 if outcome.reply.ok else _STATUS_OF.get(outcome.reply.error.code, 400)
         return JSONResponse(outcome.reply.model_dump(mode="json"), status_code=status)
 
-    @app.get("/v1/nodes", response_model=list[NodeView], summary="All members, sorted by node id")
-    def nodes() -> list[NodeView]:
+    @app.get("/v1/nodes", response_model=list[MemberView], summary="All members, sorted by node id")
+    def nodes() -> list[MemberView]:
         members = service.state.membership.members
-        return [NodeView.of(members[i]) for i in sorted(members)]
+        return [MemberView.of(members[i]) for i in sorted(members)]
 
-    @app.get("/v1/nodes/{node_id}", response_model=NodeView, summary="One member", responses={404: {}})
-    def node(node_id: str) -> NodeView:
+    @app.get("/v1/nodes/{node_id}", response_model=MemberView, summary="One member", responses={404: {}})
+    def node(node_id: str) -> MemberView:
         member = service.state.membership.members.get(node_id)
         if member is None:
             raise HTTPException(status_code=404, detail=f"no member {node_id}")
-        return NodeView.of(member)
+        return MemberView.of(member)
 
     @app.get("/v1/mesh", response_model=MeshView, summary="Mesh settings and the current roster revision")
     def mesh() -> MeshView:
