@@ -20,8 +20,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,10 +28,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from meshcontract import access, messages, topics
-from meshcontract.messages import ErrorCode, MemberState, RegistrarStatus, Roster
+from meshcontract.messages import ErrorCode, RegistrarStatus, Roster
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, connect_async, make_client
-from registrar import engine, tokens
+from registrar import engine, metrics, tokens
 from registrar.credentials import Credentials
 from registrar.errors import CredentialsError, Refused, StoreError
 from registrar.membership import Event
@@ -129,7 +128,8 @@ class RegistrarService:
         self._stopped = threading.Event()
         self._writer: threading.Thread | None = None
         self._client: mqtt.Client | None = None
-        self.counters: Counter[str] = Counter()
+        self._counters = metrics.Counters()
+        self._checked_at: float | None = None  # `now` of the last liveness check
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -197,6 +197,11 @@ class RegistrarService:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def counters(self) -> Mapping[str, int]:
+        """A snapshot of every counter (registrar.metrics.COUNTERS)."""
+        return self._counters.snapshot()
 
     def token_valid(self, token: str) -> bool:
         """Whether `token` could admit a node now (the embedded broker's join-token login check)."""
@@ -283,7 +288,7 @@ class RegistrarService:
             fn(arg)
         # The daemon loop: a bug in one command must not stop the control plane. Log it and go on.
         except Exception as exc:
-            self.counters["internal_errors"] += 1
+            self._counters.add("internal_errors")
             log.exception("registrar command failed: %r", arg)
             if isinstance(arg, _Call) and not arg.future.done():
                 arg.future.set_exception(exc)
@@ -297,7 +302,9 @@ class RegistrarService:
             self._next_tick = now_mono + self._tick_s
             if self._connected:
                 # Deaf while disconnected: silence then says nothing about the members.
-                self._commit_and_show([engine.tick(self.state, now=self._clock(), config=self.config)])
+                checked_at = self._clock()
+                self._commit_and_show([engine.tick(self.state, now=checked_at, config=self.config)])
+                self._checked_at = checked_at
         if self._flush_at is not None and now_mono >= self._flush_at:
             self._flush()
 
@@ -324,7 +331,7 @@ class RegistrarService:
         state = self.state
         outcomes = []
         for msg in batch:
-            self.counters["messages"] += 1
+            self._counters.add("messages")
             try:
                 parsed = topics.parse(msg.topic)
             except topics.TopicError:
@@ -376,10 +383,10 @@ class RegistrarService:
         for outcome in outcomes:
             node = outcome.node_id or "-"
             if outcome.rejected:
-                self.counters["rejected"] += 1
+                self._counters.add("rejected")
                 log.warning("rejected input: %s", outcome.rejected, extra={"node_id": node})
             elif outcome.ignored:
-                self.counters["ignored"] += 1
+                self._counters.add("ignored")
                 log.debug("ignored input: %s", outcome.ignored, extra={"node_id": node})
         # The node's own password goes into the password file before the membership is committed and long
         # before the reply is published: whatever crashes or gets lost after this point, the node can log in
@@ -395,7 +402,7 @@ class RegistrarService:
                 self._store.commit_many(deltas)
             except StoreError as exc:
                 # Nothing of these commands happened: the state is not swapped, nodes are told to retry.
-                self.counters["store_errors"] += 1
+                self._counters.add("store_errors")
                 log.error("store commit failed, %d commands dropped: %s", len(outcomes), exc)
                 return self._fail(outcomes, "registrar storage failure, retry", publish_reply=publish_reply)
         if final is not None:
@@ -458,7 +465,7 @@ class RegistrarService:
                 },
             )
             if happened.event is Event.JOINED:
-                self.counters["joins"] += 1
+                self._counters.add("joins")
         touched = [m.node_id for m in outcome.published] + [m.node_id for m in outcome.removed]
         if touched:
             self._pending.update(touched)
@@ -466,10 +473,10 @@ class RegistrarService:
             self._schedule_flush(prompt=not outcome.change.doubtful)
         if outcome.reply is not None:
             if outcome.reply.ok:
-                self.counters["registrations"] += 1
+                self._counters.add("registrations")
                 outcome = self._with_credentials(outcome)
             else:
-                self.counters["registrations_refused"] += 1
+                self._counters.add("registrations_refused")
             if publish_reply:
                 self._publish_reply(outcome)
         return outcome
@@ -560,7 +567,7 @@ class RegistrarService:
         ms = self.state.membership
         roster = Roster(mesh=self.mesh, revision=ms.revision, members=ms.roster(), published_at=self._clock())
         self._publish(topics.build(self.mesh, Kind.ROSTER), messages.encode(roster))
-        self.counters["roster_publishes"] += 1
+        self._counters.add("roster_publishes")
 
     def _publish(self, topic: str, payload: bytes) -> None:
         assert self._client is not None
@@ -630,11 +637,9 @@ class RegistrarService:
 
     def metrics(self) -> dict[str, float]:
         """Numbers for /metrics."""
-        ms = self.state.membership
-        out = {f"counter_{k}": float(v) for k, v in self.counters.items()}
-        out["members_active"] = float(ms.count(MemberState.ACTIVE))
-        out["members_unreachable"] = float(ms.count(MemberState.UNREACHABLE))
-        out["revision"] = float(ms.revision)
-        out["quarantined_ips"] = float(len(ms.ipam.quarantine))
-        out["broker_connected"] = 1.0 if self._connected else 0.0
-        return out
+        return metrics.numbers(
+            self.state.membership,
+            self._counters.snapshot(),
+            connected=self._connected,
+            liveness_checked_at=self._checked_at,
+        )
