@@ -21,7 +21,10 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
 5. Stopping a connection can hang: the reader's cancellation is lost when it coincides with an incoming packet
    (asyncio.wait_for on Python < 3.12, https://github.com/python/cpython/issues/86296), and amqtt then waits for
    the reader until the client goes away. A broker shutdown hit it while clients acknowledged the registrar's
-   offline status. `_MeshHandler.stop` ends the reader's input as well, so it ends either way.
+   offline status. `_MeshHandler.stop` cancels again until the reader has stopped.
+
+Shutdown (`MeshBroker.close`) also stops listening before amqtt ends the sessions, and closes connections that
+were still logging in: on Python < 3.12 a connection task cancelled at the end of the event loop logs a traceback.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
@@ -59,6 +62,8 @@ _SHUTDOWN_TIMEOUT_S = 3.0
 
 TokenVerifier = Callable[[str, str], bool]
 _TAKEOVER_WAIT_S = 5.0
+_CANCEL_AGAIN_S = 0.1  # a reader still running this long after its cancellation has lost it (see _MeshHandler.stop)
+_CONNECT_WAIT_S = 1.0  # at shutdown, how long connections that were still logging in get to end
 _START_TIMEOUT_S = 15.0
 
 
@@ -117,11 +122,15 @@ class _MeshHandler(BrokerProtocolHandler):
         # packet it was waiting for (https://github.com/python/cpython/issues/86296): the reader reads on, and
         # stop() waits until the client itself goes away. A broker shutdown hits that window when clients are
         # acknowledging the registrar's offline status at that moment: the registrar's SIGTERM then hung until the
-        # shutdown bound below, and logged a CancelledError traceback (issue 13). End of input ends the reader
-        # whether or not the cancellation landed.
+        # shutdown bound, and logged a CancelledError traceback (issue 13). So cancel until the reader has stopped.
         task = self._reader_task
-        if self.reader is not None and task is not None and task is not asyncio.current_task() and not task.done():
-            self.reader.feed_eof()
+        if task is not None and task is not asyncio.current_task():
+            while not task.done() and not self._reader_stopped.is_set():
+                task.cancel()
+                stopped = asyncio.ensure_future(self._reader_stopped.wait())
+                done, _ = await asyncio.wait([stopped], timeout=_CANCEL_AGAIN_S)
+                if not done:
+                    stopped.cancel()
         await super().stop()
 
 
@@ -153,6 +162,7 @@ class MeshBroker(Broker):
         # No credentials configured and anonymous allowed: an open broker without ACL, for quick tests.
         self.open_access = password_file is None and token_verifier is None and allow_anonymous
         self._live: dict[str, _Live] = {}
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # every accepted connection, until it ends
 
     # --- connection setup -------------------------------------------------------------------------------------
 
@@ -162,7 +172,34 @@ class MeshBroker(Broker):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await super().stream_connected(reader, writer, listener_name)
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            del self._connections[task]
+
+    async def close(self, timeout: float) -> None:
+        """Shut down and leave no connection behind for the event loop's end to cancel.
+
+        On Python < 3.12 cancelling a connection's task makes asyncio's stream callback log a traceback: every
+        connection must end by closing instead. amqtt's shutdown ends the sessions it knows, but its listener still
+        accepts meanwhile (agents reconnect at once when dropped) and a connection whose CONNECT was still being
+        read is no session yet. So: stop listening first, let amqtt shut down, then close whatever is left.
+        """
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        try:
+            # Bounded as a safety net; leaving the loop then cancels whatever amqtt left running.
+            await asyncio.wait_for(self.shutdown(), timeout=timeout)
+        except TimeoutError:
+            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", timeout)
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=_CONNECT_WAIT_S)
 
     async def _credentials_ok(self, username: str, password: str | bytes | None) -> bool:
         if password is None:
@@ -391,9 +428,4 @@ class EmbeddedBroker:
             log.warning("embedded broker is open: anonymous access and no ACL (no password file configured)")
         self._ready.set()
         await self._stop_requested.wait()
-        try:
-            # amqtt's shutdown waits for every client handler. `_MeshHandler.stop` removed the one known way for that
-            # to hang; the bound stays as a safety net: leaving the loop cancels whatever is left.
-            await asyncio.wait_for(self.broker.shutdown(), timeout=_SHUTDOWN_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", _SHUTDOWN_TIMEOUT_S)
+        await self.broker.close(_SHUTDOWN_TIMEOUT_S)

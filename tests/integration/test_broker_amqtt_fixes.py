@@ -8,6 +8,7 @@ plugins calling meshcontract.access), so each failure there is amqtt's, not a mi
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
 import threading
@@ -21,6 +22,7 @@ from amqtt.contexts import Action
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from brokers import ProbeClient, free_port, start_embedded, start_mosquitto
+from polling import wait_for
 
 from broker.embedded import EmbeddedBroker, PasswordFile, _MeshHandler
 from broker.settings import BrokerServerSettings
@@ -352,3 +354,23 @@ def test_stopping_a_connection_while_a_packet_arrives_ends_it(tmp_path, stop):
             assert asyncio.run_coroutine_threadsafe(stop_while_receiving(), embedded._loop).result(10)
         finally:
             client.client.loop_stop()
+
+
+def test_shutdown_with_a_connection_still_logging_in_ends_it_cleanly(tmp_path, caplog):
+    """A client that connected but has not sent CONNECT yet (an agent reconnecting just as the broker stops) is no
+    session amqtt's shutdown knows: its task used to be cancelled by the end of the event loop, which on
+    Python < 3.12 makes asyncio log a traceback ("Exception in callback ... CancelledError")."""
+    password_file = tmp_path / "passwords"
+    password_file.write_text(render_password_file({"n1": hash_password("pw")}))
+    embedded = EmbeddedBroker(BrokerServerSettings(port=0, password_file=password_file))
+    embedded.start()
+    broker = embedded.broker
+    with socket.create_connection(("127.0.0.1", embedded.port), timeout=5) as half_open:
+        wait_for(lambda: broker._connections, what="the broker accepted the connection")
+        started = time.monotonic()
+        embedded.stop()
+        assert time.monotonic() - started < 2.0
+        assert half_open.recv(1) == b""  # closed by the broker
+    assert not broker._connections
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
