@@ -22,9 +22,10 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
    (asyncio.wait_for on Python < 3.12, https://github.com/python/cpython/issues/86296), and amqtt then waits for
    the reader until the client goes away. A broker shutdown hit it while clients acknowledged the registrar's
    offline status. `_MeshHandler.stop` cancels again until the reader has stopped.
-
-Shutdown (`MeshBroker.close`) also stops listening before amqtt ends the sessions, and closes connections that
-were still logging in: on Python < 3.12 a connection task cancelled at the end of the event loop logs a traceback.
+6. Shutdown leaves connections for the end of the event loop to cancel: the listener keeps accepting while
+   amqtt ends its sessions, and a connection still reading its CONNECT is no session yet. On Python < 3.12 each
+   cancelled connection task makes asyncio log a traceback. `MeshBroker.close` stops listening first, runs
+   amqtt's shutdown, then closes the connections left.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 

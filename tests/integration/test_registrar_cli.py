@@ -118,7 +118,7 @@ def running(tmp_path, capsys):
         if errors:
             raise errors[0]
         try:
-            return httpx.get(f"{base}/healthz", timeout=1).json()["broker_connected"]
+            return httpx.get(f"{base}/healthz", timeout=1).json()["ready"]
         except httpx.HTTPError:
             return False
 
