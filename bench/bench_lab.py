@@ -54,10 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshlab import system
-from meshlab.lab import Lab, child_env, new_lab_id, wait_for
+from meshlab.context import child_env
+from meshlab.lab import Lab, new_lab_id
 from meshlab.meshview import holders_of
 from meshlab.plan import next_index
 from meshlab.settings import LabSettings
+from meshlab.waiting import wait_for
 
 POLL = 0.05
 PING_INTERVAL = 0.05
@@ -237,11 +239,11 @@ class Bench:
         self.logs = Logs(lab)
 
     def _removed(self, ip: str, others: list[str]) -> float:
-        return wait_for("removed", lambda: not holders_of(self.lab.views(others), ip, among=others), timeout=60,
-                        interval=POLL)
+        return wait_for(lambda: not holders_of(self.lab.views(others), ip, among=others), timeout=60,
+                        what="removed", interval=POLL)
 
     def _complete(self, names: list[str]) -> float:
-        return wait_for("complete", lambda: not self.lab.mesh_problems(names), timeout=90, interval=POLL)
+        return wait_for(lambda: not self.lab.mesh_problems(names), timeout=90, what="complete", interval=POLL)
 
     def _fault_removed(self, res: RunResult, key: str, victim: str, ip: str, others: list[str],
                        t_fault: float) -> float:
@@ -276,7 +278,7 @@ class Bench:
                 if status is None or not (status.broker_connected and status.registrar_online):
                     return False
             return True
-        return wait_for("agents reconnected", ok, timeout=90, interval=POLL)
+        return wait_for(ok, timeout=90, what="agents reconnected", interval=POLL)
 
     def one_run(self, run_dir: Path) -> RunResult:
         lab = self.lab
@@ -312,10 +314,10 @@ class Bench:
                     return True
             return False
 
-        wait_for("registered", registered, timeout=60, interval=0.02)
+        wait_for(registered, timeout=60, what="registered", interval=0.02)
         pings = PairPings(lab, victim, plan_node.namespace, victim_ip, base, run_dir / "join")
         try:
-            wait_for("reachable", pings.poll, timeout=60, interval=POLL)
+            wait_for(pings.poll, timeout=60, what="reachable", interval=POLL)
         finally:
             pings.close()
         adder.join(timeout=60)

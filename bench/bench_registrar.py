@@ -18,9 +18,11 @@ retained status online, then all publish one RegisterRequest at once. Measured:
   request after 10 s, like an agent); after convergence the registrar's CPU (utime + stime from /proc) and RSS
   are measured over --heartbeat-window s.
 
-Mosquitto runs with `max_queued_messages 0` (no limit): with its default of 1000, a burst of N = 1000 records
-to every agent overflows the per-client queue of any agent that is slower than the burst and Mosquitto drops
-records ("Outgoing messages are being dropped"), so those agents never see a complete roster.
+Mosquitto runs with the shipped config (tests/brokers.py renders it with broker/mosquitto_config.py, open and
+without ACL here), whose per-client queue limits are what a mesh this size needs: with Mosquitto's default of
+1000 queued messages, a burst of N = 1000 records to every agent overflows the queue of any agent that is slower
+than the burst and Mosquitto drops records ("Outgoing messages are being dropped"), so those agents never see a
+complete roster.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from brokers import RunningBroker, free_port, start_embedded  # noqa: E402
+from brokers import free_port, start_embedded, start_mosquitto  # noqa: E402
 
 from meshcontract import topics  # noqa: E402
 from meshcontract.topics import Kind  # noqa: E402
@@ -52,20 +54,6 @@ from meshcontract.transport import BrokerSettings, make_client  # noqa: E402
 MESH = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RETRY_S = 10.0  # an agent re-sends an unanswered RegisterRequest
-
-
-class BenchMosquitto(RunningBroker):
-    """An open Mosquitto with an unbounded per-client queue (see the module docstring)."""
-
-    kind = "mosquitto"
-
-    def _command(self) -> list[str]:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-            f"max_queued_messages 0\nuser root\nlog_dest file {self.log_file}\nlog_type error\nlog_type warning\n"
-        )
-        return ["mosquitto", "-c", str(conf)]
 
 
 class SimNode:
@@ -210,7 +198,7 @@ def proc_cpu_rss(pid: int) -> tuple[float, int]:
 def run_one(kind: str, args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-registrar-"))
     if kind == "mosquitto":
-        broker = BenchMosquitto(tmp / "mosquitto", users=None).start()
+        broker = start_mosquitto(tmp, users=None)
     else:
         broker = start_embedded(tmp, users=None)
     env = {

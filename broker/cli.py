@@ -1,8 +1,9 @@
-"""`meshvpn-broker`: run the embedded broker, or manage its (Mosquitto-format) password file.
+"""`meshvpn-broker`: run the embedded broker, manage its (Mosquitto-format) password file, print a Mosquitto config.
 
     meshvpn-broker [--config FILE] [--host H] [--port P] [--password-file F] [--allow-anonymous] [--log-json]
     meshvpn-broker passwd add USER --password-file F [--password PW]   # prompts when --password is not given
     meshvpn-broker passwd remove USER --password-file F
+    meshvpn-broker mosquitto-config [--password-file F] [--acl-file F] [--listen-host H] [--listen-port P] ...
 
 The composition root of the broker service: settings are loaded here once (file, MESHVPN_* env, flags).
 """
@@ -17,6 +18,14 @@ import sys
 from pathlib import Path
 
 from broker.errors import BrokerError, PasswordFileError
+from broker.mosquitto_config import (
+    DEFAULT_ACL_FILE,
+    DEFAULT_PASSWORD_FILE,
+    MosquittoConfig,
+    MosquittoLogging,
+    PasswordFileAuth,
+    render,
+)
 from broker.settings import BrokerServerSettings
 from meshcontract import access, logs
 from meshcontract.errors import ContractError
@@ -52,7 +61,31 @@ def _parser() -> argparse.ArgumentParser:
     # from overwriting one given before the subcommand.
     for subcommand in (add, remove):
         _file_options(subcommand, default=argparse.SUPPRESS)
+    conf = sub.add_parser("mosquitto-config", help="print a Mosquitto config for meshvpn (broker/mosquitto_config.py)")
+    conf.add_argument("--password-file", default=argparse.SUPPRESS,
+                      help=f"Mosquitto's password file (default {DEFAULT_PASSWORD_FILE})")
+    conf.add_argument("--acl-file", default=DEFAULT_ACL_FILE, help="the ACL file (default %(default)s)")
+    conf.add_argument("--listen-host", default="0.0.0.0", help="listener address (default %(default)s)")
+    conf.add_argument("--listen-port", type=int, default=1883, help="listener port (default %(default)s)")
+    conf.add_argument("--run-as", help="Mosquitto's `user` (default: Mosquitto's own)")
+    conf.add_argument("--log-file", help="log to this file (default: Mosquitto's destination)")
     return parser
+
+
+def _mosquitto_config(args: argparse.Namespace) -> int:
+    config = MosquittoConfig(
+        listen_host=args.listen_host,
+        listen_port=args.listen_port,
+        auth=PasswordFileAuth(password_file=args.password_file or DEFAULT_PASSWORD_FILE, acl_file=args.acl_file),
+        run_as=args.run_as,
+        logging=MosquittoLogging(file=args.log_file),
+    )
+    try:
+        sys.stdout.write(render(config))
+    except ValueError as exc:
+        print(f"meshvpn-broker mosquitto-config: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def write_password_file(path: Path, entries: dict[str, str]) -> None:
@@ -133,6 +166,8 @@ def _run(settings: BrokerServerSettings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `meshvpn-broker` and `python -m broker`; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "mosquitto-config":
+        return _mosquitto_config(args)
     try:
         settings = load_settings(
             BrokerServerSettings,

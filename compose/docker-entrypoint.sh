@@ -8,7 +8,7 @@
 #   node [ARGS]        meshvpn-agent run ARGS, with the join token (MESHVPN_JOIN_TOKEN, or the shared file),
 #                      the container's own address as endpoint and userspace WireGuard; with
 #                      MESHVPN_CLAIM_CREDENTIALS=1 it first claims one of the pre-issued node ids
-#   mosquitto          Mosquitto with the packaged meshvpn config (broker/mosquitto/), reloading the password
+#   mosquitto          Mosquitto with meshvpn's config (`meshvpn-broker mosquitto-config`), reloading the password
 #                      file that the registrar writes whenever it changes
 #   anything else      executed as is (meshctl, meshvpn-registrar tokens list, sh, ...)
 set -eu
@@ -128,8 +128,9 @@ case "$role" in
     src=${MESHVPN_MOSQUITTO_PASSWORDS:-/var/lib/meshvpn-broker/passwords}
     mkdir -p "$conf_dir"
     cp "$pkg/acl.conf" "$conf_dir/acl.conf"
-    sed -e "s#^password_file .*#password_file $conf_dir/passwords#" -e "s#^acl_file .*#acl_file $conf_dir/acl.conf#" \
-      "$pkg/mosquitto.conf" >"$conf_dir/mosquitto.conf"
+    # The same renderer as the packaged mosquitto.conf, with this container's paths.
+    meshvpn-broker mosquitto-config --password-file "$conf_dir/passwords" --acl-file "$conf_dir/acl.conf" \
+      >"$conf_dir/mosquitto.conf"
     wait_for_file "$src" "${MESHVPN_PASSWORDS_WAIT:-120}" || { log "no password file $src"; exit 1; }
     # Mosquitto drops root and then reads the password file as its own user on every reload: give it a copy
     # it owns, the way meshvpn-mosquitto-reload does.

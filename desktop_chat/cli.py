@@ -2,7 +2,9 @@
 
     meshchat [gui] [--socket PATH] [--state-dir DIR] [--name NAME] [--port N]
     meshchat send --to MESH_IP [--timeout S] TEXT...      exit 0 iff delivered and acknowledged
-    meshchat listen [--bind IP] [--allow IP ...] [--count N]   prints "FROM_IP NAME: TEXT" per message
+    meshchat listen [--bind IP] [--allow IP ...] [--count N] [--json]   prints "FROM_IP NAME: TEXT" per message
+
+The agent socket is --socket, else MESHVPN_SOCKET, else /run/meshvpn/agent.sock (ChatSettings.socket).
 
 Exit codes: 0 success, 1 not delivered / runtime failure (reason on stderr), 2 usage or setup error.
 """
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 
+from desktop_chat import output
 from desktop_chat.errors import ChatError, PeerSourceError
 from desktop_chat.history import HistoryStore, MemoryHistory, Record, SqliteHistory
 from desktop_chat.peers import AgentPeerSource, MemoryPeerSource, PeerDirectory, PeerSource, static_status
@@ -37,7 +40,7 @@ COMMON_DEFAULTS = {"config": None, "socket": None, "port": None, "state_dir": No
 def _common(parser: argparse.ArgumentParser) -> None:
     hide = argparse.SUPPRESS
     parser.add_argument("--config", default=hide, help="TOML settings file")
-    parser.add_argument("--socket", default=hide, help="node agent socket (default /run/meshvpn/agent.sock)")
+    parser.add_argument("--socket", default=hide, help="node agent socket (default: $MESHVPN_SOCKET, else /run/meshvpn/agent.sock)")
     parser.add_argument("--port", type=int, default=hide, help="chat TCP port on every mesh IP (default 7800)")
     parser.add_argument("--state-dir", default=hide, help="keep history.db here")
     parser.add_argument("--name", default=hide, help="our display name in messages (display only)")
@@ -64,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--allow", action="append", metavar="IP",
                         help="accept messages from this IP (repeat); replaces the agent's member list; needs --bind")
     listen.add_argument("--count", type=int, help="exit after N messages")
+    listen.add_argument("--json", action="store_true",
+                        help="one JSON object per event on stdout (listening, message; see desktop_chat/output.py)")
     return parser
 
 
@@ -122,22 +127,20 @@ def cmd_send(settings: ChatSettings, to: str, text: str) -> int:
     history = _history(settings, required=False)
     session = ChatSession(history=history, directory=directory, port=settings.port, timeout=settings.timeout,
                           name=settings.name, bind=settings.bind)
+    started = time.monotonic()
     try:
         record = session.send_now(peer_ip, text)
     finally:
         history.close()
     if record.status == "delivered":
+        peer = directory.get(peer_ip)
+        print(output.delivered_line(peer_ip, peer.name if peer else None, time.monotonic() - started), flush=True)
         return 0
     print(f"meshchat: not delivered to {peer_ip}: {record.reason}", file=sys.stderr)
     return 1
 
 
-def _escape(text: str) -> str:
-    # One message per output line, whatever it contains.
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
-
-
-def cmd_listen(settings: ChatSettings, count: int | None) -> int:
+def cmd_listen(settings: ChatSettings, count: int | None, *, json_events: bool = False) -> int:
     now = time.time()
     source: PeerSource
     if settings.allow:
@@ -157,6 +160,15 @@ def cmd_listen(settings: ChatSettings, count: int | None) -> int:
     received = 0
     done = threading.Event()
     lock = threading.Lock()
+    output_lock = threading.Lock()
+
+    def emit(line: str, *, status: bool = False) -> None:
+        # Status lines go to stderr for people, stdout in --json mode; messages (server threads) and status
+        # (poller thread) may then share stdout: one locked write per line, so no line is torn.
+        stream = sys.stderr if status and not json_events else sys.stdout
+        with output_lock:
+            stream.write(line + "\n")
+            stream.flush()
 
     def on_record(record: Record) -> None:
         nonlocal received
@@ -165,7 +177,7 @@ def cmd_listen(settings: ChatSettings, count: int | None) -> int:
         with lock:
             if done.is_set():
                 return
-            print(f"{record.peer_ip} {record.name}: {_escape(record.text)}", flush=True)
+            emit(output.message_event(record) if json_events else output.message_line(record))
             received += 1
             if count is not None and received >= count:
                 done.set()
@@ -176,10 +188,11 @@ def cmd_listen(settings: ChatSettings, count: int | None) -> int:
 
     said: set[str] = set()
 
-    def say_once(text: str) -> None:
-        if text not in said:
-            said.add(text)
-            print(f"meshchat: {text}", file=sys.stderr, flush=True)
+    def waiting(detail: str) -> None:
+        if detail in said:
+            return
+        said.add(detail)
+        emit(output.waiting_event(detail) if json_events else output.waiting_line(detail), status=True)
 
     def on_update(snapshot, error) -> None:
         try:
@@ -190,13 +203,14 @@ def cmd_listen(settings: ChatSettings, count: int | None) -> int:
                 done.set()
                 return
             # The agent may know our mesh IP a moment before the interface carries it: keep trying.
-            say_once(f"{exc}; retrying")
+            waiting(f"{exc}; retrying")
             return
         if address and not listening.is_set():
             listening.set()
-            say_once(f"listening on {address[0]}:{address[1]}")
+            emit(output.listening_event(*address) if json_events else output.listening_line(*address),
+                 status=True)
         elif not address and error:
-            say_once(f"waiting for the agent to tell us our mesh IP: {error}")
+            waiting(f"waiting for the agent to tell us our mesh IP: {error}")
 
     poller = PeerPoller(source, directory, interval=settings.poll_interval, on_update=on_update)
     poller.start()
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "send":
             return cmd_send(settings, args.to, " ".join(args.text))
         if args.command == "listen":
-            return cmd_listen(settings, args.count)
+            return cmd_listen(settings, args.count, json_events=args.json)
         return cmd_gui(settings)
     except (ChatError, ContractError) as exc:
         print(f"meshchat: {exc}", file=sys.stderr)

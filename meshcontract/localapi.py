@@ -56,9 +56,14 @@ class AgentStatus(_Model):
     interface: str
     broker_connected: bool
     registrar_online: bool
+    # Registered on the current broker connection: the control plane knows us and we heartbeat.
+    ready: bool = False
     membership_revision: int
     membership_complete: bool
     peers: list[PeerView]
+    # Totals since the agent started: peer_added / peer_updated / peer_removed / reconcile_failed /
+    # reconcile_passes / registrations. Tools and tests read these instead of the agent's log text.
+    counters: dict[str, int] = Field(default_factory=dict)
     now: float
 
 

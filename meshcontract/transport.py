@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -43,10 +44,19 @@ def _nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None
         pass
 
 
-def make_client(settings: BrokerSettings, *, client_id: str, clean_session: bool = True) -> mqtt.Client:
-    """A configured (not yet connected) paho client speaking MQTT 3.1.1 with TCP_NODELAY on its socket."""
+def make_client(
+    settings: BrokerSettings,
+    *,
+    client_id: str,
+    clean_session: bool = True,
+    client_class: Callable[..., mqtt.Client] = mqtt.Client,
+) -> mqtt.Client:
+    """A configured (not yet connected) paho client speaking MQTT 3.1.1 with TCP_NODELAY on its socket.
+
+    `client_class` builds the client object (paho's Client or a subclass, e.g. a test's fault injector).
+    """
     _, _, tls = settings.host_port()
-    client = mqtt.Client(
+    client = client_class(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=clean_session,

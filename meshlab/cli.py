@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("broker", "registrar"):
         sub.add_parser(name, help=f"stop or start the {name}").add_argument("action", choices=["stop", "start"])
 
-    p = sub.add_parser("exec", help="run a command in a node's namespace (ctl = control namespace)")
+    p = sub.add_parser("exec", help="run a command on a node: in its namespace, MESHVPN_SOCKET = its agent "
+                                    "(ctl = control namespace)")
     p.add_argument("node")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not argv:
             raise LabError("usage: meshlab exec NODE -- COMMAND [ARGS...]")
-        return lab.exec(args.node, argv, capture=False).returncode
+        # Does not return: meshlab becomes the command, so Ctrl-C, SIGTERM and the exit status are its own.
+        lab.exec_in_place(args.node, argv)
     if cmd == "logs":
         return _logs(lab, args.node, args.lines)
     if cmd == "ping":

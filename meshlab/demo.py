@@ -16,11 +16,12 @@ from collections.abc import Callable
 from meshcontract.errors import ContractError
 from meshlab import system
 from meshlab.errors import LabError
-from meshlab.lab import Lab, wait_for
+from meshlab.lab import Lab
 from meshlab.meshview import holders_of
 from meshlab.report import format_matrix
 from meshlab.settings import LabSettings
 from meshlab.timeline import Timeline
+from meshlab.waiting import wait_for
 
 NODES = 3
 
@@ -85,8 +86,8 @@ class Demo:
         self.say(f"crashing {victim} ({victim_ip}): SIGKILL to its agent and wireguard-go", kind="fault")
         crashed_at = time.monotonic()
         lab.crash(victim)
-        wait_for(f"{victim}'s tunnel removed everywhere",
-                 lambda: not holders_of(lab.views(others), victim_ip, among=others), timeout=30)
+        wait_for(lambda: not holders_of(lab.views(others), victim_ip, among=others), timeout=30,
+                 what=f"{victim}'s tunnel removed everywhere")
         self.check(True, f"{', '.join(others)} removed the tunnel to {victim} "
                          f"{time.monotonic() - crashed_at:.1f} s after the crash (registrar: unreachable)")
         self.check(not lab.ping(others[0], victim), f"{others[0]} -> {victim}: ping fails, as it should")
@@ -114,17 +115,17 @@ class Demo:
         self.say(f"chat {label}: meshchat listen on every node, each sends to every other", kind="chat")
         listeners = {n: lab.chat_listen(n, count=len(names) - 1) for n in names}
         try:
-            wait_for("chat listeners", lambda: all(lab.chat_listening(n) for n in names), timeout=15)
+            wait_for(lambda: all(lab.chat_listening(n) for n in names), timeout=15, what="chat listeners")
             for src in names:
                 for dst in names:
                     if src != dst:
-                        ok, why = lab.chat_send(src, dst, f"hello {dst}, this is {src}")
-                        self.check(ok, f"chat {src} -> {dst} delivered (acknowledged)" + (f": {why}" if why else ""))
-            wait_for("chat messages printed", lambda: all(len(lab.chat_received(n)) >= len(names) - 1
-                                                          for n in names), timeout=10)
+                        ok, verdict = lab.chat_send(src, dst, f"hello {dst}, this is {src}")
+                        self.check(ok, f"chat {src} -> {dst}: {verdict or 'no verdict'}")
+            wait_for(lambda: all(len(lab.chat_received(n)) >= len(names) - 1 for n in names), timeout=10,
+                     what="chat messages received")
             for n in names:
-                for line in lab.chat_received(n):
-                    self.block(f"{n} received: {line}")
+                for msg in lab.chat_received(n):
+                    self.block(f"{n} received from {msg.from_ip} ({msg.name}): {msg.text}")
         finally:
             for record in listeners.values():
                 system.stop_record(record, timeout_s=3)

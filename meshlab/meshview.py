@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
-class NodeView:
-    """One node as observed: its own mesh IP (None if unknown) and its WireGuard peers' allowed IPs."""
+class NodeTunnels:
+    """The tunnels one node holds, as observed: its own mesh IP (None if unknown) and each peer's allowed IPs."""
 
     name: str
     mesh_ip: str | None
@@ -32,7 +32,7 @@ def strip_host_prefix(cidr: str) -> str:
     return cidr[:-3] if cidr.endswith("/32") else cidr
 
 
-def mesh_problems(views: Mapping[str, NodeView], expected: Collection[str]) -> list[str]:
+def mesh_problems(views: Mapping[str, NodeTunnels], expected: Collection[str]) -> list[str]:
     """Why the mesh of the `expected` node names is not complete; an empty list means it is."""
     problems: list[str] = []
     ips: dict[str, str] = {}
@@ -64,7 +64,7 @@ def mesh_problems(views: Mapping[str, NodeView], expected: Collection[str]) -> l
     return problems
 
 
-def holders_of(views: Mapping[str, NodeView], mesh_ip: str, *, among: Collection[str]) -> list[str]:
+def holders_of(views: Mapping[str, NodeTunnels], mesh_ip: str, *, among: Collection[str]) -> list[str]:
     """Names (among `among`) whose WireGuard interface still holds a tunnel to `mesh_ip`."""
     return sorted(name for name in among if name in views and mesh_ip in views[name].tunnel_ips())
 

@@ -6,14 +6,17 @@ Everything here is a thin, idempotent wrapper: creating what exists or deleting 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from meshlab.errors import CommandError
 from meshlab.state import ProcessRecord
@@ -24,11 +27,11 @@ WG_SOCKET_DIR = Path("/var/run/wireguard")
 
 
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, env: Mapping[str, str] | None = None,
-        input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        input_text: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command to completion and capture its output; CommandError naming it if it fails and `check`."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env,
-                              input=input_text, check=False)
+                              input=input_text, check=False, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CommandError(f"{' '.join(argv)}: {exc}") from exc
     if check and proc.returncode != 0:
@@ -205,20 +208,39 @@ def signal_record(record: ProcessRecord | None, sig: signal.Signals) -> bool:
 
 
 def spawn(argv: Sequence[str], *, namespace: str | None, log_path: Path, env: Mapping[str, str],
-          cwd: Path | None = None) -> ProcessRecord:
-    """Start `argv` detached (own session, stdin from /dev/null, output appended to `log_path`) in `namespace`."""
+          cwd: Path | None = None, stdout_path: Path | None = None) -> ProcessRecord:
+    """Start `argv` detached (own session, stdin from /dev/null) in `namespace`.
+
+    Its output is appended to `log_path`; with `stdout_path`, stdout goes there instead and only stderr to
+    `log_path` (a command whose stdout is for machines, such as `meshchat listen --json`).
+    """
     full = ns_argv(namespace, argv)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out, open(os.devnull, "rb") as devnull:
+    with contextlib.ExitStack() as files:
+        err = files.enter_context(open(log_path, "ab"))
+        out = files.enter_context(open(stdout_path, "ab")) if stdout_path is not None else err
+        devnull = files.enter_context(open(os.devnull, "rb"))
         try:
-            proc = subprocess.Popen(full, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, env=dict(env),
+            proc = subprocess.Popen(full, stdin=devnull, stdout=out, stderr=err, env=dict(env),
                                     cwd=cwd, start_new_session=True, close_fds=True)
         except OSError as exc:
             raise CommandError(f"cannot start {' '.join(full)}: {exc}") from exc
+    proc.returncode = 0  # detached: the lab tracks and reaps it by pid, so Popen must not warn "still running"
     ticks = start_ticks(proc.pid)
     if ticks is None:
         raise CommandError(f"{' '.join(full)} exited at once; see {log_path}")
     return ProcessRecord(pid=proc.pid, start_ticks=ticks, argv=list(full), log=str(log_path))
+
+
+def exec_replacing(argv: Sequence[str], *, env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with `argv`. It keeps our pid, terminal and process group, so every signal sent to
+    us (Ctrl-C, a supervisor's SIGTERM) reaches it, and its exit status is the one our caller sees."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], list(argv), dict(env))
+    except OSError as exc:
+        raise CommandError(f"cannot run {' '.join(argv)}: {exc}") from exc
 
 
 def stop_record(record: ProcessRecord | None, *, timeout_s: float = 10.0) -> bool:

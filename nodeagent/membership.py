@@ -18,7 +18,7 @@ from meshcontract.messages import MemberRecord, MemberState, Roster
 
 
 @dataclass(frozen=True, slots=True)
-class Membership:
+class MembershipSnapshot:
     """A complete membership: the roster revision it was built from and every member's record by node id."""
 
     revision: int
@@ -40,7 +40,7 @@ class Membership:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Membership:
+    def from_json(cls, text: str) -> MembershipSnapshot:
         """Parse what `to_json` wrote; ValueError (incl. pydantic's) if it is not that."""
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("members"), list):
@@ -64,7 +64,7 @@ class MembershipView:
         # node id -> revision of the record a tombstone removed: an older (replayed) record must not revive it.
         self._tombstones: dict[str, int] = {}
         self._roster: Roster | None = None
-        self._complete: Membership | None = None
+        self._complete: MembershipSnapshot | None = None
 
     # -- inputs -----------------------------------------------------------------------------------------
     def apply_record(self, record: MemberRecord) -> bool:
@@ -116,7 +116,7 @@ class MembershipView:
                 return False
         return True
 
-    def complete(self) -> Membership | None:
+    def complete(self) -> MembershipSnapshot | None:
         """The newest complete membership seen so far (possibly older than what is held now), or None."""
         return self._complete
 
@@ -140,4 +140,4 @@ class MembershipView:
         for node_id, record in self._records.items():
             if node_id not in members and record.revision > self._roster.revision:
                 members[node_id] = record
-        self._complete = Membership(revision=self._roster.revision, members=MappingProxyType(members))
+        self._complete = MembershipSnapshot(revision=self._roster.revision, members=MappingProxyType(members))

@@ -1,18 +1,25 @@
 """`meshctl`: ask the local agent how the mesh looks (`status`) and whether a peer answers (`ping`).
 
-The rendering functions are pure (they take the status and return text) so they are tested without an agent.
+The agent's socket is `--socket PATH` (before or after the command), else $MESHVPN_SOCKET, else
+/run/meshvpn/agent.sock. The rendering functions and the explanation of a failed connection are pure (they take
+values and return text) so they are tested without an agent.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+from collections.abc import Mapping
 
 from meshcontract.errors import ContractError
 from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, PingResult, query
 
 EXIT_NOT_RUNNING = 2
 EXIT_FAILED = 1
+SOCKET_ENV = "MESHVPN_SOCKET"
+AGENT_GROUP = "meshvpn"  # the group docs/agent.md gives the socket (socket_group) for non-root users
 
 
 def format_age(then: float | None, *, now: float) -> str:
@@ -89,21 +96,68 @@ def render_ping(result: PingResult) -> str:
     return "\n".join(lines)
 
 
+def explain_unreachable(socket_path: str, error: OSError, *, exists: bool) -> str:
+    """Why the agent at `socket_path` could not be asked, and what to do about it, in one line. Pure.
+
+    `error` is the failure of the connection; `exists` whether anything is at `socket_path`.
+    """
+    where = f"--socket PATH or {SOCKET_ENV}=PATH"
+    code = error.errno
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {socket_path}: run as root or join group {AGENT_GROUP}"
+    if not exists or code == errno.ENOENT:
+        return f"the agent is not running at {socket_path} (no socket there); another agent: {where}"
+    if code == errno.ECONNREFUSED:
+        return (f"the agent is not running at {socket_path} (a socket is there but nobody answers); "
+                f"another agent: {where}")
+    return f"cannot reach the agent at {socket_path}: {os.strerror(code) if code else error}"
+
+
+def resolve_socket(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The agent socket to use: the --socket flag, else $MESHVPN_SOCKET, else the default. Pure."""
+    return flag or environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def _socket_option(parser: argparse.ArgumentParser, *, default: object) -> None:
+    parser.add_argument("--socket", default=default,
+                        help=f"agent socket (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Inspect the local meshvpn agent.")
-    parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent socket (default {DEFAULT_SOCKET})")
+    _socket_option(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="this node and its peers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     ping = sub.add_parser("ping", help="ping a peer's mesh IP through the tunnel")
     ping.add_argument("target", help="node name, node id or mesh IP")
     ping.add_argument("-c", "--count", type=int, default=3, help="probes to send (1-20)")
+    ping.add_argument("--json", action="store_true", help="machine-readable output")
+    # Also accepted after the command ("meshctl status --socket S"); SUPPRESS keeps an absent option from
+    # overwriting one given before the command.
+    for command in (status, ping):
+        _socket_option(command, default=argparse.SUPPRESS)
     return parser
+
+
+def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The command line, with `socket` resolved (flag anywhere, then MESHVPN_SOCKET, then the default)."""
+    args = _parser().parse_args(argv)
+    args.socket = resolve_socket(args.socket, os.environ if environ is None else environ)
+    return args
+
+
+def _cause(exc: BaseException) -> OSError | None:
+    # meshcontract.localapi.query raises ContractError from the OSError of the connection.
+    current: BaseException | None = exc
+    while current is not None and not isinstance(current, OSError):
+        current = current.__cause__
+    return current
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `meshctl`."""
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "status":
         request = LocalRequest(op="status")
     else:
@@ -116,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             request, socket_path=args.socket, timeout=args.count + 10 if args.command == "ping" else 10
         )
     except ContractError as exc:
-        print(f"meshctl: the agent is not running or not reachable ({exc})", file=sys.stderr)
+        cause = _cause(exc)
+        if cause is None:  # it answered, but not with a valid response
+            print(f"meshctl: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"meshctl: {explain_unreachable(args.socket, cause, exists=os.path.lexists(args.socket))}",
+              file=sys.stderr)
         return EXIT_NOT_RUNNING
     if not response.ok:
         print(f"meshctl: {response.error}", file=sys.stderr)
@@ -129,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(render_status(response.status))
         return 0
     assert response.ping is not None
-    print(render_ping(response.ping))
+    print(response.ping.model_dump_json(indent=2) if args.json else render_ping(response.ping))
     return 0 if any(r is not None for r in response.ping.rtts_ms) else EXIT_FAILED
 
 

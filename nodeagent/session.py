@@ -1,55 +1,491 @@
-"""Pure rules of the agent's control-plane session: epochs, retry backoff, which credential to log in with.
-No I/O here."""
+"""The control-plane session: one MQTT connection at a time, registration, heartbeats and the goodbye.
+
+Threads and who owns what:
+  - the session thread (`_run`) owns the connection: it creates one paho client per connection (each with a
+    new epoch and a last-will carrying it), registers, publishes status and reconnects with backoff and
+    jitter. It never touches WireGuard.
+  - paho's network thread runs the callbacks: it decodes messages into the shared MeshState and reports what
+    happened as typed events. It never blocks.
+  - heartbeats are sent by whoever calls `heartbeat()` (the agent's scheduler).
+
+What to do next (epochs, backoff, credentials, which refusals are final) is decided by the pure
+nodeagent.policy; this module only connects those decisions to paho.
+"""
 
 from __future__ import annotations
 
-import random
-from enum import Enum
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from meshcontract import messages, topics
+from meshcontract.errors import ContractError
+from meshcontract.messages import (
+    ErrorCode,
+    Heartbeat,
+    MemberRecord,
+    NodeStatus,
+    RegisterReply,
+    RegisterRequest,
+    RegistrarStatus,
+    Roster,
+)
+from meshcontract.topics import Kind
+from meshcontract.transport import make_client
+from nodeagent import policy
+from nodeagent.credentials import BrokerLogin
+from nodeagent.errors import RegistrationRefused
+from nodeagent.identity import Identity
+from nodeagent.meshstate import MeshState
+from nodeagent.settings import AgentSettings
+from nodeagent.statestore import Registration, StateStore
+
+log = logging.getLogger(__name__)
+
+# CONNACK reason codes (MQTT 3.1.1 return codes 4 and 5 as paho maps them) meaning "not these credentials".
+_AUTH_REFUSED = (0x86, 0x87)
+_STOP_PUBLISH_TIMEOUT_S = 2.0
+
+# How every connection's paho client is made; tests pass one that can inject faults (tests/faults.py).
+ClientFactory = Callable[..., mqtt.Client]
 
 
-def next_epoch(persisted: int | None, *, now_ms: int) -> int:
-    """The epoch of a new MQTT session: later than every earlier one, even if the clock went backwards.
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The registrar accepted a registration on the current connection."""
 
-    Wall-clock milliseconds keep epochs meaningful to people and roughly comparable across machines; the
-    persisted value guarantees they never repeat or decrease on this node.
-    """
-    if persisted is None:
-        return now_ms
-    return max(persisted + 1, now_ms)
+    registration: Registration
+    epoch: int
 
 
-def backoff_delay(
-    attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before retry number `attempt` (0-based): exponential, capped, with "full jitter".
-
-    Full jitter (uniform between half and all of the exponential value) spreads a fleet of agents that lost
-    the same broker at the same moment, so they do not all reconnect in the same instant.
-    """
-    ceiling = min(cap, base * (2 ** min(attempt, 30)))
-    pick = (rng or random).uniform(0.5, 1.0)
-    return ceiling * pick
+@dataclass(frozen=True, slots=True)
+class MembershipChanged:
+    """A new complete membership exists (reconcile should run)."""
 
 
-class Login(Enum):
-    """Which broker credential a connection attempt uses (logged by name, never the secret)."""
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The registrar refused us for good; the agent should stop."""
 
-    CONFIGURED = "the configured broker.password"
-    OWN = "the node's own broker password"
-    TOKEN = "the join token"
+    error: RegistrationRefused
 
 
-def login_order(*, configured: bool, own_accepted: bool, has_token: bool) -> tuple[Login, ...]:
-    """The credentials to try, in order; after a refused CONNECT the agent moves on to the next (cyclically).
+SessionEvent = Registered | MembershipChanged | Refused
 
-    A configured password (pre-provisioned, e.g. on Mosquitto) is the only one. Otherwise the own password is
-    tried first once a registrar has accepted it, the join token first before that. Either way the other
-    one follows: a refused own password while the node has no entry means the registrar never stored it (use
-    the token), a refused token means an entry exists — the registrar stored our password but its reply or
-    our record of it was lost (use the own password).
-    """
-    if configured:
-        return (Login.CONFIGURED,)
-    if not has_token:
-        return (Login.OWN,)
-    return (Login.OWN, Login.TOKEN) if own_accepted else (Login.TOKEN, Login.OWN)
+
+@dataclass
+class _Connection:
+    """One MQTT connection attempt and what happened on it so far."""
+
+    client: mqtt.Client
+    epoch: int
+    connected: threading.Event
+    subscribed: threading.Event
+    lost: threading.Event
+    sub_mid: int | None = None
+
+
+class ControlSession:
+    """The agent's link to the control plane. `start()`, `heartbeat()` periodically, `stop()`."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        identity: Identity,
+        store: StateStore,
+        login: BrokerLogin,
+        mesh: MeshState,
+        registration: Registration | None,
+        on_event: Callable[[SessionEvent], None],
+        clock: Callable[[], float] = time.time,
+        client_factory: ClientFactory = make_client,
+    ) -> None:
+        self._settings = settings
+        self._me = identity
+        self._store = store
+        self._login = login
+        self._mesh = mesh
+        self._on_event = on_event
+        self._clock = clock
+        self._client_factory = client_factory
+        self._lock = threading.Lock()
+        self._reply_cond = threading.Condition(self._lock)  # guards everything below
+        self._registration = registration
+        self._conn: _Connection | None = None
+        self._replies: dict[str, RegisterReply] = {}
+        self._registrar_online = False
+        self._registrar_kicks = 0  # bumped when the registrar comes online: cuts registration backoff short
+        self._heartbeat_seq = 0
+        self._stopping = threading.Event()
+        self._refused = False
+        self._thread: threading.Thread | None = None
+        self.registered = threading.Event()  # set after each successful registration, cleared on disconnect
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"agent-session-{self._me.node_id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Say goodbye on the broker (status offline, clean DISCONNECT) unless refused; end the thread."""
+        self._stopping.set()
+        with self._reply_cond:
+            conn = self._conn
+            self._reply_cond.notify_all()  # ...also while it waits for a registration reply
+        if conn is not None:
+            conn.lost.set()  # wakes the session thread, which says goodbye on the broker
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # -- state for callers ------------------------------------------------------------------------------
+    @property
+    def registration(self) -> Registration | None:
+        with self._lock:
+            return self._registration
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            conn = self._conn
+        return conn is not None and conn.connected.is_set() and not conn.lost.is_set()
+
+    @property
+    def registrar_online(self) -> bool:
+        with self._lock:
+            return self._registrar_online
+
+    def _fields(self, **more: object) -> dict[str, object]:
+        return {**self._me.log_fields(self.registration.mesh_ip if self.registration else None), **more}
+
+    def _topic(self, kind: Kind, node: str | None = None) -> str:
+        return topics.build(self._settings.mesh, kind, node)
+
+    # -- heartbeats -------------------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Publish one heartbeat on the current connection (nothing while disconnected)."""
+        with self._lock:
+            conn = self._conn
+            seq = self._heartbeat_seq
+            self._heartbeat_seq += 1
+        if conn is None or conn.lost.is_set():
+            return
+        beat = Heartbeat(node_id=self._me.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock())
+        conn.client.publish(self._topic(Kind.HEARTBEAT, self._me.node_id), messages.encode(beat), qos=0)
+
+    # -- the session loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        """The daemon loop of the control-plane session: one connection per iteration, until stopped."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                registered = self._one_connection()
+            except Exception:  # the daemon loop: log, keep the tunnels, try again after a backoff
+                log.exception("session failed; retrying", extra=self._fields())
+                registered = None
+            if self._stopping.is_set():
+                return
+            attempt = 0 if registered else attempt + 1
+            registration = self.registration
+            cap = policy.reconnect_cap(registration.settings.heartbeat_ttl_s if registration else None)
+            delay = policy.backoff_delay(attempt, cap=cap)
+            log.info("reconnecting to the broker in %.1fs", delay, extra=self._fields())
+            self._stopping.wait(delay)
+
+    def _new_connection(self) -> _Connection:
+        epoch = policy.next_epoch(self._store.epoch(), now_ms=int(self._clock() * 1000))
+        self._store.save_epoch(epoch)
+        client = self._client_factory(self._login.next_settings(), client_id=self._me.node_id)
+        # A bug in one of our callbacks must not kill paho's network thread (the session would hang, neither
+        # connected nor lost): paho logs the exception and carries on.
+        client.enable_logger(logging.getLogger("nodeagent.mqtt"))
+        client.suppress_exceptions = True
+        conn = _Connection(client, epoch, threading.Event(), threading.Event(), threading.Event())
+        will = NodeStatus(
+            node_id=self._me.node_id, state="offline", epoch=epoch, at=self._clock(), last_will=True
+        )
+        client.will_set(self._topic(Kind.STATUS, self._me.node_id), messages.encode(will), qos=1, retain=True)
+        client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, rc)
+        client.on_subscribe = lambda c, u, mid, rcs, props: self._on_subscribe(conn, mid, rcs)
+        client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(conn)
+        client.on_message = lambda c, u, msg: self._on_message(msg)
+        return conn
+
+    def _one_connection(self) -> bool | None:
+        """Connect, register and serve until the connection is lost or we stop.
+
+        True if this connection registered, False if it did not, None if the broker was unreachable.
+        """
+        host, port, _ = self._settings.broker.host_port()
+        conn = self._new_connection()
+        with self._lock:
+            self._conn = conn
+        # stop() sets _stopping, then marks the connection it sees as lost; checking after publishing the
+        # connection under the lock means one of the two always notices the other.
+        if self._stopping.is_set():
+            return None
+        try:
+            conn.client.connect(host, port, keepalive=self._settings.broker.keepalive_s)
+        except OSError as exc:
+            log.warning("broker %s unreachable: %s", self._settings.broker.url, exc, extra=self._fields())
+            return None
+        conn.client.loop_start()
+        registered = self._serve(conn)
+        if self._stopping.is_set():
+            # Say goodbye even if this connection never got registered: an offline status with a newer epoch
+            # ends our membership at once instead of after the TTL. Not when refused.
+            self._close(conn, goodbye=not self._refused)
+        else:
+            conn.client.loop_stop()
+        return registered
+
+    def _serve(self, conn: _Connection) -> bool:
+        """Register on `conn` and stay until it is lost or we stop. True if registration succeeded."""
+        # Subscribed before registering: the reply (and membership) must have somewhere to land.
+        while not conn.subscribed.wait(0.1):
+            if conn.lost.is_set():
+                return False
+        try:
+            registered = self._register(conn)
+        except RegistrationRefused as exc:
+            log.error("%s", exc, extra=self._fields())
+            self._refused = True
+            self._stopping.set()
+            self._on_event(Refused(exc))
+            return False
+        if not registered:
+            return False
+        conn.lost.wait()
+        self.registered.clear()
+        if not self._stopping.is_set():
+            log.warning("lost the broker connection; keeping every tunnel", extra=self._fields())
+        return True
+
+    def _register(self, conn: _Connection) -> bool:
+        """Send RegisterRequests until one is answered. False if the connection was lost or we stop.
+
+        Retries back off (with jitter) up to REGISTER_RETRY_CAP_S, but a registrar coming online cuts the wait
+        short: it restarted, and answering it quickly keeps us inside its grace period. A late answer to the
+        last request, arriving during the backoff, still counts.
+        """
+        timeout = self._settings.register_timeout_s
+        attempt = 0
+        while not conn.lost.is_set():
+            with self._reply_cond:
+                kicks = self._registrar_kicks
+            request_id = self._send_register(conn)
+            # A registrar that comes online after this request was sent (live, not the retained status we get
+            # on subscribing) never saw it: send it again at once instead of after the timeout.
+            reply = self._wait_reply(conn, request_id, timeout, kicks_before=kicks)
+            if reply is None and self._registrar_kicks != kicks and not conn.lost.is_set():
+                log.info("registrar came online; registering again", extra=self._fields())
+                continue
+            verdict = policy.judge_reply(reply, timeout_s=timeout)
+            while verdict.action == "retry":
+                if conn.lost.is_set():
+                    return False
+                delay = policy.backoff_delay(
+                    attempt, base=policy.REGISTER_RETRY_BASE_S, cap=policy.REGISTER_RETRY_CAP_S
+                )
+                attempt += 1
+                log.warning(
+                    "registration: %s; retrying in %.1fs", verdict.reason, delay, extra=self._fields()
+                )
+                reply = self._wait_reply(conn, request_id, delay)
+                if reply is None:
+                    break  # backoff over (or the registrar came online): send a new request
+                verdict = policy.judge_reply(reply, timeout_s=timeout)
+            if verdict.action == "fatal":
+                raise RegistrationRefused(verdict.code or ErrorCode.INTERNAL.value, verdict.reason)
+            if verdict.action == "registered":
+                assert reply is not None
+                self._registered(conn, reply)
+                return True
+        return False
+
+    def _send_register(self, conn: _Connection) -> str:
+        request_id = secrets.token_urlsafe(12)
+        me = self._me
+        assert me.endpoint is not None
+        request = RegisterRequest(
+            request_id=request_id,
+            node_id=me.node_id,
+            name=me.name,
+            public_key=me.public_key,
+            endpoints=[me.endpoint],
+            listen_port=self._settings.listen_port,
+            join_token=self._settings.join_token,
+            epoch=conn.epoch,
+            broker_password=self._login.offered_password(),
+        )
+        conn.client.publish(self._topic(Kind.REGISTER, me.node_id), messages.encode(request), qos=1)
+        log.info("registering (epoch %s)", conn.epoch, extra=self._fields(epoch=conn.epoch))
+        return request_id
+
+    def _wait_reply(
+        self, conn: _Connection, request_id: str, timeout: float, *, kicks_before: int | None = None
+    ) -> RegisterReply | None:
+        """The reply to `request_id` if it arrives within `timeout`, else None. Returns None early when the
+        connection is lost or the registrar comes online (since `kicks_before`, by default since now)."""
+        deadline = time.monotonic() + timeout
+        with self._reply_cond:
+            kicks = self._registrar_kicks if kicks_before is None else kicks_before
+            while request_id not in self._replies and not conn.lost.is_set():
+                if self._registrar_kicks != kicks:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._reply_cond.wait(remaining)
+            reply = self._replies.pop(request_id, None)
+            self._replies.clear()  # answers to older requests are of no use any more
+            return reply
+
+    def _registered(self, conn: _Connection, reply: RegisterReply) -> None:
+        if (
+            reply.node_id != self._me.node_id
+            or reply.mesh_ip is None
+            or reply.prefix_len is None
+            or reply.settings is None
+        ):
+            raise RegistrationRefused(
+                ErrorCode.INVALID_REQUEST.value, f"incomplete registration reply: {reply}"
+            )
+        registration = Registration(
+            mesh_ip=reply.mesh_ip, prefix_len=reply.prefix_len, settings=reply.settings
+        )
+        self._login.registered(reply.broker_password)
+        with self._lock:
+            previous, self._registration = self._registration, registration
+        if registration != previous:
+            self._store.save_registration(registration)
+        log.info(
+            "registered as %s/%s",
+            reply.mesh_ip,
+            reply.prefix_len,
+            extra=self._fields(epoch=conn.epoch, event="registered"),
+        )
+        online = NodeStatus(node_id=self._me.node_id, state="online", epoch=conn.epoch, at=self._clock())
+        conn.client.publish(
+            self._topic(Kind.STATUS, self._me.node_id), messages.encode(online), qos=1, retain=True
+        )
+        self._on_event(Registered(registration, conn.epoch))
+        self.heartbeat()
+        self.registered.set()
+
+    def _close(self, conn: _Connection, *, goodbye: bool) -> None:
+        if goodbye and conn.connected.is_set():
+            offline = NodeStatus(
+                node_id=self._me.node_id, state="offline", epoch=conn.epoch, at=self._clock()
+            )
+            info = conn.client.publish(
+                self._topic(Kind.STATUS, self._me.node_id), messages.encode(offline), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout=_STOP_PUBLISH_TIMEOUT_S)
+            except (RuntimeError, ValueError) as exc:  # paho: not queued / connection gone
+                log.warning("could not publish offline status: %s", exc)
+            log.info("published status offline", extra=self._fields())
+        conn.client.disconnect()  # a clean DISCONNECT: the broker discards our will
+        conn.client.loop_stop()
+
+    # -- paho callbacks (network thread: never block here) ----------------------------------------------
+    def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
+        if reason_code.is_failure:
+            auth = reason_code.value in _AUTH_REFUSED
+            # With another credential to try this is expected once (e.g. the token after the registrar stored
+            # our password): a warning; with nothing else to try it needs an operator.
+            level = logging.WARNING if auth and self._login.has_fallback else logging.ERROR
+            log.log(
+                level,
+                "broker refused the connection: %s (check broker.username/password or the join token)",
+                reason_code,
+                extra=self._fields(),
+            )
+            if auth:
+                self._login.refused()
+            return
+        log.info("connected to the broker %s", self._settings.broker.url, extra=self._fields())
+        conn.connected.set()
+        with self._lock:
+            # Unknown until the retained RegistrarStatus arrives: a broker that restarted empty has none, and
+            # the registrar's will may have been lost with the old broker.
+            self._registrar_online = False
+        mesh = self._settings.mesh
+        subscriptions = [
+            (self._topic(Kind.REPLY, self._me.node_id), 1),
+            (topics.subscription(mesh, Kind.MEMBERS), 1),
+            (topics.subscription(mesh, Kind.ROSTER), 1),
+            (topics.subscription(mesh, Kind.REGISTRAR), 1),
+        ]
+        _, conn.sub_mid = conn.client.subscribe(subscriptions)
+
+    def _on_subscribe(self, conn: _Connection, mid: int, reason_codes: list[mqtt.ReasonCode]) -> None:
+        if mid != conn.sub_mid:
+            return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("broker refused %s of our subscriptions (ACL?): %s", len(refused), refused)
+        conn.subscribed.set()
+
+    def _on_disconnect(self, conn: _Connection) -> None:
+        conn.lost.set()
+        with self._reply_cond:
+            self._reply_cond.notify_all()
+        # One paho client per connection: stop this one's thread instead of letting paho reconnect it with
+        # the old epoch and will. The session thread builds the next connection.
+        conn.client.loop_stop()
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = topics.parse(msg.topic)
+            if topic.mesh != self._settings.mesh:
+                return
+            if topic.kind is Kind.REPLY:
+                reply = messages.decode(RegisterReply, msg.payload)
+                with self._reply_cond:
+                    self._replies[reply.request_id] = reply
+                    self._reply_cond.notify_all()
+            elif topic.kind is Kind.MEMBERS:
+                self._on_member(topic.node or "", msg.payload)
+            elif topic.kind is Kind.ROSTER:
+                roster = messages.decode(Roster, msg.payload, max_size=messages.MAX_ROSTER_PAYLOAD)
+                self._changed(self._mesh.apply_roster(roster))
+            elif topic.kind is Kind.REGISTRAR:
+                self._on_registrar(messages.decode(RegistrarStatus, msg.payload), retained=msg.retain)
+        except ContractError as exc:
+            log.warning("dropping message on %s: %s", msg.topic, exc)
+
+    def _on_member(self, node_id: str, payload: bytes) -> None:
+        if not payload:
+            self._changed(self._mesh.apply_tombstone(node_id))
+            return
+        record = messages.decode(MemberRecord, payload)
+        if record.node_id != node_id:
+            raise ContractError(f"member record for {record.node_id} on the topic of {node_id}")
+        self._changed(self._mesh.apply_record(record))
+
+    def _changed(self, new_complete: bool) -> None:
+        # Only a new complete membership can change the peers: a message that leaves the view partial (or
+        # changes nothing) costs no pass.
+        if new_complete:
+            self._on_event(MembershipChanged())
+
+    def _on_registrar(self, status: RegistrarStatus, *, retained: bool) -> None:
+        online = status.state == "online"
+        with self._reply_cond:
+            was, self._registrar_online = self._registrar_online, online
+            # A retained status is what we learn on subscribing, not a registrar that just came online.
+            if online and not was and not retained:
+                self._registrar_kicks += 1
+                self._reply_cond.notify_all()
+        if was != online:
+            log.info("registrar is %s", status.state, extra=self._fields())

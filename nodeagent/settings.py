@@ -26,7 +26,7 @@ class AgentSettings(BaseModel):
     broker.username defaults to the node id. broker.password is for pre-provisioned credentials only; unset,
     the agent logs in with its own password (state_dir/broker_password, created before the first connection and
     registered with the registrar) or "join:<join_token>" (meshcontract.access.JOIN_PASSWORD_PREFIX) until the
-    registrar accepted it — see nodeagent.session.login_order.
+    registrar accepted it — see nodeagent.policy.login_order.
     """
 
     model_config = ConfigDict(extra="forbid")

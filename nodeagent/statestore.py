@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from meshcontract.messages import MeshSettings
 from meshcontract.topics import is_valid_id
 from nodeagent.errors import StateDirError
-from nodeagent.membership import Membership
+from nodeagent.membership import MembershipSnapshot
 from wgctl import keys
 from wgctl.errors import KeyFileError
 
@@ -186,16 +186,16 @@ class StateStore:
     def save_registration(self, registration: Registration) -> None:
         write_atomic(self.dir / "registration.json", registration.to_json())
 
-    def membership(self) -> Membership | None:
+    def membership(self) -> MembershipSnapshot | None:
         """The last complete membership persisted, None if none (or unreadable: we then wait for the broker)."""
         text = self._read("membership.json")
         if text is None:
             return None
         try:
-            return Membership.from_json(text)
+            return MembershipSnapshot.from_json(text)
         except (ValueError, ValidationError) as exc:
             log.warning("ignoring unreadable %s: %s", self.dir / "membership.json", exc)
             return None
 
-    def save_membership(self, membership: Membership) -> None:
+    def save_membership(self, membership: MembershipSnapshot) -> None:
         write_atomic(self.dir / "membership.json", membership.to_json())

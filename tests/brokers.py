@@ -24,10 +24,17 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from broker.mosquitto_config import (
+    ACL_FILE,
+    ALL_LOG_TYPES,
+    AnonymousAccess,
+    MosquittoConfig,
+    MosquittoLogging,
+    PasswordFileAuth,
+    render,
+)
 from meshcontract.access import hash_password, parse_password_file, render_password_file
 
-REPO = Path(__file__).resolve().parent.parent
-MOSQUITTO_TEMPLATES = REPO / "broker" / "mosquitto"
 START_DEADLINE_S = 10.0
 
 
@@ -140,42 +147,25 @@ class RunningBroker:
 
 
 class MosquittoBroker(RunningBroker):
-    """`mosquitto -c conf` rendered from broker/mosquitto/{mosquitto,acl}.conf."""
+    """`mosquitto -c conf`, the conf rendered by broker.mosquitto_config with the packaged acl.conf."""
 
     kind = "mosquitto"
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None, acl: bool = True) -> None:
         super().__init__(workdir, users=users)
         self.config_file = workdir / "mosquitto.conf"
-        self.config_file.write_text(self._render(acl=acl))
+        self.config_file.write_text(render(self._config(acl=acl)))
 
-    def _render(self, *, acl: bool) -> str:
-        template = (MOSQUITTO_TEMPLATES / "mosquitto.conf").read_text()
-        lines = []
-        for line in template.splitlines():
-            key = line.split(" ", 1)[0]
-            if key == "listener":
-                line = f"listener {self.port} {self.host}"
-            elif key == "use_username_as_clientid" and self.users is None:
-                # Mosquitto 2.0.11 refuses every client without a username when this is on.
-                line = "use_username_as_clientid false"
-            elif key == "allow_anonymous":
-                line = f"allow_anonymous {'true' if self.users is None else 'false'}"
-            elif key == "password_file":
-                line = f"password_file {self.password_file}" if self.users is not None else "#"
-            elif key == "acl_file":
-                if self.users is not None and acl:
-                    acl_copy = self.workdir / "acl.conf"
-                    acl_copy.write_text((MOSQUITTO_TEMPLATES / "acl.conf").read_text())
-                    line = f"acl_file {acl_copy}"
-                else:
-                    line = "#"
-            lines.append(line)
-        # Tests run as root: keep root instead of dropping to the mosquitto user, which cannot read tmp_path.
-        # Logging to a file, not stdout: mosquitto flushes its file log per line but block-buffers a piped stdout.
-        lines += ["user root", f"log_dest file {self.log_file}", "log_type error", "log_type warning", "log_type notice",
-                  "log_type information", "log_timestamp_format %H:%M:%S"]
-        return "\n".join(lines) + "\n"
+    def _config(self, *, acl: bool) -> MosquittoConfig:
+        auth: PasswordFileAuth | AnonymousAccess = AnonymousAccess()
+        if self.users is not None:
+            auth = PasswordFileAuth(str(self.password_file), str(ACL_FILE) if acl else None)
+        return MosquittoConfig(
+            listen_host=self.host, listen_port=self.port, auth=auth,
+            # Tests run as root: keep root instead of dropping to the mosquitto user, which cannot read tmp_path.
+            run_as="root",
+            logging=MosquittoLogging(file=str(self.log_file), types=ALL_LOG_TYPES, timestamp_format="%H:%M:%S"),
+        )
 
     def _command(self) -> list[str]:
         return ["mosquitto", "-c", str(self.config_file)]

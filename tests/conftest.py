@@ -36,3 +36,15 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broke
     finally:
         for broker in started:
             broker.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
+    """One Mosquitto (anonymous, no ACL) on a random port, for tests that need only one broker kind."""
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    running = start_mosquitto(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -26,11 +26,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from polling import seconds_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.timeout(900)]
 
@@ -42,16 +43,6 @@ NODES = 3
 # Safe for a shared host: no iptables rules (no FORWARD policy change, no br_netfilter-driven filtering of
 # other bridges), IP forwarding left as it is, no default docker0 bridge.
 DOCKERD_FLAGS = ("--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none")
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.5) -> float:
-    """Poll `condition` until true; return the seconds it took. AssertionError naming `what` on timeout."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start >= timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 def _run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None, check: bool = True,
@@ -106,7 +97,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             started = subprocess.Popen([dockerd, *DOCKERD_FLAGS], stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         try:
-            wait_until(lambda: started.poll() is not None or _docker_answers(), timeout=60, what="dockerd")
+            seconds_until(
+                lambda: started.poll() is not None or _docker_answers(), timeout=60, interval=0.5, what="dockerd"
+            )
         except AssertionError:
             pass
         if not _docker_answers():
@@ -238,9 +231,9 @@ def test_scaled_nodes_form_a_mesh_and_recover_from_a_crash(topology: Topology) -
         ips = mesh_ips() or {}
         return len(ips) == NODES
 
-    wait_until(registered, timeout=120, what="every node to register and answer meshctl")
+    seconds_until(registered, timeout=120, interval=0.5, what="every node to register and answer meshctl")
     assert len(set(ips.values())) == NODES, f"mesh IPs must be unique: {ips}"
-    converged = wait_until(lambda: full_mesh(nodes, ips), timeout=60, what="a full mesh of 3")
+    converged = seconds_until(lambda: full_mesh(nodes, ips), timeout=60, interval=0.5, what="a full mesh of 3")
     print(f"full mesh {time.monotonic() - t_start:.1f}s after compose up (last step {converged:.1f}s)",
           file=sys.stderr)
 
@@ -250,7 +243,7 @@ def test_scaled_nodes_form_a_mesh_and_recover_from_a_crash(topology: Topology) -
     for src in nodes:
         for dst in nodes:
             if src != dst:
-                wait_until(lambda s=src, d=dst: pings(s, ips[d]), timeout=20, what=f"ping {ips[dst]} from {src[:12]}")
+                seconds_until(lambda s=src, d=dst: pings(s, ips[d]), timeout=20, interval=0.5, what=f"ping {ips[dst]} from {src[:12]}")
 
     # The documented operator commands: `compose exec node meshctl status`, and watching the control plane
     # with mosquitto_sub as the observer.
@@ -267,22 +260,22 @@ def test_scaled_nodes_form_a_mesh_and_recover_from_a_crash(topology: Topology) -
         return proc.returncode == 0 and proc.stdout.startswith("meshvpn/v1/")
 
     # The broker picks the new password up when it reloads the file (Mosquitto: within a second or so).
-    wait_until(observed, timeout=30, what="mosquitto_sub as observer to see the retained mesh state")
+    seconds_until(observed, timeout=30, interval=0.5, what="mosquitto_sub as observer to see the retained mesh state")
 
     victim, survivors = nodes[0], nodes[1:]
     _run(["docker", "kill", victim], timeout=60)
-    removed = wait_until(
+    removed = seconds_until(
         lambda: all(ips[victim] not in _peers(topology.status(n)) for n in survivors),
-        timeout=30, what="the survivors to drop the killed node's tunnel",
+        timeout=30, interval=0.5, what="the survivors to drop the killed node's tunnel",
     )
     print(f"killed node removed from every peer in {removed:.1f}s", file=sys.stderr)
     assert all(not pings(survivors[0], ips[victim]) for _ in range(1)), "the dead node still answers pings"
     assert full_mesh(survivors, ips), "the survivors must keep their tunnel to each other"
 
     _run(["docker", "start", victim], timeout=60)
-    back = wait_until(lambda: full_mesh(nodes, ips), timeout=60, what="the restarted node back in every peer list")
+    back = seconds_until(lambda: full_mesh(nodes, ips), timeout=60, interval=0.5, what="the restarted node back in every peer list")
     print(f"restarted node back in the full mesh in {back:.1f}s", file=sys.stderr)
     status = topology.status(victim)
     assert status is not None and status["mesh_ip"] == ips[victim], "a restarted node keeps its mesh IP"
-    wait_until(lambda: pings(survivors[0], ips[victim]), timeout=20, what="ping the restarted node")
+    seconds_until(lambda: pings(survivors[0], ips[victim]), timeout=20, interval=0.5, what="ping the restarted node")
     print(f"compose scenario took {time.monotonic() - t_start:.1f}s", file=sys.stderr)

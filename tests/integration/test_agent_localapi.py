@@ -19,15 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import RunningBroker, start_mosquitto
-from test_agent_mesh import MESH, REPO, Mesh, Registrar, wait_for
+from brokers import RunningBroker
+from harness import MESH, REPO, Mesh, Registrar, agent_settings
+from polling import wait_for
 
 from meshcontract.localapi import LocalRequest, query
-from meshcontract.transport import BrokerSettings
 from nodeagent import meshctl
 from nodeagent.agent import Agent
 from nodeagent.ping import SystemPinger
-from nodeagent.settings import AgentSettings
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
 
@@ -53,23 +52,9 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = start_mosquitto(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def registrar(tmp_path: Path, broker: RunningBroker) -> Iterator[Registrar]:
-    reg = Registrar(broker, tmp_path / "registrar")
-    reg.state_dir.mkdir(parents=True)
-    try:
-        reg.start()
-        yield reg
-    finally:
-        reg.kill()
+def broker(mosquitto: RunningBroker) -> RunningBroker:
+    """These cases need one broker only: Mosquitto."""
+    return mosquitto
 
 
 def test_meshctl_status_and_ping(
@@ -84,10 +69,10 @@ def test_meshctl_status_and_ping(
         mesh.add("beta")
         wireguard = InMemoryWireGuard()
         sock = short_dir / "agent.sock"
-        settings = AgentSettings(
-            broker=BrokerSettings(url=broker.url), mesh=MESH, join_token=mesh.token, name="alpha",
-            endpoint="127.0.0.1:52000", state_dir=tmp_path / "alpha", socket_path=sock, reconcile_interval_s=0.5,
-        )  # fmt: skip
+        settings = agent_settings(
+            tmp_path / "alpha", broker.url, join_token=mesh.token, name="alpha", endpoint="127.0.0.1:52000",
+            socket_path=sock,
+        )
         pinger = LoopbackPinger()
         alpha = Agent(settings, wireguard=wireguard, routes=InMemoryRoutes(wireguard), pinger=pinger)
         alpha.start()
@@ -120,13 +105,17 @@ def test_meshctl_status_and_ping(
             assert f"PING beta ({beta.mesh_ip})" in out and "2 received" in out
             assert pinger.asked == [beta.mesh_ip], "the ping went to the peer's mesh IP"
 
+            assert meshctl.main(["ping", "beta", "-c", "1", "--json", "--socket", str(sock)]) == 0
+            data = json.loads(capsys.readouterr().out)
+            assert (data["target"], data["mesh_ip"], len(data["rtts_ms"])) == ("beta", beta.mesh_ip, 1)
+
             assert meshctl.main(["--socket", str(sock), "ping", "nobody"]) == 1
             assert "no mesh member named" in capsys.readouterr().err
         finally:
             alpha.stop()
         assert not sock.exists(), "the socket is removed on stop"
         assert meshctl.main(["--socket", str(sock), "status"]) == meshctl.EXIT_NOT_RUNNING
-        assert "agent is not running" in capsys.readouterr().err
+        assert f"the agent is not running at {sock}" in capsys.readouterr().err
     finally:
         mesh.close()
 

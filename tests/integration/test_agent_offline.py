@@ -11,11 +11,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 from brokers import free_port
+from harness import agent_settings
 
 from meshcontract.messages import Endpoint, MemberRecord, MemberState, MeshSettings
-from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
-from nodeagent.membership import Membership
+from nodeagent.membership import MembershipSnapshot
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
 from wgctl import keys
@@ -40,7 +40,7 @@ def _prepared_state(state_dir: Path) -> tuple[list[MemberRecord], Registration]:
         _member("peer-c", "100.96.0.3"),
         _member("peer-d", "100.96.0.4", MemberState.UNREACHABLE),
     ]
-    store.save_membership(Membership(revision=5, members=MappingProxyType({m.node_id: m for m in members})))
+    store.save_membership(MembershipSnapshot(revision=5, members=MappingProxyType({m.node_id: m for m in members})))
     settings = MeshSettings(mesh="mesh", network="100.96.0.0/16", heartbeat_interval_s=1, heartbeat_ttl_s=3,
                             persistent_keepalive_s=21, mtu=1380)  # fmt: skip
     registration = Registration(mesh_ip="100.96.0.1", prefix_len=16, settings=settings)
@@ -49,10 +49,8 @@ def _prepared_state(state_dir: Path) -> tuple[list[MemberRecord], Registration]:
 
 
 def _settings(state_dir: Path, **kw: object) -> AgentSettings:
-    return AgentSettings(
-        broker=BrokerSettings(url=f"mqtt://127.0.0.1:{free_port()}"), state_dir=state_dir,
-        endpoint="127.0.0.1:51820", reconcile_interval_s=0.2, **kw,
-    )  # fmt: skip
+    # No broker listens on a fresh free port: the agent runs without any control plane.
+    return agent_settings(state_dir, f"mqtt://127.0.0.1:{free_port()}", reconcile_interval_s=0.2, **kw)
 
 
 def test_restores_mesh_before_any_broker_and_keeps_it(tmp_path: Path) -> None:

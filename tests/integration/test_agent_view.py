@@ -11,15 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import ProbeClient, RunningBroker, start_mosquitto
-from test_agent_mesh import wait_for
+from brokers import ProbeClient, RunningBroker
+from harness import agent_settings
+from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.messages import Endpoint, MemberRecord, MemberState, Roster, RosterEntry
 from meshcontract.topics import Kind
-from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
-from nodeagent.settings import AgentSettings
 from wgctl import keys
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
@@ -38,21 +37,17 @@ KEYS = [keys.public_key(keys.generate_private_key()) for _ in range(64)]
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = start_mosquitto(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
+def broker(mosquitto: RunningBroker) -> RunningBroker:
+    """These cases need one broker only: Mosquitto."""
+    return mosquitto
 
 
 @pytest.fixture
 def agent(tmp_path: Path, broker: RunningBroker) -> Iterator[tuple[Agent, InMemoryWireGuard]]:
     wireguard = InMemoryWireGuard()
-    settings = AgentSettings(
-        broker=BrokerSettings(url=broker.url), mesh=MESH, name="self", endpoint="127.0.0.1:51820",
-        state_dir=tmp_path / "state", reconcile_interval_s=30,  # periodic passes out of the way
-    )  # fmt: skip
+    settings = agent_settings(
+        tmp_path / "state", broker.url, mesh=MESH, name="self", reconcile_interval_s=30  # periodic passes out of the way
+    )
     running = Agent(settings, wireguard=wireguard, routes=InMemoryRoutes(wireguard), local_api=False)
     running.start()
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -23,9 +25,10 @@ def meshchat(*args: str) -> list[str]:
     return [sys.executable, "-m", "desktop_chat.cli", *args]
 
 
-def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     args = (*args[:1], "--log-level", "DEBUG", *args[1:]) if args[:1] == ("send",) else args
-    return subprocess.run(meshchat(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(meshchat(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
 
 
 def free_port() -> int:
@@ -52,9 +55,9 @@ def wait_listening(ip: str, port: int, proc: subprocess.Popen, timeout: float = 
 def listener():
     procs = []
 
-    def start(*args: str) -> subprocess.Popen:
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(meshchat("listen", "--log-level", "DEBUG", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=ROOT)
+                                text=True, cwd=ROOT, env={**os.environ, **(env or {})})
         procs.append(proc)
         return proc
 
@@ -65,6 +68,8 @@ def listener():
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
+            proc.stdout.close()
+            proc.stderr.close()
 
 
 def test_send_and_listen(listener):
@@ -73,8 +78,9 @@ def test_send_and_listen(listener):
     wait_listening(B, port, proc)
     first = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "hello", "bob")
     assert first.returncode == 0, first.stderr
-    assert "delivered to 127.0.0.3" in first.stderr  # the INFO log line; nothing on stdout
-    assert first.stdout == ""
+    assert "delivered to 127.0.0.3" in first.stderr  # the INFO log line
+    # The verdict for people on stdout; no agent was asked (--bind), so the receiver has no name here.
+    assert re.fullmatch(r"delivered to 127\.0\.0\.3 in \d+ ms\n", first.stdout), first.stdout
     second = run("send", "--to", B, "--bind", A, "--port", str(port), "--name", "alice", "two\nlines")
     assert second.returncode == 0, second.stderr
     out, err = proc.communicate(timeout=15)
@@ -168,3 +174,36 @@ def wait_stderr(proc: subprocess.Popen, text: str, timeout: float = 15) -> None:
                     break
                 seen += chunk
     assert text.encode() in seen, f"no {text!r} on stderr within {timeout}s: {seen!r}"
+
+
+def _status(*, name: str, ip: str, peers: list[tuple[str, str]], now: float) -> AgentStatus:
+    return AgentStatus(
+        node_id=name, name=name, mesh_ip=ip, prefix_len=16, interface="mc0", broker_connected=True,
+        registrar_online=True, membership_revision=1, membership_complete=True, now=now,
+        peers=[PeerView(node_id=peer, name=peer, mesh_ip=peer_ip, public_key="k", state="active", configured=True,
+                        latest_handshake=now) for peer, peer_ip in peers],
+    )
+
+
+def test_listen_json_and_send_through_meshvpn_socket(tmp_path, listener):
+    """The lab's way: both ends find their agent through MESHVPN_SOCKET; listen reports events as JSON lines."""
+    port = free_port()
+    now = time.time()
+    bob = StubAgent(tmp_path / "bob.sock", _status(name="bob", ip=B, peers=[("alice", A)], now=now))
+    alice = StubAgent(tmp_path / "alice.sock", _status(name="alice", ip=A, peers=[("bob", B)], now=now))
+    with bob, alice:
+        proc = listener("--json", "--port", str(port), "--count", "1", env={"MESHVPN_SOCKET": str(bob.socket_path)})
+        wait_listening(B, port, proc)
+        # No --bind: alice's agent gives the source address (A) and the receiver's name.
+        sent = run("send", "--to", B, "--port", str(port), "two\nlines", env={"MESHVPN_SOCKET": str(alice.socket_path)})
+        assert sent.returncode == 0, sent.stderr
+        assert re.fullmatch(r"delivered to bob \(127\.0\.0\.3\) in \d+ ms\n", sent.stdout), sent.stdout
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events] == ["listening", "message"], events
+    assert (events[0]["ip"], events[0]["port"]) == (B, port)
+    message = events[1]
+    assert (message["from_ip"], message["name"], message["text"]) == (A, "alice", "two\nlines")
+    assert message["msg_id"] and message["sent_at"] > 0
+    assert "meshchat: listening on" not in err  # status goes to stdout as events in --json mode

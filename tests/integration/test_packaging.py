@@ -100,6 +100,18 @@ def test_entry_point_answers_help(installed: Path, script: str) -> None:
     assert "usage" in proc.stdout.lower(), f"{script} --help printed no usage:\n{proc.stdout}"
 
 
+def test_installed_mosquitto_config_renderer_matches_the_packaged_file(installed: Path) -> None:
+    # The container's Mosquitto role renders its config with this command; install.sh copies the packaged file.
+    proc = _run([str(installed / "meshvpn-broker"), "mosquitto-config"], timeout=60, env=_clean_env())
+    assert proc.returncode == 0, proc.stderr
+    packaged = _run([str(installed / "python"), "-c",
+                     "from broker.mosquitto_config import SHIPPED_CONFIG; print(SHIPPED_CONFIG.read_text(), end='')"],
+                    timeout=60, env=_clean_env())
+    assert packaged.returncode == 0, packaged.stderr
+    assert proc.stdout == packaged.stdout
+    assert "max_queued_messages" in proc.stdout
+
+
 def test_meshchat_without_qt_explains_what_is_missing(installed: Path) -> None:
     probe = _run([str(installed / "python"), "-c", "import PySide6"], timeout=60, env=_clean_env())
     assert probe.returncode != 0, "the clean venv must not have PySide6 (the chat extra is not installed)"

@@ -24,8 +24,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -40,17 +39,6 @@ def require_root(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"system test needs {', '.join(missing)} on PATH")
-
-
-def wait_until(
-    condition: Callable[[], bool], *, timeout: float, interval: float = 0.1, what: str = ""
-) -> None:
-    """Poll `condition` until it is true; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
 
 
 class Namespace:

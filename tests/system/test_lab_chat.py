@@ -1,7 +1,7 @@
 """The chat over a real mesh: `meshchat listen` / `meshchat send` inside lab nodes, talking mesh IP to mesh IP.
 
 This is the application-level proof of the data plane: a message counts only when the other node's listener
-printed it and acknowledged it. A crashed node must make sending to it fail visibly (non-zero exit, a reason),
+reported it (`meshchat listen --json`) and acknowledged it. A crashed node must make sending to it fail visibly (non-zero exit, a reason),
 and chat must work again once it is back with the same mesh IP. One lab per module (building it is the slow
 part), embedded broker, heartbeat 1 s and TTL 3 s so a crash is noticed in seconds; every wait has a deadline.
 The crash test is last: the tests before it rely on the untouched mesh.
@@ -16,10 +16,13 @@ import shutil
 import pytest
 
 from meshlab import system
+from meshlab.chat import ReceivedMessage
+from meshlab.context import tool
 from meshlab.errors import LabError
-from meshlab.lab import Lab, new_lab_id, tool, wait_for
+from meshlab.lab import Lab, new_lab_id
 from meshlab.meshview import holders_of
 from meshlab.settings import LabSettings
+from meshlab.waiting import wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
@@ -73,34 +76,38 @@ class Listener:
         self.record = lab.chat_listen(name, count=count)
 
     def __enter__(self) -> Listener:
-        wait_for(f"meshchat listens on {self.name}", lambda: self.lab.chat_listening(self.name),
-                 timeout=LISTEN_DEADLINE)
+        wait_for(lambda: self.lab.chat_listening(self.name), timeout=LISTEN_DEADLINE,
+                 what=f"meshchat listens on {self.name}")
         return self
 
     def __exit__(self, *_: object) -> None:
         system.stop_record(self.record, timeout_s=3)
 
-    def received(self) -> list[str]:
+    def received(self) -> list[ReceivedMessage]:
         return self.lab.chat_received(self.name)
 
-    def wait_for_line(self, line: str) -> None:
-        wait_for(f"{self.name} prints {line!r}", lambda: line in self.received(), timeout=10, interval=0.1)
+    def wait_for_message(self, src: str, text: str) -> None:
+        """Wait until this listener received `text` from node `src`, seen coming from `src`'s mesh IP."""
+        expected = ReceivedMessage(self.lab.mesh_ip(src), src, text)
+        wait_for(lambda: expected in self.received(), timeout=10, interval=0.1,
+                 what=f"{self.name} receives {expected}")
 
 
 def _deliver(lab: Lab, src: str, dst: str, text: str) -> None:
-    """Send `text` from `src` to `dst` and check that `dst`'s running listener printed it with `src`'s mesh IP."""
-    ok, why = lab.chat_send(src, dst, text, timeout_s=5)
-    assert ok, f"chat {src} -> {dst} not delivered: {why}"
+    """Send `text` from `src` to `dst`; meshchat must report it delivered, naming `dst` and its mesh IP."""
+    ok, verdict = lab.chat_send(src, dst, text, timeout_s=5)
+    assert ok, f"chat {src} -> {dst} not delivered: {verdict}"
+    assert verdict.startswith(f"delivered to {dst} ({lab.mesh_ip(dst)}) in "), verdict
 
 
 def test_message_delivered_between_mesh_ips(lab):
     with Listener(lab, "n2") as n2:
         _deliver(lab, "n1", "n2", "hello n2, this is n1")
         # The listener prints the source address it saw: n1's mesh IP, i.e. the message came through the tunnel.
-        n2.wait_for_line(f"{lab.mesh_ip('n1')} n1: hello n2, this is n1")
+        n2.wait_for_message("n1", "hello n2, this is n1")
     with Listener(lab, "n1") as n1:
         _deliver(lab, "n3", "n1", "and hello n1 from n3")
-        n1.wait_for_line(f"{lab.mesh_ip('n3')} n3: and hello n1 from n3")
+        n1.wait_for_message("n3", "and hello n1 from n3")
 
 
 def test_non_member_source_is_refused(lab):
@@ -122,16 +129,16 @@ def test_non_member_source_is_refused(lab):
         assert f"not delivered to {n2_ip}" in proc.stderr, proc.stderr
         # A real member still gets through, and it is the only line the listener printed.
         _deliver(lab, "n3", "n2", "members only")
-        n2.wait_for_line(f"{lab.mesh_ip('n3')} n3: members only")
-        assert n2.received() == [f"{lab.mesh_ip('n3')} n3: members only"]
+        n2.wait_for_message("n3", "members only")
+        assert n2.received() == [ReceivedMessage(lab.mesh_ip("n3"), "n3", "members only")]
 
 
 def test_crashed_peer_fails_visibly_and_chat_returns_after_restart(lab):
-    n1_ip, n2_ip = lab.mesh_ip("n1"), lab.mesh_ip("n2")
+    n2_ip = lab.mesh_ip("n2")
     lab.crash("n2")  # agent, wireguard-go and any listener: SIGKILL
     try:
-        took = wait_for("n1 drops its WireGuard peer for n2",
-                        lambda: not holders_of(lab.views(["n1"]), n2_ip, among=["n1"]), timeout=REMOVAL_DEADLINE)
+        took = wait_for(lambda: not holders_of(lab.views(["n1"]), n2_ip, among=["n1"]), timeout=REMOVAL_DEADLINE,
+                        what="n1 drops its WireGuard peer for n2")
         print(f"crash -> n1 removed n2's peer in {took:.1f} s")
         ok, why = lab.chat_send("n1", "n2", "are you there?", timeout_s=2)
         assert not ok, "a message to a crashed node was reported delivered"
@@ -140,14 +147,14 @@ def test_crashed_peer_fails_visibly_and_chat_returns_after_restart(lab):
         # The rest of the mesh is untouched: n3 and n1 still chat.
         with Listener(lab, "n1") as n1:
             _deliver(lab, "n3", "n1", "n2 is gone, we are still here")
-            n1.wait_for_line(f"{lab.mesh_ip('n3')} n3: n2 is gone, we are still here")
+            n1.wait_for_message("n3", "n2 is gone, we are still here")
     finally:
         lab.start("n2")  # same state dir: same key, same mesh IP; waits until it has joined
     assert lab.mesh_ip("n2") == n2_ip, f"n2 came back as {lab.mesh_ip('n2')}, was {n2_ip}"
     lab.wait_mesh(NODES, timeout=JOIN_DEADLINE)
     with Listener(lab, "n2") as n2:
         _deliver(lab, "n1", "n2", "welcome back")
-        n2.wait_for_line(f"{n1_ip} n1: welcome back")
+        n2.wait_for_message("n1", "welcome back")
     with Listener(lab, "n1") as n1:
         _deliver(lab, "n2", "n1", "glad to be back")
-        n1.wait_for_line(f"{n2_ip} n2: glad to be back")
+        n1.wait_for_message("n2", "glad to be back")

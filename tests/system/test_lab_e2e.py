@@ -14,9 +14,10 @@ import time
 import pytest
 
 from meshlab.errors import NotReadyError
-from meshlab.lab import Lab, new_lab_id, wait_for
+from meshlab.lab import Lab, new_lab_id
 from meshlab.meshview import holders_of
 from meshlab.settings import LabSettings
+from meshlab.waiting import wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
@@ -86,8 +87,8 @@ def _namespaces() -> list[str]:
 
 
 def _assert_removed_everywhere(lab: Lab, victim_ip: str, others: list[str]) -> float:
-    return wait_for(f"every peer drops the tunnel to {victim_ip}",
-                    lambda: not holders_of(lab.views(others), victim_ip, among=others), timeout=REMOVAL_DEADLINE)
+    return wait_for(lambda: not holders_of(lab.views(others), victim_ip, among=others), timeout=REMOVAL_DEADLINE,
+                    what=f"every peer drops the tunnel to {victim_ip}")
 
 
 def _assert_back(lab: Lab, name: str, ip: str) -> None:
@@ -106,8 +107,8 @@ def test_join_every_pair_pings_and_connects(lab):
                 continue
             # The first packet of a pair may wait for its WireGuard handshake: poll with a deadline.
             try:
-                wait_for(f"ping {src}->{dst}", lambda s=src, d=dst: lab.ping(s, d), timeout=10, interval=0.1)
-                wait_for(f"tcp {src}->{dst}", lambda s=src, d=dst: lab.tcp(s, d), timeout=10, interval=0.1)
+                wait_for(lambda s=src, d=dst: lab.ping(s, d), timeout=10, what=f"ping {src}->{dst}", interval=0.1)
+                wait_for(lambda s=src, d=dst: lab.tcp(s, d), timeout=10, what=f"tcp {src}->{dst}", interval=0.1)
             except NotReadyError as exc:  # collect every failing pair before failing once
                 failures.append(str(exc))
     assert not failures, failures
@@ -121,18 +122,15 @@ def test_agent_restart_with_tunnels_up_changes_nothing(lab):
         # wireguard-go outlives its agent: the interface still holds every tunnel. (Not a ping to a peer: the
         # killed agent's will makes the others drop n1 within ~0.1 s + delivery, as they should for a crash.)
         assert sorted(lab.wg_peers("n1")) == sorted(before)
-        log = lab.store.agent_log("n1")
-        offset = log.stat().st_size
         lab.start("n1")
         lab.wait_mesh(NODES, timeout=JOIN_DEADLINE)
     finally:
         sent, received = pinger.stop()
     assert sorted(lab.wg_peers("n1")) == sorted(before)
-    with open(log, "rb") as handle:
-        handle.seek(offset)
-        restarted = handle.read().decode(errors="replace")
     # Re-applying the same configuration is a no-op: the restarted agent adopts its tunnels, removes none.
-    assert "peer removed" not in restarted, restarted
+    status = lab.agent_status("n1")
+    assert status is not None, "n1's agent does not answer after its restart"
+    assert status.counters.get("peer_removed", 0) == 0, status.counters  # counted since this agent started
     assert sent > 0 and received == sent, f"n2->n3 lost {sent - received}/{sent} during n1's restart"
 
 
@@ -191,7 +189,7 @@ def test_control_plane_outage_keeps_data_plane(lab):
         # agent restores the tunnels from its persisted membership, without any control plane.
         lab.crash("n4")
         lab.start("n4", wait=False)
-        wait_for("n4's tunnels restored during the outage", lambda: lab.mesh_problems(NODES) == [], timeout=20)
+        wait_for(lambda: lab.mesh_problems(NODES) == [], timeout=20, what="n4's tunnels restored during the outage")
         assert lab.exec("n1", ["ping", "-c", "1", "-W", "2", lab.mesh_ip("n4")]).returncode == 0
         # The outage itself is the scenario: while it lasts, the mesh must stay complete.
         stays_complete(lab, until=deadline, why="a tunnel was removed while the control plane was down")
@@ -208,8 +206,8 @@ def test_control_plane_outage_keeps_data_plane(lab):
         results = [p.stop() for p in pingers]
     for sent, received in results:
         assert sent > 0 and received == sent, f"lost {sent - received}/{sent} during the outage"
-    wait_for("agents see the registrar again",
-             lambda: all((s := lab.agent_status(n)) is not None and s.registrar_online for n in NODES), timeout=20)
+    wait_for(lambda: all((s := lab.agent_status(n)) is not None and s.registrar_online for n in NODES), timeout=20,
+             what="agents see the registrar again")
 
 
 @pytest.mark.parametrize("part", ["broker", "registrar"])
@@ -234,8 +232,8 @@ def test_one_part_of_the_control_plane_down_keeps_data_plane(lab, part):
         results = [p.stop() for p in pingers]
     for sent, received in results:
         assert sent > 0 and received == sent, f"lost {sent - received}/{sent} while the {part} was down"
-    wait_for("agents see the registrar again",
-             lambda: all((s := lab.agent_status(n)) is not None and s.registrar_online for n in NODES), timeout=20)
+    wait_for(lambda: all((s := lab.agent_status(n)) is not None and s.registrar_online for n in NODES), timeout=20,
+             what="agents see the registrar again")
     # Also a flap shorter than the polling above: no agent removed a tunnel at all.
     assert tunnels_removed(lab) == before, f"an agent removed a tunnel while the {part} was down or after"
 
@@ -248,8 +246,13 @@ def stays_complete(lab, *, until: float, why: str) -> None:
 
 
 def tunnels_removed(lab) -> int:
-    """How many "peer removed" lines the agents of NODES have logged so far."""
-    return sum((lab.store.node_dir(n) / "agent.log").read_text().count("peer removed") for n in NODES)
+    """How many peers the agents of NODES have removed from their interfaces since they started (local API)."""
+    total = 0
+    for name in NODES:
+        status = lab.agent_status(name)
+        assert status is not None, f"{name}'s agent does not answer"
+        total += status.counters.get("peer_removed", 0)
+    return total
 
 
 def test_reconfiguration_under_traffic_loses_nothing(lab):

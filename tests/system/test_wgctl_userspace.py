@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from netns import Namespace, NetnsLab, require_root, running_wireguard_go, wait_until
+from netns import Namespace, NetnsLab, require_root, running_wireguard_go
+from polling import wait_for
 
 from wgctl import keys
 
@@ -80,7 +81,7 @@ def test_two_nodes_tunnel_reapply_and_remove(lab, tmp_path):
         assert first["changed"] and first["interface"] and first["address"] and first["up"]
         assert first["added"] == [other["public"]] and first["removed"] == []
 
-    wait_until(lambda: a.ping(nb["mesh_ip"]), timeout=15, what="ping a -> b over the tunnel")
+    wait_for(lambda: a.ping(nb["mesh_ip"]), timeout=15, what="ping a -> b over the tunnel")
     assert b.ping(na["mesh_ip"])
 
     before = show(a, na["ifname"])
@@ -118,7 +119,7 @@ def test_two_nodes_tunnel_reapply_and_remove(lab, tmp_path):
     for n in (na, nb):
         wgctl(n["ns"], "delete", n["ifname"])
         assert n["ifname"] not in n["ns"].run("ip", "-o", "link").stdout
-    wait_until(lambda: not running_wireguard_go(ifnames), timeout=10, what="wireguard-go to exit")
+    wait_for(lambda: not running_wireguard_go(ifnames), timeout=10, what="wireguard-go to exit")
     assert wgctl(a, "show", na["ifname"], check=False).returncode == 1
 
 
@@ -173,7 +174,7 @@ def test_three_nodes_on_a_bridged_lan_form_a_full_mesh(lab, tmp_path):
     for n in names:
         for o in names:
             if o != n:
-                wait_until(
+                wait_for(
                     lambda n=n, o=o: spaces[n].ping(nodes[o]["mesh_ip"]),
                     timeout=15,
                     what=f"ping {n} -> {o} over the mesh",

@@ -1,4 +1,4 @@
-"""Membership view: ordering, tombstones, stale rosters, completeness. Table-driven; no I/O."""
+"""MembershipSnapshot view: ordering, tombstones, stale rosters, completeness. Table-driven; no I/O."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcontract.messages import MemberRecord, MemberState, Roster, RosterEntry
-from nodeagent.membership import Membership, MembershipView
+from nodeagent.membership import MembershipSnapshot, MembershipView
 from wgctl import keys
 
 KEYS = {n: keys.public_key(keys.generate_private_key()) for n in ("a", "b", "c", "d")}
@@ -49,7 +49,7 @@ def apply(view: MembershipView, event: object) -> bool:
     return view.apply_tombstone(event[1])
 
 
-def summary(membership: Membership | None) -> tuple[int, dict[str, tuple[int, str]]] | None:
+def summary(membership: MembershipSnapshot | None) -> tuple[int, dict[str, tuple[int, str]]] | None:
     if membership is None:
         return None
     return membership.revision, {n: (r.revision, r.state.value) for n, r in membership.members.items()}
@@ -177,7 +177,7 @@ def test_membership_json_round_trip() -> None:
         apply(view, event)
     membership = view.complete()
     assert membership is not None
-    again = Membership.from_json(membership.to_json())
+    again = MembershipSnapshot.from_json(membership.to_json())
     assert again == membership
     assert [r.node_id for r in again.active()] == ["a"]
 
@@ -187,7 +187,7 @@ def test_membership_json_round_trip() -> None:
 )
 def test_membership_json_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
-        Membership.from_json(text)
+        MembershipSnapshot.from_json(text)
 
 
 # -- properties over generated registrar histories ----------------------------------------------------------

@@ -1,12 +1,90 @@
-"""meshctl rendering and ping output parsing (pure)."""
+"""meshctl: command line, socket choice, why the agent cannot be reached, rendering; ping output parsing (pure)."""
 
 from __future__ import annotations
+
+import errno
 
 import pytest
 
 from meshcontract.localapi import AgentStatus, PeerView, PingResult
-from nodeagent.meshctl import format_age, format_bytes, render_ping, render_status
+from nodeagent.meshctl import (
+    explain_unreachable,
+    format_age,
+    format_bytes,
+    parse_args,
+    render_ping,
+    render_status,
+    resolve_socket,
+)
 from nodeagent.ping import parse_ping_output
+
+DEFAULT = "/run/meshvpn/agent.sock"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["status"], {}, {"command": "status", "socket": DEFAULT, "json": False}),
+        (["--socket", "/a.sock", "status"], {}, {"command": "status", "socket": "/a.sock"}),
+        (["status", "--socket", "/a.sock", "--json"], {}, {"command": "status", "socket": "/a.sock", "json": True}),
+        (["status"], {"MESHVPN_SOCKET": "/lab/n1/agent.sock"}, {"socket": "/lab/n1/agent.sock"}),
+        (["status", "--socket", "/flag.sock"], {"MESHVPN_SOCKET": "/env.sock"}, {"socket": "/flag.sock"}),
+        (["--socket", "/before.sock", "status", "--socket", "/after.sock"], {}, {"socket": "/after.sock"}),
+        (["status"], {"MESHVPN_SOCKET": ""}, {"socket": DEFAULT}),
+        (["ping", "beta"], {}, {"command": "ping", "target": "beta", "count": 3, "json": False, "socket": DEFAULT}),
+        (["ping", "--json", "beta", "-c", "2", "--socket", "/s"], {},
+         {"command": "ping", "target": "beta", "count": 2, "json": True, "socket": "/s"}),
+    ],
+)
+def test_parse_args(argv, env, expected):
+    args = vars(parse_args(argv, env))
+    assert {key: args[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("argv", [[], ["status", "--socket"], ["ping"], ["restart"]])
+def test_bad_command_lines_exit_2(argv):
+    with pytest.raises(SystemExit) as err:
+        parse_args(argv, {})
+    assert err.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "socket"),
+    [(None, {}, DEFAULT), (None, {"MESHVPN_SOCKET": "/e"}, "/e"), ("/f", {"MESHVPN_SOCKET": "/e"}, "/f")],
+)
+def test_resolve_socket(flag, env, socket):
+    assert resolve_socket(flag, env) == socket
+
+
+S = "/run/meshvpn/agent.sock"
+
+
+@pytest.mark.parametrize(
+    ("code", "exists", "says", "never"),
+    [
+        (errno.EACCES, True, f"permission denied on {S}: run as root or join group meshvpn", "not running"),
+        (errno.EPERM, True, f"permission denied on {S}: run as root or join group meshvpn", "not running"),
+        # A directory we may not search hides the socket: still a permission problem, not a missing agent.
+        (errno.EACCES, False, f"permission denied on {S}", "not running"),
+        (errno.ENOENT, False, f"the agent is not running at {S} (no socket there)", "permission"),
+        (errno.ECONNREFUSED, True, f"the agent is not running at {S} (a socket is there but nobody answers)",
+         "permission"),
+        (errno.ECONNREFUSED, False, f"the agent is not running at {S} (no socket there)", "permission"),
+        (errno.ENOTSOCK, True, f"cannot reach the agent at {S}: Socket operation on non-socket", "running"),
+    ],
+)
+def test_explain_unreachable(code, exists, says, never):
+    text = explain_unreachable(S, OSError(code, "x"), exists=exists)
+    assert text.startswith(says), text
+    assert never not in text
+    if "not running" in text:
+        assert "--socket" in text and "MESHVPN_SOCKET" in text, "say how to point at another agent"
+
+
+def test_explain_timeout():
+    assert explain_unreachable(S, TimeoutError("timed out"), exists=True) == (
+        f"cannot reach the agent at {S}: timed out"
+    )
 
 
 @pytest.mark.parametrize(

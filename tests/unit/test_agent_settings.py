@@ -8,9 +8,9 @@ import pytest
 
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
-from nodeagent.agent import parse_endpoint
 from nodeagent.cli import _parser, overrides_from
 from nodeagent.errors import SettingsError
+from nodeagent.identity import parse_endpoint
 from nodeagent.settings import AgentSettings
 
 

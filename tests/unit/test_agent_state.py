@@ -1,9 +1,7 @@
-"""Epochs, backoff, login order, and the state directory (node id, own broker password, epoch, registration,
-membership, file modes)."""
+"""The state directory: node id, own broker password, epoch, registration, membership, file modes."""
 
 from __future__ import annotations
 
-import random
 import stat
 from pathlib import Path
 from types import MappingProxyType
@@ -13,47 +11,10 @@ import pytest
 from meshcontract.messages import MemberRecord, MemberState, MeshSettings
 from meshcontract.topics import is_valid_id
 from nodeagent.errors import StateDirError
-from nodeagent.membership import Membership
-from nodeagent.session import Login, backoff_delay, login_order, next_epoch
+from nodeagent.membership import MembershipSnapshot
+from nodeagent.policy import next_epoch
 from nodeagent.statestore import Registration, StateStore, generate_node_id
 from wgctl import keys
-
-
-@pytest.mark.parametrize(
-    ("persisted", "now_ms", "expected"),
-    [
-        pytest.param(None, 1_700_000_000_000, 1_700_000_000_000, id="first session: the clock"),
-        pytest.param(1_600_000_000_000, 1_700_000_000_000, 1_700_000_000_000, id="clock ahead of persisted"),
-        pytest.param(1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_001, id="same millisecond: +1"),
-        pytest.param(1_800_000_000_000, 1_700_000_000_000, 1_800_000_000_001, id="clock went backwards"),
-    ],
-)
-def test_next_epoch(persisted: int | None, now_ms: int, expected: int) -> None:
-    assert next_epoch(persisted, now_ms=now_ms) == expected
-
-
-@pytest.mark.parametrize(
-    ("attempt", "low", "high"), [(0, 0.25, 0.5), (1, 0.5, 1.0), (3, 2.0, 4.0), (20, 15.0, 30.0)]
-)
-def test_backoff_bounds(attempt: int, low: float, high: float) -> None:
-    rng = random.Random(attempt)
-    for _ in range(50):
-        assert low <= backoff_delay(attempt, rng=rng) <= high
-
-
-@pytest.mark.parametrize(
-    ("configured", "accepted", "token", "expected"),
-    [
-        pytest.param(True, False, True, (Login.CONFIGURED,), id="pre-provisioned: only the configured password"),
-        pytest.param(True, True, False, (Login.CONFIGURED,), id="configured wins over an accepted own one"),
-        pytest.param(False, False, True, (Login.TOKEN, Login.OWN), id="not yet accepted: token, then own"),
-        pytest.param(False, True, True, (Login.OWN, Login.TOKEN), id="accepted: own, then token"),
-        pytest.param(False, False, False, (Login.OWN,), id="no token: own only"),
-        pytest.param(False, True, False, (Login.OWN,), id="accepted, no token: own only"),
-    ],
-)
-def test_login_order(configured: bool, accepted: bool, token: bool, expected: tuple[Login, ...]) -> None:
-    assert login_order(configured=configured, own_accepted=accepted, has_token=token) == expected
 
 
 def test_own_broker_password_created_once_before_use(tmp_path: Path) -> None:
@@ -133,7 +94,7 @@ def test_registration_and_membership_round_trip(tmp_path: Path) -> None:
         revision=3,
         updated_at=1.0,
     )
-    membership = Membership(revision=3, members=MappingProxyType({"b": record}))
+    membership = MembershipSnapshot(revision=3, members=MappingProxyType({"b": record}))
     store.save_membership(membership)
     assert store.membership() == membership
     assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary files"

@@ -2,13 +2,13 @@
 
 import pytest
 
-from meshlab.meshview import NodeView, holders_of, mesh_problems, parse_ping_summary, parse_wg_allowed_ips
+from meshlab.meshview import NodeTunnels, holders_of, mesh_problems, parse_ping_summary, parse_wg_allowed_ips
 
 A, B, C = "100.96.0.1", "100.96.0.2", "100.96.0.3"
 
 
 def v(name, ip, *peers):
-    return NodeView(name, ip, tuple((p,) if isinstance(p, str) else p for p in peers))
+    return NodeTunnels(name, ip, tuple((p,) if isinstance(p, str) else p for p in peers))
 
 
 COMPLETE = {"a": v("a", A, B, C), "b": v("b", B, A, C), "c": v("c", C, A, B)}

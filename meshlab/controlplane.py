@@ -1,0 +1,205 @@
+"""A lab's control plane: the underlay bridge, the broker and the registrar in the control namespace.
+
+The registrar counts as started once its GET /healthz says `ready` (connected to the broker and subscribed),
+asked from inside the control namespace where its HTTP API listens; Mosquitto once its port listens. Neither
+is judged from its log text, which is for people.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+
+from broker.mosquitto_config import (
+    ACL_FILE,
+    ALL_LOG_TYPES,
+    MosquittoConfig,
+    MosquittoLogging,
+    PasswordFileAuth,
+    render,
+)
+from meshlab import system
+from meshlab.context import PACKAGE_ROOT, LabContext, child_env, tail, tool
+from meshlab.errors import LabError
+from meshlab.plan import BROKER_PORT, HTTP_PORT, LabPlan
+from meshlab.state import LabState
+from meshlab.waiting import wait_for
+
+
+def lab_mosquitto_config(plan: LabPlan, *, control_dir: str) -> MosquittoConfig:
+    """The shipped broker settings, listening on the lab's underlay only, with the lab's files. No I/O here."""
+    return MosquittoConfig(
+        listen_host=plan.control_ip,
+        listen_port=BROKER_PORT,
+        auth=PasswordFileAuth(password_file=f"{control_dir}/passwords", acl_file=str(ACL_FILE)),
+        # Started as root Mosquitto would switch to its own user, which cannot read the root-owned 0600 password
+        # file the registrar rewrites; in the lab it keeps running as root inside its namespace.
+        run_as="root",
+        logging=MosquittoLogging(file=f"{control_dir}/mosquitto.log", types=ALL_LOG_TYPES, connection_messages=True),
+    )
+
+
+class ControlPlane:
+    """Starts, stops and awaits the lab's broker and registrar; runs one-shot registrar commands."""
+
+    def __init__(self, ctx: LabContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+
+    def build(self, st: LabState, plan: LabPlan) -> None:
+        """Underlay bridge, broker, registrar and a reusable join token, in that order (`meshlab up`)."""
+        system.add_namespace(plan.control_ns)
+        system.add_bridge(plan.control_ns, plan.bridge, f"{plan.control_ip}/{plan.subnet.prefixlen}")
+        self.store.control_dir.mkdir(parents=True, exist_ok=True)
+        if st.broker == "mosquitto":
+            self._prepare_mosquitto(st, plan)
+            self._start_mosquitto(st, plan)
+        self._start_registrar(st, plan)
+        st.join_token = self.registrar_cli(st, ["tokens", "create", "--reusable"]).strip().splitlines()[-1]
+        self.ctx.report("join token created (reusable)")
+
+    def registrar(self, action: str) -> None:
+        """stop (SIGTERM, graceful) or start the registrar. With the embedded broker this is the broker too."""
+        with self.store.locked():
+            st = self.ctx.state()
+            if action == "stop":
+                if system.stop_record(st.control.registrar):
+                    self.ctx.report("registrar stopped" + (" (and its embedded broker)" if st.broker == "embedded"
+                                                           else ""))
+                else:
+                    self.ctx.report("registrar was not running")
+                st.control.registrar = None
+            else:
+                self._start_registrar(st, self.ctx.plan(st))
+            self.store.save(st)
+
+    def broker(self, action: str) -> None:
+        """stop or start the broker. The embedded broker lives in the registrar process: both go together."""
+        st = self.ctx.state()
+        if st.broker == "embedded":
+            self.ctx.report("embedded broker: it runs inside the registrar, so the registrar goes with it")
+            self.registrar(action)
+            return
+        with self.store.locked():
+            st = self.ctx.state()
+            if action == "stop":
+                self.ctx.report("mosquitto stopped" if system.stop_record(st.control.broker)
+                                else "mosquitto was not running")
+                st.control.broker = None
+            else:
+                self._start_mosquitto(st, self.ctx.plan(st))
+            self.store.save(st)
+
+    def services(self) -> dict[str, str]:
+        """State of the control-plane processes."""
+        st = self.ctx.state()
+        out = {"lab": st.lab_id, "registrar": system.record_state(st.control.registrar)}
+        if st.broker == "mosquitto":
+            out["mosquitto"] = system.record_state(st.control.broker)
+        else:
+            out["broker"] = "embedded in registrar"
+        return out
+
+    def registrar_health(self, plan: LabPlan) -> dict | None:
+        """The registrar's GET /healthz body, asked inside the control namespace; None if it does not answer."""
+        argv = [sys.executable, "-m", "meshlab.healthcheck", f"{plan.http_url}/healthz", "--timeout", "2"]
+        proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=10, env=child_env(),
+                          cwd=PACKAGE_ROOT)
+        if proc.returncode != 0:
+            return None
+        try:
+            body = json.loads(proc.stdout)
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def registrar_cli(self, st: LabState, args: Sequence[str]) -> str:
+        """Run a one-shot registrar command against the lab's registrar state dir; its stdout."""
+        env = child_env()
+        env["MESHVPN_STATE_DIR"] = str(self.store.control_dir)
+        env["MESHVPN_MESH"] = st.mesh
+        if st.broker == "mosquitto" and (self.store.control_dir / "mosquitto.pid").exists():
+            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
+        proc = system.run([tool("meshvpn-registrar"), *args], env=env)
+        return proc.stdout
+
+    # --- registrar -------------------------------------------------------------------------------------------
+
+    def _registrar_argv(self, st: LabState, plan: LabPlan) -> list[str]:
+        argv = [
+            tool("meshvpn-registrar"), "run",
+            "--http", f"{plan.control_ip}:{HTTP_PORT}",
+            "--state-dir", str(self.store.control_dir),
+            "--mesh", st.mesh,
+            "--heartbeat-interval", str(st.heartbeat_interval_s),
+            "--heartbeat-ttl", str(st.heartbeat_ttl_s),
+        ]
+        if st.broker == "embedded":
+            argv += ["--embedded-broker", "--broker-listen", f"{plan.control_ip}:{BROKER_PORT}"]
+        else:
+            argv += ["--broker", plan.broker_url]
+        return argv
+
+    def _registrar_env(self, st: LabState) -> dict[str, str]:
+        env = child_env()
+        if st.broker == "mosquitto":
+            env["MESHVPN_BROKER__USERNAME"] = "registrar"
+            env["MESHVPN_BROKER__PASSWORD"] = (self.store.control_dir / "registrar.password").read_text().strip()
+            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
+        return env
+
+    def _start_registrar(self, st: LabState, plan: LabPlan) -> None:
+        if system.record_state(st.control.registrar) != "stopped":
+            return
+        log_path = self.store.control_dir / "registrar.log"
+        self.ctx.report("starting registrar" + (" with embedded broker" if st.broker == "embedded" else ""))
+        record = system.spawn(self._registrar_argv(st, plan), namespace=plan.control_ns, log_path=log_path,
+                              env=self._registrar_env(st))
+        st.control.registrar = record
+
+        def ready() -> bool:
+            if system.record_state(record) == "stopped":
+                raise LabError(f"registrar exited during start-up; see {log_path}:\n{tail(log_path, 15)}")
+            health = self.registrar_health(plan)
+            return health is not None and health.get("ready") is True
+
+        took = wait_for(ready, timeout=self.ctx.settings.start_timeout_s, what="registrar ready (GET /healthz)")
+        self.ctx.report(f"registrar ready in {took:.1f} s (pid {record.pid}, broker {plan.broker_url}, "
+                        f"http {plan.http_url})")
+
+    # --- mosquitto -------------------------------------------------------------------------------------------
+
+    def _mosquitto_reload_command(self) -> str:
+        # Mosquitto re-reads its password file on SIGHUP. The pid file is rewritten on every broker start, so
+        # the registrar's command stays right across `meshlab broker stop|start`.
+        pid_file = self.store.control_dir / "mosquitto.pid"
+        return f"sh -c 'kill -HUP \"$(cat {pid_file})\"'"
+
+    def _prepare_mosquitto(self, st: LabState, plan: LabPlan) -> None:
+        """Write mosquitto.conf and issue the registrar's broker credentials into the shared password file."""
+        control = self.store.control_dir
+        password = self.registrar_cli(st, ["credentials", "issue", "registrar"]).strip().splitlines()[-1]
+        (control / "registrar.password").write_text(password + "\n")
+        (control / "registrar.password").chmod(0o600)
+        (control / "mosquitto.conf").write_text(render(lab_mosquitto_config(plan, control_dir=str(control))))
+
+    def _start_mosquitto(self, st: LabState, plan: LabPlan) -> None:
+        if system.record_state(st.control.broker) != "stopped":
+            return
+        log_path = self.store.control_dir / "mosquitto.stdout.log"
+        self.ctx.report("starting mosquitto")
+        record = system.spawn([shutil.which("mosquitto") or "mosquitto", "-c",
+                               str(self.store.control_dir / "mosquitto.conf")],
+                              namespace=plan.control_ns, log_path=log_path, env=child_env())
+        st.control.broker = record
+        (self.store.control_dir / "mosquitto.pid").write_text(f"{record.pid}\n")
+
+        def listening() -> bool:
+            if system.record_state(record) == "stopped":
+                raise LabError(f"mosquitto exited during start-up; see {log_path}:\n{tail(log_path, 15)}")
+            return system.listening(plan.control_ns, BROKER_PORT)
+
+        wait_for(listening, timeout=self.ctx.settings.start_timeout_s, what="mosquitto listening")
+        self.ctx.report(f"mosquitto running (pid {record.pid}) on {plan.broker_url}")

@@ -1,0 +1,70 @@
+"""What `meshctl status` shows: this agent and its peers, merged from membership and WireGuard. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from meshcontract.localapi import AgentStatus, PeerView
+from meshcontract.messages import MemberRecord
+from nodeagent.identity import Identity
+from nodeagent.statestore import Registration
+from wgctl.model import PeerState
+
+
+def peer_views(
+    records: Iterable[MemberRecord], actual: Mapping[str, PeerState], *, self_id: str
+) -> list[PeerView]:
+    """Every member but ourselves, sorted by name, with what WireGuard says about its peer (if configured)."""
+    peers = []
+    for record in sorted(records, key=lambda r: (r.name, r.node_id)):
+        if record.node_id == self_id:
+            continue
+        state = actual.get(record.public_key)
+        peers.append(
+            PeerView(
+                node_id=record.node_id,
+                name=record.name,
+                mesh_ip=record.mesh_ip,
+                public_key=record.public_key,
+                state=str(record.state),
+                configured=state is not None,
+                endpoint=state.endpoint if state else None,
+                latest_handshake=state.latest_handshake if state else None,
+                rx_bytes=state.rx_bytes if state else 0,
+                tx_bytes=state.tx_bytes if state else 0,
+            )
+        )
+    return peers
+
+
+def agent_status(
+    *,
+    identity: Identity,
+    interface: str,
+    registration: Registration | None,
+    records: Iterable[MemberRecord],
+    actual: Mapping[str, PeerState],
+    broker_connected: bool,
+    registrar_online: bool,
+    registered: bool,
+    revision: int,
+    complete: bool,
+    counters: Mapping[str, int],
+    now: float,
+) -> AgentStatus:
+    """The AgentStatus for the local API from one consistent reading of the agent's parts."""
+    return AgentStatus(
+        node_id=identity.node_id,
+        name=identity.name,
+        mesh_ip=registration.mesh_ip if registration else None,
+        prefix_len=registration.prefix_len if registration else None,
+        interface=interface,
+        broker_connected=broker_connected,
+        registrar_online=registrar_online,
+        ready=registered,
+        membership_revision=revision,
+        membership_complete=complete,
+        peers=peer_views(records, actual, self_id=identity.node_id),
+        counters=dict(counters),
+        now=now,
+    )
