@@ -18,6 +18,14 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
 4. Authentication runs after amqtt has already acted on the CONNECT: it deletes the old session of that client
    id (clean_session=1) or overwrites its credentials and will (clean_session=0), so a CONNECT with a wrong
    password could make a connected node deaf. We decide admission first, before any session state changes.
+5. Stopping a connection can hang: the reader's cancellation is lost when it coincides with an incoming packet
+   (asyncio.wait_for on Python < 3.12, https://github.com/python/cpython/issues/86296), and amqtt then waits for
+   the reader until the client goes away. A broker shutdown hit it while clients acknowledged the registrar's
+   offline status. `_MeshHandler.stop` cancels again until the reader has stopped.
+6. Shutdown leaves connections for the end of the event loop to cancel: the listener keeps accepting while
+   amqtt ends its sessions, and a connection still reading its CONNECT is no session yet. On Python < 3.12 each
+   cancelled connection task makes asyncio log a traceback. `MeshBroker.close` stops listening first, runs
+   amqtt's shutdown, then closes the connections left.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
@@ -55,6 +63,8 @@ _SHUTDOWN_TIMEOUT_S = 3.0
 
 TokenVerifier = Callable[[str, str], bool]
 _TAKEOVER_WAIT_S = 5.0
+_CANCEL_AGAIN_S = 0.1  # a reader still running this long after its cancellation has lost it (see _MeshHandler.stop)
+_CONNECT_WAIT_S = 1.0  # at shutdown, how long connections that were still logging in get to end
 _START_TIMEOUT_S = 15.0
 
 
@@ -107,6 +117,23 @@ class _MeshHandler(BrokerProtocolHandler):
         log.info("client %s sent nothing for %.1fs: disconnecting it", self.session.client_id, self.session.keep_alive)
         self._timeout_task = asyncio.ensure_future(self.handle_connection_closed())
 
+    async def stop(self) -> None:
+        # amqtt stops a connection by cancelling its reader task once and waiting for it to end. The reader sits in
+        # asyncio.wait_for(next packet), which on Python < 3.12 swallows a cancellation that coincides with the
+        # packet it was waiting for (https://github.com/python/cpython/issues/86296): the reader reads on, and
+        # stop() waits until the client itself goes away. A broker shutdown hits that window when clients are
+        # acknowledging the registrar's offline status at that moment: the registrar's SIGTERM then hung until the
+        # shutdown bound, and logged a CancelledError traceback (issue 13). So cancel until the reader has stopped.
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task():
+            while not task.done() and not self._reader_stopped.is_set():
+                task.cancel()
+                stopped = asyncio.ensure_future(self._reader_stopped.wait())
+                done, _ = await asyncio.wait([stopped], timeout=_CANCEL_AGAIN_S)
+                if not done:
+                    stopped.cancel()
+        await super().stop()
+
 
 @dataclass(eq=False)
 class _Live:
@@ -136,6 +163,7 @@ class MeshBroker(Broker):
         # No credentials configured and anonymous allowed: an open broker without ACL, for quick tests.
         self.open_access = password_file is None and token_verifier is None and allow_anonymous
         self._live: dict[str, _Live] = {}
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # every accepted connection, until it ends
 
     # --- connection setup -------------------------------------------------------------------------------------
 
@@ -145,7 +173,34 @@ class MeshBroker(Broker):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await super().stream_connected(reader, writer, listener_name)
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            del self._connections[task]
+
+    async def close(self, timeout: float) -> None:
+        """Shut down and leave no connection behind for the event loop's end to cancel.
+
+        On Python < 3.12 cancelling a connection's task makes asyncio's stream callback log a traceback: every
+        connection must end by closing instead. amqtt's shutdown ends the sessions it knows, but its listener still
+        accepts meanwhile (agents reconnect at once when dropped) and a connection whose CONNECT was still being
+        read is no session yet. So: stop listening first, let amqtt shut down, then close whatever is left.
+        """
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        try:
+            # Bounded as a safety net; leaving the loop then cancels whatever amqtt left running.
+            await asyncio.wait_for(self.shutdown(), timeout=timeout)
+        except TimeoutError:
+            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", timeout)
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=_CONNECT_WAIT_S)
 
     async def _credentials_ok(self, username: str, password: str | bytes | None) -> bool:
         if password is None:
@@ -374,9 +429,4 @@ class EmbeddedBroker:
             log.warning("embedded broker is open: anonymous access and no ACL (no password file configured)")
         self._ready.set()
         await self._stop_requested.wait()
-        try:
-            # amqtt's shutdown waits for every client handler; one stuck on a dead peer has held a registrar's
-            # SIGTERM for over 10 s in the lab. Bounded: leaving the loop cancels whatever is left.
-            await asyncio.wait_for(self.broker.shutdown(), timeout=_SHUTDOWN_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", _SHUTDOWN_TIMEOUT_S)
+        await self.broker.close(_SHUTDOWN_TIMEOUT_S)

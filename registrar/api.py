@@ -29,6 +29,7 @@ from meshcontract.messages import (
 )
 from registrar import engine, tokens
 from registrar.membership import Member
+from registrar.metrics import COUNTERS
 from registrar.service import RegistrarService
 
 _STATUS_OF = {
@@ -43,7 +44,7 @@ _STATUS_OF = {
 }
 
 
-class NodeView(BaseModel):
+class MemberView(BaseModel):
     """One member as the registrar holds it: its published record plus liveness bookkeeping."""
 
     model_config = ConfigDict(extra="forbid")
@@ -63,7 +64,7 @@ class NodeView(BaseModel):
     unreachable_since: float | None = None
 
     @classmethod
-    def of(cls, m: Member) -> NodeView:
+    def of(cls, m: Member) -> MemberView:
         return cls(
             node_id=m.node_id,
             name=m.name,
@@ -194,17 +195,17 @@ def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
         status = 200 if outcome.reply.ok else _STATUS_OF.get(outcome.reply.error.code, 400)
         return JSONResponse(outcome.reply.model_dump(mode="json"), status_code=status)
 
-    @app.get("/v1/nodes", response_model=list[NodeView], summary="All members, sorted by node id")
-    def nodes() -> list[NodeView]:
+    @app.get("/v1/nodes", response_model=list[MemberView], summary="All members, sorted by node id")
+    def nodes() -> list[MemberView]:
         members = service.state.membership.members
-        return [NodeView.of(members[i]) for i in sorted(members)]
+        return [MemberView.of(members[i]) for i in sorted(members)]
 
-    @app.get("/v1/nodes/{node_id}", response_model=NodeView, summary="One member", responses={404: {}})
-    def node(node_id: str) -> NodeView:
+    @app.get("/v1/nodes/{node_id}", response_model=MemberView, summary="One member", responses={404: {}})
+    def node(node_id: str) -> MemberView:
         member = service.state.membership.members.get(node_id)
         if member is None:
             raise HTTPException(status_code=404, detail=f"no member {node_id}")
-        return NodeView.of(member)
+        return MemberView.of(member)
 
     @app.get("/v1/mesh", response_model=MeshView, summary="Mesh settings and the current roster revision")
     def mesh() -> MeshView:
@@ -302,54 +303,44 @@ async def _in_thread(fn, *args, **kwargs):
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-_METRICS = [
-    ("members", "gauge", "Members by state.", None),
-    ("registrations_total", "counter", "Registrations answered ok (MQTT and HTTP).", "counter_registrations"),
+_GAUGES = [
+    ("revision", "Current roster revision.", "revision"),
+    ("quarantined_ips", "Released IPs still in quarantine.", "quarantined_ips"),
+    ("broker_connected", "1 while connected to the broker.", "broker_connected"),
     (
-        "registrations_refused_total",
-        "counter",
-        "Registrations refused with an error reply.",
-        "counter_registrations_refused",
+        "liveness_checked_timestamp_seconds",
+        "When liveness was last judged (unix time); absent before the first check.",
+        "liveness_checked_at",
     ),
-    ("joins_total", "counter", "New members admitted.", "counter_joins"),
-    ("rejected_messages_total", "counter", "Inputs rejected as malformed or refused.", "counter_rejected"),
-    (
-        "ignored_messages_total",
-        "counter",
-        "Valid inputs without effect (stale epoch, unknown node).",
-        "counter_ignored",
-    ),
-    ("messages_total", "counter", "MQTT messages received.", "counter_messages"),
-    (
-        "roster_publishes_total",
-        "counter",
-        "Roster publishes (bursts are batched).",
-        "counter_roster_publishes",
-    ),
-    (
-        "store_errors_total",
-        "counter",
-        "Failed store commits (the command was dropped).",
-        "counter_store_errors",
-    ),
-    ("revision", "gauge", "Current roster revision.", "revision"),
-    ("quarantined_ips", "gauge", "Released IPs still in quarantine.", "quarantined_ips"),
-    ("broker_connected", "gauge", "1 while connected to the broker.", "broker_connected"),
 ]
 
 
 def render_metrics(values: dict[str, float]) -> str:
-    """Prometheus text exposition of the registrar's numbers."""
+    """Prometheus text exposition of the registrar's numbers (RegistrarService.metrics())."""
     lines = []
-    for name, kind, help_text, key in _METRICS:
+
+    def family(name: str, kind: str, help_text: str) -> str:
         full = f"meshvpn_registrar_{name}"
-        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
-        if key is None:
-            for state in MemberState:
-                lines.append(f'{full}{{state="{state.value}"}} {values.get(f"members_{state.value}", 0):g}')
-        else:
-            lines.append(f"{full} {values.get(key, 0):g}")
+        lines.extend([f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"])
+        return full
+
+    full = family("members", "gauge", "Members by state.")
+    for state in MemberState:
+        lines.append(f'{full}{{state="{state.value}"}} {_number(values.get(f"members_{state.value}", 0))}')
+    # Every counter the service keeps is declared in registrar.metrics.COUNTERS, so every one is exported.
+    for spec in COUNTERS:
+        full = family(spec.metric, "counter", spec.help)
+        lines.append(f"{full} {_number(values.get(f'counter_{spec.key}', 0))}")
+    for name, help_text, key in _GAUGES:
+        if key in values:
+            full = family(name, "gauge", help_text)
+            lines.append(f"{full} {_number(values[key])}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    # Full precision: ':g' would print a counter of 1234567 as 1.23457e+06 and a unix time to the ten seconds.
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 class HttpServer:

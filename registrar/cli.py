@@ -231,6 +231,9 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
         credentials=credentials if settings.issue_credentials else None,
         publish_window_s=settings.publish_window_s,
         publish_max_delay_s=settings.publish_max_delay_s,
+        will_hold_s=settings.will_hold_s,
+        offline_doubt_s=settings.offline_doubt_s,
+        tick_interval_s=settings.effective_tick_interval_s,
     )
     http = None
     try:
@@ -243,7 +246,8 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
         signals = StopSignals(stop)
         if threading.current_thread() is threading.main_thread():
             signals.install()
-        while not signals.requested and not service.wait_ready(0.5):
+        # A signal ends the short wait at once (StopSignals' wakeup socket): a stop during start-up is not delayed.
+        while not service.wait_ready(0) and not signals.wait(0.05):
             pass
         if not signals.requested:
             log.info("registrar ready", extra={"revision": service.state.membership.revision})

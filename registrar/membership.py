@@ -391,19 +391,6 @@ def remove(state: Membership, *, node_ids: list[str] | tuple[str, ...], now: flo
     return Change(new, removed=tuple(gone), happened=tuple(Happened(Event.REMOVED, m, reason) for m in gone))
 
 
-def next_deadline(state: Membership, policy: LivenessPolicy) -> float | None:
-    """The earliest time at which tick() could change something, or None if nothing is pending."""
-    floor = state.started_at + policy.grace_s
-    times = []
-    for m in state.members.values():
-        if m.state is MemberState.ACTIVE:
-            times.append(max(m.last_seen + policy.ttl_s, floor))
-        elif m.unreachable_since is not None:
-            times.append(max(m.unreachable_since + policy.expiry_s, floor))
-    times.extend(q.until for q in state.ipam.quarantine.values())
-    return min(times) if times else None
-
-
 def tick(state: Membership, *, now: float, policy: LivenessPolicy) -> Change:
     """Apply the clock: expire quarantine, mark silent members unreachable, remove long-unreachable ones.
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from meshcontract import topics
 from meshcontract.access import REGISTRAR_USER
 from meshcontract.transport import BrokerSettings
+from registrar import ticks
 
 DEFAULT_NETWORK = "100.96.0.0/16"
 DEFAULT_STATE_DIR = Path("/var/lib/meshvpn-registrar")
@@ -68,6 +69,30 @@ class RegistrarSettings(BaseModel):
         le=60,
         description="a burst of changes is published at most this long after its first",
     )
+    will_hold_s: float = Field(
+        default=0.1,
+        ge=0,
+        le=5,
+        description=(
+            "a change that is only a last will is published this long later: a stopping broker publishes every "
+            "client's will and then drops us, and a record sent in between would contradict the will taken back"
+        ),
+    )
+    offline_doubt_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description=(
+            "on reconnecting to the broker, members made unreachable by a will that arrived this long before the "
+            "connection was lost are active again (a stopping broker publishes every client's will)"
+        ),
+    )
+    tick_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="how often liveness is judged (< heartbeat_ttl_s; default TTL/5 between 0.05 and 1 s)",
+    )
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -99,11 +124,17 @@ class RegistrarSettings(BaseModel):
             raise ValueError("grace_s must be >= heartbeat_ttl_s")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must be > heartbeat_interval_s")
+        if self.tick_interval_s is not None and self.tick_interval_s >= self.heartbeat_ttl_s:
+            raise ValueError("tick_interval_s must be < heartbeat_ttl_s: liveness is judged several times per TTL")
         return self
 
     @property
     def effective_grace_s(self) -> float:
         return self.grace_s if self.grace_s is not None else self.heartbeat_ttl_s + self.heartbeat_interval_s
+
+    @property
+    def effective_tick_interval_s(self) -> float:
+        return self.tick_interval_s if self.tick_interval_s is not None else ticks.default_interval(self.heartbeat_ttl_s)
 
     @property
     def db_path(self) -> Path:

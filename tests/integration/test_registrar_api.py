@@ -19,6 +19,7 @@ from registrar import engine, tokens
 from registrar.api import HttpServer, create_app
 from registrar.credentials import MemoryCredentials
 from registrar.membership import LivenessPolicy
+from registrar.metrics import COUNTERS
 from registrar.service import RegistrarService
 from registrar.store import MemoryStore
 
@@ -161,15 +162,20 @@ def test_admin_tokens_and_delete(client):
     assert r.status_code == 200 and r.json()["mesh_ip"] != "10.8.0.1"
 
 
-def test_health_metrics_openapi(client):
+def test_health_metrics_openapi(client, service):
     client.post("/v1/register", json=body())
     client.post("/v1/register", json=body(join_token="bad", node="n2", k=2))
-    assert client.get("/healthz").json()["ok"] is True
+    # no broker listens: alive, not ready
+    assert client.get("/healthz").json() == {"ok": True, "ready": False, "broker_connected": False, "revision": 1}
     text = client.get("/metrics").text
     assert 'meshvpn_registrar_members{state="active"} 1' in text
     assert "meshvpn_registrar_registrations_total 1" in text
     assert "meshvpn_registrar_registrations_refused_total 1" in text
+    assert "meshvpn_registrar_internal_errors_total 0" in text
     assert "meshvpn_registrar_revision 1" in text
+    for key in service.counters:  # every counter the service keeps is exported
+        spec = next(s for s in COUNTERS if s.key == key)
+        assert f"\nmeshvpn_registrar_{spec.metric} " in text
     spec = client.get("/openapi.json").json()
     assert "/v1/register" in spec["paths"] and spec["paths"]["/v1/register"]["post"]["description"]
     assert client.get("/docs").status_code == 200

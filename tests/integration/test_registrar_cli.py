@@ -1,12 +1,18 @@
-"""`meshvpn-registrar` end to end: tokens and credentials commands, and `run --embedded-broker` where a node logs
-in with its join token, registers, receives its own broker password and logs in with that."""
+"""`meshvpn-registrar` end to end: tokens and credentials commands, `run --embedded-broker` where a node logs
+in with its join token, registers, receives its own broker password and logs in with that, and a SIGTERM that
+stops the registrar with its embedded broker quickly and cleanly."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +28,7 @@ from registrar import cli
 from registrar.settings import RegistrarSettings
 
 MESH = "clilab"
-
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -58,6 +64,13 @@ class Client:
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         wait_for(lambda: self.connack, what=f"CONNACK for {user}")
+
+    def subscribe(self, *filters: str) -> None:
+        """Subscribe with QoS 1 and return once the broker acknowledged it."""
+        acked = threading.Event()
+        self.client.on_subscribe = lambda *_: acked.set()
+        self.client.subscribe([(f, 1) for f in filters])
+        assert acked.wait(10), f"no SUBACK for {filters}"
 
     @property
     def accepted(self) -> bool:
@@ -105,7 +118,7 @@ def running(tmp_path, capsys):
         if errors:
             raise errors[0]
         try:
-            return httpx.get(f"{base}/healthz", timeout=1).json()["broker_connected"]
+            return httpx.get(f"{base}/healthz", timeout=1).json()["ready"]
         except httpx.HTTPError:
             return False
 
@@ -123,8 +136,7 @@ def test_join_with_token_gets_own_credentials(running, capsys):
     port, token = running["broker_port"], running["token"]
     node = Client(port, "n1", access.JOIN_PASSWORD_PREFIX + token)
     assert node.accepted, "a valid join token must open the broker"
-    node.client.subscribe(topics.build(MESH, Kind.REPLY, "n1"), qos=1)
-    time.sleep(0.2)  # SUBACK; the reply below is not retained
+    node.subscribe(topics.build(MESH, Kind.REPLY, "n1"))  # before the request: the reply is not retained
     request = {
         "request_id": "cli-request-1",
         "node_id": "n1",
@@ -168,7 +180,7 @@ def test_graceful_stop_publishes_offline(running, capsys):
     assert code == 0
     obs = Client(running["broker_port"], "observer", password)
     assert obs.accepted
-    obs.client.subscribe(topics.build(MESH, Kind.REGISTRAR), qos=1)
+    obs.subscribe(topics.build(MESH, Kind.REGISTRAR))
 
     def last_state() -> str | None:
         payloads = [p for t, p in obs.messages if p]
@@ -182,3 +194,58 @@ def test_graceful_stop_publishes_offline(running, capsys):
     # the embedded broker stops with the registrar; the offline status was published before it did
     assert last_state() == "offline"
     obs.client.loop_stop()
+
+
+def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
+    """Issue 13: SIGTERM of `registrar run --embedded-broker` with clients connected exits 0 within a second or so,
+    without a traceback. Clients subscribed with QoS 1 acknowledge the registrar's offline status while the
+    broker shuts down, which is when amqtt's connection stop used to hang (docs/broker.md, fix 5)."""
+    state = tmp_path / "state"
+    passwords = {}
+    for user in ("observer", "n1", "n2"):
+        code, passwords[user] = run_cli(capsys, "credentials", "issue", user, "--state-dir", str(state))
+        assert code == 0
+    broker_port, http_port = free_port(), free_port()
+    log_path = tmp_path / "registrar.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "registrar", "run", "--embedded-broker",
+                "--broker-listen", f"127.0.0.1:{broker_port}", "--http", f"127.0.0.1:{http_port}",
+                "--state-dir", str(state), "--mesh", MESH, "--heartbeat-interval", "0.3", "--heartbeat-ttl", "1",
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    clients: list[Client] = []
+
+    def ready() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).json()["ready"]
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout=30, what="registrar ready (/healthz)")
+        for user, password in passwords.items():
+            client = Client(broker_port, user, password)
+            clients.append(client)
+            assert client.accepted
+            client.subscribe(topics.build(MESH, Kind.REGISTRAR), topics.subscription(MESH, Kind.MEMBERS))
+        wait_for(lambda: all(any(p for _, p in c.messages) for c in clients), what="every client got the status")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)
+        stop_s = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for client in clients:
+            client.client.loop_stop()
+    output = log_path.read_text()
+    with capsys.disabled():
+        print(f"\nregistrar with embedded broker: SIGTERM to exit {stop_s:.2f} s")
+    assert code == 0, output
+    assert "Traceback" not in output, output
+    assert stop_s < 5.0, output

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from brokers import free_port
 from polling import wait_for
 
 from meshcontract import messages, topics
@@ -50,7 +52,6 @@ TOKEN = "mvj_integration-token"
 REPO = Path(__file__).resolve().parents[2]
 NODES = [f"n{i}" for i in range(1, 6)]
 USERS = {"registrar": "reg-pw", "observer": "obs-pw", **{n: f"{n}-pw" for n in NODES}}
-
 
 
 def key(n: int) -> str:
@@ -302,6 +303,18 @@ def observer(broker, closers) -> Observer:
     return obs
 
 
+def membership(svc: RegistrarService) -> tuple[dict, int]:
+    """What membership means, without the liveness bookkeeping a member's own heartbeats move (last_seen):
+    every member's published record (key, IP, state, revision, ...) and epoch, and the roster revision."""
+    ms = svc.state.membership
+    return {n: (m.record(), m.epoch) for n, m in ms.members.items()}, ms.revision
+
+
+def liveness_checked_after(svc: RegistrarService, at: float) -> Callable[[], bool]:
+    """A condition: the registrar has judged liveness at or after wall-clock time `at`."""
+    return lambda: svc.metrics().get("liveness_checked_at", 0.0) >= at
+
+
 def test_registration_errors_and_idempotency(mesh):
     broker, start_registrar, closers = mesh
     svc = start_registrar()
@@ -350,10 +363,14 @@ def test_registration_errors_and_idempotency(mesh):
 def test_late_subscriber_sees_retained_membership(mesh):
     broker, start_registrar, closers = mesh
     svc = start_registrar()
+    early = observer(broker, closers)
     joined = nodes(broker, closers, "n1", "n2", "n3")
     ips = {n.node_id: n.join().mesh_ip for n in joined}
     wait_for(lambda: svc.state.membership.revision >= 3, what="3 registrations")
-    time.sleep(0.2)  # let the batched publish go out; completeness below is the real check
+    # Late means after the batched publish went out: a subscriber from the start has seen all of it.
+    wait_for(
+        lambda: early.complete() and early.roster.revision == svc.state.membership.revision, what="published"
+    )
     obs = observer(broker, closers)
     wait_for(obs.complete, what="a complete retained view")
     assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
@@ -362,8 +379,9 @@ def test_late_subscriber_sees_retained_membership(mesh):
 
 
 def test_a_lone_change_is_published_without_waiting_for_the_window(mesh):
-    """With a 30 s publish window, a single registration after a quiet period still reaches observers at once;
-    changes right after it wait for the window (the burst rule), which the test does not wait for."""
+    """The publish schedule's wiring: with a 30 s window, a single registration after a quiet period still
+    reaches observers at once. The rules themselves (debounce, cap, will hold) are table-driven unit tests of
+    registrar.publishing (tests/unit/test_registrar_publishing.py), which need no clock."""
     broker, start_registrar, closers = mesh
     start_registrar(publish_window_s=30.0, publish_max_delay_s=30.0)
     obs = observer(broker, closers)
@@ -451,10 +469,14 @@ def test_stale_epoch_will_ignored_after_reregistration(mesh):
         what="new session active",
     )
     # a late will or status of the old session must not take the new session down
+    rev = svc.state.membership.revision
+    ignored = svc.counters["ignored"]
+    sent_at = time.time()
     n1.status("offline", epoch=1)
     n1.status("online")
-    rev = svc.state.membership.revision
-    time.sleep(TTL_S * 1.5)  # observation window: the member must stay active throughout
+    wait_for(lambda: svc.counters["ignored"] > ignored, what="the stale offline status read and ignored")
+    # and nothing else takes it down: liveness judged a full TTL later (the heartbeats of epoch 2 count)
+    wait_for(liveness_checked_after(svc, sent_at + TTL_S), timeout=TTL_S + 10, what="a liveness check a TTL later")
     assert svc.state.membership.members["n1"].state.value == "active"
     assert svc.state.membership.members["n1"].epoch == 2
     assert obs.state_of("n1") == "active"
@@ -468,7 +490,7 @@ def test_malformed_input_changes_nothing(mesh):
     n1.join()
     n2.connect(1)
     wait_for(lambda: svc.state.membership.revision == 1, what="n1 registered")
-    before = (dict(svc.state.membership.members), svc.state.membership.revision)
+    before = membership(svc)
     rejected = svc.counters["rejected"]
     junk = [
         b"",
@@ -491,7 +513,7 @@ def test_malformed_input_changes_nothing(mesh):
         bad is not None and bad.request_id == "bad-request-1" and bad.error.code is ErrorCode.INVALID_REQUEST
     )
     wait_for(lambda: svc.counters["rejected"] >= rejected + 10, what="rejections counted")
-    assert (dict(svc.state.membership.members), svc.state.membership.revision) == before
+    assert membership(svc) == before
     # still alive and serving
     assert n2.register().ok
 
@@ -511,7 +533,11 @@ def test_registrar_restart_keeps_members_and_ips(mesh):
     wait_for(
         lambda: obs.registrar.state == "online" and obs.registrar.instance == svc2.instance, what="online"
     )
-    time.sleep(GRACE_S + TTL_S)  # window for false removals: heartbeating members must stay active
+    # The window for false removals: the grace period, then a full TTL in which liveness is judged.
+    grace_ends = svc2.state.membership.started_at + GRACE_S
+    wait_for(
+        liveness_checked_after(svc2, grace_ends + TTL_S), timeout=GRACE_S + TTL_S + 10, what="grace + TTL judged"
+    )
     assert all(state == "active" for _, state in obs.history[history_len:]), obs.history[history_len:]
     assert all(m.state.value == "active" for m in svc2.state.membership.members.values())
     again = joined[0]
@@ -533,35 +559,32 @@ def test_registrar_kill_9_and_restart(mesh, tmp_path):
         "MESHVPN_GRACE_S": str(GRACE_S),
         "MESHVPN_BROKER__KEEPALIVE_S": "2",  # the broker publishes our will 3 s after the kill
     }
+    http = f"http://127.0.0.1:{free_port()}"
     args = [sys.executable, "-m", "registrar", "run", "--state-dir", str(state_dir), "--mesh", MESH,
-            "--network", NETWORK, "--heartbeat-interval", str(HB_S), "--heartbeat-ttl", str(TTL_S), "--http", ""]  # fmt: skip
+            "--network", NETWORK, "--heartbeat-interval", str(HB_S), "--heartbeat-ttl", str(TTL_S),
+            "--http", http.removeprefix("http://")]  # fmt: skip
+    log_path = tmp_path / "registrar.log"
 
     def launch() -> subprocess.Popen:
-        proc = subprocess.Popen(args, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         closers.append(lambda: (proc.kill(), proc.wait()))
-        stderr: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
-        def drain() -> None:
-            # Always reading, so the child never blocks on a full pipe; closed at EOF, once the child is gone.
-            with proc.stderr:
-                for line in proc.stderr:
-                    stderr.put(line)
-            stderr.put(None)
-
-        threading.Thread(target=drain, daemon=True).start()
-        lines = []
-        deadline = time.monotonic() + 20
-        while (left := deadline - time.monotonic()) > 0:
+        def ready() -> bool:
+            assert proc.poll() is None, "registrar exited:\n" + log_path.read_text()
             try:
-                line = stderr.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            lines.append(line)
-            if "registrar ready" in line:
-                return proc
-        raise AssertionError("registrar did not become ready:\n" + "".join(lines))
+                return httpx.get(f"{http}/healthz", timeout=1).json()["ready"]
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=20, what="registrar ready (/healthz)")
+        return proc
+
+    def liveness_checked_at() -> float:
+        for line in httpx.get(f"{http}/metrics", timeout=5).text.splitlines():
+            if line.startswith("meshvpn_registrar_liveness_checked_timestamp_seconds "):
+                return float(line.split()[1])
+        return 0.0
 
     proc = launch()
     obs = observer(broker, closers)
@@ -580,7 +603,9 @@ def test_registrar_kill_9_and_restart(mesh, tmp_path):
     )
     wait_for(obs.complete, what="complete view after restart")
     assert {n: r.mesh_ip for n, r in obs.members.items()} == ips
-    time.sleep(GRACE_S + TTL_S)
+    # The window for false removals: the grace period from its (re)connection, then a full TTL judged.
+    judged_until = obs.registrar.at + GRACE_S + TTL_S
+    wait_for(lambda: liveness_checked_at() >= judged_until, timeout=GRACE_S + TTL_S + 10, what="grace + TTL")
     assert all(state == "active" for _, state in obs.history[history_len:]), obs.history[history_len:]
     # SIGTERM: a graceful stop publishes offline itself (same instance, not the broker's will) and exits 0
     instance = obs.registrar.instance

@@ -1,21 +1,23 @@
-"""The service's single writer without a broker: bursts larger than one group commit lose nothing, and a
-node's own broker password is stored before its admission is committed (never replaced, never over HTTP
-re-registration)."""
+"""The service's single writer without a broker: bursts larger than one group commit lose nothing, a node's own
+broker password is stored before its admission is committed (never replaced, never over HTTP re-registration),
+metrics can be read while the writer counts, and a failing command is counted and answered."""
 
 from __future__ import annotations
 
 import base64
 import json
-import time
+import threading
 
 import pytest
 from brokers import free_port
+from polling import wait_for
 
 from meshcontract import topics
 from meshcontract.messages import MeshSettings
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings
-from registrar import engine, service
+from registrar import engine, service, writer
+from registrar.api import render_metrics
 from registrar.credentials import MemoryCredentials
 from registrar.errors import CredentialsError
 from registrar.membership import LivenessPolicy
@@ -45,7 +47,7 @@ def test_burst_larger_than_a_batch_is_fully_applied():
     )
     svc.start()
     try:
-        n = service.MAX_BATCH * 2 + 37
+        n = writer.MAX_BATCH * 2 + 37
         for i in range(n):
             body = {
                 "request_id": f"burst-{i:05d}",
@@ -55,14 +57,11 @@ def test_burst_larger_than_a_batch_is_fully_applied():
                 "listen_port": 51820,
                 "epoch": 1,
             }
-            # what paho's on_message does: enqueue only
-            svc._on_message(
+            # what paho does with a message: call the link's on_message, which only enqueues
+            svc._link._on_message(
                 None, None, _Msg(topics.build("lab", Kind.REGISTER, f"n{i}"), json.dumps(body).encode())
             )
-        deadline = time.monotonic() + 30
-        while len(svc.state.membership.members) < n and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(svc.state.membership.members) == n
+        wait_for(lambda: len(svc.state.membership.members) == n, timeout=30, what=f"{n} members")
         assert len(store.members) == n and store.revision == n
         assert store.commits < n  # group commit: far fewer transactions than registrations
         ips = [m.mesh_ip for m in svc.state.membership.members.values()]
@@ -180,3 +179,60 @@ def test_older_agent_without_own_password_still_gets_one_issued(running):
     reply = svc.register_payload(_request("n1")).reply
     assert reply.ok and reply.broker_password == creds.passwords["n1"]
     assert svc.register_payload(_request("n1", epoch=2)).reply.broker_password is None
+
+
+def test_metrics_can_be_read_while_the_writer_counts(running):
+    """The HTTP thread reads the counters while the writer adds to them (it used to iterate the writer's dict)."""
+    svc, _ = running(None)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read_metrics() -> None:
+        while not done.is_set():
+            try:
+                render_metrics(svc.metrics())
+                dict(svc.counters)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+                return
+
+    readers = [threading.Thread(target=read_metrics, daemon=True) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    n = 3000
+    try:
+        for i in range(n):
+            # valid registrations, junk and heartbeats of strangers: registrations, rejected, ignored all move
+            kind, payload = [
+                (Kind.REGISTER, _request(f"m{i}", n=i + 1)),
+                (Kind.STATUS, b"not json"),
+                (Kind.HEARTBEAT, json.dumps({"node_id": f"m{i}", "epoch": 1, "seq": 1, "sent_at": 1.0}).encode()),
+            ][i % 3]
+            node = f"m{i}" if kind is not Kind.STATUS else "x"
+            svc._link._on_message(None, None, _Msg(topics.build("lab", kind, node), payload))
+        expected = {"messages": n, "registrations": n // 3, "rejected": n // 3, "ignored": n // 3}
+
+        def counted() -> bool:
+            snapshot = svc.counters
+            return all(snapshot[key] == value for key, value in expected.items())
+
+        wait_for(counted, timeout=60, what=f"every one of {n} messages counted")
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join(10)
+    assert not errors, errors[0]
+    assert svc.metrics()["counter_messages"] == n
+
+
+def test_a_failing_command_is_counted_and_answered(running):
+    svc, _ = running(None)
+
+    def broken(state, now):
+        raise RuntimeError("a bug in a command")
+
+    with pytest.raises(RuntimeError):
+        svc.call(broken)
+    assert svc.counters["internal_errors"] == 1
+    assert "meshvpn_registrar_internal_errors_total 1" in render_metrics(svc.metrics())
+    assert svc.register_payload(_request("n1")).reply.ok  # the writer goes on

@@ -234,12 +234,6 @@ def test_forgive_offline_forgets_removed_members():
     assert not ms.forgive_offline(state, since=0.0, now=4.0).published
 
 
-def test_next_deadline():
-    state = reg(empty(), now=1.0).state
-    assert ms.next_deadline(state, POLICY) == 15  # grace floor
-    assert ms.next_deadline(empty(), POLICY) is None
-
-
 def test_policy_grace_must_cover_ttl():
     with pytest.raises(ValueError):
         ms.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=5)

@@ -1,0 +1,159 @@
+"""The registrar's MQTT connection: one paho client whose callbacks only enqueue, and every publish it makes.
+
+Nothing here decides anything. paho's network thread turns what the broker says into writer commands; the
+writer thread calls the publishing methods with what it has decided and committed. Every topic is built by
+meshcontract.topics and every payload is a meshcontract message.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterable, Mapping
+
+import paho.mqtt.client as mqtt
+
+from meshcontract import messages, topics
+from meshcontract.messages import RegisterReply, RegistrarStatus, Roster
+from meshcontract.topics import Kind
+from meshcontract.transport import BrokerSettings, connect_async, make_client
+from registrar import commands
+from registrar.membership import Member, Membership
+
+log = logging.getLogger(__name__)
+
+QOS_RELIABLE = 1
+GOODBYE_WAIT_S = 3.0  # how long a stop waits for the broker to acknowledge our offline status
+
+
+class BrokerLink:
+    """The registrar's paho client for one mesh; `start()` connects in the background."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        mesh: str,
+        instance: str,
+        started_at: float,
+        clock: Callable[[], float],
+        inbox: queue.SimpleQueue,
+    ) -> None:
+        self.mesh = mesh
+        self._settings = settings
+        self._instance = instance
+        self._started_at = started_at
+        self._clock = clock
+        self._inbox = inbox
+        self._client: mqtt.Client | None = None
+
+    def start(self) -> None:
+        """Create the client (with our offline status as its will) and start connecting."""
+        client = make_client(self._settings, client_id=f"registrar.{self.mesh}")
+        client.will_set(
+            topics.build(self.mesh, Kind.REGISTRAR), self._status("offline"), qos=QOS_RELIABLE, retain=True
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        # The one client every node waits for after a broker restart (registrations, the roster): retry often
+        # instead of paho's default back-off, which left it ~4 s behind the agents after a 3 s outage.
+        client.reconnect_delay_set(min_delay=0.25, max_delay=2.0)
+        # Do not let paho drop our QoS 1 publishes when a burst fills its in-flight window.
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+        self._client = client
+        connect_async(client, self._settings)
+
+    # ---- paho callbacks (paho's network thread): enqueue only -----------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the registrar: %s", reason_code)
+            return
+        self._inbox.put(commands.Connected())
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._inbox.put(commands.Disconnected(str(reason_code)))
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put(commands.Message(msg.topic, msg.payload))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._inbox.put(commands.Subscribed())
+
+    # ---- publishing (the writer thread) ---------------------------------------------------------------------
+
+    def reply(self, node_id: str, reply: RegisterReply) -> None:
+        """Answer a registration on reply/<node> (not retained: only the waiting node cares)."""
+        if self._client is not None:
+            self._client.publish(
+                topics.build(self.mesh, Kind.REPLY, node_id), messages.encode(reply), qos=QOS_RELIABLE
+            )
+
+    def records(self, members: Mapping[str, Member], node_ids: Iterable[str]) -> None:
+        """Publish the retained record of each node, or its tombstone (and clear its status) if it is gone."""
+        for node in node_ids:
+            member = members.get(node)
+            if member is not None:
+                self._retain(topics.build(self.mesh, Kind.MEMBERS, node), messages.encode(member.record()))
+            else:
+                self._retain(topics.build(self.mesh, Kind.MEMBERS, node), b"")
+                # Its retained status would otherwise linger for every observer.
+                self._retain(topics.build(self.mesh, Kind.STATUS, node), b"")
+
+    def roster(self, membership: Membership) -> None:
+        """Publish the retained roster: the revision and every member's record revision."""
+        roster = Roster(
+            mesh=self.mesh, revision=membership.revision, members=membership.roster(), published_at=self._clock()
+        )
+        self._retain(topics.build(self.mesh, Kind.ROSTER), messages.encode(roster))
+
+    def announce(self, membership: Membership) -> None:
+        """On every (re)connection: say online, republish every record and the roster, then subscribe.
+
+        The broker may have lost its retained messages (a restart without persistence): they are ours to restore.
+        Records go out before the roster that references them (one connection, QoS 1: in order).
+        """
+        assert self._client is not None
+        self._retain(topics.build(self.mesh, Kind.REGISTRAR), self._status("online"))
+        self.records(membership.members, sorted(membership.members))
+        self.roster(membership)
+        self._client.subscribe(
+            [
+                (topics.subscription(self.mesh, Kind.REGISTER), QOS_RELIABLE),
+                (topics.subscription(self.mesh, Kind.STATUS), QOS_RELIABLE),
+                (topics.subscription(self.mesh, Kind.HEARTBEAT), 0),
+                (topics.subscription(self.mesh, Kind.MEMBERS), QOS_RELIABLE),
+            ]
+        )
+
+    def goodbye(self, *, connected: bool) -> None:
+        """A graceful stop: publish our offline status (retained) and wait for the broker to take it, disconnect."""
+        if self._client is None:
+            return
+        if connected:
+            info = self._client.publish(
+                topics.build(self.mesh, Kind.REGISTRAR), self._status("offline"), qos=QOS_RELIABLE, retain=True
+            )
+            try:
+                info.wait_for_publish(GOODBYE_WAIT_S)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed: %s", exc)
+        # Also when not connected: it ends paho's reconnect wait, so close() returns at once.
+        self._client.disconnect()
+
+    def close(self) -> None:
+        """Stop paho's network thread."""
+        if self._client is not None:
+            self._client.loop_stop()
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        assert self._client is not None
+        self._client.publish(topic, payload, qos=QOS_RELIABLE, retain=True)
+
+    def _status(self, state: str) -> bytes:
+        return messages.encode(
+            RegistrarStatus(state=state, instance=self._instance, started_at=self._started_at, at=self._clock())
+        )
