@@ -78,3 +78,17 @@ def connect_async(client: mqtt.Client, settings: BrokerSettings) -> None:
     host, port, _ = settings.host_port()
     client.connect_async(host, port, keepalive=settings.keepalive_s)
     client.loop_start()
+
+
+def release(client: mqtt.Client) -> None:
+    """Stop `client`'s network thread and close every socket it holds, once the caller is done with it.
+
+    paho's loop_stop() leaves the socket pair it uses to wake its own loop open until the client is garbage
+    collected (https://github.com/eclipse-paho/paho.mqtt.python/issues/627): an agent that reconnects for days
+    would hold two file descriptors per past connection in between. Closing them here is the only place that
+    reaches into paho's private state (pinned to paho-mqtt >=2.1,<3 in pyproject.toml).
+    """
+    client.loop_stop()
+    reset = getattr(client, "_reset_sockets", None)
+    if callable(reset):
+        reset()

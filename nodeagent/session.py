@@ -36,7 +36,7 @@ from meshcontract.messages import (
     Roster,
 )
 from meshcontract.topics import Kind
-from meshcontract.transport import make_client
+from meshcontract.transport import make_client, release
 from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
 from nodeagent.errors import RegistrationRefused
@@ -244,7 +244,7 @@ class ControlSession:
             # ends our membership at once instead of after the TTL. Not when refused.
             self._close(conn, goodbye=not self._refused)
         else:
-            conn.client.loop_stop()
+            release(conn.client)
         return registered
 
     def _serve(self, conn: _Connection) -> bool:
@@ -395,7 +395,7 @@ class ControlSession:
                 log.warning("could not publish offline status: %s", exc)
             log.info("published status offline", extra=self._fields())
         conn.client.disconnect()  # a clean DISCONNECT: the broker discards our will
-        conn.client.loop_stop()
+        release(conn.client)
 
     # -- paho callbacks (network thread: never block here) ----------------------------------------------
     def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:

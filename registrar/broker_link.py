@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 from meshcontract import messages, topics
 from meshcontract.messages import RegisterReply, RegistrarStatus, Roster
 from meshcontract.topics import Kind
-from meshcontract.transport import BrokerSettings, connect_async, make_client
+from meshcontract.transport import BrokerSettings, connect_async, make_client, release
 from registrar import commands
 from registrar.membership import Member, Membership
 
@@ -145,9 +145,9 @@ class BrokerLink:
         self._client.disconnect()
 
     def close(self) -> None:
-        """Stop paho's network thread."""
+        """Stop paho's network thread and close its sockets."""
         if self._client is not None:
-            self._client.loop_stop()
+            release(self._client)
 
     def _retain(self, topic: str, payload: bytes) -> None:
         assert self._client is not None

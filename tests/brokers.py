@@ -34,6 +34,7 @@ from broker.mosquitto_config import (
     render,
 )
 from meshcontract.access import hash_password, parse_password_file, render_password_file
+from meshcontract.transport import release
 
 START_DEADLINE_S = 10.0
 
@@ -324,7 +325,7 @@ class ProbeClient:
     def close(self) -> None:
         """Disconnect cleanly (DISCONNECT: no will)."""
         self.client.disconnect()
-        self.client.loop_stop()
+        release(self.client)
 
     def __enter__(self) -> ProbeClient:
         return self
