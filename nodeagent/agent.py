@@ -23,11 +23,13 @@ from collections.abc import Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult
-from meshcontract.transport import make_client
+from meshcontract.signing import Verifier
+from meshcontract.transport import BrokerSettings, make_client
 from nodeagent.credentials import BrokerLogin
-from nodeagent.errors import AgentError
+from nodeagent.enrollment import Waiter, enroll
+from nodeagent.errors import AgentError, SettingsError
 from nodeagent.identity import Identity, load_identity
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from nodeagent.meshstate import MeshState
 from nodeagent.ping import Pinger, SystemPinger
 from nodeagent.reconciler import Reconciler
@@ -40,7 +42,7 @@ from nodeagent.session import (
     SessionEvent,
 )
 from nodeagent.settings import AgentSettings
-from nodeagent.statestore import StateStore
+from nodeagent.statestore import Enrollment, StateStore
 from nodeagent.status import agent_status
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
@@ -91,20 +93,28 @@ class Agent:
         self._reconcile_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._api = None
+        self.enrollment: Enrollment | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Load identity and persisted state, restore the mesh from it, then start talking to the broker.
+    def start(self, *, stop: Waiter | None = None) -> None:
+        """Enroll if this node never did, load identity and persisted state, restore the mesh from it, then start
+        talking to the broker. Enrolling retries until it succeeds or `stop` (default: `request_stop()`) says so.
 
-        Raises AgentError (SettingsError, StateDirError) or ContractError (a malformed broker URL) for problems
-        no retry can fix, and WireGuardError if the backend cannot be used at all.
+        Raises EnrollmentRefused (exit 3), AgentError (SettingsError, StateDirError) or ContractError (a malformed
+        URL) for problems no retry can fix, and WireGuardError if the backend cannot be used at all.
         """
         settings = self.settings
-        settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
+        if settings.broker is not None:
+            settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
         self.identity = me = load_identity(settings, self.store, hostname=self._hostname)
-        login = BrokerLogin(
-            broker=settings.broker, join_token=settings.join_token, store=self.store, node_id=me.node_id
-        )
+        enrollment = self.store.enrollment()
+        if enrollment is None or enrollment.node_id != me.node_id or enrollment.mesh != settings.mesh:
+            # Before anything exists on this machine: a refused join leaves no interface and no process behind.
+            enrollment = enroll(settings, me, store=self.store, stop=stop or self._finished)
+            if enrollment is None:
+                return  # asked to stop while enrolling
+        self.enrollment = enrollment
+        login = BrokerLogin(broker=self._broker_settings(enrollment), store=self.store, node_id=me.node_id)
         registration = self.store.registration()
         persisted = self.store.membership()
         self.mesh = MeshState(persisted)
@@ -121,6 +131,7 @@ class Agent:
             store=self.store,
             login=login,
             mesh=self.mesh,
+            verifier=Verifier(enrollment.signing_key),
             registration=registration,
             on_event=self._on_session_event,
             clock=self._clock,
@@ -175,6 +186,17 @@ class Agent:
         )
         self._reconcile_thread.start()
         self._session.start()
+
+    def _broker_settings(self, enrollment: Enrollment) -> BrokerSettings:
+        """The configured broker, else the one enrollment named; TLS verified against the mesh's CA."""
+        broker = self.settings.broker
+        if broker is None:
+            if not enrollment.broker_url:
+                raise SettingsError("the registrar named no broker: configure broker.url (--broker)")
+            broker = BrokerSettings(url=enrollment.broker_url)
+        if broker.ca_file is None and broker.host_port()[2]:
+            broker = broker.model_copy(update={"ca_file": str(self.store.ca_file), "verify_hostname": False})
+        return broker
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until `request_stop()` or a fatal error; True if that happened within `timeout`."""
@@ -268,7 +290,7 @@ class Agent:
         """Completed reconcile passes since start."""
         return self._reconciler.passes if self._reconciler else 0
 
-    def membership(self) -> MembershipSnapshot | None:
+    def membership(self) -> MemberTable | None:
         """The membership reconcile works from: the newest complete view, else the persisted one."""
         return self.mesh.current()
 

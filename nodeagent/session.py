@@ -4,8 +4,10 @@ Threads and who owns what:
   - the session thread (`_run`) owns the connection: it creates one paho client per connection (each with a
     new epoch and a last-will carrying it), registers, publishes status and reconnects with backoff and
     jitter. It never touches WireGuard.
-  - paho's network thread runs the callbacks: it decodes messages into the shared MeshState and reports what
-    happened as typed events. It never blocks.
+  - paho's network thread runs the callbacks: it decodes membership messages, checks the registrar's signature
+    on each, feeds them to the shared MeshState and reports what happened as typed events. It never blocks.
+    While the MeshState is syncing (a new connection, a missed delta) the session holds a subscription to the
+    retained snapshot; once in sync it drops it, so a steady agent receives only deltas.
   - heartbeats are sent by whoever calls `heartbeat()` (the agent's scheduler).
 
 What to do next (epochs, backoff, credentials, which refusals are final) is decided by the pure
@@ -28,19 +30,21 @@ from meshcontract.errors import ContractError
 from meshcontract.messages import (
     ErrorCode,
     Heartbeat,
-    MemberRecord,
+    MembershipDelta,
+    MembershipSnapshot,
     NodeStatus,
     RegisterReply,
     RegisterRequest,
     RegistrarStatus,
-    Roster,
 )
+from meshcontract.signing import Verifier
 from meshcontract.topics import Kind
 from meshcontract.transport import make_client, release
 from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
 from nodeagent.errors import RegistrationRefused
 from nodeagent.identity import Identity
+from nodeagent.membership import Applied
 from nodeagent.meshstate import MeshState
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
@@ -88,6 +92,7 @@ class _Connection:
     subscribed: threading.Event
     lost: threading.Event
     sub_mid: int | None = None
+    snapshot_subscribed: bool = False
 
 
 class ControlSession:
@@ -101,6 +106,7 @@ class ControlSession:
         store: StateStore,
         login: BrokerLogin,
         mesh: MeshState,
+        verifier: Verifier,
         registration: Registration | None,
         on_event: Callable[[SessionEvent], None],
         clock: Callable[[], float] = time.time,
@@ -111,6 +117,7 @@ class ControlSession:
         self._store = store
         self._login = login
         self._mesh = mesh
+        self._verifier = verifier
         self._on_event = on_event
         self._clock = clock
         self._client_factory = client_factory
@@ -216,7 +223,7 @@ class ControlSession:
         client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, rc)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._on_subscribe(conn, mid, rcs)
         client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(conn)
-        client.on_message = lambda c, u, msg: self._on_message(msg)
+        client.on_message = lambda c, u, msg: self._on_message(conn, msg)
         return conn
 
     def _one_connection(self) -> bool | None:
@@ -322,9 +329,7 @@ class ControlSession:
             public_key=me.public_key,
             endpoints=[me.endpoint],
             listen_port=self._settings.listen_port,
-            join_token=self._settings.join_token,
             epoch=conn.epoch,
-            broker_password=self._login.offered_password(),
         )
         conn.client.publish(self._topic(Kind.REGISTER, me.node_id), messages.encode(request), qos=1)
         log.info("registering (epoch %s)", conn.epoch, extra=self._fields(epoch=conn.epoch))
@@ -400,18 +405,10 @@ class ControlSession:
     # -- paho callbacks (network thread: never block here) ----------------------------------------------
     def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
         if reason_code.is_failure:
-            auth = reason_code.value in _AUTH_REFUSED
-            # With another credential to try this is expected once (e.g. the token after the registrar stored
-            # our password): a warning; with nothing else to try it needs an operator.
-            level = logging.WARNING if auth and self._login.has_fallback else logging.ERROR
-            log.log(
-                level,
-                "broker refused the connection: %s (check broker.username/password or the join token)",
-                reason_code,
-                extra=self._fields(),
-            )
-            if auth:
-                self._login.refused()
+            hint = (
+                "the configured broker.password" if self._login.configured else "this node's own credential"
+            ) if reason_code.value in _AUTH_REFUSED else "the broker"
+            log.error("broker refused the connection: %s (check %s)", reason_code, hint, extra=self._fields())
             return
         log.info("connected to the broker %s", self._settings.broker.url, extra=self._fields())
         conn.connected.set()
@@ -419,13 +416,15 @@ class ControlSession:
             # Unknown until the retained RegistrarStatus arrives: a broker that restarted empty has none, and
             # the registrar's will may have been lost with the old broker.
             self._registrar_online = False
-        mesh = self._settings.mesh
+        # Deltas may have been missed while we were away: follow them again from the retained snapshot.
+        self._mesh.resync()
         subscriptions = [
             (self._topic(Kind.REPLY, self._me.node_id), 1),
-            (topics.subscription(mesh, Kind.MEMBERS), 1),
-            (topics.subscription(mesh, Kind.ROSTER), 1),
-            (topics.subscription(mesh, Kind.REGISTRAR), 1),
+            (self._topic(Kind.DELTA), 1),
+            (self._topic(Kind.REGISTRAR), 1),
+            (self._topic(Kind.SNAPSHOT), 1),
         ]
+        conn.snapshot_subscribed = True
         _, conn.sub_mid = conn.client.subscribe(subscriptions)
 
     def _on_subscribe(self, conn: _Connection, mid: int, reason_codes: list[mqtt.ReasonCode]) -> None:
@@ -444,7 +443,7 @@ class ControlSession:
         # the old epoch and will. The session thread builds the next connection.
         conn.client.loop_stop()
 
-    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, conn: _Connection, msg: mqtt.MQTTMessage) -> None:
         try:
             topic = topics.parse(msg.topic)
             if topic.mesh != self._settings.mesh:
@@ -454,29 +453,38 @@ class ControlSession:
                 with self._reply_cond:
                     self._replies[reply.request_id] = reply
                     self._reply_cond.notify_all()
-            elif topic.kind is Kind.MEMBERS:
-                self._on_member(topic.node or "", msg.payload)
-            elif topic.kind is Kind.ROSTER:
-                roster = messages.decode(Roster, msg.payload, max_size=messages.MAX_ROSTER_PAYLOAD)
-                self._changed(self._mesh.apply_roster(roster))
+            elif topic.kind is Kind.SNAPSHOT:
+                snapshot = self._verified(MembershipSnapshot, msg.payload, Kind.SNAPSHOT)
+                self._followed(conn, self._mesh.apply_snapshot(snapshot), snapshot.revision)
+            elif topic.kind is Kind.DELTA:
+                delta = self._verified(MembershipDelta, msg.payload, Kind.DELTA)
+                self._followed(conn, self._mesh.apply_delta(delta), delta.to_revision)
             elif topic.kind is Kind.REGISTRAR:
                 self._on_registrar(messages.decode(RegistrarStatus, msg.payload), retained=msg.retain)
         except ContractError as exc:
-            log.warning("dropping message on %s: %s", msg.topic, exc)
+            log.warning("dropping message on %s: %s", msg.topic, exc, extra=self._fields())
 
-    def _on_member(self, node_id: str, payload: bytes) -> None:
-        if not payload:
-            self._changed(self._mesh.apply_tombstone(node_id))
-            return
-        record = messages.decode(MemberRecord, payload)
-        if record.node_id != node_id:
-            raise ContractError(f"member record for {record.node_id} on the topic of {node_id}")
-        self._changed(self._mesh.apply_record(record))
+    def _verified(self, model, payload: bytes, kind: Kind):
+        """Decode a membership message and check the registrar's signature on it (ContractError if bad)."""
+        message = messages.decode(model, payload, max_size=messages.MAX_MEMBERSHIP_PAYLOAD)
+        if message.mesh != self._settings.mesh:
+            raise ContractError(f"{kind} for mesh {message.mesh!r} on our mesh's topic")
+        self._verifier.verify(message, kind=str(kind), mesh=self._settings.mesh)
+        return message
 
-    def _changed(self, new_complete: bool) -> None:
-        # Only a new complete membership can change the peers: a message that leaves the view partial (or
-        # changes nothing) costs no pass.
-        if new_complete:
+    def _followed(self, conn: _Connection, result: Applied, revision: int) -> None:
+        if result is Applied.GAP:
+            log.info("missed a membership delta before revision %s: resyncing from the snapshot", revision)
+        syncing = self._mesh.syncing
+        # Hold the snapshot subscription exactly while syncing. Subscribing again delivers the retained one.
+        if syncing != conn.snapshot_subscribed and not conn.lost.is_set():
+            snapshot = self._topic(Kind.SNAPSHOT)
+            if syncing:
+                conn.client.subscribe(snapshot, qos=1)
+            else:
+                conn.client.unsubscribe(snapshot)
+            conn.snapshot_subscribed = syncing
+        if result in (Applied.ADOPTED, Applied.APPLIED):
             self._on_event(MembershipChanged())
 
     def _on_registrar(self, status: RegistrarStatus, *, retained: bool) -> None:
