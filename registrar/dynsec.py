@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 
-from broker.errors import BrokerError
+from registrar.errors import CredentialsError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ AclType = Literal[
 ]
 
 
-class DynsecError(BrokerError):
+class DynsecError(CredentialsError):
     """A dynamic security command failed or got no answer."""
 
 
