@@ -177,16 +177,30 @@ def registrar_role() -> dynsec.Role:
     )
 
 
-def initial_config(*, registrar_password: str, admin_password: str, observer_password: str | None) -> dict:
+def initial_config(
+    *,
+    registrar_password: str | None,
+    admin_password: str,
+    observer_password: str | None,
+    mesh: str | None = None,
+    nodes: Mapping[str, str] | None = None,
+) -> dict:
     """A dynamic security config file for a new Mosquitto: the registrar, the admin it uses to manage node
-    accounts, and (optionally) the observer; no node yet, no anonymous access."""
+    accounts, and (optionally) the observer and ready-made node accounts of `mesh`; no anonymous access."""
     roles = [registrar_role(), observer_role(), dynsec.admin_role()]
-    clients = [
-        dynsec.client_config(access.REGISTRAR_USER, registrar_password, ["meshvpn.registrar"]),
-        dynsec.client_config(access.BROKER_ADMIN_USER, admin_password, ["dynsec-admin"]),
-    ]
+    clients = [dynsec.client_config(access.BROKER_ADMIN_USER, admin_password, ["dynsec-admin"])]
+    if registrar_password is not None:
+        clients.append(dynsec.client_config(access.REGISTRAR_USER, registrar_password, ["meshvpn.registrar"]))
     if observer_password is not None:
         clients.append(dynsec.client_config(access.OBSERVER_USER, observer_password, ["meshvpn.observer"]))
+    if nodes:
+        if mesh is None:
+            raise ValueError("node accounts belong to a mesh: give `mesh`")
+        roles.append(mesh_node_role(mesh))
+        for node, password in nodes.items():
+            role = node_role(mesh, node)
+            roles.append(role)
+            clients.append(dynsec.client_config(node, password, [role.name, mesh_node_role_name(mesh)]))
     return dynsec.config_file(clients, roles)
 
 
