@@ -23,8 +23,8 @@ from typing import Protocol
 from meshcontract import access, topics
 from meshcontract.access import GRANTS, Role
 from registrar import dynsec
-from registrar.credentials import write_atomically
 from registrar.errors import CredentialsError
+from registrar.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class BrokerAccounts(Protocol):
 
     def names(self) -> set[str]:
         """The node accounts that exist (reserved accounts such as the registrar's are not listed)."""
+
+    def set_service_account(self, username: str, password: str) -> None:
+        """Create or re-password the registrar's or the observer's account (meshcontract.access.Role)."""
 
 
 def reconcile(accounts: BrokerAccounts, members: Iterable[str]) -> list[str]:
@@ -67,7 +70,10 @@ class MemoryAccounts:
                 self.removed.append(node)
 
     def names(self) -> set[str]:
-        return set(self.passwords)
+        return {u for u in self.passwords if access.role_of(u) is Role.NODE}
+
+    def set_service_account(self, username: str, password: str) -> None:
+        self.passwords[username] = password
 
 
 class PasswordFileAccounts:
@@ -109,6 +115,10 @@ class PasswordFileAccounts:
     def names(self) -> set[str]:
         with self._lock:
             return {user for user in self._entries() if access.role_of(user) is Role.NODE}
+
+    def set_service_account(self, username: str, password: str) -> None:
+        _service_role(username)
+        self.ensure({username: password})
 
 
 # -- Mosquitto dynamic security ------------------------------------------------------------------------------
@@ -204,6 +214,15 @@ def initial_config(
     return dynsec.config_file(clients, roles)
 
 
+def _service_role(username: str) -> str:
+    role = access.role_of(username)
+    if role is Role.REGISTRAR:
+        return registrar_role().name
+    if role is Role.OBSERVER:
+        return observer_role().name
+    raise CredentialsError(f"{username!r} is not a service account (registrar or observer)")
+
+
 class DynsecAccounts:
     """Node accounts in Mosquitto through its dynamic security control topic."""
 
@@ -246,6 +265,13 @@ class DynsecAccounts:
         for node in node_ids:
             commands += [dynsec.delete_client(node), dynsec.delete_role(_node_role_name(self._mesh, node))]
         self._admin.run(commands)
+
+    def set_service_account(self, username: str, password: str) -> None:
+        self._bootstrap()
+        role = _service_role(username)
+        (response,) = self._admin.run([dynsec.create_client(username, password, [role])])
+        if response.get("error") == "Client already exists":
+            self._admin.run([dynsec.set_client_password(username, password)])
 
     def names(self) -> set[str]:
         """This mesh's node accounts: one Mosquitto may serve several meshes, whose nodes are not ours."""

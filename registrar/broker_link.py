@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable, Mapping
 import paho.mqtt.client as mqtt
 
 from meshcontract import messages, topics
-from meshcontract.messages import RegisterReply, RegistrarStatus, Roster
+from meshcontract.messages import RegisterReply, RegistrarStatus
+from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, connect_async, make_client, release
-from registrar import commands
+from registrar import commands, stream
 from registrar.membership import Member, Membership
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ class BrokerLink:
         started_at: float,
         clock: Callable[[], float],
         inbox: queue.SimpleQueue,
+        signer: Signer,
     ) -> None:
         self.mesh = mesh
+        self._signer = signer
         self._settings = settings
         self._instance = instance
         self._started_at = started_at
@@ -49,7 +52,8 @@ class BrokerLink:
 
     def start(self) -> None:
         """Create the client (with our offline status as its will) and start connecting."""
-        client = make_client(self._settings, client_id=f"registrar.{self.mesh}")
+        # Client id = username, as for every account (the embedded broker refuses anything else; Mosquitto forces it).
+        client = make_client(self._settings, client_id=self._settings.username or "registrar")
         client.will_set(
             topics.build(self.mesh, Kind.REGISTRAR), self._status("offline"), qos=QOS_RELIABLE, retain=True
         )
@@ -57,7 +61,7 @@ class BrokerLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        # The one client every node waits for after a broker restart (registrations, the roster): retry often
+        # The one client every node waits for after a broker restart (registrations, the snapshot): retry often
         # instead of paho's default back-off, which left it ~4 s behind the agents after a 3 s outage.
         client.reconnect_delay_set(min_delay=0.25, max_delay=2.0)
         # Do not let paho drop our QoS 1 publishes when a burst fills its in-flight window.
@@ -93,7 +97,10 @@ class BrokerLink:
             )
 
     def records(self, members: Mapping[str, Member], node_ids: Iterable[str]) -> None:
-        """Publish the retained record of each node, or its tombstone (and clear its status) if it is gone."""
+        """Observers' view: each node's retained record, or its tombstone (and its status cleared) if it is gone.
+
+        Agents do not read these (they follow the signed snapshot and deltas); mosquitto_sub does.
+        """
         for node in node_ids:
             member = members.get(node)
             if member is not None:
@@ -103,23 +110,36 @@ class BrokerLink:
                 # Its retained status would otherwise linger for every observer.
                 self._retain(topics.build(self.mesh, Kind.STATUS, node), b"")
 
-    def roster(self, membership: Membership) -> None:
-        """Publish the retained roster: the revision and every member's record revision."""
-        roster = Roster(
-            mesh=self.mesh, revision=membership.revision, members=membership.roster(), published_at=self._clock()
-        )
-        self._retain(topics.build(self.mesh, Kind.ROSTER), messages.encode(roster))
+    def changes(self, membership: Membership, *, from_revision: int, changed: Iterable[str]) -> None:
+        """Publish what changed since `from_revision`: the signed delta for agents in sync, then the signed
+        retained snapshot for agents (re)synchronising, then the observers' records. In this order on one
+        connection at QoS 1, so an agent that sees the delta can never find an older snapshot after it."""
+        changed = sorted(set(changed))
+        delta = stream.delta(membership, mesh=self.mesh, from_revision=from_revision, changed=changed, now=self._clock())
+        if delta is not None:
+            self._publish(topics.build(self.mesh, Kind.DELTA), self._signed(delta, Kind.DELTA), retain=False)
+        self.snapshot(membership)
+        self.records(membership.members, changed)
 
-    def announce(self, membership: Membership) -> None:
-        """On every (re)connection: say online, republish every record and the roster, then subscribe.
+    def snapshot(self, membership: Membership) -> None:
+        """Publish the signed, retained snapshot of the whole membership."""
+        snap = stream.snapshot(membership, mesh=self.mesh, now=self._clock())
+        self._publish(topics.build(self.mesh, Kind.SNAPSHOT), self._signed(snap, Kind.SNAPSHOT), retain=True)
+
+    def _signed(self, message, kind: Kind) -> bytes:
+        sig = self._signer.sign(message, kind=str(kind), mesh=self.mesh)
+        return messages.encode(message.model_copy(update={"sig": sig}))
+
+    def announce(self, membership: Membership, *, from_revision: int, changed: Iterable[str]) -> None:
+        """On every (re)connection: say online, publish what changed while away and the snapshot, every record
+        for observers, then subscribe.
 
         The broker may have lost its retained messages (a restart without persistence): they are ours to restore.
-        Records go out before the roster that references them (one connection, QoS 1: in order).
         """
         assert self._client is not None
         self._retain(topics.build(self.mesh, Kind.REGISTRAR), self._status("online"))
+        self.changes(membership, from_revision=from_revision, changed=changed)
         self.records(membership.members, sorted(membership.members))
-        self.roster(membership)
         self._client.subscribe(
             [
                 (topics.subscription(self.mesh, Kind.REGISTER), QOS_RELIABLE),
@@ -150,8 +170,11 @@ class BrokerLink:
             release(self._client)
 
     def _retain(self, topic: str, payload: bytes) -> None:
+        self._publish(topic, payload, retain=True)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         assert self._client is not None
-        self._client.publish(topic, payload, qos=QOS_RELIABLE, retain=True)
+        self._client.publish(topic, payload, qos=QOS_RELIABLE, retain=retain)
 
     def _status(self, state: str) -> bytes:
         return messages.encode(

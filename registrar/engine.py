@@ -16,6 +16,7 @@ from types import MappingProxyType
 from meshcontract import access, jointoken, topics
 from meshcontract.errors import ContractError, PayloadError
 from meshcontract.messages import (
+    MAX_DEPTH,
     MAX_PAYLOAD,
     EnrollReply,
     EnrollRequest,
@@ -28,6 +29,7 @@ from meshcontract.messages import (
     RegisterRequest,
     check_wg_key,
     decode,
+    json_depth,
 )
 from meshcontract.topics import Kind
 from registrar import membership, tokens
@@ -287,8 +289,9 @@ def _reject_register(state: CoreState, node: str, payload: bytes, reason: str) -
     request_id = None
     code = ErrorCode.INVALID_REQUEST
     try:
-        data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        shallow = len(payload) <= MAX_PAYLOAD and json_depth(payload) <= MAX_DEPTH
+        data = json.loads(payload) if shallow else None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         data = None
     if isinstance(data, dict):
         rid = data.get("request_id")
@@ -468,21 +471,9 @@ def restore(
     )
 
 
-def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config) -> Outcome:
-    """A RegisterRequest that arrived without a topic (the HTTP API): the payload's node id is the topic's."""
-    node = None
-    try:
-        data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        data = None
-    if (
-        isinstance(data, dict)
-        and isinstance(data.get("node_id"), str)
-        and topics.is_valid_id(data["node_id"])
-    ):
-        node = data["node_id"]
-    if node is None:
-        return _nothing(state, rejected="registration without a valid node_id")
+def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config, node_id: str) -> Outcome:
+    """A RegisterRequest over the HTTP API from the node the API authenticated as `node_id`: the same rules as on
+    register/<node_id>, where the broker has authenticated the sender the same way."""
     return handle_message(
-        state, topics.build(config.mesh.mesh, Kind.REGISTER, node), payload, now=now, config=config
+        state, topics.build(config.mesh.mesh, Kind.REGISTER, node_id), payload, now=now, config=config
     )
