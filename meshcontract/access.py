@@ -116,8 +116,16 @@ def _granted(username: str | None, topic: topics.Topic, *, publish: bool, mesh: 
     return False
 
 
+def _registrar_topic(topic: str, mesh: str | None) -> bool:
+    # The registrar owns the tree (within its mesh when the broker serves one): anything under meshvpn/.
+    parts = topic.split("/")
+    return parts[0] == topics.ROOT and len(parts) > 1 and (mesh is None or len(parts) < 3 or parts[2] == mesh)
+
+
 def may_publish(username: str | None, topic: str, *, mesh: str | None = None) -> bool:
     """True if `username` may publish (or set a will) on the concrete `topic` (of `mesh`, when bound to one)."""
+    if role_of(username) is Role.REGISTRAR:
+        return _registrar_topic(topic, mesh)
     try:
         parsed = topics.parse(topic)
     except ContractError:
@@ -127,6 +135,8 @@ def may_publish(username: str | None, topic: str, *, mesh: str | None = None) ->
 
 def may_receive(username: str | None, topic: str, *, mesh: str | None = None) -> bool:
     """True if `username` may be sent a message published on concrete `topic` (retained delivery, too)."""
+    if role_of(username) is Role.REGISTRAR:
+        return _registrar_topic(topic, mesh)
     try:
         parsed = topics.parse(topic)
     except ContractError:

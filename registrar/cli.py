@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--owner", help="Mosquitto's user and group, owner of the files (Debian: mosquitto)")
     init.add_argument("--observer", action="store_true", help="also create the observer account (password printed)")
     init.add_argument("--force", action="store_true", help="replace an existing setup")
+    init.add_argument("--tls-name", action="append", help="a name or address the TLS certificate must cover")
     return p
 
 
