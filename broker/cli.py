@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 1883)")
     parser.add_argument("--allow-anonymous", action="store_true", default=None, help="let clients in without a username")
+    parser.add_argument("--mesh", help="the mesh whose topics accounts may use (default: any)")
+    parser.add_argument("--certfile", help="TLS certificate (with --keyfile: the listener speaks TLS)")
+    parser.add_argument("--keyfile", help="TLS private key")
     parser.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the broker (the default)")
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 "port": args.port,
                 "password_file": args.password_file,
                 "allow_anonymous": args.allow_anonymous,
+                "mesh": getattr(args, "mesh", None),
+                "certfile": getattr(args, "certfile", None),
+                "keyfile": getattr(args, "keyfile", None),
                 "log_json": args.log_json,
             },
         )

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 _SHUTDOWN_TIMEOUT_S = 3.0
 
 _TAKEOVER_WAIT_S = 5.0
+_ACCOUNT_CHECK_S = 1.0  # how soon a session whose account was deleted from the password file is dropped
 _CANCEL_AGAIN_S = 0.1  # a reader still running this long after its cancellation has lost it (see _MeshHandler.stop)
 _CONNECT_WAIT_S = 1.0  # at shutdown, how long connections that were still logging in get to end
 _START_TIMEOUT_S = 15.0
@@ -92,6 +93,11 @@ class PasswordFile:
             self._entries = access.parse_password_file(text)
             self._text = text
             log.info("loaded %d broker users from %s", len(self._entries), self.path)
+
+    def users(self) -> set[str]:
+        """Every username the file holds now."""
+        self._refresh()
+        return set(self._entries)
 
     def check(self, username: str, password: str) -> bool:
         """True if the file holds `username` with `password`."""
@@ -245,6 +251,21 @@ class MeshBroker(Broker):
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
         return self._passwords.check(username, password)
+
+    async def watch_accounts(self, interval_s: float) -> None:
+        """Drop the session of every account that left the password file (a removed node, a revoked observer),
+        within `interval_s`: a deleted credential must not keep working until the client happens to reconnect."""
+        if self._passwords is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                users = await asyncio.to_thread(self._passwords.users)
+            except OSError as exc:
+                log.warning("cannot re-read the password file: %s", exc)
+                continue
+            for username in [u for u in self._live if u not in users]:
+                await self.disconnect(username)
 
     async def disconnect(self, username: str) -> bool:
         """Drop the live session of `username` (its account was deleted); its will is published as for any
@@ -485,5 +506,7 @@ class EmbeddedBroker:
         if self.broker.open_access:
             log.warning("embedded broker is open: anonymous access and no ACL (no password file configured)")
         self._ready.set()
+        watcher = asyncio.ensure_future(self.broker.watch_accounts(_ACCOUNT_CHECK_S))
         await self._stop_requested.wait()
+        watcher.cancel()
         await self.broker.close(_SHUTDOWN_TIMEOUT_S)

@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
@@ -93,6 +93,7 @@ class _Connection:
     lost: threading.Event
     sub_mid: int | None = None
     snapshot_subscribed: bool = False
+    subscriptions: list[str] = field(default_factory=list)
 
 
 class ControlSession:
@@ -367,7 +368,6 @@ class ControlSession:
         registration = Registration(
             mesh_ip=reply.mesh_ip, prefix_len=reply.prefix_len, settings=reply.settings
         )
-        self._login.registered(reply.broker_password)
         with self._lock:
             previous, self._registration = self._registration, registration
         if registration != previous:
@@ -425,14 +425,15 @@ class ControlSession:
             (self._topic(Kind.SNAPSHOT), 1),
         ]
         conn.snapshot_subscribed = True
+        conn.subscriptions = [topic for topic, _ in subscriptions]
         _, conn.sub_mid = conn.client.subscribe(subscriptions)
 
     def _on_subscribe(self, conn: _Connection, mid: int, reason_codes: list[mqtt.ReasonCode]) -> None:
         if mid != conn.sub_mid:
             return
-        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        refused = [topic for topic, rc in zip(conn.subscriptions, reason_codes, strict=False) if rc.is_failure]
         if refused:
-            log.error("broker refused %s of our subscriptions (ACL?): %s", len(refused), refused)
+            log.error("broker refused our subscription to %s (access rules?)", ", ".join(refused), extra=self._fields())
         conn.subscribed.set()
 
     def _on_disconnect(self, conn: _Connection) -> None:

@@ -138,7 +138,7 @@ def _embedded_broker(settings: RegistrarSettings, keys: pki.RegistrarKeys, parts
     return broker, accounts, public
 
 
-def _mosquitto(settings: RegistrarSettings, keys: pki.RegistrarKeys, parts: _Parts):
+def _external_broker(settings: RegistrarSettings, keys: pki.RegistrarKeys, parts: _Parts):
     broker = settings.broker
     password = broker.password or read_secret(settings.state_dir / REGISTRAR_PASSWORD_FILE)
     if password is None:
@@ -157,13 +157,19 @@ def _mosquitto(settings: RegistrarSettings, keys: pki.RegistrarKeys, parts: _Par
     )
     accounts: BrokerAccounts | None = None
     admin_password = settings.broker_admin_password or read_secret(settings.state_dir / ADMIN_PASSWORD_FILE)
-    if admin_password is None:
-        log.warning(
-            "no broker admin password (broker_admin_password or %s): node broker accounts are not managed; "
-            "enrolled nodes cannot log in unless their accounts are provisioned by hand",
-            settings.state_dir / ADMIN_PASSWORD_FILE,
-        )
-    else:
+    mode = settings.broker_accounts
+    if mode == "auto":
+        mode = "dynsec" if admin_password is not None else "none"
+    if mode == "password_file":
+        # A standalone embedded broker (meshvpn-broker) on this host reading the same file: it drops the session
+        # of an account that disappears from it.
+        accounts = PasswordFileAccounts(settings.effective_password_file)
+    elif mode == "dynsec":
+        if admin_password is None:
+            raise RegistrarError(
+                f"broker_accounts = dynsec needs the broker admin password (broker_admin_password, or "
+                f"{settings.state_dir / ADMIN_PASSWORD_FILE} from `meshvpn-registrar mosquitto init`)"
+            )
         admin_settings = broker.model_copy(update={"username": access.BROKER_ADMIN_USER, "password": admin_password})
         client = make_client(admin_settings, client_id=access.BROKER_ADMIN_USER)
         admin = DynsecAdmin(client)
@@ -171,6 +177,12 @@ def _mosquitto(settings: RegistrarSettings, keys: pki.RegistrarKeys, parts: _Par
         connect_async(client, admin_settings)
         parts.admin_client = client
         accounts = DynsecAccounts(admin, mesh=settings.mesh)
+    else:
+        log.warning(
+            "node broker accounts are not managed (no broker admin password: broker_admin_password or %s): "
+            "enrolled nodes cannot log in unless their accounts are provisioned by hand",
+            settings.state_dir / ADMIN_PASSWORD_FILE,
+        )
     return broker, accounts, settings.public_broker_url or settings.broker.url
 
 
@@ -196,7 +208,7 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
         if settings.embedded_broker:
             broker, accounts, broker_url = _embedded_broker(settings, keys, parts)
         else:
-            broker, accounts, broker_url = _mosquitto(settings, keys, parts)
+            broker, accounts, broker_url = _external_broker(settings, keys, parts)
         service = RegistrarService(
             config=_config(settings),
             store=store,

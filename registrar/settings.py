@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +49,14 @@ class RegistrarSettings(BaseModel):
     password_file: Path | None = Field(
         default=None,
         description="the embedded broker's password file, where node accounts go (default: STATE_DIR/passwords)",
+    )
+    broker_accounts: Literal["auto", "dynsec", "password_file", "none"] = Field(
+        default="auto",
+        description=(
+            "how node broker accounts are managed: dynsec (Mosquitto's dynamic security plugin), password_file (an "
+            "embedded broker reading password_file), none (provisioned by hand); auto: the embedded broker's file, "
+            "else dynsec when a broker admin password is known, else none"
+        ),
     )
     broker_admin_password: str | None = Field(
         default=None,
@@ -135,6 +144,13 @@ class RegistrarSettings(BaseModel):
         if isinstance(value, str):
             return [n for n in value.replace(",", " ").split() if n]
         return value
+
+    @model_validator(mode="after")
+    def _registrar_username(self) -> RegistrarSettings:
+        # A partial broker table (only a password from MESHVPN_BROKER__PASSWORD, say) replaces the default whole.
+        if self.broker.username is None:
+            self.broker = self.broker.model_copy(update={"username": REGISTRAR_USER})
+        return self
 
     @model_validator(mode="after")
     def _grace(self) -> RegistrarSettings:
