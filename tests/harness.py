@@ -32,6 +32,7 @@ from polling import wait_for
 from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
 from nodeagent.settings import AgentSettings
+from nodeagent.statestore import Enrollment, StateStore
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
 MESH = "itmesh"
@@ -55,6 +56,20 @@ def agent_settings(state_dir: Path, broker_url: str, **overrides: Any) -> AgentS
     }
     values.update(overrides)
     return AgentSettings(**values)
+
+
+def pre_enroll(state_dir: Path, *, signing_key: str, mesh: str = MESH) -> str:
+    """Leave `state_dir` as enrolling would (identity, own password, whom to trust), without a registrar: for
+    agents driven by a test that plays the registrar's publishing side. Returns the node id."""
+    store = StateStore(state_dir)
+    store.ensure_dir()
+    node_id = store.node_id()
+    store.own_broker_password()
+    enrollment = Enrollment(
+        mesh=mesh, node_id=node_id, registrar_url="https://127.0.0.1:9", signing_key=signing_key, ca_pin="-" * 43
+    )
+    store.save_enrollment(enrollment, ca_pem="")
+    return node_id
 
 
 class Registrar:

@@ -11,9 +11,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from brokers import free_port
-from harness import agent_settings
+from harness import agent_settings, pre_enroll
 
 from meshcontract.messages import Endpoint, MemberRecord, MemberState, MeshSettings
+from meshcontract.signing import Signer
 from nodeagent.agent import Agent
 from nodeagent.membership import MemberTable
 from nodeagent.settings import AgentSettings
@@ -31,9 +32,9 @@ def _member(node: str, ip: str, state: MemberState = MemberState.ACTIVE) -> Memb
 
 
 def _prepared_state(state_dir: Path) -> tuple[list[MemberRecord], Registration]:
+    pre_enroll(state_dir, signing_key=Signer.generate().public_key, mesh="itmesh")
     store = StateStore(state_dir)
-    store.ensure_dir()
-    node_id = store.node_id("self")
+    node_id = store.node_id()
     members = [
         _member(node_id, "100.96.0.1"),
         _member("peer-b", "100.96.0.2"),

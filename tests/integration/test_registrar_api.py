@@ -12,12 +12,12 @@ import httpx
 import pytest
 from brokers import free_port
 from fastapi.testclient import TestClient
+from registrar.credentials import MemoryCredentials
 
 from meshcontract.messages import MeshSettings
 from meshcontract.transport import BrokerSettings
 from registrar import engine, tokens
 from registrar.api import HttpServer, create_app
-from registrar.credentials import MemoryCredentials
 from registrar.membership import LivenessPolicy
 from registrar.metrics import COUNTERS
 from registrar.service import RegistrarService

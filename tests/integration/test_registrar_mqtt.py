@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from brokers import free_port
 from polling import wait_for
+from registrar.credentials import PasswordFileCredentials
 
 from meshcontract import messages, topics
 from meshcontract.messages import (
@@ -40,7 +41,6 @@ from meshcontract.messages import (
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, make_client
 from registrar import engine, tokens
-from registrar.credentials import PasswordFileCredentials
 from registrar.membership import LivenessPolicy
 from registrar.service import RegistrarService
 from registrar.store import SqliteStore

@@ -11,6 +11,7 @@ import threading
 import pytest
 from brokers import free_port
 from polling import wait_for
+from registrar.credentials import MemoryCredentials
 
 from meshcontract import topics
 from meshcontract.messages import MeshSettings
@@ -18,7 +19,6 @@ from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings
 from registrar import engine, service, writer
 from registrar.api import render_metrics
-from registrar.credentials import MemoryCredentials
 from registrar.errors import CredentialsError
 from registrar.membership import LivenessPolicy
 from registrar.store import MemoryStore
