@@ -20,6 +20,7 @@ class BrokerLogin:
     """Broker settings for each new connection, with this node's credential."""
 
     def __init__(self, *, broker: BrokerSettings, store: StateStore, node_id: str) -> None:
+        self.broker = broker  # where and how (URL, TLS, keepalive), resolved from settings and enrollment
         self._broker = broker
         self._node_id = node_id
         self._password = broker.password if broker.password is not None else store.own_broker_password()

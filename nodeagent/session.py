@@ -232,7 +232,8 @@ class ControlSession:
 
         True if this connection registered, False if it did not, None if the broker was unreachable.
         """
-        host, port, _ = self._settings.broker.host_port()
+        broker = self._login.broker
+        host, port, _ = broker.host_port()
         conn = self._new_connection()
         with self._lock:
             self._conn = conn
@@ -241,9 +242,9 @@ class ControlSession:
         if self._stopping.is_set():
             return None
         try:
-            conn.client.connect(host, port, keepalive=self._settings.broker.keepalive_s)
+            conn.client.connect(host, port, keepalive=broker.keepalive_s)
         except OSError as exc:
-            log.warning("broker %s unreachable: %s", self._settings.broker.url, exc, extra=self._fields())
+            log.warning("broker %s unreachable: %s", broker.url, exc, extra=self._fields())
             return None
         conn.client.loop_start()
         registered = self._serve(conn)
@@ -410,7 +411,7 @@ class ControlSession:
             ) if reason_code.value in _AUTH_REFUSED else "the broker"
             log.error("broker refused the connection: %s (check %s)", reason_code, hint, extra=self._fields())
             return
-        log.info("connected to the broker %s", self._settings.broker.url, extra=self._fields())
+        log.info("connected to the broker %s", self._login.broker.url, extra=self._fields())
         conn.connected.set()
         with self._lock:
             # Unknown until the retained RegistrarStatus arrives: a broker that restarted empty has none, and
