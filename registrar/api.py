@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from meshcontract.ratelimit import RateLimiter, RatePolicy
 from starlette.concurrency import run_in_threadpool
 
 from meshcontract.errors import PayloadError
@@ -39,7 +39,9 @@ from meshcontract.messages import (
     RegistrarInfo,
     decode,
 )
+from meshcontract.ratelimit import RateLimiter, RatePolicy
 from registrar import api_admin
+from registrar.httpserver import MAX_BODY, BodyLimit
 from registrar.metrics import render_metrics
 from registrar.service import RegistrarService
 from registrar.views import Health, MemberView, MeshView
@@ -138,6 +140,14 @@ def create_app(
         ),
     )
     access = Access(service, admin_token=admin_token, local_admin=local_admin, rate=rate)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, and an input such as NaN cannot be rendered as JSON: that turned a
+        # bad request into a 500. Say where and why, never echo.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if not access.is_admin(credentials):

@@ -2,8 +2,8 @@
 
 Two listeners run the same application: the network one (TLS with the registrar's own certificate, which
 agents verify against the mesh CA pinned by their join token) and the admin socket in the state directory,
-whose file permissions (0600, the registrar's user) are what authenticates the CLI. Request bodies are capped
-before they are read, so a 64 MiB upload costs nothing.
+whose file permissions (0600, the registrar's user) are what authenticates the CLI. BodyLimit caps request bodies
+before they are read (registrar.api installs it), so a 64 MiB upload costs nothing.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class HttpServer:
             options.update(host=host, port=port)
             if certfile is not None:
                 options.update(ssl_certfile=str(certfile), ssl_keyfile=str(keyfile))
-        self._server = uvicorn.Server(uvicorn.Config(BodyLimit(app), **options))
+        self._server = uvicorn.Server(uvicorn.Config(app, **options))
         # Signals belong to the CLI's main thread, not to uvicorn in a worker thread.
         self._server.install_signal_handlers = lambda: None
         self._thread = threading.Thread(target=self._server.run, name="registrar-http", daemon=True)
