@@ -240,7 +240,6 @@ class Writer:
         self._link.announce(self.state.membership, from_revision=self._published_revision, changed=self._pending)
         self._published_revision = self.state.membership.revision
         self._pending.clear()
-        self._schedule = publishing.published(self._schedule, now=time.monotonic())
         self._counters.add("membership_publishes")
         log.info(
             "registrar %s to the broker, %d member records republished",
