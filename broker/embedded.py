@@ -291,7 +291,7 @@ class MeshBroker(Broker):
         if not self.open_access:
             username = incoming.username
             now = time.monotonic()
-            throttled = not self._failed_logins.allow(remote_address, now=now, cost=0)
+            throttled = self._failed_logins.retry_after(remote_address, now=now) > 0
             ok = not throttled and username is not None and self._credentials_ok(username, incoming.password)
             if not ok and not throttled:
                 self._failed_logins.allow(remote_address, now=now)  # a failed login costs from the allowance

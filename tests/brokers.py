@@ -134,6 +134,12 @@ class RunningBroker:
         _write_atomically(self.password_file, render_password_file(entries))
         self._reload()
 
+    def remove_user(self, name: str) -> None:
+        """Delete a user from the password file; the embedded broker drops its session within a second."""
+        entries = parse_password_file(self.password_file.read_text())
+        entries.pop(name, None)
+        _write_atomically(self.password_file, render_password_file(entries))
+
     def _reload(self) -> None:
         """Make the broker see the new password file (embedded: re-read on the next CONNECT)."""
 
@@ -255,9 +261,12 @@ class EmbeddedBrokerProcess(RunningBroker):
 
     kind = "amqtt"
 
-    def __init__(self, workdir: Path, *, users: dict[str, str] | None, allow_anonymous: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, users: dict[str, str] | None, allow_anonymous: bool = False, mesh: str | None = None
+    ) -> None:
         super().__init__(workdir, users=users)
         self.allow_anonymous = allow_anonymous or users is None
+        self.mesh = mesh
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "broker", "--host", self.host, "--port", str(self.port)]
@@ -265,6 +274,8 @@ class EmbeddedBrokerProcess(RunningBroker):
             cmd += ["--password-file", str(self.password_file)]
         if self.allow_anonymous:
             cmd.append("--allow-anonymous")
+        if self.mesh is not None:
+            cmd += ["--mesh", self.mesh]
         return cmd
 
 
@@ -276,10 +287,12 @@ def start_mosquitto(
 
 
 def start_embedded(
-    tmp_path: Path, *, users: dict[str, str] | None = None, allow_anonymous: bool = False
+    tmp_path: Path, *, users: dict[str, str] | None = None, allow_anonymous: bool = False, mesh: str | None = None
 ) -> RunningBroker:
-    """Start the embedded broker (`python -m broker`) on a random port. users=None: anonymous, no ACL."""
-    return EmbeddedBrokerProcess(_workdir(tmp_path, "amqtt"), users=users, allow_anonymous=allow_anonymous).start()
+    """Start the embedded broker (`python -m broker`) on a random port. users=None: anonymous, no ACL; `mesh`
+    binds it to one mesh, as the registrar runs it."""
+    workdir = _workdir(tmp_path, "amqtt")
+    return EmbeddedBrokerProcess(workdir, users=users, allow_anonymous=allow_anonymous, mesh=mesh).start()
 
 
 def _workdir(tmp_path: Path, kind: str) -> Path:

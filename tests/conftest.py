@@ -25,13 +25,13 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broke
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
     started: list[RunningBroker] = []
 
-    def make(users: dict[str, str] | None = None, *, mesh: str = "m1") -> RunningBroker:
-        """`mesh`: the mesh whose topics node accounts in `users` get on Mosquitto (the embedded broker is not
-        bound to one)."""
+    def make(users: dict[str, str] | None = None, *, mesh: str | None = None) -> RunningBroker:
+        """`mesh`: the mesh node accounts in `users` belong to (Mosquitto: their roles' topics, default m1) and
+        that the embedded broker is bound to (default: none, any mesh)."""
         if kind == "mosquitto":
-            broker = start_mosquitto(tmp_path, users=users, mesh=mesh)
+            broker = start_mosquitto(tmp_path, users=users, mesh=mesh or "m1")
         else:
-            broker = start_embedded(tmp_path, users=users)
+            broker = start_embedded(tmp_path, users=users, mesh=mesh)
         started.append(broker)
         return broker
 
