@@ -119,16 +119,16 @@ class _LimitedReader(ReaderAdapter):
     """
 
     def __init__(self, inner: ReaderAdapter, limit: int) -> None:
-        self._inner = inner
+        self.inner = inner
         self._limit = limit
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self._limit:
             raise PacketTooLarge(f"packet of more than {self._limit} bytes")
-        return await self._inner.read(n)
+        return await self.inner.read(n)
 
     def feed_eof(self) -> None:
-        self._inner.feed_eof()
+        self.inner.feed_eof()
 
 
 class _MeshHandler(BrokerProtocolHandler):
