@@ -60,7 +60,8 @@ def init(settings: RegistrarSettings, *, directory: Path, owner: str | None, obs
     try:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o750)
-        os.chown(directory, -1, gid)
+        # Mosquitto saves the plugin's file by writing a new one beside it and renaming: the directory is its.
+        os.chown(directory, uid, gid)
         write_atomically(dynsec_file, json.dumps(config, indent=1) + "\n")
         # Mosquitto rewrites this file whenever an account changes: it must own it.
         os.chown(dynsec_file, uid, gid)
