@@ -9,22 +9,34 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import paho.mqtt.client as mqtt
 
 from meshcontract import messages, topics
 from meshcontract.messages import RegisterReply, RegistrarStatus
+from meshcontract.ratelimit import RateLimiter, RatePolicy
 from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, connect_async, make_client, release
 from registrar import commands, stream
 from registrar.membership import Member, Membership
+from registrar.metrics import Counters
 
 log = logging.getLogger(__name__)
 
 QOS_RELIABLE = 1
 GOODBYE_WAIT_S = 3.0  # how long a stop waits for the broker to acknowledge our offline status
+# What one node may send: a few registrations and statuses at once, and heartbeats at well above any interval a
+# mesh would set (0.25 s here). Far beyond it is a flood.
+NODE_RATE = RatePolicy(rate_per_s=20.0, burst=40.0, max_sources=200_000)
+
+
+def _node_of(topic: str) -> str | None:
+    # The last level of a per-node topic is the sender's node id (the broker lets a node publish only its own).
+    parts = topic.rsplit("/", 1)
+    return parts[1] if len(parts) == 2 and parts[1] else None
 
 
 class BrokerLink:
@@ -40,6 +52,8 @@ class BrokerLink:
         clock: Callable[[], float],
         inbox: queue.SimpleQueue,
         signer: Signer,
+        node_rate: RatePolicy = NODE_RATE,
+        counters: Counters | None = None,
     ) -> None:
         self.mesh = mesh
         self._signer = signer
@@ -49,6 +63,9 @@ class BrokerLink:
         self._clock = clock
         self._inbox = inbox
         self._client: mqtt.Client | None = None
+        self._flood = RateLimiter(node_rate)  # only paho's network thread uses it
+        self._dropped = 0
+        self._counters = counters
 
     def start(self) -> None:
         """Create the client (with our offline status as its will) and start connecting."""
@@ -82,6 +99,18 @@ class BrokerLink:
         self._inbox.put(commands.Disconnected(str(reason_code)))
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        # Fairness before the single writer's queue: one node flooding (junk or valid-looking heartbeats) once
+        # left 1 of 15 other nodes' registrations answered within 5 s. Each node gets a budget; what exceeds
+        # it is dropped here, counted, and never costs the writer anything.
+        node = _node_of(msg.topic)
+        if node is not None and not self._flood.allow(node, now=time.monotonic()):
+            self._dropped += 1
+            if self._counters is not None:
+                self._counters.add("flood_dropped")
+            if self._dropped % 1000 == 1:
+                log.warning("dropping messages of a node over its rate (%d so far)", self._dropped,
+                            extra={"node_id": node})  # fmt: skip
+            return
         self._inbox.put(commands.Message(msg.topic, msg.payload))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:

@@ -33,6 +33,7 @@ COUNTERS: tuple[CounterSpec, ...] = (
     CounterSpec("enrollments_refused", "enrollments_refused_total", "Enrollments refused (token, key, ...)."),
     CounterSpec("auth_failures", "auth_failures_total", "HTTP requests with a wrong node credential or admin token."),
     CounterSpec("rate_limited", "rate_limited_total", "Requests refused because their source sent too many."),
+    CounterSpec("flood_dropped", "flood_dropped_total", "MQTT messages dropped: their node sent far too many."),
     CounterSpec("rejected", "rejected_messages_total", "Inputs rejected as malformed or refused."),
     CounterSpec("ignored", "ignored_messages_total", "Valid inputs without effect (stale epoch, unknown node)."),
     CounterSpec("messages", "messages_total", "MQTT messages received."),

@@ -82,6 +82,7 @@ class RegistrarService:
             clock=clock,
             inbox=self._queue,
             signer=signer,
+            counters=self._counters,
         )
         self._committer = Committer(store=store, accounts=accounts, counters=self._counters, reply=self._link.reply)
         self._ready = threading.Event()

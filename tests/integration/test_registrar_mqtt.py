@@ -725,3 +725,33 @@ def test_stale_retained_record_is_tombstoned(mesh):
     wait_for(
         lambda: obs.snapshot is not None and obs.complete() and "ghost" not in obs.members, what="ghost gone"
     )
+
+
+def test_a_flooding_node_does_not_starve_the_others(mesh):
+    """A member with valid credentials sends heartbeats as fast as it can; the others still join and stay, the
+    flood is dropped before the single writer (counted), and the flooder itself stays a member."""
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    flooder, *others = nodes(broker, closers, "n1", "n2", "n3", "n4")
+    flooder.join(svc)
+    stop = threading.Event()
+
+    def flood() -> None:
+        seq = 0
+        while not stop.is_set():
+            for _ in range(200):
+                seq += 1
+                hb = Heartbeat(node_id="n1", epoch=flooder.epoch, seq=seq, sent_at=time.time())
+                flooder.client.publish(flooder.topic(Kind.HEARTBEAT), messages.encode(hb), qos=0)
+            time.sleep(0.001)  # yield to paho's network thread so the queue drains to the broker
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    closers.append(lambda: (stop.set(), thread.join()))
+    wait_for(lambda: svc.counters["flood_dropped"] >= 2000, timeout=30, what="the flood reaching the registrar")
+    for node in others:
+        assert node.join(svc).ok
+    wait_for(lambda: all(svc.state.membership.members[n].state is MemberState.ACTIVE for n in ("n2", "n3", "n4")),
+             what="the others online during the flood")  # fmt: skip
+    assert svc.state.membership.members["n1"].state is MemberState.ACTIVE
+    assert svc.metrics()["counter_flood_dropped"] >= 2000
