@@ -19,10 +19,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult
+from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult, RotateResult
 from meshcontract.signing import Verifier
 from meshcontract.transport import BrokerSettings, make_client
 from nodeagent.credentials import BrokerLogin
@@ -94,6 +95,7 @@ class Agent:
         self._scheduler: BackgroundScheduler | None = None
         self._api = None
         self.enrollment: Enrollment | None = None
+        self._rotating = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self, *, stop: Waiter | None = None) -> None:
@@ -302,12 +304,50 @@ class Agent:
         """Answer one local API request (called from the local API server's threads)."""
         if request.op == "status":
             return LocalResponse(ok=True, status=self.status())
+        if request.op == "rotate-key":
+            try:
+                return LocalResponse(ok=True, rotated=self.rotate_key())
+            except AgentError as exc:
+                return LocalResponse(ok=False, error=str(exc))
         if not request.target:
             return LocalResponse(ok=False, error="ping needs a target: a node name or mesh IP")
         try:
             return LocalResponse(ok=True, ping=self.ping(request.target, count=request.count))
         except AgentError as exc:
             return LocalResponse(ok=False, error=str(exc))
+
+    def rotate_key(self) -> RotateResult:
+        """A new WireGuard key pair for this node, same node id and mesh IP; peers swap the key on the next delta.
+
+        The key file is replaced before the registrar is asked, and put back if it refuses: whatever the file
+        holds after a crash, the next registration (authenticated by our broker credential) makes it the mesh's
+        key. AgentError, leaving the old key in place, if the control plane is not reachable or refuses.
+        """
+        from wgctl import keys  # local: keeps module import light for meshctl
+
+        if self._session is None or self._reconciler is None:
+            raise AgentError("the agent is not running")
+        with self._rotating:
+            old = self.identity
+            private_key = keys.generate_private_key()
+            new = replace(old, private_key=private_key, public_key=keys.public_key(private_key))
+            self.store.replace_private_key(private_key)
+            try:
+                confirmed = self._session.rotate_key(new)
+            except AgentError:
+                self.store.replace_private_key(old.private_key)
+                raise
+            self.identity = new
+            self._reconciler.set_identity(new)
+            # Now, not at the next wake-up: until the interface has the new key, no peer that already swapped
+            # can reach us.
+            self._reconciler.reconcile_once("key rotated")
+            self.counters["key_rotations"] += 1
+            log.info("rotated the WireGuard key (was %s)", old.public_key, extra=self._fields())
+            return RotateResult(
+                previous_public_key=old.public_key, public_key=new.public_key, mesh_ip=self.mesh_ip,
+                confirmed=confirmed,
+            )  # fmt: skip
 
     def status(self) -> AgentStatus:
         """This agent and its peers as `meshctl status` shows them."""

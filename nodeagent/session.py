@@ -42,7 +42,7 @@ from meshcontract.topics import Kind
 from meshcontract.transport import make_client, release
 from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
-from nodeagent.errors import RegistrationRefused
+from nodeagent.errors import AgentError, RegistrationRefused
 from nodeagent.identity import Identity
 from nodeagent.membership import Applied
 from nodeagent.meshstate import MeshState
@@ -320,9 +320,9 @@ class ControlSession:
                 return True
         return False
 
-    def _send_register(self, conn: _Connection) -> str:
+    def _send_register(self, conn: _Connection, identity: Identity | None = None) -> str:
         request_id = secrets.token_urlsafe(12)
-        me = self._me
+        me = identity or self._me
         assert me.endpoint is not None
         request = RegisterRequest(
             request_id=request_id,
@@ -336,6 +336,39 @@ class ControlSession:
         conn.client.publish(self._topic(Kind.REGISTER, me.node_id), messages.encode(request), qos=1)
         log.info("registering (epoch %s)", conn.epoch, extra=self._fields(epoch=conn.epoch))
         return request_id
+
+    # -- key rotation (the local API's thread) -----------------------------------------------------------
+    def rotate_key(self, identity: Identity) -> bool:
+        """Register `identity` (this node with a new key) on the current connection and make it ours.
+
+        True if the registrar confirmed it. False if it did not answer in time: the new key is ours anyway and
+        the connection is closed cleanly, so the next one registers it (whether or not the registrar saw this
+        request, it ends up with the key we use). AgentError, changing nothing, if we are not registered now or
+        the registrar refused the new key.
+        """
+        with self._lock:
+            conn = self._conn
+        if conn is None or conn.lost.is_set() or not self.registered.is_set() or not self.registrar_online:
+            raise AgentError(
+                "not registered with an online registrar right now; the key is unchanged "
+                "(retry when `meshctl status` shows the broker connected and the registrar online)"
+            )
+        request_id = self._send_register(conn, identity)
+        reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
+        if reply is not None and not reply.ok:
+            error = reply.error
+            raise AgentError(
+                f"the registrar refused the new key ({error.code}: {error.message}); the key is unchanged"
+                if error else "the registrar refused the new key; the key is unchanged"
+            )
+        self._me = identity
+        if reply is None:
+            log.warning("the registrar did not confirm the new key in time; registering it on a new connection",
+                        extra=self._fields())  # fmt: skip
+            conn.client.disconnect()  # clean: no will; the session reconnects with a new epoch and registers
+            return False
+        log.info("key rotated: registered public key %s", identity.public_key, extra=self._fields(event="rotated"))
+        return True
 
     def _wait_reply(
         self, conn: _Connection, request_id: str, timeout: float, *, kicks_before: int | None = None

@@ -126,6 +126,11 @@ class StateStore:
         except KeyFileError as exc:
             raise StateDirError(str(exc)) from exc
 
+    def replace_private_key(self, private_key: str) -> None:
+        """Replace the WireGuard private key (0600, atomically: a crash leaves the old key or the new one)."""
+        keys.decode_key(private_key)
+        write_atomic(self.dir / "private.key", private_key + "\n", mode=0o600)
+
     def node_id(self, configured: str | None = None) -> str:
         """The node id: `configured` if given (and then persisted), else the stored one, else a new one."""
         stored = (self._read("node_id") or "").strip() or None

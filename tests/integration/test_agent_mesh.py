@@ -17,6 +17,7 @@ from harness import HEARTBEAT_S, IFNAME, MESH, RECONCILE_S, REGISTRAR_PASSWORD, 
 from polling import wait_for
 
 from meshcontract import messages, topics
+from meshcontract.localapi import LocalRequest
 from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot
 from meshcontract.signing import Signer
 from meshcontract.topics import Kind
@@ -309,3 +310,58 @@ def test_a_lost_enrollment_reply_does_not_lock_the_node_out(tmp_path: Path) -> N
         if mesh is not None:
             mesh.close()
         registrar.kill()
+
+
+def test_rotate_key_keeps_the_ip_and_touches_no_other_pair(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.node("alpha")
+    old_key, ip = alpha.running.public_key, alpha.running.mesh_ip
+    key_file = alpha.settings.state_dir / "private.key"
+    for node in mesh.running():
+        node.wireguard.clear_operations()
+
+    rotated = alpha.running.handle_local(LocalRequest(op="rotate-key"))
+
+    assert rotated.ok and rotated.rotated is not None, rotated.error
+    new_key = rotated.rotated.public_key
+    assert rotated.rotated.confirmed and rotated.rotated.previous_public_key == old_key and new_key != old_key
+    assert rotated.rotated.mesh_ip == ip == alpha.running.mesh_ip
+    assert keys.public_key(keys.read_private_key(key_file)) == new_key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # alpha's interface uses the new key at once; every peer swaps alpha's key for the new one, same IP
+    assert alpha.wireguard.read(IFNAME).public_key == new_key
+    mesh.wait_complete()
+    for other in ("beta", "gamma"):
+        peers = mesh.node(other).peers()
+        assert peers.get(new_key) == (f"{ip}/32",) and old_key not in peers
+    # the registrar has it too, and nothing between beta and gamma was touched
+    assert {n["node_id"]: n["public_key"] for n in mesh.registrar.nodes()}[alpha.running.node_id] == new_key
+    beta, gamma = mesh.node("beta"), mesh.node("gamma")
+    assert not [op for op in beta.wireguard.operations if op.peer == gamma.running.public_key]
+    assert not [op for op in gamma.wireguard.operations if op.peer == beta.running.public_key]
+
+    # a restart keeps the new key (and the IP); the mesh stays complete
+    mesh.stop("alpha")
+    agent = mesh.start("alpha")
+    wait_for(lambda: agent.registered.is_set(), timeout=20, what="alpha registered again")
+    assert agent.public_key == new_key and agent.mesh_ip == ip
+    mesh.wait_complete()
+
+
+def test_rotate_key_refused_while_the_control_plane_is_away_changes_nothing(mesh: Mesh) -> None:
+    mesh.add("alpha")
+    mesh.add("beta")
+    mesh.wait_complete()
+    alpha = mesh.node("alpha")
+    before = alpha.running.public_key
+    mesh.registrar.kill()
+    wait_for(lambda: not alpha.running.status().registrar_online, timeout=20, what="alpha sees the registrar gone")
+
+    refused = alpha.running.handle_local(LocalRequest(op="rotate-key"))
+
+    assert not refused.ok and "unchanged" in (refused.error or "")
+    assert alpha.running.public_key == before
+    assert keys.public_key(keys.read_private_key(alpha.settings.state_dir / "private.key")) == before
+    assert alpha.wireguard.read(IFNAME).public_key == before
