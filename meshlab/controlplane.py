@@ -13,11 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from broker.mosquitto_config import (
-    ACL_FILE,
     ALL_LOG_TYPES,
+    DynsecAuth,
+    Listener,
     MosquittoConfig,
     MosquittoLogging,
-    PasswordFileAuth,
+    TlsFiles,
     render,
 )
 from meshlab import system
@@ -26,16 +27,20 @@ from meshlab.errors import LabError
 from meshlab.plan import BROKER_PORT, HTTP_PORT, LabPlan
 from meshlab.state import LabState
 from meshlab.waiting import wait_for
+from registrar.dynsec import plugin_path
 
 
-def lab_mosquitto_config(plan: LabPlan, *, control_dir: str) -> MosquittoConfig:
-    """The shipped broker settings, listening on the lab's underlay only, with the lab's files. No I/O here."""
+def lab_mosquitto_config(plan: LabPlan, *, control_dir: str, plugin: str) -> MosquittoConfig:
+    """The shipped broker settings, listening on the lab's underlay only, with the lab's files. No I/O here.
+
+    `meshvpn-registrar mosquitto init` wrote control_dir/mosquitto/ (accounts, the registrar's certificate).
+    """
+    files = f"{control_dir}/mosquitto"
     return MosquittoConfig(
-        listen_host=plan.control_ip,
-        listen_port=BROKER_PORT,
-        auth=PasswordFileAuth(password_file=f"{control_dir}/passwords", acl_file=str(ACL_FILE)),
-        # Started as root Mosquitto would switch to its own user, which cannot read the root-owned 0600 password
-        # file the registrar rewrites; in the lab it keeps running as root inside its namespace.
+        listeners=(Listener(plan.control_ip, BROKER_PORT, TlsFiles(f"{files}/server.pem", f"{files}/server.key")),),
+        auth=DynsecAuth(config_file=f"{files}/dynamic-security.json", plugin=plugin),
+        # Started as root Mosquitto would switch to its own user, which cannot read the lab's root-owned files;
+        # in the lab it keeps running as root inside its namespace.
         run_as="root",
         logging=MosquittoLogging(file=f"{control_dir}/mosquitto.log", types=ALL_LOG_TYPES, connection_messages=True),
     )
@@ -104,7 +109,8 @@ class ControlPlane:
 
     def registrar_health(self, plan: LabPlan) -> dict | None:
         """The registrar's GET /healthz body, asked inside the control namespace; None if it does not answer."""
-        argv = [sys.executable, "-m", "meshlab.healthcheck", f"{plan.http_url}/healthz", "--timeout", "2"]
+        argv = [sys.executable, "-m", "meshlab.healthcheck", f"{plan.http_url}/healthz", "--timeout", "2",
+                "--cafile", str(self.store.control_dir / "ca.pem")]
         proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=10, env=child_env(),
                           cwd=PACKAGE_ROOT)
         if proc.returncode != 0:
@@ -120,8 +126,6 @@ class ControlPlane:
         env = child_env()
         env["MESHVPN_STATE_DIR"] = str(self.store.control_dir)
         env["MESHVPN_MESH"] = st.mesh
-        if st.broker == "mosquitto" and (self.store.control_dir / "mosquitto.pid").exists():
-            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
         proc = system.run([tool("meshvpn-registrar"), *args], env=env)
         return proc.stdout
 
@@ -135,6 +139,8 @@ class ControlPlane:
             "--mesh", st.mesh,
             "--heartbeat-interval", str(st.heartbeat_interval_s),
             "--heartbeat-ttl", str(st.heartbeat_ttl_s),
+            # First name in the certificate and the host nodes are told to use (broker URL, join command).
+            "--tls-name", plan.control_ip,
         ]
         if st.broker == "embedded":
             argv += ["--embedded-broker", "--broker-listen", f"{plan.control_ip}:{BROKER_PORT}"]
@@ -143,12 +149,8 @@ class ControlPlane:
         return argv
 
     def _registrar_env(self, st: LabState) -> dict[str, str]:
-        env = child_env()
-        if st.broker == "mosquitto":
-            env["MESHVPN_BROKER__USERNAME"] = "registrar"
-            env["MESHVPN_BROKER__PASSWORD"] = (self.store.control_dir / "registrar.password").read_text().strip()
-            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
-        return env
+        # With Mosquitto the registrar reads its broker passwords from its state directory (mosquitto init).
+        return child_env()
 
     def _start_registrar(self, st: LabState, plan: LabPlan) -> None:
         if system.record_state(st.control.registrar) != "stopped":
@@ -171,19 +173,16 @@ class ControlPlane:
 
     # --- mosquitto -------------------------------------------------------------------------------------------
 
-    def _mosquitto_reload_command(self) -> str:
-        # Mosquitto re-reads its password file on SIGHUP. The pid file is rewritten on every broker start, so
-        # the registrar's command stays right across `meshlab broker stop|start`.
-        pid_file = self.store.control_dir / "mosquitto.pid"
-        return f"sh -c 'kill -HUP \"$(cat {pid_file})\"'"
-
     def _prepare_mosquitto(self, st: LabState, plan: LabPlan) -> None:
-        """Write mosquitto.conf and issue the registrar's broker credentials into the shared password file."""
+        """Accounts and TLS files for Mosquitto (`meshvpn-registrar mosquitto init`), then mosquitto.conf."""
         control = self.store.control_dir
-        password = self.registrar_cli(st, ["credentials", "issue", "registrar"]).strip().splitlines()[-1]
-        (control / "registrar.password").write_text(password + "\n")
-        (control / "registrar.password").chmod(0o600)
-        (control / "mosquitto.conf").write_text(render(lab_mosquitto_config(plan, control_dir=str(control))))
+        plugin = plugin_path()
+        if plugin is None:
+            raise LabError("Mosquitto's dynamic security plugin is not installed (apt-get install mosquitto)")
+        self.registrar_cli(st, ["mosquitto", "init", "--dir", str(control / "mosquitto"), "--force",
+                                "--state-dir", str(control), "--tls-name", plan.control_ip])  # fmt: skip
+        config = lab_mosquitto_config(plan, control_dir=str(control), plugin=plugin)
+        (control / "mosquitto.conf").write_text(render(config))
 
     def _start_mosquitto(self, st: LabState, plan: LabPlan) -> None:
         if system.record_state(st.control.broker) != "stopped":

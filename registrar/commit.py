@@ -1,11 +1,14 @@
 """Committing the writer's decisions, then making them visible, in the order every guarantee rests on.
 
-1. A joining node's own broker password goes into the password file first: whatever crashes or gets lost after
-   that, the node can log in with the password it holds. Failing here commits nothing (no token is spent).
+1. An enrolling node's broker account is created first (registrar.accounts), with the password it chose: whatever
+   crashes or gets lost after that, the node can log in with the password it holds and retry its enrollment.
+   Failing here commits nothing (no token is spent). An account without a member (a crash right after this
+   step) is deleted by registrar.accounts.reconcile at the next start.
 2. The deltas of a whole batch are committed in one store transaction (group commit: one fsync per burst).
    Failing here drops the batch: the state is not swapped, and every registration in it is told to retry.
-3. Only then does anything become visible: events are logged and counted, replies published, and the nodes
-   whose records changed handed back to the writer, which schedules their publication.
+3. Only then does anything become visible: events are logged and counted, replies published, removed members'
+   broker accounts deleted (their sessions dropped), and the nodes whose records changed handed back to the
+   writer, which schedules their publication.
 
 Runs in the writer thread only.
 """
@@ -16,10 +19,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from meshcontract import access
 from meshcontract.messages import ErrorCode, RegisterReply
 from registrar import engine
-from registrar.credentials import Credentials
+from registrar.accounts import BrokerAccounts
 from registrar.errors import CredentialsError, StoreError
 from registrar.membership import Event
 from registrar.metrics import Counters
@@ -46,18 +48,18 @@ class Committed:
 
 
 class Committer:
-    """Commits outcomes to `store` (and passwords to `credentials`), then shows them; see the module docstring."""
+    """Commits outcomes to `store` (and broker accounts to `accounts`), then shows them; see the module docstring."""
 
     def __init__(
         self,
         *,
         store: Store,
-        credentials: Credentials | None,
+        accounts: BrokerAccounts | None,
         counters: Counters,
         reply: Callable[[str, RegisterReply], None],
     ) -> None:
         self._store = store
-        self._credentials = credentials
+        self._accounts = accounts
         self._counters = counters
         self._reply = reply
 
@@ -79,10 +81,10 @@ class Committer:
                 self._counters.add("ignored")
                 log.debug("ignored input: %s", outcome.ignored, extra={"node_id": node})
         try:
-            self._adopt_passwords(outcomes)
+            self._create_accounts(outcomes)
         except CredentialsError as exc:
-            log.error("cannot store broker credentials, %d commands dropped: %s", len(outcomes), exc)
-            return self._fail(current, outcomes, "cannot store broker credentials, retry", publish_replies)
+            log.error("cannot create broker accounts, %d commands dropped: %s", len(outcomes), exc)
+            return self._fail(current, outcomes, "cannot create broker accounts, retry", publish_replies)
         deltas = [o.delta for o in outcomes if not o.delta.is_empty()]
         if deltas:
             try:
@@ -95,6 +97,7 @@ class Committer:
         committed = Committed(state, [])
         for outcome in outcomes:
             committed.outcomes.append(self._show(outcome, committed.touched, publish_replies))
+        self._remove_accounts(outcomes)
         return committed
 
     def _fail(
@@ -103,6 +106,9 @@ class Committer:
         """Nothing of the batch happened: answer every registration in it with a retryable error."""
         failed = []
         for outcome in outcomes:
+            if outcome.enroll_reply is not None and outcome.enroll_reply.ok:
+                refused = engine.enroll_error(outcome.enroll_reply.node_id, ErrorCode.INTERNAL, message)
+                outcome = replace(outcome, state=current, enroll_reply=refused, delta=engine.Delta())
             if outcome.reply is not None:
                 reply = engine.error_reply(
                     outcome.reply.request_id, outcome.reply.node_id, ErrorCode.INTERNAL, message
@@ -113,26 +119,31 @@ class Committer:
             failed.append(outcome)
         return Committed(current, failed)
 
-    def _adopt_passwords(self, outcomes: list[engine.Outcome]) -> None:
-        """Store the own broker password of each node admitted by this batch that has no entry yet.
-
-        Only a registration that admits the node counts (it redeemed a join token): a re-registration of an
-        existing member needs no token, and over HTTP its sender proved nothing, so it must not set credentials.
-        """
-        if self._credentials is None:
-            return
-        offered = {}
+    def _create_accounts(self, outcomes: list[engine.Outcome]) -> None:
+        """Create the broker accounts of the nodes this batch enrolls (also again for a retried enrollment: an
+        account lost on the broker's side is repaired that way)."""
+        wanted = {}
         for o in outcomes:
-            if o.broker_password is None or o.reply is None or not o.reply.ok or not o.change.joined:
-                continue
-            if o.broker_password.startswith(access.JOIN_PASSWORD_PREFIX):
-                log.warning("ignoring a broker password shaped like a join token", extra={"node_id": o.node_id})
-                continue
-            offered[o.reply.node_id] = o.broker_password
-        if not offered:
+            if o.enroll_reply is not None and o.enroll_reply.ok:
+                wanted.update(dict(o.accounts_add))
+        if wanted and self._accounts is not None:
+            self._accounts.ensure(wanted)
+            for node in sorted(wanted):
+                log.info("broker account ready (the node's own password)", extra={"node_id": node})
+
+    def _remove_accounts(self, outcomes: list[engine.Outcome]) -> None:
+        gone = sorted({node for o in outcomes for node in o.accounts_remove})
+        if not gone or self._accounts is None:
             return
-        for node in self._credentials.adopt(offered):
-            log.info("broker credentials stored (the node's own password)", extra={"node_id": node})
+        try:
+            self._accounts.remove(gone)
+        except CredentialsError as exc:
+            # Committed already: the accounts are orphans now, and registrar.accounts.reconcile deletes them at
+            # the next start. Loud, because a removed node can still log in until then.
+            log.error("cannot delete the broker accounts of %s: %s", ", ".join(gone), exc)
+            return
+        for node in gone:
+            log.info("broker account deleted, session dropped", extra={"node_id": node})
 
     def _show(self, outcome: engine.Outcome, touched: list[Touched], publish_replies: bool) -> engine.Outcome:
         """Log and count the events of one committed outcome, note what to publish, answer it."""
@@ -158,31 +169,10 @@ class Committer:
         if outcome.reply is not None:
             if outcome.reply.ok:
                 self._counters.add("registrations")
-                outcome = self._with_credentials(outcome)
             else:
                 self._counters.add("registrations_refused")
             if publish_replies and outcome.reply_to is not None:
                 self._reply(outcome.reply_to, outcome.reply)
+        if outcome.enroll_reply is not None:
+            self._counters.add("enrollments" if outcome.enroll_reply.ok else "enrollments_refused")
         return outcome
-
-    def _with_credentials(self, outcome: engine.Outcome) -> engine.Outcome:
-        reply = outcome.reply
-        assert reply is not None
-        if self._credentials is None:
-            return outcome
-        if outcome.broker_password is not None:
-            return outcome  # stored before the commit (or the node already had an entry)
-        # An older agent sends no password of its own: issue one in the reply, as registrars always did.
-        try:
-            if self._credentials.has(reply.node_id):
-                return outcome
-            password = self._credentials.issue(reply.node_id)
-        except CredentialsError as exc:
-            # The membership is committed; a retry (same key) finds no password entry and issues again.
-            log.error("cannot issue broker credentials: %s", exc, extra={"node_id": reply.node_id})
-            failed = engine.error_reply(
-                reply.request_id, reply.node_id, ErrorCode.INTERNAL, "cannot issue broker credentials, retry"
-            )
-            return replace(outcome, reply=failed)
-        log.info("broker credentials issued", extra={"node_id": reply.node_id})
-        return replace(outcome, reply=reply.model_copy(update={"broker_password": password}))

@@ -29,10 +29,17 @@ COUNTERS: tuple[CounterSpec, ...] = (
     CounterSpec("registrations", "registrations_total", "Registrations answered ok (MQTT and HTTP)."),
     CounterSpec("registrations_refused", "registrations_refused_total", "Registrations refused with an error reply."),
     CounterSpec("joins", "joins_total", "New members admitted."),
+    CounterSpec("enrollments", "enrollments_total", "Enrollments answered ok (including retries)."),
+    CounterSpec("enrollments_refused", "enrollments_refused_total", "Enrollments refused (token, key, ...)."),
+    CounterSpec("auth_failures", "auth_failures_total", "HTTP requests with a wrong node credential or admin token."),
+    CounterSpec("rate_limited", "rate_limited_total", "Requests refused because their source sent too many."),
+    CounterSpec("flood_dropped", "flood_dropped_total", "MQTT messages dropped: their node sent far too many."),
     CounterSpec("rejected", "rejected_messages_total", "Inputs rejected as malformed or refused."),
     CounterSpec("ignored", "ignored_messages_total", "Valid inputs without effect (stale epoch, unknown node)."),
     CounterSpec("messages", "messages_total", "MQTT messages received."),
-    CounterSpec("roster_publishes", "roster_publishes_total", "Roster publishes (bursts are batched)."),
+    CounterSpec(
+        "membership_publishes", "membership_publishes_total", "Membership delta + snapshot publishes (bursts are batched)."
+    ),
     CounterSpec("store_errors", "store_errors_total", "Failed store commits (the command was dropped)."),
     CounterSpec(
         "internal_errors", "internal_errors_total", "Commands that failed with an unexpected error (a bug; logged)."
@@ -75,3 +82,43 @@ def numbers(
     if liveness_checked_at is not None:
         out["liveness_checked_at"] = liveness_checked_at
     return out
+
+
+_GAUGES = [
+    ("revision", "Current membership revision.", "revision"),
+    ("quarantined_ips", "Released IPs still in quarantine.", "quarantined_ips"),
+    ("broker_connected", "1 while connected to the broker.", "broker_connected"),
+    (
+        "liveness_checked_timestamp_seconds",
+        "When liveness was last judged (unix time); absent before the first check.",
+        "liveness_checked_at",
+    ),
+]
+
+
+def render_metrics(values: dict[str, float]) -> str:
+    """Prometheus text exposition of the registrar's numbers (RegistrarService.metrics())."""
+    lines = []
+
+    def family(name: str, kind: str, help_text: str) -> str:
+        full = f"meshvpn_registrar_{name}"
+        lines.extend([f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"])
+        return full
+
+    full = family("members", "gauge", "Members by state.")
+    for state in MemberState:
+        lines.append(f'{full}{{state="{state.value}"}} {_number(values.get(f"members_{state.value}", 0))}')
+    # Every counter the service keeps is declared in registrar.metrics.COUNTERS, so every one is exported.
+    for spec in COUNTERS:
+        full = family(spec.metric, "counter", spec.help)
+        lines.append(f"{full} {_number(values.get(f'counter_{spec.key}', 0))}")
+    for name, help_text, key in _GAUGES:
+        if key in values:
+            full = family(name, "gauge", help_text)
+            lines.append(f"{full} {_number(values[key])}")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    # Full precision: ':g' would print a counter of 1234567 as 1.23457e+06 and a unix time to the ten seconds.
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -18,12 +18,16 @@ from concurrent.futures import Future
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from meshcontract import access
+from meshcontract.messages import EnrollRequest
+from meshcontract.signing import Signer
 from meshcontract.transport import BrokerSettings
-from registrar import commands, engine, metrics, publishing, ticks, tokens
+from registrar import accounts as broker_accounts
+from registrar import commands, engine, metrics, publishing, ticks
+from registrar.accounts import BrokerAccounts
 from registrar.broker_link import BrokerLink
 from registrar.commit import Committer
-from registrar.credentials import Credentials
-from registrar.errors import Refused
+from registrar.errors import CredentialsError
 from registrar.store import Store
 from registrar.writer import Writer
 
@@ -46,7 +50,8 @@ class RegistrarService:
         broker: BrokerSettings,
         network: str,
         quarantine_s: float,
-        credentials: Credentials | None = None,
+        signer: Signer,
+        accounts: BrokerAccounts | None = None,
         publish_window_s: float = 0.2,
         publish_max_delay_s: float = 1.0,
         offline_doubt_s: float = 2.0,
@@ -67,12 +72,19 @@ class RegistrarService:
         self._publish_policy = publishing.PublishPolicy(publish_window_s, publish_max_delay_s, will_hold_s)
         self._queue: queue.SimpleQueue[commands.Command] = queue.SimpleQueue()
         self._counters = metrics.Counters()
+        self.signer = signer
+        self._accounts = accounts
         self._link = BrokerLink(
-            broker, mesh=self.mesh, instance=self.instance, started_at=self.started_at, clock=clock, inbox=self._queue
+            broker,
+            mesh=self.mesh,
+            instance=self.instance,
+            started_at=self.started_at,
+            clock=clock,
+            inbox=self._queue,
+            signer=signer,
+            counters=self._counters,
         )
-        self._committer = Committer(
-            store=store, credentials=credentials, counters=self._counters, reply=self._link.reply
-        )
+        self._committer = Committer(store=store, accounts=accounts, counters=self._counters, reply=self._link.reply)
         self._ready = threading.Event()
         self._writer: Writer | None = None
         self._thread: threading.Thread | None = None
@@ -91,8 +103,10 @@ class RegistrarService:
             network=self._network,
             quarantine_s=self._quarantine_s,
             started_at=self._clock(),
+            revoked=stored.revoked,
         )
         ms = state.membership
+        self._reconcile_accounts(ms.members)
         log.info(
             "registrar state loaded: %d members, revision %d", len(ms.members), ms.revision,
             extra={"revision": ms.revision},
@@ -127,6 +141,16 @@ class RegistrarService:
         )
         self._scheduler.start()
         self._link.start()
+
+    def _reconcile_accounts(self, members) -> None:
+        # An enrollment that crashed after its account was created and before its commit leaves an account
+        # without a member: no credential may outlive its membership.
+        if self._accounts is None:
+            return
+        try:
+            broker_accounts.reconcile(self._accounts, members)
+        except CredentialsError as exc:
+            log.warning("could not check the broker's accounts against the members: %s", exc)
 
     def wait_ready(self, timeout: float) -> bool:
         """True once connected and subscribed (the first time); False on timeout."""
@@ -173,15 +197,6 @@ class RegistrarService:
             liveness_checked_at=self._writer.checked_at if self._writer is not None else None,
         )
 
-    def token_valid(self, token: str) -> bool:
-        """Whether `token` could admit a node now (the embedded broker's join-token login check)."""
-        table = {t.id: t for t in self._store.load_tokens()}
-        try:
-            tokens.check(table, token, now=self._clock())
-        except Refused:
-            return False
-        return True
-
     # ---- commands from other threads (HTTP API, CLI) --------------------------------------------------
 
     def call(
@@ -196,11 +211,37 @@ class RegistrarService:
         self._queue.put(commands.Call(fn, future, refresh_tokens))
         return future.result(timeout)
 
-    def register_payload(self, payload: bytes, *, timeout: float = 10.0) -> engine.Outcome:
-        """A registration over HTTP: same rules, same writer; the reply comes back instead of being published."""
+    def register_payload(self, payload: bytes, *, node_id: str, timeout: float = 10.0) -> engine.Outcome:
+        """A registration over HTTP from the authenticated node `node_id`: same rules, same writer; the reply
+        comes back instead of being published."""
         config = self.config
         return self.call(
-            lambda state, now: engine.register_payload(state, payload, now=now, config=config),
+            lambda state, now: engine.register_payload(state, payload, now=now, config=config, node_id=node_id),
+            timeout=timeout,
+        )
+
+    def enroll(self, request: EnrollRequest, *, timeout: float = 10.0) -> engine.Outcome:
+        """Enroll a node with a join token (HTTPS): decided by the writer like everything else."""
+        # Hashing salts with randomness, so it happens here; it is also the slow part, kept off the writer.
+        password_hash = access.hash_password(request.password)
+        config = self.config
+        return self.call(
+            lambda state, now: engine.enroll(state, request, now=now, config=config, password_hash=password_hash),
             refresh_tokens=True,
             timeout=timeout,
         )
+
+    def set_service_account(self, username: str, password: str) -> None:
+        """Create or re-password the observer's (or the registrar's) broker account. CredentialsError if this
+        registrar does not manage the broker's accounts."""
+        if self._accounts is None:
+            raise CredentialsError("this registrar does not manage the broker's accounts")
+        self._accounts.set_service_account(username, password)
+
+    def count(self, key: str) -> None:
+        """Count an event another thread saw (registrar.metrics.COUNTERS keys), e.g. the HTTP API's refusals."""
+        self._counters.add(key)
+
+    def authenticate(self, node_id: str, password: str) -> bool:
+        """Whether `password` is member `node_id`'s credential (checked against the latest committed state)."""
+        return engine.authenticate(self.state, node_id, password)

@@ -4,7 +4,8 @@ Every input reaches the registrar as a command in one queue (registrar.commands)
 ticks and connection events are serialised with each other. Per round the writer drains a batch of messages
 and decides them one by one with the pure engine, commits the batch (registrar.commit) and only then makes it
 visible, handles the one other command that ended the batch, and then does what the clock asks: a liveness
-tick (registrar.ticks) and the publication of changed records and the roster (registrar.publishing).
+tick (registrar.ticks) and the publication of the membership stream: a signed delta from the last published
+revision, and the signed retained snapshot (registrar.publishing decides when, registrar.stream what).
 
 On every (re)connection it revives the members whose last will arrived within `offline_doubt_s` before the
 connection was lost (a stopping broker publishes every client's will just before it drops us, so those say
@@ -69,8 +70,10 @@ class Writer:
         self._ready = ready
         self._clock = clock  # wall clock: what the state and the messages carry; schedules use time.monotonic()
         self._schedule = publishing.PublishSchedule()
-        self._pending: set[str] = set()  # node ids whose record (or tombstone) awaits the next publish
-        self._roster_due = False
+        # Node ids whose record changed (or who left) since the revision agents were last told about: the next
+        # delta goes from that revision to the current one and carries exactly these.
+        self._pending: set[str] = set()
+        self._published_revision = state.membership.revision
         self._tick_waiting_since: float | None = None
         self._lost_at: float | None = None  # when the broker connection was last lost
 
@@ -161,8 +164,6 @@ class Writer:
             if parsed is not None and parsed.kind is Kind.MEMBERS:
                 self._check_retained_record(parsed.node, msg.payload)
                 continue
-            if parsed is not None and parsed.kind is Kind.REGISTER and parsed.node not in state.membership.members:
-                state = self._with_stored_tokens(state)
             outcome = engine.handle_message(state, msg.topic, msg.payload, now=self._clock(), config=self._config)
             state = outcome.state
             outcomes.append(outcome)
@@ -212,7 +213,6 @@ class Writer:
 
     def _changed(self, node_ids: tuple[str, ...], *, prompt: bool) -> None:
         self._pending.update(node_ids)
-        self._roster_due = True
         self._schedule = publishing.changed(
             self._schedule, now=time.monotonic(), prompt=prompt, policy=self._publish_policy
         )
@@ -220,13 +220,12 @@ class Writer:
     def _publish(self) -> None:
         self._schedule = publishing.published(self._schedule, now=time.monotonic())
         if not self.connected:
-            return  # the next (re)connection republishes everything
-        self._link.records(self.state.membership.members, sorted(self._pending))
+            return  # the next (re)connection publishes what is pending, and the snapshot
+        ms = self.state.membership
+        self._link.changes(ms, from_revision=self._published_revision, changed=self._pending)
+        self._published_revision = ms.revision
         self._pending.clear()
-        if self._roster_due:
-            self._roster_due = False
-            self._link.roster(self.state.membership)
-            self._counters.add("roster_publishes")
+        self._counters.add("membership_publishes")
 
     def _handle_connected(self) -> None:
         first = not self.connected and not self._ready.is_set()
@@ -238,10 +237,10 @@ class Writer:
         # Restart the grace period: while disconnected we heard no heartbeat, which proves nothing.
         ms = self.state.membership
         self.state = replace(self.state, membership=replace(ms, started_at=self._clock()))
-        self._link.announce(self.state.membership)
-        self._pending -= set(ms.members)
-        self._roster_due = False
-        self._counters.add("roster_publishes")
+        self._link.announce(self.state.membership, from_revision=self._published_revision, changed=self._pending)
+        self._published_revision = self.state.membership.revision
+        self._pending.clear()
+        self._counters.add("membership_publishes")
         log.info(
             "registrar %s to the broker, %d member records republished",
             "connected" if first else "reconnected",
@@ -250,7 +249,7 @@ class Writer:
         )
 
     def _shutdown(self) -> None:
-        if self._pending or self._roster_due:
+        if self._pending:
             self._publish()
         self._link.goodbye(connected=self.connected)
         self.connected = False

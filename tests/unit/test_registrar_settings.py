@@ -7,7 +7,7 @@ import pytest
 
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
-from registrar import cli
+from registrar import runner
 from registrar.settings import RegistrarSettings
 
 
@@ -72,8 +72,11 @@ def test_run_passes_them_to_the_service(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr("registrar.service.RegistrarService", Recording)
-    s = settings(state_dir=str(tmp_path), http_listen="", will_hold_s=0.3, offline_doubt_s=4.0, tick_interval_s=0.7)
+    s = settings(
+        state_dir=str(tmp_path), http_listen="", will_hold_s=0.3, offline_doubt_s=4.0, tick_interval_s=0.7,
+        broker={"url": "mqtt://127.0.0.1:1", "password": "pw"},
+    )  # fmt: skip
     with pytest.raises(_Stop):
-        cli.run(s)
+        runner.run(s)
     assert (seen["will_hold_s"], seen["offline_doubt_s"], seen["tick_interval_s"]) == (0.3, 4.0, 0.7)
     assert (seen["publish_window_s"], seen["publish_max_delay_s"]) == (0.2, 1.0)
