@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ping", help="ping matrix over mesh IPs between running nodes")
     p.add_argument("--tcp", action="store_true", help="also a TCP connect to each node's echo probe")
+    p.add_argument("--within", type=float, default=0.0, metavar="S",
+                   help="retry pairs that do not answer for up to S seconds (default: one try each)")
 
     p = sub.add_parser("wait", help="wait until the mesh of running nodes is complete")
     p.add_argument("--timeout", type=float, default=30)
@@ -121,17 +123,15 @@ def _logs(lab: Lab, node: str | None, lines: int) -> int:
     return 0
 
 
-def _ping_matrix(lab: Lab, *, tcp: bool) -> int:
-    names = lab.running_nodes()
-    results = {(a, b): lab.ping(a, b) for a in names for b in names if a != b}
-    print(format_matrix(names, results))
-    ok = all(results.values())
+def _ping_matrix(lab: Lab, *, tcp: bool, within: float) -> int:
+    matrix = lab.reachability(tcp=tcp, timeout_s=within)
+    print(format_matrix(matrix.names, matrix.answered("ping")))
     if tcp:
-        tcp_results = {(a, b): lab.tcp(a, b) for a in names for b in names if a != b}
         print("tcp:")
-        print(format_matrix(names, tcp_results))
-        ok = ok and all(tcp_results.values())
-    return 0 if ok else 1
+        print(format_matrix(matrix.names, matrix.answered("tcp")))
+    if within and matrix.ok():
+        print(f"every pair answered within {matrix.slowest_s() or 0:.1f} s")
+    return 0 if matrix.ok() else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "logs":
         return _logs(lab, args.node, args.lines)
     if cmd == "ping":
-        return _ping_matrix(lab, tcp=args.tcp)
+        return _ping_matrix(lab, tcp=args.tcp, within=args.within)
     if cmd == "wait":
         took = lab.wait_mesh(timeout=args.timeout)
         _say(f"mesh of {', '.join(lab.running_nodes())} complete ({took:.1f} s)")

@@ -21,6 +21,7 @@ import string
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from meshcontract.localapi import AgentStatus
@@ -33,6 +34,7 @@ from meshlab.meshview import NodeTunnels
 from meshlab.nodes import Nodes
 from meshlab.observation import Observer
 from meshlab.plan import MAX_NODES, LabPlan, check_lab_id
+from meshlab.reachability import ReachMatrix, measure
 from meshlab.report import NodeRow, RouterRow
 from meshlab.settings import LabSettings
 from meshlab.state import ControlRecord, LabState, NodeRecord, ProcessRecord
@@ -274,6 +276,18 @@ class Lab:
     def tcp(self, src: str, dst: str, *, timeout_s: float = 2.0) -> bool:
         """A TCP connection from `src` to `dst`'s echo probe on its mesh IP, one line echoed back."""
         return self.traffic.tcp(src, dst, timeout_s=timeout_s)
+
+    def reachability(self, names: Sequence[str] | None = None, *, tcp: bool = True, timeout_s: float = 10.0,
+                     workers: int = 8) -> ReachMatrix:
+        """Ping (and TCP echo) between every ordered pair of `names` (default: running nodes) over mesh IPs, each
+        pair retried until it answers or `timeout_s` passes; how long each took (meshlab.reachability)."""
+        chosen = list(names) if names is not None else self.running_nodes()
+        probes = {"ping": self.ping}
+        if tcp:
+            probes["tcp"] = self.tcp
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return measure(chosen, probes=probes, timeout_s=timeout_s, now=time.monotonic, sleep=time.sleep,
+                           run_all=lambda calls: list(pool.map(lambda call: call(), calls)))
 
     def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2) -> ContinuousPing:
         """Continuous ping from `src` to `dst` until `.stop()`, which returns (sent, received)."""

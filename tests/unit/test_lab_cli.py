@@ -33,6 +33,7 @@ from meshlab.cli import build_parser
         (["add"], {"cmd": "add", "nat": False, "behind": None}),
         (["add", "--nat"], {"cmd": "add", "nat": True}),
         (["add", "--behind", "r2"], {"cmd": "add", "behind": "r2"}),
+        (["ping", "--tcp", "--within", "30"], {"cmd": "ping", "tcp": True, "within": 30.0}),
     ],
 )
 def test_parse(argv, expected):
