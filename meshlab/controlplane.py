@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -114,6 +115,51 @@ class ControlPlane:
         except ValueError:
             return None
         return body if isinstance(body, dict) else None
+
+    def kill_registrar(self) -> bool:
+        """kill -9 the registrar (with the embedded broker, the broker dies with it); False if it was not running.
+
+        Nothing gets to say goodbye: no retained offline status, no clean disconnect. `registrar("start")` undoes it.
+        """
+        with self.store.locked():
+            st = self.ctx.state()
+            record = st.control.registrar
+            killed = system.signal_record(record, signal.SIGKILL)
+            if killed:
+                wait_for(lambda: system.record_state(record) == "stopped", timeout=5, what="registrar gone")
+            st.control.registrar = None
+            self.store.save(st)
+        self.ctx.report("registrar killed (SIGKILL)" if killed else "registrar was not running")
+        return killed
+
+    def registrar_api(self, paths: Sequence[str], *, timeout: float = 2.0) -> dict[str, object]:
+        """GET each of `paths` (e.g. /v1/nodes) from the registrar's HTTP API in one process; None per path that
+        did not answer. Asked inside the control namespace, where the API listens."""
+        plan = self.ctx.plan()
+        urls = [f"{plan.http_url}{p}" for p in paths]
+        argv = [sys.executable, "-m", "meshlab.registrarapi", "--timeout", str(timeout), "get", *urls]
+        proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=timeout * len(urls) + 10,
+                          env=child_env(), cwd=PACKAGE_ROOT)
+        try:
+            bodies = json.loads(proc.stdout) if proc.returncode == 0 else {}
+        except ValueError:
+            bodies = {}
+        return {p: bodies.get(u) if isinstance(bodies, dict) else None for p, u in zip(paths, urls, strict=True)}
+
+    def forget_member(self, node_id: str) -> None:
+        """Admin removal of a member (DELETE /v1/nodes/{id}): tombstoned, IP quarantined, its node id free to re-key.
+
+        What an operator does for a machine reinstalled with a new key (docs/registrar.md). LabError if the
+        registrar did not answer.
+        """
+        plan = self.ctx.plan()
+        argv = [sys.executable, "-m", "meshlab.registrarapi", "delete", f"{plan.http_url}/v1/nodes/{node_id}",
+                "--token-file", str(self.store.control_dir / "admin_token")]
+        proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=15, env=child_env(),
+                          cwd=PACKAGE_ROOT)
+        if proc.returncode != 0:
+            raise LabError(f"cannot remove member {node_id}: {(proc.stderr or proc.stdout).strip()}")
+        self.ctx.report(f"member {node_id} removed by admin (HTTP {proc.stdout.strip()})")
 
     def registrar_cli(self, st: LabState, args: Sequence[str]) -> str:
         """Run a one-shot registrar command against the lab's registrar state dir; its stdout."""

@@ -7,7 +7,8 @@ whatever test traffic runs on the node. Nothing is added to the host's own netwo
 
 `Lab` builds and removes the lab and hands every other call to the part whose job it is: the control plane
 (meshlab.controlplane), the nodes and their failures (meshlab.nodes), observation (meshlab.observation),
-traffic (meshlab.traffic) and the chat (meshlab.chat).
+traffic (meshlab.traffic), the chat (meshlab.chat) and the faults beyond a node's own processes and link
+(meshlab.faults: underlay cuts and loss, registrar kill -9, reinstall), which `lab.faults` exposes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from meshlab.chat import LabChat, ReceivedMessage
 from meshlab.context import LabContext, Report, quiet
 from meshlab.controlplane import ControlPlane
 from meshlab.errors import LabError, LabStateError
+from meshlab.faults import Faults
 from meshlab.meshview import NodeTunnels
 from meshlab.nodes import Nodes
 from meshlab.observation import Observer
@@ -60,6 +62,7 @@ class Lab:
         self.nodes = Nodes(self.ctx, control=self.control, observer=self.observer)
         self.traffic = Traffic(self.ctx)
         self.chat = LabChat(self.ctx, self.traffic)
+        self.faults = Faults(self.ctx, control=self.control, nodes=self.nodes)
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -166,9 +169,9 @@ class Lab:
 
     # --- nodes and failures (meshlab.nodes) --------------------------------------------------------------
 
-    def add(self) -> NodeRecord:
-        """Create one more node and start its agent; returns once it has a mesh IP."""
-        return self.nodes.add()
+    def add(self, *, wait: bool = True) -> NodeRecord:
+        """Create one more node and start its agent; returns once it has a mesh IP (at once with wait=False)."""
+        return self.nodes.add(wait=wait)
 
     def start(self, name: str, *, wait: bool = True) -> None:
         """Start a stopped, killed or crashed node's agent again (same state dir: same key, same mesh IP)."""

@@ -31,8 +31,9 @@ class Nodes:
         self.control = control
         self.observer = observer
 
-    def add(self) -> NodeRecord:
-        """Create one more node (namespace, underlay link) and start its agent; returns once it has a mesh IP."""
+    def add(self, *, wait: bool = True) -> NodeRecord:
+        """Create one more node (namespace, underlay link) and start its agent; returns once it has a mesh IP
+        (at once with `wait=False`: a chaos schedule may go on while it joins)."""
         with self.store.locked():
             st = self.ctx.state()
             plan = self.ctx.plan(st)
@@ -53,7 +54,8 @@ class Nodes:
                 self._provision(st, record)
             self._start_agent(st, record, node)
             self.store.save(st)
-        self._await_join(node.name)
+        if wait:
+            self._await_join(node.name)
         return self.ctx.node(node.name)
 
     def start(self, name: str, *, wait: bool = True) -> None:
@@ -142,6 +144,14 @@ class Nodes:
             record.partitioned = cut
             self.store.save(st)
         self.ctx.report(f"{name}: " + ("partitioned (underlay link down)" if cut else "healed (underlay link up)"))
+
+    def reprovision(self, name: str) -> None:
+        """Issue the node's broker credential again into its (emptied) state dir, as an operator would after a
+        reinstall: its old password went with the state dir, and the broker still holds an entry for its id."""
+        with self.store.locked():
+            st = self.ctx.state()
+            self._provision(st, self.ctx.node(name, st))
+            self.store.save(st)
 
     # --- agents ----------------------------------------------------------------------------------------------
 

@@ -27,8 +27,24 @@ class ProcessRecord(_Model):
     log: str
 
 
+class UnderlayRule(_Model):
+    """One fault on a node's underlay, made with nftables in the node's namespace (meshlab.netfilter renders it).
+
+    Traffic to or from an address in `block` is dropped unless the address is in `allow`; with `loss_percent`,
+    that share of every packet on the link is dropped at random (each way).
+    """
+
+    block: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+    loss_percent: int = Field(default=0, ge=0, le=100)
+
+
 class NodeRecord(_Model):
-    """One node of the lab. `agent` is None while the node is stopped; `mesh_ip` is the last one observed."""
+    """One node of the lab. `agent` is None while the node is stopped; `mesh_ip` is the last one observed.
+
+    `underlay` holds the nftables faults in force on the node, by fault (meshlab.faults): each can be undone
+    alone, and all of them vanish with the node's namespace on `down`.
+    """
 
     index: int
     name: str
@@ -39,6 +55,7 @@ class NodeRecord(_Model):
     node_id: str | None = None
     mesh_ip: str | None = None
     partitioned: bool = False
+    underlay: dict[str, UnderlayRule] = Field(default_factory=dict)
 
 
 class ControlRecord(_Model):

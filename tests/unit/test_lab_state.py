@@ -34,3 +34,12 @@ def test_nodes_in_index_order():
 def test_bad_files_rejected(text):
     with pytest.raises((ValidationError, ValueError)):
         state_mod.load(text)
+
+
+def test_underlay_faults_round_trip_and_default_empty():
+    from meshlab.state import UnderlayRule
+
+    st = _state()
+    assert st.nodes["n2"].underlay == {}
+    st.nodes["n2"].underlay["loss"] = UnderlayRule(loss_percent=10)
+    assert state_mod.load(state_mod.dump(st)) == st
