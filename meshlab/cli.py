@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wait", help="wait until the mesh of running nodes is complete")
     p.add_argument("--timeout", type=float, default=30)
 
+    p = sub.add_parser("check", help="check every invariant of the running lab once (exit status: violations found)")
+    p.add_argument("--limit", type=float, help="longest to wait for pending findings to settle (default: the "
+                                                 "longest bound of the lab)")
+    p.add_argument("--no-probe", action="store_true", help="no ping between every pair of healthy nodes")
+    p.add_argument("--json", action="store_true", help="print the findings and the last snapshot as JSON")
+
     p = sub.add_parser("demo", help="the README demo: 3 nodes, pings, chat, a crash and its recovery")
     p.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     return parser
@@ -116,6 +122,28 @@ def _ping_matrix(lab: Lab, *, tcp: bool) -> int:
         print(format_matrix(names, tcp_results))
         ok = ok and all(tcp_results.values())
     return 0 if ok else 1
+
+
+def _check(lab: Lab, *, limit: float | None, probe: bool, as_json: bool) -> int:
+    from meshlab.checkloop import describe, settle
+    from meshlab.invariants import Bounds, Memory
+
+    st = lab.state()
+    bounds = Bounds.for_lab(interval_s=st.heartbeat_interval_s, ttl_s=st.heartbeat_ttl_s)
+    verdict, _ = settle(lab, bounds=bounds, memory=Memory(), probe=probe,
+                        limit_s=limit if limit is not None else bounds.settle_s + 5)
+    if as_json:
+        print(json.dumps({"violations": [f.to_dict() for f in verdict.violations],
+                          "pending": [f.to_dict() for f in verdict.pending], "looks": verdict.looks,
+                          "snapshot": verdict.snapshot.to_dict() if verdict.snapshot else None}, indent=2))
+    else:
+        for finding in verdict.violations:
+            print(f"VIOLATION {describe(finding)}")
+        for finding in verdict.pending:
+            print(f"still pending {describe(finding)}")
+        print(f"{len(verdict.violations)} violation(s) in {verdict.looks} look(s) over {verdict.took_s:.1f} s")
+    # The exit status is the number of violations; capped so it never reads as a signal (128+).
+    return min(len(verdict.violations), 125)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         took = lab.wait_mesh(timeout=args.timeout)
         _say(f"mesh of {', '.join(lab.running_nodes())} complete ({took:.1f} s)")
         return 0
+    if cmd == "check":
+        return _check(lab, limit=args.limit, probe=not args.no_probe, as_json=args.json)
     if cmd == "demo":
         from meshlab.demo import run_demo
 

@@ -132,19 +132,21 @@ class ControlPlane:
         self.ctx.report("registrar killed (SIGKILL)" if killed else "registrar was not running")
         return killed
 
-    def registrar_api(self, paths: Sequence[str], *, timeout: float = 2.0) -> dict[str, object]:
-        """GET each of `paths` (e.g. /v1/nodes) from the registrar's HTTP API in one process; None per path that
-        did not answer. Asked inside the control namespace, where the API listens."""
+    def registrar_api(self, paths: Sequence[str], *, timeout: float = 2.0) -> list[object]:
+        """GET each of `paths` (e.g. /v1/nodes), in order, from the registrar's HTTP API in one process; None for
+        a path that did not answer. Asked inside the control namespace, where the API listens."""
         plan = self.ctx.plan()
         urls = [f"{plan.http_url}{p}" for p in paths]
         argv = [sys.executable, "-m", "meshlab.registrarapi", "--timeout", str(timeout), "get", *urls]
         proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=timeout * len(urls) + 10,
                           env=child_env(), cwd=PACKAGE_ROOT)
         try:
-            bodies = json.loads(proc.stdout) if proc.returncode == 0 else {}
+            bodies = json.loads(proc.stdout) if proc.returncode == 0 else None
         except ValueError:
-            bodies = {}
-        return {p: bodies.get(u) if isinstance(bodies, dict) else None for p, u in zip(paths, urls, strict=True)}
+            bodies = None
+        if not isinstance(bodies, list) or len(bodies) != len(paths):
+            return [None] * len(paths)
+        return bodies
 
     def forget_member(self, node_id: str) -> None:
         """Admin removal of a member (DELETE /v1/nodes/{id}): tombstoned, IP quarantined, its node id free to re-key.

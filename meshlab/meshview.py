@@ -102,3 +102,23 @@ def parse_ping_summary(text: str) -> tuple[int, int]:
             return sent, received
     return 0, 0
 
+
+
+def parse_wg_dump(text: str) -> tuple[str, list[tuple[str, tuple[str, ...], float | None]]] | None:
+    """Parse `wg show IF dump`: (own public key, [(peer key, allowed IPs without /32, last handshake or None)]).
+
+    The first line is the interface (private key, public key, port, fwmark); each further line a peer (key,
+    preshared key, endpoint, allowed IPs comma-separated or "(none)", last handshake in unix seconds, 0 for
+    never, rx, tx, keepalive). None for output that is not a dump.
+    """
+    lines = [line.split("\t") for line in text.splitlines() if line.strip()]
+    if not lines or len(lines[0]) < 4:
+        return None
+    peers = []
+    for fields in lines[1:]:
+        if len(fields) < 5:
+            return None
+        allowed = tuple(strip_host_prefix(c) for c in fields[3].split(",") if c and c != "(none)")
+        handshake = float(fields[4]) if fields[4].isdigit() and fields[4] != "0" else None
+        peers.append((fields[0], allowed, handshake))
+    return lines[0][1], peers

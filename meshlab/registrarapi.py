@@ -2,8 +2,8 @@
 
 The API listens on the lab's underlay, which only the lab's namespaces reach, so the lab runs this with
 `ip netns exec` in the control namespace (as it runs meshlab.healthcheck). Standard library only, so it starts
-fast. `get URL...` prints one JSON object mapping each URL to its JSON body (null if it did not answer): one
-process for a whole look at the registrar. `delete URL --token-file F` sends an admin DELETE and prints the
+fast. `get URL...` prints a JSON list with each URL's JSON body, in order (null for one that did not answer):
+one process for a whole look at the registrar. `delete URL --token-file F` sends an admin DELETE and prints the
 HTTP status; 404 counts as done (the thing is already gone).
 """
 
@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p_del.add_argument("--token-file", required=True)
     args = parser.parse_args(argv)
     if args.cmd == "get":
-        out: dict[str, object] = {}
+        out: list[object] = []
         for url in args.urls:
             try:
-                out[url] = get(url, timeout=args.timeout)
+                out.append(get(url, timeout=args.timeout))
             except (OSError, ValueError) as exc:
                 print(f"registrarapi: {url}: {exc}", file=sys.stderr)
-                out[url] = None
+                out.append(None)
         print(json.dumps(out))
         return 0
     with open(args.token_file) as handle:

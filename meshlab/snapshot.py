@@ -9,6 +9,7 @@ state can be checked again, in a unit test or from a chaos run's --json file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -155,3 +156,18 @@ class Leftovers:
     links: tuple[str, ...] = ()  # interfaces in the host's namespace named like the lab's
     processes: tuple[str, ...] = ()  # "pid cmdline" of processes still running from the lab
 
+
+
+def condition_of(*, agent: str, partitioned: bool, faults: Iterable[str]) -> Condition:
+    """A node's condition from what the lab holds about it: its agent's process state (running, frozen,
+    stopped), its link, and the tags of the underlay faults in force (meshlab.faults)."""
+    tags = set(faults)
+    if agent == "stopped":
+        return "down"
+    if agent == "frozen":
+        return "frozen"
+    if partitioned or tags & {"control", "isolate"}:
+        return "isolated"
+    if "loss" in tags:
+        return "lossy"
+    return "up"

@@ -268,3 +268,31 @@ def test_leftovers_after_down_are_violations():
 
 def test_memory_defaults_are_empty():
     assert Memory().revision is None
+
+
+@pytest.mark.parametrize(
+    ("agent", "partitioned", "faults", "expected"),
+    [
+        ("running", False, [], "up"),
+        ("stopped", True, ["loss"], "down"),
+        ("frozen", False, ["control"], "frozen"),
+        ("running", True, [], "isolated"),
+        ("running", False, ["control"], "isolated"),
+        ("running", False, ["isolate", "loss"], "isolated"),
+        ("running", False, ["loss"], "lossy"),
+    ],
+)
+def test_condition_of_a_node(agent, partitioned, faults, expected):
+    from meshlab.snapshot import condition_of
+
+    assert condition_of(agent=agent, partitioned=partitioned, faults=faults) == expected
+
+
+def test_parse_wg_dump():
+    from meshlab.meshview import parse_wg_dump
+
+    text = ("PRIV\tOWNKEY\t51820\toff\n"
+            "PEER1\t(none)\t10.77.1.12:51820\t100.96.0.2/32\t1700000000\t10\t20\t25\n"
+            "PEER2\t(none)\t(none)\t(none)\t0\t0\t0\toff\n")
+    assert parse_wg_dump(text) == ("OWNKEY", [("PEER1", ("100.96.0.2",), 1700000000.0), ("PEER2", (), None)])
+    assert parse_wg_dump("") is None
