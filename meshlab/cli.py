@@ -77,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="no ping between every pair of healthy nodes")
     p.add_argument("--json", action="store_true", help="print the findings and the last snapshot as JSON")
 
+    p = sub.add_parser("chaos", help="run a random but reproducible schedule of overlapping faults, checking every "
+                                     "invariant (exit status: violations found)")
+    p.add_argument("--nodes", type=int, default=4, help="nodes of the lab it builds (default 4)")
+    p.add_argument("--broker", choices=["embedded", "mosquitto"])
+    p.add_argument("--seed", type=int, help="the schedule's seed (default: random, printed)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="steps before the closing ones (default 20)")
+    length.add_argument("--duration", type=float, help="run this many seconds, then end every open fault")
+    p.add_argument("--replay", metavar="FILE", help="run the schedule in FILE (a --json result or a regression file)")
+    p.add_argument("--json", metavar="FILE", help="write the timeline, the violations and the schedule to FILE")
+    p.add_argument("--heartbeat-interval", type=float)
+    p.add_argument("--heartbeat-ttl", type=float)
+    p.add_argument("--keep-going", action="store_true", help="go on after a violation")
+    p.add_argument("--no-probe", action="store_true", help="no ping between every pair of healthy nodes at checks")
+    p.add_argument("--shrink", type=int, default=0, metavar="RUNS",
+                   help="spend up to RUNS fresh-lab runs shrinking a failing schedule (default 0: none)")
+    p.add_argument("--regressions", metavar="DIR", help="where a shrunk failing schedule is saved "
+                                                         "(default: LAB_DIR/regressions)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the lab's own progress lines")
+
     p = sub.add_parser("demo", help="the README demo: 3 nodes, pings, chat, a crash and its recovery")
     p.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     return parser
@@ -194,6 +214,10 @@ def run(args: argparse.Namespace) -> int:
         took = lab.wait_mesh(timeout=args.timeout)
         _say(f"mesh of {', '.join(lab.running_nodes())} complete ({took:.1f} s)")
         return 0
+    if cmd == "chaos":
+        from meshlab.chaoscli import run_chaos
+
+        return run_chaos(lab, settings, args, say=_say)
     if cmd == "check":
         return _check(lab, limit=args.limit, probe=not args.no_probe, as_json=args.json)
     if cmd == "demo":

@@ -253,9 +253,10 @@ class Lab:
         """A TCP connection from `src` to `dst`'s echo probe on its mesh IP, one line echoed back."""
         return self.traffic.tcp(src, dst, timeout_s=timeout_s)
 
-    def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2) -> ContinuousPing:
-        """Continuous ping from `src` to `dst` until `.stop()`, which returns (sent, received)."""
-        return self.traffic.start_pinger(src, dst, interval_s=interval_s)
+    def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2, stamped: bool = False) -> ContinuousPing:
+        """Continuous ping from `src` to `dst` until `.stop()`, which returns (sent, received); `stamped`: with
+        unix times and unanswered probes named, for meshview.new_losses."""
+        return self.traffic.start_pinger(src, dst, interval_s=interval_s, stamped=stamped)
 
     def chat_listen(self, name: str, *, count: int) -> ProcessRecord:
         """Start `meshchat listen --json` on node `name`; it exits after `count` messages."""
