@@ -227,8 +227,11 @@ class ChaosRun:
         for finding in verdict.pending:  # out of time with findings pending: the limit is a bound too
             self._violation(replace(finding, evidence=finding.evidence + " (still pending at the check's limit)"),
                             step=step)
+        waited = sorted({f.invariant for f in verdict.first_pending})
         self._event("check", f"{'ok' if verdict.ok and not verdict.pending else 'VIOLATED'}: {verdict.looks} "
-                             f"look(s) in {verdict.took_s:.1f} s", step=step)
+                             f"look(s) in {verdict.took_s:.1f} s"
+                             + (f", waited for {len(verdict.first_pending)} pending ({', '.join(waited)})"
+                                if waited else ""), step=step)
         return verdict.ok and not verdict.pending
 
     def _violation(self, finding: Finding, *, step: int | None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from meshlab.invariants import Bounds, Finding, Memory, check
 from meshlab.lab import Lab
 from meshlab.snapshot import PairLoss, Snapshot
-from meshlab.survey import look
+from meshlab.survey import conditions, look
 
 
 @dataclass(slots=True)
@@ -24,6 +24,7 @@ class Verdict:
 
     violations: list[Finding] = field(default_factory=list)
     pending: list[Finding] = field(default_factory=list)
+    first_pending: list[Finding] = field(default_factory=list)  # what the first look still waited for
     looks: int = 0
     took_s: float = 0.0
     snapshot: Snapshot | None = None
@@ -36,8 +37,17 @@ class Verdict:
 def settle(lab: Lab, *, bounds: Bounds, memory: Memory, since: Mapping[str, float] | None = None,
            control_since: float | None = None, traffic: Sequence[PairLoss] = (), probe: bool = True,
            limit_s: float | None = None, interval_s: float = 0.5) -> tuple[Verdict, Memory]:
-    """Look until nothing is pending (or `limit_s` has passed); the verdict and the memory for the next check."""
+    """Look until nothing is pending (or `limit_s` has passed); the verdict and the memory for the next check.
+
+    Without `since` (a one-shot check knows no history) every node and the control plane count as changed at
+    the first look: the mesh gets its whole bound from then, and not a moment more on later looks.
+    """
     start = time.monotonic()
+    first_look = time.time()
+    if since is None:
+        since = {name: first_look for name in conditions(lab)}
+    if control_since is None:
+        control_since = first_look  # the look itself says None when the control plane is down
     verdict = Verdict()
     seen: dict[tuple[str, str], Finding] = {}
     while True:
@@ -50,6 +60,8 @@ def settle(lab: Lab, *, bounds: Bounds, memory: Memory, since: Mapping[str, floa
             if f.is_violation(snap.now):
                 seen.setdefault((f.invariant, f.subject), f)
         verdict.pending = [f for f in findings if not f.is_violation(snap.now)]
+        if verdict.looks == 1:
+            verdict.first_pending = list(verdict.pending)
         out_of_time = limit_s is not None and time.monotonic() - start >= limit_s
         if not verdict.pending or out_of_time:
             break
