@@ -53,8 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                        ("partition", "cut the node's underlay link"),
                        ("heal", "restore the node's underlay link")]:
         sub.add_parser(name, help=text).add_argument("node")
-    for name in ("broker", "registrar"):
-        sub.add_parser(name, help=f"stop or start the {name}").add_argument("action", choices=["stop", "start"])
+    for name, text in [("cut-control", "drop the node's traffic to and from the control plane (peers still reach it)"),
+                       ("restore-control", "undo cut-control"),
+                       ("reinstall", "machine reinstalled: crash, state dir deleted, member removed by admin, "
+                                     "agent started with a new key")]:
+        sub.add_parser(name, help=text).add_argument("node")
+    for name, text in [("isolate", "the nodes reach only each other: not the control plane, not other nodes"),
+                       ("rejoin", "undo isolate")]:
+        sub.add_parser(name, help=text).add_argument("nodes", nargs="+")
+    p = sub.add_parser("loss", help="drop PERCENT %% of the packets on the node's link, each way (0: none)")
+    p.add_argument("node")
+    p.add_argument("percent", type=int, choices=range(0, 101), metavar="PERCENT")
+    sub.add_parser("broker", help="stop or start the broker").add_argument("action", choices=["stop", "start"])
+    sub.add_parser("registrar", help="stop (SIGTERM), kill (SIGKILL) or start the registrar").add_argument(
+        "action", choices=["stop", "kill", "start"])
 
     p = sub.add_parser("exec", help="run a command on a node: in its namespace, MESHVPN_SOCKET = its agent "
                                     "(ctl = control namespace)")
@@ -197,8 +209,20 @@ def run(args: argparse.Namespace) -> int:
     if cmd in ("kill", "crash", "freeze", "thaw", "stop", "start", "partition", "heal"):
         getattr(lab, cmd)(args.node)
         return 0
+    if cmd == "registrar" and args.action == "kill":
+        lab.faults.kill_registrar()
+        return 0
     if cmd in ("broker", "registrar"):
         getattr(lab, cmd)(args.action)
+        return 0
+    if cmd in ("cut-control", "restore-control", "reinstall"):
+        getattr(lab.faults, cmd.replace("-", "_"))(args.node)
+        return 0
+    if cmd in ("isolate", "rejoin"):
+        getattr(lab.faults, cmd)(args.nodes)
+        return 0
+    if cmd == "loss":
+        lab.faults.loss(args.node, args.percent)
         return 0
     if cmd == "exec":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
