@@ -21,6 +21,7 @@ from meshlab.schedule import Schedule, generate
 from meshlab.settings import LabSettings
 
 DEFAULT_STEPS = 20
+DEFAULT_SHRINK_RUNS = 6  # each a whole run in a fresh lab: about a minute each at 4 nodes
 OPEN_ENDED_STEPS = 10_000  # --duration: a schedule longer than any run, cut short and closed when time is up
 
 
@@ -61,8 +62,9 @@ def run_chaos(lab: Lab, settings: LabSettings, args: argparse.Namespace, *, say:
                 for line in lines[-12:]:
                     say(f"  {line}")
     out = result.to_dict()
-    if not result.ok and args.shrink and build:
-        small = shrink_failure(run.settings, result.schedule, result, runs=args.shrink, report=say)
+    shrink_runs = args.shrink if args.shrink is not None else DEFAULT_SHRINK_RUNS
+    if not result.ok and shrink_runs and build:
+        small = shrink_failure(run.settings, result.schedule, result, runs=shrink_runs, report=say)
         first = result.first_violation() or {}
         folder = Path(args.regressions) if args.regressions else settings.lab_dir / "regressions"
         folder.mkdir(parents=True, exist_ok=True)

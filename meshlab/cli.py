@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-ttl", type=float)
     p.add_argument("--keep-going", action="store_true", help="go on after a violation")
     p.add_argument("--no-probe", action="store_true", help="no ping between every pair of healthy nodes at checks")
-    p.add_argument("--shrink", type=int, default=0, metavar="RUNS",
-                   help="spend up to RUNS fresh-lab runs shrinking a failing schedule (default 0: none)")
+    p.add_argument("--shrink", type=int, metavar="RUNS",
+                   help="spend up to RUNS fresh-lab runs shrinking a failing schedule into a regression file "
+                        "(default 6 when the run builds its lab; 0: none)")
     p.add_argument("--regressions", metavar="DIR", help="where a shrunk failing schedule is saved "
                                                          "(default: LAB_DIR/regressions)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the lab's own progress lines")

@@ -30,7 +30,7 @@ from meshlab.cli import build_parser
         (["reinstall", "n4"], {"cmd": "reinstall", "node": "n4"}),
         (["check", "--no-probe", "--limit", "5"], {"cmd": "check", "no_probe": True, "limit": 5.0}),
         (["chaos", "--nodes", "6", "--seed", "3", "--steps", "30", "--json", "r.json"],
-         {"cmd": "chaos", "nodes": 6, "seed": 3, "steps": 30, "json": "r.json", "shrink": 0}),
+         {"cmd": "chaos", "nodes": 6, "seed": 3, "steps": 30, "json": "r.json", "shrink": None}),
         (["chaos", "--replay", "f.json", "--shrink", "4"], {"cmd": "chaos", "replay": "f.json", "shrink": 4}),
     ],
 )
