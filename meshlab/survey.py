@@ -39,10 +39,18 @@ MEMBER_FIELDS = ("node_id", "name", "mesh_ip", "public_key", "state", "unreachab
 
 
 def conditions(lab: Lab) -> dict[str, Condition]:
-    """What the lab holds about each node: its condition (meshlab.snapshot.condition_of)."""
-    return {n.name: condition_of(agent=system.record_state(n.agent), partitioned=n.partitioned,
-                                 faults=n.underlay.keys())
-            for n in lab.state().ordered_nodes()}
+    """What the lab did to each node: its condition (meshlab.snapshot.condition_of).
+
+    An agent counts as stopped only when the lab stopped it (its record is cleared on stop, kill and crash). One
+    whose recorded process is gone died on its own: the lab still means it to run, so it stays "up" and the
+    checker reports what its absence breaks.
+    """
+    out = {}
+    for n in lab.state().ordered_nodes():
+        state = system.record_state(n.agent)
+        meant = "stopped" if n.agent is None else ("frozen" if state == "frozen" else "running")
+        out[n.name] = condition_of(agent=meant, partitioned=n.partitioned, faults=n.underlay.keys())
+    return out
 
 
 def control_up(lab: Lab) -> bool:
@@ -114,7 +122,7 @@ def look(lab: Lab, *, since: Mapping[str, float] | None = None, control_since: f
     for record in lab.state().ordered_nodes():
         cond = conds[record.name]
         # A frozen agent or wireguard-go would only make us wait for a timeout: nothing to read there.
-        readable = cond != "frozen" and system.record_state(record.agent) != "frozen"
+        readable = cond != "frozen"
         status = lab.agent_status(record.name, timeout=1.0) if readable and cond != "down" else None
         nodes.append(NodeSeen(
             name=record.name, node_id=record.node_id, condition=cond,
