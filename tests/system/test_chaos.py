@@ -111,3 +111,33 @@ def test_meshlab_check_exit_status_counts_violations():
         assert main(["--lab-dir", str(settings.lab_dir), "check", "--limit", "20"]) == 1
     finally:
         lab.down()
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_down_removes_every_fault_left_open(broker):
+    """A chaos run that dies mid-schedule leaves faults open: frozen processes, nftables cuts and loss, a killed
+    registrar, a stopped broker, a reinstalled node. `down` from a fresh process removes all of it, and undoing
+    each fault first works too."""
+    _require(broker)
+    from meshlab.invariants import check_leftovers
+    from meshlab.lab import Lab, new_lab_id
+    from meshlab.survey import leftovers
+
+    settings = _settings()
+    settings = settings.model_copy(update={"broker": broker})
+    lab = Lab(settings)
+    lab_id = new_lab_id()
+    try:
+        lab.up(4, lab_id=lab_id)
+        lab.faults.reinstall("n4", wait=True)
+        lab.faults.cut_control("n2")
+        lab.faults.loss("n2", 30)
+        lab.faults.isolate(["n3", "n4"])
+        lab.faults.restore_control("n2")  # undoing one fault keeps the others
+        assert set(lab.node("n2").underlay) == {"loss"}
+        lab.freeze("n3")
+        lab.broker("stop")
+        lab.faults.kill_registrar()
+    finally:
+        Lab(settings).down()  # a fresh Lab: nothing carried over from the one that made the faults
+    assert check_leftovers(leftovers(lab_id, settings.lab_dir)) == []
