@@ -20,18 +20,19 @@ from meshlab.chaosreport import event_line, lines_between, nodes_named
 from meshlab.checkloop import describe, settle
 from meshlab.context import Report, quiet
 from meshlab.errors import LabError
-from meshlab.invariants import Bounds, Finding, Memory, check_leftovers
+from meshlab.invariants import Bounds, Finding, Memory, check, check_leftovers
 from meshlab.lab import Lab, new_lab_id
 from meshlab.meshview import new_losses, probes_sent
 from meshlab.schedule import CONTROL, Schedule, Step, close, replay_model
 from meshlab.settings import LabSettings
 from meshlab.shrink import shrink, truncate
 from meshlab.snapshot import SILENT, PairLoss
-from meshlab.survey import conditions, leftovers
+from meshlab.survey import conditions, leftovers, look
 from meshlab.traffic import ContinuousPing
 
 STEP_FAILED = "step-failed"  # a lab action raised: the run stops there and it counts as a violation
-LOSS_GRACE_S = 2.0  # a probe is lost only if no reply came this long after ping named it unanswered
+LOSS_GRACE_S = 2.0
+WATCH_S = 30.0  # after a violation, how long to keep looking to tell a slow mesh from a stuck one  # a probe is lost only if no reply came this long after ping named it unanswered
 
 
 def _klass(condition: str | None) -> str | None:
@@ -222,11 +223,14 @@ class ChaosRun:
                                       control_since=self.control_since, traffic=self._losses(), probe=self.probe,
                                       limit_s=self.bounds.settle_s + 10)
         self.result.checks += 1
-        for finding in verdict.violations:
-            self._violation(finding, step=step)
-        for finding in verdict.pending:  # out of time with findings pending: the limit is a bound too
-            self._violation(replace(finding, evidence=finding.evidence + " (still pending at the check's limit)"),
-                            step=step)
+        found = list(verdict.violations)
+        # Out of time with findings pending: the limit is a bound too.
+        found += [replace(f, evidence=f.evidence + " (still pending at the check's limit)") for f in verdict.pending]
+        if found:
+            cleared = self._watch([(f.invariant, f.subject) for f in found])
+            for finding in found:
+                self._violation(finding, step=step, snapshot=verdict.snapshot.to_dict() if verdict.snapshot else None,
+                                cleared_after_s=cleared.get((finding.invariant, finding.subject)))
         waited = sorted({f.invariant for f in verdict.first_pending})
         self._event("check", f"{'ok' if verdict.ok and not verdict.pending else 'VIOLATED'}: {verdict.looks} "
                              f"look(s) in {verdict.took_s:.1f} s"
@@ -234,7 +238,24 @@ class ChaosRun:
                                 if waited else ""), step=step)
         return verdict.ok and not verdict.pending
 
-    def _violation(self, finding: Finding, *, step: int | None) -> None:
+    def _watch(self, keys: list[tuple[str, str]], *, limit_s: float = WATCH_S) -> dict[tuple[str, str], float]:
+        """After a violation, keep looking (up to `limit_s`) to tell slow from stuck: seconds until each
+        (invariant, subject) was no longer found; absent if it never cleared."""
+        start = time.monotonic()
+        left, cleared = set(keys), {}
+        memory = self.memory
+        while left and time.monotonic() - start < limit_s:
+            snap = look(self.lab, since=self.since, control_since=self.control_since, probe=self.probe)
+            findings, memory = check(snap, bounds=self.bounds, memory=memory)
+            still = {(f.invariant, f.subject) for f in findings}
+            for key in left - still:
+                cleared[key] = round(time.monotonic() - start, 1)
+            left &= still
+            time.sleep(1.0)
+        return cleared
+
+    def _violation(self, finding: Finding, *, step: int | None, snapshot: dict | None = None,
+                   cleared_after_s: float | None = None) -> None:
         now = time.time()
         logs = {}
         store = self.lab.store
@@ -246,9 +267,14 @@ class ChaosRun:
             except OSError:
                 continue
             logs[name] = lines_between(text, start=window[0], end=window[1])
-        record = {"step": step, "at": now, **finding.to_dict(), "logs": logs}
+        record = {"step": step, "at": now, **finding.to_dict(), "logs": logs, "snapshot": snapshot}
+        if snapshot is not None:
+            # Watched for WATCH_S after the check: None means it was still there (stuck, not slow).
+            record["cleared_after_s"] = cleared_after_s
         self.result.violations.append(record)
-        self._event("violation", describe(finding), step=step)
+        after = ("" if snapshot is None else f" (cleared {cleared_after_s} s later)" if cleared_after_s is not None
+                 else f" (still there {WATCH_S:.0f} s later)")
+        self._event("violation", describe(finding) + after, step=step)
 
     def _finish(self) -> None:
         for pinger in self.pingers.values():

@@ -42,7 +42,7 @@ class Bounds:
     grace_s: float  # the registrar's grace after a start or reconnect: TTL + interval (its default)
     converge_s: float  # a healthy node (or the control plane) back -> complete tunnels and views
     detect_slack_s: float  # a silent node marked unreachable: after max(silence + TTL, control + grace) + tick
-    removal_s: float  # a member unreachable or removed -> every healthy agent has dropped its peer
+    removal_s: float  # a member unreachable or removed -> every agent connected all along has dropped its peer
     false_removal_slack_s: float  # a declaration this long after a node became healthy is not explained by its fault
     quarantine_s: float = 600.0  # the registrar's default: a freed IP goes to no other node id for this long
 
@@ -291,7 +291,9 @@ def _stale_peers(look: _Look) -> list[Finding]:
                 what = f"key {_short(peer.public_key)} ({', '.join(peer.allowed_ips) or 'no IP'}), no member since {clock(since)}"
             else:
                 continue
-            due = look.after(since, a.since, look.control) + look.bounds.removal_s
+            # An agent connected all along drops the peer within `removal`; one that just came back (healed,
+            # thawed, restarted) or whose control plane just came back must first reconnect: `converge`.
+            due = look.after(since + look.bounds.removal_s, look.after(a.since, look.control) + look.bounds.converge_s)
             out.append(Finding(NO_STALE_PEER, f"{a.name}->{m.name if m else _short(peer.public_key)}",
                                f"{a.name} still holds a tunnel to {what}", due))
     return out
