@@ -296,3 +296,11 @@ def test_parse_wg_dump():
             "PEER2\t(none)\t(none)\t(none)\t0\t0\t0\toff\n")
     assert parse_wg_dump(text) == ("OWNKEY", [("PEER1", ("100.96.0.2",), 1700000000.0), ("PEER2", (), None)])
     assert parse_wg_dump("") is None
+
+
+def test_an_agent_back_from_a_partition_gets_converge_not_removal_to_drop_a_peer():
+    """It must reconnect first: the TCP connection it kept may deliver the backlog only at its next retransmit."""
+    snap = _broken("stale-peer-unreachable")
+    snap = with_node(snap, "n1", since=NOW - 6)  # healed 6 s ago: past removal (5 s), within converge (8 s)
+    stale = [f for f in check(snap, bounds=BOUNDS, memory=LONG_AGO)[0] if f.invariant == inv.NO_STALE_PEER]
+    assert stale and stale[0].deadline == NOW - 6 + BOUNDS.converge_s and not violations(stale, NOW)
