@@ -331,6 +331,7 @@ def _zero_loss(look: _Look) -> list[Finding]:
         for t in look.snap.traffic if t.lost]
 
 
+REGISTRAR_VS_NODES = frozenset({LIVE_PAIRS, NO_STALE_PEER, CONVERGED})
 RULES = (_unique_ips, _stable_ip, _ghosts, _false_removal, _live_pairs, _stale_peers, _converged, _zero_loss)
 
 
@@ -360,6 +361,11 @@ def check(snap: Snapshot, *, bounds: Bounds, memory: Memory | None = None) -> tu
     memory = memory or Memory()
     look = _Look(snap, bounds, memory)
     findings = [f for rule in RULES for f in rule(look)]
+    if not snap.registrar_steady:
+        # The registrar changed while the nodes were read: its word and theirs may be from different moments.
+        # What compares them stays pending until a steady look says the same.
+        findings = [replace(f, deadline=max(f.deadline or snap.now, snap.now + bounds.interval_s))
+                    if f.invariant in REGISTRAR_VS_NODES else f for f in findings]
     return findings, remember(snap, memory)
 
 

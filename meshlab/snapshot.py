@@ -114,6 +114,9 @@ class Snapshot:
     nodes: tuple[NodeSeen, ...] = ()
     traffic: tuple[PairLoss, ...] = ()
     reach: tuple[tuple[str, str, bool], ...] = ()  # (src, dst, answered) for pairs probed in this look
+    # False if the registrar's revision moved while the nodes were read: what the registrar says and what the
+    # nodes hold may then belong to different moments, and comparing them proves nothing yet.
+    registrar_steady: bool = True
 
     def node(self, name: str) -> NodeSeen | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -144,7 +147,8 @@ class Snapshot:
         traffic = tuple(PairLoss(t["src"], t["dst"], t["sent"], tuple(tuple(x) for x in t.get("lost", ())))
                         for t in data.get("traffic", ()))
         return cls(now=data["now"], control_since=data.get("control_since"), registrar=registrar,
-                   nodes=tuple(nodes), traffic=traffic, reach=tuple(tuple(r) for r in data.get("reach", ())))
+                   nodes=tuple(nodes), traffic=traffic, reach=tuple(tuple(r) for r in data.get("reach", ())),
+                   registrar_steady=data.get("registrar_steady", True))
 
 
 @dataclass(frozen=True, slots=True)

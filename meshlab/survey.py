@@ -35,6 +35,7 @@ from meshlab.snapshot import (
     condition_of,
 )
 
+LOOK_ATTEMPTS = 4  # looks taken in a row while the registrar keeps changing under them
 MEMBER_FIELDS = ("node_id", "name", "mesh_ip", "public_key", "state", "unreachable_since", "updated_at")
 
 
@@ -114,10 +115,23 @@ def look(lab: Lab, *, since: Mapping[str, float] | None = None, control_since: f
     """One look at the lab. `since` (per node) and `control_since` default to now: a look without history gives
     every healthy thing the whole of its bound from now. `probe` adds a ping between every pair of healthy nodes.
     """
+    for _ in range(LOOK_ATTEMPTS):
+        snap = _look_once(lab, since=since, control_since=control_since, traffic=traffic, probe=probe)
+        if snap.registrar_steady:
+            break
+    return snap
+
+
+def _look_once(lab: Lab, *, since: Mapping[str, float] | None, control_since: float | None,
+               traffic: Sequence[PairLoss], probe: bool) -> Snapshot:
     now = time.time()
     conds = conditions(lab)
     up = control_up(lab)
-    registrar = registrar_seen(lab) if lab.services().get("registrar") == "running" else None
+    running = lab.services().get("registrar") == "running"
+    # The registrar's revision is read before the nodes and its members after them: a change in between shows
+    # as a moved revision, and such a look is taken again (a registrar change stamped after the nodes were read
+    # can never make what they held look late).
+    before = lab.control.registrar_api(["/v1/mesh"])[0] if running else None
     nodes = []
     for record in lab.state().ordered_nodes():
         cond = conds[record.name]
@@ -131,10 +145,12 @@ def look(lab: Lab, *, since: Mapping[str, float] | None = None, control_since: f
             wg=wg_seen(lab, record.name) if readable else None,
         ))
     healthy = [n.name for n in nodes if n.condition == "up"]
+    registrar = registrar_seen(lab) if running else None
+    steady = registrar is None or (isinstance(before, dict) and before.get("revision") == registrar.revision)
     return Snapshot(
         now=now, control_since=(control_since if control_since is not None else now) if up else None,
         registrar=registrar, nodes=tuple(nodes), traffic=tuple(traffic),
-        reach=reach(lab, healthy) if probe and up else (),
+        reach=reach(lab, healthy) if probe and up else (), registrar_steady=steady,
     )
 
 
