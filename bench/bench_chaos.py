@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarize(runs: list[dict], *, elapsed: float) -> dict:
-    """Totals over runs: schedules, steps, faults by kind, checks, violations by invariant, time per schedule."""
+    """Totals over runs: schedules, steps, faults by kind (steps run only), checks, violations by invariant,
+    time per schedule."""
     faults: collections.Counter[str] = collections.Counter()
     violations: collections.Counter[str] = collections.Counter()
     for run in runs:

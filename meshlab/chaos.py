@@ -60,7 +60,9 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "lab_id": self.lab_id, "took_s": round(self.took_s, 2), "checks": self.checks,
-                "steps_run": self.steps_run, "faults": self.schedule.faults(), "violations": self.violations,
+                "steps_run": self.steps_run,
+                "faults": replace(self.schedule, steps=self.schedule.steps[: self.steps_run]).faults(),
+                "violations": self.violations,
                 "timeline": self.events, "schedule": self.schedule.to_dict()}
 
 
