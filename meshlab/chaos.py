@@ -137,6 +137,7 @@ class ChaosRun:
     def _steps(self) -> None:
         steps = list(self.schedule.steps)
         i = 0
+        checked = True  # whether the last step run has been checked
         while i < len(steps):
             step = steps[i]
             if self.duration_s is not None and time.monotonic() - self.start > self.duration_s:
@@ -146,7 +147,8 @@ class ChaosRun:
             time.sleep(step.gap_s)
             self._do(step, index=i + 1)
             self.result.steps_run = i + 1
-            if step.settle or i == len(steps) - 1:
+            checked = step.settle or i == len(steps) - 1
+            if checked:
                 if not self._check(step=i + 1) and not self.keep_going:
                     # Stop where it failed, but end every open fault so a lab we did not build stays usable.
                     if not self.build:
@@ -154,6 +156,8 @@ class ChaosRun:
                             self._do(closing, index=None)
                     break
             i += 1
+        if not checked:  # cut short with nothing left open: the last step still gets its check
+            self._check(step=self.result.steps_run)
 
     def _cut_short(self, steps: list[Step], at: int) -> list[Step]:
         """The duration is over: the steps done so far, then the steps that end every open fault."""
