@@ -99,11 +99,12 @@ def wg_seen(lab: Lab, name: str) -> WgSeen | None:
     return WgSeen(own, tuple(WgPeer(key, allowed, shake) for key, allowed, shake in peers))
 
 
-def reach(lab: Lab, names: Sequence[str], *, wait_s: float = 2.0) -> tuple[tuple[str, str, bool], ...]:
-    """One ping over the mesh for every pair of `names` (all at once); (src, dst, answered) per pair."""
+def reach(lab: Lab, ips: Mapping[str, str], *, wait_s: float = 2.0) -> tuple[tuple[str, str, bool], ...]:
+    """One ping over the mesh for every pair of nodes in `ips` (name -> mesh IP), all at once; (src, dst,
+    answered) per pair."""
     st = lab.state()
-    ips = {n: st.nodes[n].mesh_ip for n in names if st.nodes[n].mesh_ip}
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if a in ips and b in ips]
+    names = list(ips)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     procs = [(a, b, subprocess.Popen(system.ns_argv(st.nodes[a].namespace,
                                                     ["ping", "-n", "-q", "-c", "1", "-W", str(wait_s), ips[b]]),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) for a, b in pairs]
@@ -144,7 +145,8 @@ def _look_once(lab: Lab, *, since: Mapping[str, float] | None, control_since: fl
             agent=agent_seen(status) if status else None,
             wg=wg_seen(lab, record.name) if readable else None,
         ))
-    healthy = [n.name for n in nodes if n.condition == "up"]
+    # Mesh IPs as the agents report them: a node that joined during a chaos run is in no state file yet.
+    healthy = {n.name: n.agent.mesh_ip for n in nodes if n.condition == "up" and n.agent and n.agent.mesh_ip}
     registrar = registrar_seen(lab) if running else None
     steady = registrar is None or (isinstance(before, dict) and before.get("revision") == registrar.revision)
     return Snapshot(
