@@ -102,3 +102,13 @@ def test_shrink_finds_the_one_episode_that_matters_within_its_budget():
     assert len(runs) <= 20
     replay_model(small)
     assert shrink(_schedule(*STEPS), fails, budget=0) == _schedule(*STEPS)
+
+
+def test_saved_regressions_are_valid_schedules():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "system" / "chaos_regressions"
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        assert record["invariant"] and "schedule" in record, path
+        replay_model(Schedule.from_dict(record["schedule"]))  # every step fits the lab it needs
