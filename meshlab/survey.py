@@ -17,6 +17,7 @@ from pathlib import Path
 
 from meshcontract.localapi import AgentStatus
 from meshlab import system
+from meshlab.errors import CommandError
 from meshlab.lab import Lab
 from meshlab.meshview import parse_wg_dump
 from meshlab.plan import LabPlan
@@ -44,12 +45,13 @@ def conditions(lab: Lab) -> dict[str, Condition]:
 
     An agent counts as stopped only when the lab stopped it (its record is cleared on stop, kill and crash). One
     whose recorded process is gone died on its own: the lab still means it to run, so it stays "up" and the
-    checker reports what its absence breaks.
+    checker reports what its absence breaks. A node is frozen when any of its processes is stopped: its
+    wireguard-go too, whose UAPI would not answer.
     """
     out = {}
     for n in lab.state().ordered_nodes():
-        state = system.record_state(n.agent)
-        meant = "stopped" if n.agent is None else ("frozen" if state == "frozen" else "running")
+        frozen = system.record_state(n.agent) == "frozen" or system.namespace_frozen(n.namespace)
+        meant = "frozen" if frozen else "stopped" if n.agent is None else "running"
         out[n.name] = condition_of(agent=meant, partitioned=n.partitioned, faults=n.underlay.keys())
     return out
 
@@ -90,8 +92,11 @@ def agent_seen(status: AgentStatus) -> AgentSeen:
 def wg_seen(lab: Lab, name: str) -> WgSeen | None:
     """The node's interface as wireguard-go holds it (`wg show IF dump` in its namespace); None if none."""
     record = lab.node(name)
-    proc = system.run(system.ns_argv(record.namespace, ["wg", "show", record.interface, "dump"]), check=False,
-                      timeout=5)
+    try:
+        proc = system.run(system.ns_argv(record.namespace, ["wg", "show", record.interface, "dump"]), check=False,
+                          timeout=5)
+    except CommandError:  # timed out: wireguard-go is not answering (stopped); nothing to read
+        return None
     parsed = parse_wg_dump(proc.stdout) if proc.returncode == 0 else None
     if parsed is None:
         return None
