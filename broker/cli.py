@@ -19,11 +19,13 @@ from pathlib import Path
 
 from broker.errors import BrokerError, PasswordFileError
 from broker.mosquitto_config import (
-    DEFAULT_ACL_FILE,
-    DEFAULT_PASSWORD_FILE,
+    DEFAULT_DYNSEC_FILE,
+    DEFAULT_PLUGIN,
+    DynsecAuth,
+    Listener,
     MosquittoConfig,
     MosquittoLogging,
-    PasswordFileAuth,
+    TlsFiles,
     render,
 )
 from broker.settings import BrokerServerSettings
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 1883)")
     parser.add_argument("--allow-anonymous", action="store_true", default=None, help="let clients in without a username")
+    parser.add_argument("--mesh", help="the mesh whose topics accounts may use (default: any)")
+    parser.add_argument("--certfile", help="TLS certificate (with --keyfile: the listener speaks TLS)")
+    parser.add_argument("--keyfile", help="TLS private key")
     parser.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the broker (the default)")
@@ -62,25 +67,40 @@ def _parser() -> argparse.ArgumentParser:
     for subcommand in (add, remove):
         _file_options(subcommand, default=argparse.SUPPRESS)
     conf = sub.add_parser("mosquitto-config", help="print a Mosquitto config for meshvpn (broker/mosquitto_config.py)")
-    conf.add_argument("--password-file", default=argparse.SUPPRESS,
-                      help=f"Mosquitto's password file (default {DEFAULT_PASSWORD_FILE})")
-    conf.add_argument("--acl-file", default=DEFAULT_ACL_FILE, help="the ACL file (default %(default)s)")
-    conf.add_argument("--listen-host", default="0.0.0.0", help="listener address (default %(default)s)")
-    conf.add_argument("--listen-port", type=int, default=1883, help="listener port (default %(default)s)")
+    conf.add_argument("--dynsec-file", default=DEFAULT_DYNSEC_FILE,
+                      help="the dynamic security plugin's JSON file (default %(default)s)")
+    conf.add_argument("--plugin", default=DEFAULT_PLUGIN, help="the plugin's path (default %(default)s)")
+    conf.add_argument("--tls-listen", default="0.0.0.0:8883",
+                      help="TLS listener HOST:PORT for nodes (default %(default)s; '' for none)")
+    conf.add_argument("--certfile", default=TlsFiles().certfile, help="server certificate (default %(default)s)")
+    conf.add_argument("--keyfile", default=TlsFiles().keyfile, help="server key (default %(default)s)")
+    conf.add_argument("--listen", default="127.0.0.1:1883",
+                      help="plain TCP listener HOST:PORT (default %(default)s, loopback only; '' for none)")
     conf.add_argument("--run-as", help="Mosquitto's `user` (default: Mosquitto's own)")
     conf.add_argument("--log-file", help="log to this file (default: Mosquitto's destination)")
     return parser
 
 
+def _listener(text: str, tls: TlsFiles | None) -> Listener:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return Listener(host.strip("[]"), int(port), tls)
+
+
 def _mosquitto_config(args: argparse.Namespace) -> int:
-    config = MosquittoConfig(
-        listen_host=args.listen_host,
-        listen_port=args.listen_port,
-        auth=PasswordFileAuth(password_file=args.password_file or DEFAULT_PASSWORD_FILE, acl_file=args.acl_file),
-        run_as=args.run_as,
-        logging=MosquittoLogging(file=args.log_file),
-    )
     try:
+        listeners = []
+        if args.tls_listen:
+            listeners.append(_listener(args.tls_listen, TlsFiles(args.certfile, args.keyfile)))
+        if args.listen:
+            listeners.append(_listener(args.listen, None))
+        config = MosquittoConfig(
+            listeners=tuple(listeners),
+            auth=DynsecAuth(config_file=args.dynsec_file, plugin=args.plugin),
+            run_as=args.run_as,
+            logging=MosquittoLogging(file=args.log_file),
+        )
         sys.stdout.write(render(config))
     except ValueError as exc:
         print(f"meshvpn-broker mosquitto-config: {exc}", file=sys.stderr)
@@ -130,8 +150,8 @@ def _passwd(args: argparse.Namespace, settings: BrokerServerSettings) -> int:
             if getpass.getpass("again: ") != password:
                 print("passwords differ", file=sys.stderr)
                 return 1
-        if not password or password.startswith(access.JOIN_PASSWORD_PREFIX):
-            print(f"a password must be non-empty and not start with {access.JOIN_PASSWORD_PREFIX!r}", file=sys.stderr)
+        if not password:
+            print("a password must not be empty", file=sys.stderr)
             return 2
         entries = read_password_file(path)
         entries[user] = access.hash_password(password)
@@ -177,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 "port": args.port,
                 "password_file": args.password_file,
                 "allow_anonymous": args.allow_anonymous,
+                "mesh": getattr(args, "mesh", None),
+                "certfile": getattr(args, "certfile", None),
+                "keyfile": getattr(args, "keyfile", None),
                 "log_json": args.log_json,
             },
         )

@@ -18,6 +18,14 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
 4. Authentication runs after amqtt has already acted on the CONNECT: it deletes the old session of that client
    id (clean_session=1) or overwrites its credentials and will (clean_session=0), so a CONNECT with a wrong
    password could make a connected node deaf. We decide admission first, before any session state changes.
+5. Stopping a connection can hang: the reader's cancellation is lost when it coincides with an incoming packet
+   (asyncio.wait_for on Python < 3.12, https://github.com/python/cpython/issues/86296), and amqtt then waits for
+   the reader until the client goes away. A broker shutdown hit it while clients acknowledged the registrar's
+   offline status. `_MeshHandler.stop` cancels again until the reader has stopped.
+6. Shutdown leaves connections for the end of the event loop to cancel: the listener keeps accepting while
+   amqtt ends its sessions, and a connection still reading its CONNECT is no session yet. On Python < 3.12 each
+   cancelled connection task makes asyncio log a traceback. `MeshBroker.close` stops listening first, runs
+   amqtt's shutdown, then closes the connections left.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
@@ -30,7 +38,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +57,15 @@ from broker import admission
 from broker.errors import BrokerStartError
 from broker.settings import BrokerServerSettings
 from meshcontract import access
+from meshcontract.ratelimit import RateLimiter, RatePolicy
 
 log = logging.getLogger(__name__)
 _SHUTDOWN_TIMEOUT_S = 3.0
 
-TokenVerifier = Callable[[str, str], bool]
 _TAKEOVER_WAIT_S = 5.0
+_ACCOUNT_CHECK_S = 1.0  # how soon a session whose account was deleted from the password file is dropped
+_CANCEL_AGAIN_S = 0.1  # a reader still running this long after its cancellation has lost it (see _MeshHandler.stop)
+_CONNECT_WAIT_S = 1.0  # at shutdown, how long connections that were still logging in get to end
 _START_TIMEOUT_S = 15.0
 
 
@@ -83,6 +94,11 @@ class PasswordFile:
             self._text = text
             log.info("loaded %d broker users from %s", len(self._entries), self.path)
 
+    def users(self) -> set[str]:
+        """Every username the file holds now."""
+        self._refresh()
+        return set(self._entries)
+
     def check(self, username: str, password: str) -> bool:
         """True if the file holds `username` with `password`."""
         self._refresh()
@@ -90,13 +106,45 @@ class PasswordFile:
         return hashed is not None and access.verify_password(password, hashed)
 
 
-class _MeshHandler(BrokerProtocolHandler):
-    """amqtt's per-connection protocol handler, with keepalive enforced."""
+class PacketTooLarge(Exception):
+    """A client sent a packet larger than the broker accepts: its connection is closed."""
 
-    def __init__(self, plugins_manager: PluginManager[BrokerContext], loop: asyncio.AbstractEventLoop) -> None:
+
+class _LimitedReader(ReaderAdapter):
+    """A reader that refuses any read longer than `limit`.
+
+    amqtt reads a packet's remaining length in one read (and a PUBLISH's payload in one more), so no read asks
+    for more than the packet is long: refusing a long read refuses the packet before its bytes are buffered.
+    amqtt has no packet size limit of its own (Mosquitto: max_packet_size).
+    """
+
+    def __init__(self, inner: ReaderAdapter, limit: int) -> None:
+        self.inner = inner
+        self._limit = limit
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._limit:
+            raise PacketTooLarge(f"packet of more than {self._limit} bytes")
+        return await self.inner.read(n)
+
+    def feed_eof(self) -> None:
+        self.inner.feed_eof()
+
+
+class _MeshHandler(BrokerProtocolHandler):
+    """amqtt's per-connection protocol handler, with keepalive enforced and packets bounded."""
+
+    def __init__(
+        self, plugins_manager: PluginManager[BrokerContext], loop: asyncio.AbstractEventLoop, *, max_packet: int
+    ) -> None:
         super().__init__(plugins_manager, loop=loop)
         self.taken_over = False  # set when a newer connection with the same client id replaced this one
         self._timeout_task: asyncio.Task[None] | None = None
+        self._max_packet = max_packet
+
+    def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        # An oversized packet raises in the reader loop, which (like any error there) closes the connection.
+        super().attach(session, _LimitedReader(reader, self._max_packet), writer)
 
     def handle_read_timeout(self) -> None:
         # amqtt's reader waits `session.keep_alive` seconds (set to 1.5 x the client's keepalive at CONNECT) for
@@ -106,6 +154,23 @@ class _MeshHandler(BrokerProtocolHandler):
             return
         log.info("client %s sent nothing for %.1fs: disconnecting it", self.session.client_id, self.session.keep_alive)
         self._timeout_task = asyncio.ensure_future(self.handle_connection_closed())
+
+    async def stop(self) -> None:
+        # amqtt stops a connection by cancelling its reader task once and waiting for it to end. The reader sits in
+        # asyncio.wait_for(next packet), which on Python < 3.12 swallows a cancellation that coincides with the
+        # packet it was waiting for (https://github.com/python/cpython/issues/86296): the reader reads on, and
+        # stop() waits until the client itself goes away. A broker shutdown hits that window when clients are
+        # acknowledging the registrar's offline status at that moment: the registrar's SIGTERM then hung until the
+        # shutdown bound, and logged a CancelledError traceback (issue 13). So cancel until the reader has stopped.
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task():
+            while not task.done() and not self._reader_stopped.is_set():
+                task.cancel()
+                stopped = asyncio.ensure_future(self._reader_stopped.wait())
+                done, _ = await asyncio.wait([stopped], timeout=_CANCEL_AGAIN_S)
+                if not done:
+                    stopped.cancel()
+        await super().stop()
 
 
 @dataclass(eq=False)
@@ -125,17 +190,23 @@ class MeshBroker(Broker):
         *,
         password_file: Path | None,
         allow_anonymous: bool,
-        token_verifier: TokenVerifier | None,
         keepalive_factor: float,
+        mesh: str | None,
+        max_packet: int,
+        login_rate: RatePolicy,
     ) -> None:
         super().__init__(config)
         self._passwords = PasswordFile(password_file) if password_file is not None else None
         self._allow_anonymous = allow_anonymous
-        self._token_verifier = token_verifier
         self._keepalive_factor = keepalive_factor
+        self._mesh = mesh
+        self._max_packet = max_packet
+        # Failed logins per source address: a password guesser gets a few tries, then waits.
+        self._failed_logins = RateLimiter(login_rate)
         # No credentials configured and anonymous allowed: an open broker without ACL, for quick tests.
-        self.open_access = password_file is None and token_verifier is None and allow_anonymous
+        self.open_access = password_file is None and allow_anonymous
         self._live: dict[str, _Live] = {}
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # every accepted connection, until it ends
 
     # --- connection setup -------------------------------------------------------------------------------------
 
@@ -145,20 +216,66 @@ class MeshBroker(Broker):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await super().stream_connected(reader, writer, listener_name)
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            del self._connections[task]
 
-    async def _credentials_ok(self, username: str, password: str | bytes | None) -> bool:
-        if password is None:
+    async def close(self, timeout: float) -> None:
+        """Shut down and leave no connection behind for the event loop's end to cancel.
+
+        On Python < 3.12 cancelling a connection's task makes asyncio's stream callback log a traceback: every
+        connection must end by closing instead. amqtt's shutdown ends the sessions it knows, but its listener still
+        accepts meanwhile (agents reconnect at once when dropped) and a connection whose CONNECT was still being
+        read is no session yet. So: stop listening first, let amqtt shut down, then close whatever is left.
+        """
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        try:
+            # Bounded as a safety net; leaving the loop then cancels whatever amqtt left running.
+            await asyncio.wait_for(self.shutdown(), timeout=timeout)
+        except TimeoutError:
+            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", timeout)
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=_CONNECT_WAIT_S)
+
+    def _credentials_ok(self, username: str, password: str | bytes | None) -> bool:
+        if password is None or self._passwords is None:
             return False
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
-        if password.startswith(access.JOIN_PASSWORD_PREFIX):
-            if self._token_verifier is None or access.role_of(username) is not access.Role.NODE:
-                return False
-            token = password[len(access.JOIN_PASSWORD_PREFIX):]
-            # The verifier may do blocking I/O (the registrar's token store): keep it off the broker's loop.
-            return await asyncio.to_thread(self._token_verifier, username, token)
-        return self._passwords is not None and self._passwords.check(username, password)
+        return self._passwords.check(username, password)
+
+    async def watch_accounts(self, interval_s: float) -> None:
+        """Drop the session of every account that left the password file (a removed node, a revoked observer),
+        within `interval_s`: a deleted credential must not keep working until the client happens to reconnect."""
+        if self._passwords is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                users = await asyncio.to_thread(self._passwords.users)
+            except OSError as exc:
+                log.warning("cannot re-read the password file: %s", exc)
+                continue
+            for username in [u for u in self._live if u not in users]:
+                await self.disconnect(username)
+
+    async def disconnect(self, username: str) -> bool:
+        """Drop the live session of `username` (its account was deleted); its will is published as for any
+        connection that ends without DISCONNECT. True if it had one."""
+        live = self._live.get(username)
+        if live is None:
+            return False
+        log.info("dropping the session of %s: its account was removed", username)
+        await live.handler.handle_connection_closed()
+        return True
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
@@ -173,13 +290,18 @@ class MeshBroker(Broker):
         client_id = incoming.client_id or ""
         if not self.open_access:
             username = incoming.username
-            ok = username is not None and await self._credentials_ok(username, incoming.password)
-            reason = admission.refusal(
+            now = time.monotonic()
+            throttled = self._failed_logins.retry_after(remote_address, now=now) > 0
+            ok = not throttled and username is not None and self._credentials_ok(username, incoming.password)
+            if not ok and not throttled:
+                self._failed_logins.allow(remote_address, now=now)  # a failed login costs from the allowance
+            reason = "too many failed logins from this address" if throttled else admission.refusal(
                 username=username,
                 client_id=client_id,
                 credentials_ok=ok,
                 allow_anonymous=self._allow_anonymous,
                 will_topic=incoming.will_topic if incoming.will_flag else None,
+                mesh=self._mesh,
             )
             if reason is not None:
                 log.warning("refused connection from %s:%s: %s", remote_address, remote_port, reason)
@@ -209,7 +331,7 @@ class MeshBroker(Broker):
             incoming.parent = 0
         if session.keep_alive > 0:
             session.keep_alive = session.keep_alive * self._keepalive_factor
-        handler = _MeshHandler(self.plugins_manager, self._loop)
+        handler = _MeshHandler(self.plugins_manager, self._loop, max_packet=self._max_packet)
         self._live[session.client_id] = _Live(handler)
         return handler, session
 
@@ -253,10 +375,10 @@ class MeshBroker(Broker):
             return True
         username = session.username if session is not None else None
         if action == Action.PUBLISH:
-            return access.may_publish(username, topic)
+            return access.may_publish(username, topic, mesh=self._mesh)
         if action == Action.SUBSCRIBE:
-            return access.may_subscribe(username, topic)
-        return access.may_receive(username, topic)
+            return access.may_subscribe(username, topic, mesh=self._mesh)
+        return access.may_receive(username, topic, mesh=self._mesh)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         # amqtt calls this after a SUBSCRIBE and, on every (re)connect, once for every filter held by *any*
@@ -280,15 +402,10 @@ class MeshBroker(Broker):
 
 
 class EmbeddedBroker:
-    """meshvpn's MQTT broker in-process: amqtt in its own thread and event loop.
+    """meshvpn's MQTT broker in-process: amqtt in its own thread and event loop."""
 
-    `token_verifier(username, token)` lets a node log in with password "join:<token>" before it has broker
-    credentials; it is called from a worker thread and must be thread-safe.
-    """
-
-    def __init__(self, settings: BrokerServerSettings, *, token_verifier: TokenVerifier | None = None) -> None:
+    def __init__(self, settings: BrokerServerSettings) -> None:
         self.settings = settings
-        self._token_verifier = token_verifier
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -306,7 +423,18 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.settings.host}:{self.port}"
+        scheme = "mqtts" if self.settings.certfile else "mqtt"
+        return f"{scheme}://{self.settings.host}:{self.port}"
+
+    def disconnect(self, username: str) -> None:
+        """Drop `username`'s live session now (thread-safe; waits until the broker did it)."""
+        if self._loop is None or self.broker is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.broker.disconnect(username), self._loop)
+        try:
+            future.result(timeout=_TAKEOVER_WAIT_S)
+        except TimeoutError:
+            log.warning("could not drop the session of %s within %.0f s", username, _TAKEOVER_WAIT_S)
 
     def start(self) -> None:
         """Start listening; returns once connections are accepted. Raises BrokerStartError."""
@@ -350,8 +478,11 @@ class EmbeddedBroker:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         s = self.settings
+        listener: dict = {"type": "tcp", "bind": f"{s.host}:{s.port}"}
+        if s.certfile is not None:
+            listener.update(ssl=True, certfile=str(s.certfile), keyfile=str(s.keyfile))
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{s.host}:{s.port}"}},
+            "listeners": {"default": listener},
             # No amqtt plugins: MeshBroker authenticates and authorizes itself, and $SYS is not wanted.
             "plugins": {},
         }
@@ -360,8 +491,10 @@ class EmbeddedBroker:
                 config,
                 password_file=s.password_file,
                 allow_anonymous=s.allow_anonymous,
-                token_verifier=self._token_verifier,
                 keepalive_factor=s.keepalive_factor,
+                mesh=s.mesh,
+                max_packet=s.max_packet_size,
+                login_rate=RatePolicy(rate_per_s=s.failed_logins_per_s, burst=s.failed_logins_burst),
             )
             await self.broker.start()
         except (AmqttBrokerError, AMQTTError, OSError) as exc:
@@ -373,10 +506,7 @@ class EmbeddedBroker:
         if self.broker.open_access:
             log.warning("embedded broker is open: anonymous access and no ACL (no password file configured)")
         self._ready.set()
+        watcher = asyncio.ensure_future(self.broker.watch_accounts(_ACCOUNT_CHECK_S))
         await self._stop_requested.wait()
-        try:
-            # amqtt's shutdown waits for every client handler; one stuck on a dead peer has held a registrar's
-            # SIGTERM for over 10 s in the lab. Bounded: leaving the loop cancels whatever is left.
-            await asyncio.wait_for(self.broker.shutdown(), timeout=_SHUTDOWN_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("amqtt did not shut down within %.0f s; abandoning its remaining tasks", _SHUTDOWN_TIMEOUT_S)
+        watcher.cancel()
+        await self.broker.close(_SHUTDOWN_TIMEOUT_S)

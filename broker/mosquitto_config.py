@@ -2,12 +2,13 @@
 
 Every Mosquitto that meshvpn runs gets its config from `render`: the shipped broker/mosquitto/mosquitto.conf is
 `render(MosquittoConfig())` (tests/unit/test_broker_mosquitto_config.py checks the file equals it), meshlab
-and the test fixtures render their own listener, paths and logging, and the container image renders its paths
+and the test fixtures render their own listeners, paths and logging, and the container image renders its paths
 with `meshvpn-broker mosquitto-config`. A setting the benchmarks or a bug taught us is needed therefore reaches
 every one of them at once.
 
-The access part is a choice of one `Auth` kind. Adding one (Mosquitto's dynamic security plugin, say) means a
-new dataclass and one more branch in `_auth`; nothing else changes.
+Access is Mosquitto's dynamic security plugin: the registrar creates and deletes node accounts at run time
+(registrar.accounts), with the rights of meshcontract.access.GRANTS; the plugin's JSON file is written once by
+`meshvpn-registrar mosquitto init`. The other kind, anonymous access, is for quick local tests only.
 """
 
 from __future__ import annotations
@@ -15,23 +16,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Where the packaged files live: the ACL is a file of its own, checked against meshcontract.access by
-# tests/unit/test_access.py, and referenced (not copied) by the configs rendered here.
 PACKAGE_DIR = Path(__file__).resolve().parent / "mosquitto"
-ACL_FILE = PACKAGE_DIR / "acl.conf"
 SHIPPED_CONFIG = PACKAGE_DIR / "mosquitto.conf"
 
-DEFAULT_PASSWORD_FILE = "/etc/mosquitto/meshvpn/passwords"
-DEFAULT_ACL_FILE = "/etc/mosquitto/meshvpn/acl.conf"
+CONFIG_DIR = "/etc/mosquitto/meshvpn"
+DEFAULT_DYNSEC_FILE = f"{CONFIG_DIR}/dynamic-security.json"
+DEFAULT_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 ALL_LOG_TYPES = ("error", "warning", "notice", "information")
+# Largest MQTT packet accepted. Membership snapshots are the largest messages (a few hundred bytes per member);
+# this admits ~10,000 members uncompressed and refuses a node's attempt to park megabytes on a retained topic.
+DEFAULT_MAX_PACKET = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class PasswordFileAuth:
-    """Users from a Mosquitto password file; their rights from an ACL file (None: no ACL, for broker tests)."""
+class TlsFiles:
+    """The server certificate and key a TLS listener presents (the registrar's, issued by its mesh CA)."""
 
-    password_file: str = DEFAULT_PASSWORD_FILE
-    acl_file: str | None = DEFAULT_ACL_FILE
+    certfile: str = f"{CONFIG_DIR}/server.pem"
+    keyfile: str = f"{CONFIG_DIR}/server.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listener; `tls` None means plain TCP (loopback and the lab only: say so where you use it)."""
+
+    host: str
+    port: int
+    tls: TlsFiles | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DynsecAuth:
+    """Accounts and rights from the dynamic security plugin's JSON file (managed by the registrar at run time)."""
+
+    config_file: str = DEFAULT_DYNSEC_FILE
+    plugin: str = DEFAULT_PLUGIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +58,7 @@ class AnonymousAccess:
     """No authentication and no ACL: anyone may connect and do anything. Quick local tests only."""
 
 
-Auth = PasswordFileAuth | AnonymousAccess
+Auth = DynsecAuth | AnonymousAccess
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,27 +71,34 @@ class MosquittoLogging:
     connection_messages: bool | None = None  # None: Mosquitto's default (on)
 
 
+def _default_listeners() -> tuple[Listener, ...]:
+    # Nodes connect with TLS; plain TCP only on loopback, for tools on the broker host itself.
+    return (Listener("0.0.0.0", 8883, TlsFiles()), Listener("127.0.0.1", 1883))
+
+
 @dataclass(frozen=True, slots=True)
 class MosquittoConfig:
     """What differs between the Mosquittos meshvpn runs; everything else `render` writes is always required."""
 
-    listen_host: str = "0.0.0.0"
-    listen_port: int = 1883
-    auth: Auth = field(default_factory=PasswordFileAuth)
+    listeners: tuple[Listener, ...] = field(default_factory=_default_listeners)
+    auth: Auth = field(default_factory=DynsecAuth)
     # `user`: None keeps Mosquitto's default (started as root, it switches to the `mosquitto` user). The lab and
     # the tests keep root: the files they point at are root-owned 0600 or under a root-only temporary directory.
     run_as: str | None = None
-    # See the comment `render` writes above these two.
-    max_queued_messages: int = 100000
+    # See the comment `render` writes above these.
+    max_queued_messages: int = 1000
     max_queued_bytes: int = 64 * 1024 * 1024
+    max_packet_size: int = DEFAULT_MAX_PACKET
     logging: MosquittoLogging = field(default_factory=MosquittoLogging)
 
 
 HEADER = """\
 # Mosquitto configuration for a meshvpn broker (Mosquitto 2.0.x).
 #
-# Install: copy this file to /etc/mosquitto/conf.d/meshvpn.conf and acl.conf next to the password file, then
-# create users with `mosquitto_passwd` or `meshvpn-broker passwd add USER` (same file format). See docs/broker.md.
+# Install: `compose/install.sh --mosquitto` copies this file to /etc/mosquitto/conf.d/meshvpn.conf and runs
+# `meshvpn-registrar mosquitto init`, which writes /etc/mosquitto/meshvpn/ (dynamic-security.json with the
+# registrar's accounts, the registrar's TLS certificate and key). Nodes then enroll with a join token: the
+# registrar creates their accounts at run time. See docs/broker.md.
 # Rendered by broker/mosquitto_config.py, which meshlab, the test fixtures and the container image use too:
 # change the settings there (`meshvpn-broker mosquitto-config --help` renders them with other paths)."""
 
@@ -84,16 +110,25 @@ def _check(name: str, value: str) -> str:
     return value
 
 
-def _listener(config: MosquittoConfig) -> list[str]:
-    if not 0 < config.listen_port < 65536:
-        raise ValueError(f"listen_port {config.listen_port} is not a TCP port")
-    return [
-        "# One set of auth settings for every listener: 2.0.11 otherwise scopes password_file/acl_file per listener and",
+def _listeners(config: MosquittoConfig) -> list[str]:
+    if not config.listeners:
+        raise ValueError("a broker needs at least one listener")
+    lines = [
+        "# One set of auth settings for every listener: 2.0.11 otherwise scopes auth settings per listener and",
         "# a listener declared before them would silently run without authentication.",
         "per_listener_settings false",
-        "",
-        f"listener {config.listen_port} {_check('listen_host', config.listen_host)}",
     ]
+    for listener in config.listeners:
+        if not 0 < listener.port < 65536:
+            raise ValueError(f"listener port {listener.port} is not a TCP port")
+        lines += ["", f"listener {listener.port} {_check('listener host', listener.host)}"]
+        if listener.tls is not None:
+            lines += [
+                f"certfile {_check('certfile', listener.tls.certfile)}",
+                f"keyfile {_check('keyfile', listener.tls.keyfile)}",
+                "tls_version tlsv1.2",
+            ]
+    return lines
 
 
 def _auth(auth: Auth) -> list[str]:
@@ -105,20 +140,23 @@ def _auth(auth: Auth) -> list[str]:
             # 2.0.11 refuses every client without a username when this is on, whatever allow_anonymous says.
             "use_username_as_clientid false",
         ]
-    lines = ["allow_anonymous false", f"password_file {_check('password_file', auth.password_file)}"]
-    if auth.acl_file is not None:
-        lines.append(f"acl_file {_check('acl_file', auth.acl_file)}")
     return [
-        *lines,
+        "allow_anonymous false",
+        "# Accounts and their rights (meshcontract.access.GRANTS) live in the plugin's file; the registrar adds a",
+        "# node's account when it enrolls and deletes it (dropping its session) when it is removed.",
+        f"plugin {_check('plugin', auth.plugin)}",
+        f"plugin_opt_config_file {_check('config_file', auth.config_file)}",
         "",
-        "# A node's broker username is its node id and the ACL is written against it (%u). Forcing the client id to",
-        "# the username means one live session per node: a second connection with the same credentials takes over",
-        "# the first instead of running beside it under another client id.",
+        "# A node's broker username is its node id and its rights are written against it. Forcing the client id to",
+        "# the username means one live session per account: a second connection with the same credentials takes",
+        "# over the first instead of running beside it under another client id.",
         "use_username_as_clientid true",
     ]
 
 
 def _sessions(config: MosquittoConfig) -> list[str]:
+    if config.max_packet_size < 1024:
+        raise ValueError("max_packet_size must be at least 1024 bytes")
     if config.max_queued_messages < 1 or config.max_queued_bytes < 1:
         # 0 means unlimited to Mosquitto, and with it 2.0.11 drops a client that publishes a denied QoS 1 message.
         raise ValueError("max_queued_messages and max_queued_bytes must be positive")
@@ -131,12 +169,14 @@ def _sessions(config: MosquittoConfig) -> list[str]:
         "# restart therefore loses nothing that is not restored within one reconnect, and nothing stale is replayed.",
         "persistence false",
         "",
-        "# Every node receives every member record: a join burst of N nodes queues ~N records per subscriber. The",
-        "# default of 1000 queued QoS 1 messages per client silently drops records for a slow agent in a mesh larger",
-        "# than that, and such an agent never sees a complete roster. Raised well past any mesh we run; memory is bounded",
-        "# by max_queued_bytes. (Not 0 = unlimited: with 0, 2.0.11 drops a client that publishes a denied QoS 1 message.)",
+        "# A node receives one membership delta per batch of changes (and a snapshot when it resyncs), so its queue",
+        "# holds few messages; these bound what a stalled client can make the broker keep for it. (Not 0 =",
+        "# unlimited: with 0, 2.0.11 drops a client that publishes a denied QoS 1 message.)",
         f"max_queued_messages {config.max_queued_messages}",
         f"max_queued_bytes {config.max_queued_bytes}",
+        "",
+        "# Refuse packets larger than the largest membership snapshot we expect (see DEFAULT_MAX_PACKET).",
+        f"max_packet_size {config.max_packet_size}",
     ]
 
 
@@ -159,5 +199,5 @@ def _process(config: MosquittoConfig) -> list[str]:
 
 def render(config: MosquittoConfig) -> str:
     """The text of mosquitto.conf for `config`; ValueError for a value Mosquitto would misread."""
-    sections = [HEADER.splitlines(), _listener(config), _auth(config.auth), _sessions(config), _process(config)]
+    sections = [HEADER.splitlines(), _listeners(config), _auth(config.auth), _sessions(config), _process(config)]
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"

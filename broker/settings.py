@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 class BrokerServerSettings(BaseModel):
     """Where the embedded broker listens and whom it lets in.
 
-    Access control is on whenever a password file is set (or a join-token verifier is given): clients then need
-    a known username and get exactly the rights of meshcontract.access. With no password file and
-    allow_anonymous=True the broker is open: anyone may connect, publish and subscribe (quick local tests).
+    Access control is on whenever a password file is set: clients then need a known username and get exactly the
+    rights of meshcontract.access (within `mesh`, when set). With no password file and allow_anonymous=True the
+    broker is open: anyone may connect, publish and subscribe (quick local tests). `certfile`/`keyfile` make the
+    listener TLS.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -24,5 +25,13 @@ class BrokerServerSettings(BaseModel):
     # A client that sends nothing for keepalive x this factor is disconnected and its will published
     # (MQTT 3.1.1 section 3.1.2.10 asks for 1.5).
     keepalive_factor: float = Field(default=1.5, ge=1.0, le=10.0)
+    mesh: str | None = None  # the mesh whose topics the accounts may use (None: any)
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    # Largest MQTT packet accepted (as Mosquitto's max_packet_size in broker/mosquitto_config.py).
+    max_packet_size: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Failed logins per source address: this many at once, then this many per second.
+    failed_logins_burst: float = Field(default=10, ge=1)
+    failed_logins_per_s: float = Field(default=1.0, gt=0)
     log_level: str = "INFO"
     log_json: bool = False

@@ -7,7 +7,8 @@
 # Usage (root):
 #   compose/install.sh [--wheel FILE] [--mosquitto] [--no-apt] [--root DIR]
 #     --wheel FILE   install this meshvpn wheel (default: build one from the checkout this script is in)
-#     --mosquitto    also configure a local Mosquitto for meshvpn (config, ACL, password reload units)
+#     --mosquitto    also configure a local Mosquitto for meshvpn (config, and `meshvpn-registrar mosquitto
+#                    init`: its accounts and TLS files in /etc/mosquitto/meshvpn, once)
 #     --no-apt       do not install Debian packages (python3-venv, wireguard, ...)
 #     --root DIR     install under DIR instead of / (packaging tests, image builds): no apt, no useradd,
 #                    no systemctl
@@ -144,14 +145,13 @@ done
 if [ "$MOSQUITTO" = 1 ]; then
   pkg=$("$VENV/bin/python" -c 'import pathlib, broker; print(pathlib.Path(broker.__file__).parent / "mosquitto")')
   put "$pkg/mosquitto.conf" "$ROOT/etc/mosquitto/conf.d/meshvpn.conf" 0644
-  put "$pkg/acl.conf" "$ROOT/etc/mosquitto/meshvpn/acl.conf" 0644
-  if [ ! -e "$ROOT/etc/mosquitto/meshvpn/passwords" ]; then
-    install -D -m 0600 /dev/null "$ROOT/etc/mosquitto/meshvpn/passwords"
-    [ -z "$ROOT" ] && chown mosquitto:mosquitto "$ROOT/etc/mosquitto/meshvpn/passwords"
+  if [ -z "$ROOT" ] && [ ! -s /etc/mosquitto/meshvpn/dynamic-security.json ]; then
+    # Once: Mosquitto's accounts (the registrar's, its admin) and the registrar's TLS certificate; the registrar
+    # keeps the two passwords in its state directory. Nodes need nothing: they enroll with a join token.
+    install -d -o meshvpn -g meshvpn -m 0700 /var/lib/meshvpn-registrar
+    "$VENV/bin/meshvpn-registrar" --config /etc/meshvpn/registrar.toml mosquitto init --owner mosquitto
     changed=1
   fi
-  put "$here/systemd/meshvpn-mosquitto-reload.path" "$UNITS/meshvpn-mosquitto-reload.path" 0644
-  put "$here/systemd/meshvpn-mosquitto-reload.service" "$UNITS/meshvpn-mosquitto-reload.service" 0644
 fi
 
 if [ "$changed" = 1 ] && [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
@@ -167,9 +167,9 @@ install: done. Next steps (docs/deploy.md):
   control plane:  edit /etc/meshvpn/registrar.toml, then
                   systemctl enable --now meshvpn-registrar
                   sudo -u meshvpn meshvpn-registrar --config /etc/meshvpn/registrar.toml tokens create
-  every node:     edit /etc/meshvpn/agent.toml (broker url, mesh, join_token), then
+  every node:     edit /etc/meshvpn/agent.toml (registrar_url, mesh, join_token), then
                   systemctl enable --now meshvpn-agent && meshctl status
 EOF
 if [ "$MOSQUITTO" = 1 ]; then
-  echo "  mosquitto:      systemctl enable --now meshvpn-mosquitto-reload.path && systemctl restart mosquitto"
+  echo "  mosquitto:      systemctl restart mosquitto (before the registrar: broker = mqtts://127.0.0.1:8883)"
 fi

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 Listener = Callable[[Record], None]
 
 
+def check_text(text: str) -> None:
+    """ChatError unless `text` can be sent: not blank, at most MAX_TEXT characters. No I/O here."""
+    if not text.strip():
+        raise ChatError("empty message")
+    if len(text) > MAX_TEXT:
+        raise ChatError(f"message longer than {MAX_TEXT} characters")
+
+
 class ChatSession:
     """Sends, receives and remembers messages for this node.
 
@@ -119,10 +127,7 @@ class ChatSession:
         self._notify(self.history.get(from_ip, msg.id) or record)
 
     def _new_record(self, peer_ip: str, text: str) -> Record:
-        if not text.strip():
-            raise ChatError("empty message")
-        if len(text) > MAX_TEXT:
-            raise ChatError(f"message longer than {MAX_TEXT} characters")
+        check_text(text)
         record = Record(peer_ip=peer_ip, msg_id=uuid.uuid4().hex, direction="out", name=self.name, text=text,
                         sent_at=self._clock(), status="sending")
         self.history.add(record)

@@ -1,7 +1,9 @@
 """The Qt window: peers on the left, the conversation with the selected peer on the right.
 
-Nothing here blocks the event loop: the agent is polled by a PeerPoller thread and messages are delivered by
-ChatSession worker threads; both reach the window through Qt signals, which Qt queues onto the GUI thread.
+Nothing here blocks the event loop: the agent is polled by a PeerPoller thread, messages are delivered by
+ChatSession worker threads, and every history read and write (SQLite on disk) runs on one HistoryJobs thread.
+All of them reach the window through Qt signals, which Qt queues onto the GUI thread. The window keeps what it
+shows (the open conversation, unread counts) and never asks the history from the GUI thread.
 Requires PySide6 (the `chat` extra); the CLI imports this module only for `meshchat gui`.
 """
 
@@ -11,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import QObject, QPoint, Qt, Signal
 from PySide6.QtGui import QAction, QBrush, QColor, QIcon, QPainter, QPixmap
@@ -30,15 +33,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from desktop_chat.display import PRESENCE_COLOURS, peer_text, record_text, status_html, title_html
 from desktop_chat.errors import ChatError
 from desktop_chat.history import HistoryStore, Record
-from desktop_chat.peers import AgentPeerSource, ChatPeer, PeerDirectory, PeerSnapshot, PeerSource
-from desktop_chat.session import ChatSession, PeerPoller
+from desktop_chat.historyjobs import HistoryJobs
+from desktop_chat.peers import AgentPeerSource, PeerDirectory, PeerSnapshot, PeerSource
+from desktop_chat.session import ChatSession, PeerPoller, check_text
 from desktop_chat.settings import ChatSettings
 
 log = logging.getLogger(__name__)
 
-PRESENCE_COLOURS = {"online": "#2e7d32", "idle": "#f9a825", "offline": "#c62828"}
 IP_ROLE = Qt.ItemDataRole.UserRole
 PRESENCE_ROLE = Qt.ItemDataRole.UserRole + 1
 MSG_ROLE = Qt.ItemDataRole.UserRole + 2
@@ -61,6 +65,7 @@ class _Bridge(QObject):
 
     snapshot = Signal(object, object, object)  # PeerSnapshot | None, agent error | None, listen text
     record = Signal(object)  # Record
+    outcome = Signal(object, object)  # a GUI-thread handler and the history job's result (or ChatError) for it
 
 
 class ChatWindow(QMainWindow):
@@ -82,11 +87,19 @@ class ChatWindow(QMainWindow):
         self._snapshot: PeerSnapshot | None = None
         self._agent_error: str | None = None
         self._listen_text = "not listening yet"
+        self._unread: dict[str, int] = {}  # as last read from the history
+        # While the open conversation is being read (read number _load_id), records for it wait in _held and are
+        # applied on top of what was read: the read may predate them.
+        self._load_id = 0
+        self._loading = False
+        self._held: list[Record] = []
+        self._jobs = HistoryJobs()
         self._icons = {state: _dot(colour) for state, colour in PRESENCE_COLOURS.items()}
 
         self._bridge = _Bridge()
         self._bridge.snapshot.connect(self._on_snapshot)
         self._bridge.record.connect(self._on_record)
+        self._bridge.outcome.connect(self._on_outcome)
         session.subscribe(self._record_from_thread)
         self._poller = PeerPoller(source, session.directory, interval=poll_interval, clock=clock,
                                   on_update=self._update_from_thread)
@@ -160,12 +173,15 @@ class ChatWindow(QMainWindow):
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin polling the agent (the first poll happens at once, in the poller thread)."""
+        """Begin polling the agent (the first poll happens at once, in the poller thread) and read unread counts."""
+        self._jobs.start()
         self._poller.start()
+        self._query_unread()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         self._closed = True
         self._poller.stop()
+        self._jobs.stop()  # after the queued jobs: a message being stored is stored and its delivery started
         self.session.close(wait=0.5)
         super().closeEvent(event)
 
@@ -185,6 +201,22 @@ class ChatWindow(QMainWindow):
         if not self._closed:
             self._bridge.record.emit(record)
 
+    def _in_background(self, job: Callable[[], Any], done: Callable[[Any], None] | None = None,
+                       failed: Callable[[ChatError], None] | None = None) -> None:
+        """Run `job` (history I/O) on the history thread; `done(result)` or `failed(error)` on the GUI thread."""
+
+        def to_gui(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+            return lambda value: None if self._closed else self._bridge.outcome.emit(handler, value)
+
+        self._jobs.submit(job, done=to_gui(done) if done else None, failed=to_gui(failed or self._show_history_error))
+
+    def _on_outcome(self, handler: Callable[[Any], None], value: Any) -> None:
+        handler(value)
+
+    def _show_history_error(self, exc: ChatError) -> None:
+        log.warning("chat history: %s", exc)
+        self.statusBar().showMessage(f"history: {exc}", 5000)
+
     # -- peers ----------------------------------------------------------------------------------------
 
     def _on_snapshot(self, snapshot: PeerSnapshot | None, error: str | None, listen: str) -> None:
@@ -195,13 +227,9 @@ class ChatWindow(QMainWindow):
         self._update_title()
         self._update_status()
 
-    def _peer_text(self, peer: ChatPeer, unread: int) -> str:
-        badge = f"   ● {unread} new" if unread else ""
-        return f"{peer.name}{badge}\n{peer.mesh_ip}"
-
     def _refresh_peers(self) -> None:
         peers = self._snapshot.peers if self._snapshot else ()
-        unread = self.session.history.unread_counts()
+        unread = self._unread
         wanted = {p.mesh_ip: p for p in peers}
         # Removing or moving the current item makes Qt select another one; with signals on, that would open
         # (and mark read) a conversation the user never chose. The selection is restored explicitly below.
@@ -220,7 +248,7 @@ class ChatWindow(QMainWindow):
                     self.peer_list.takeItem(self.peer_list.row(item))
                     self.peer_list.insertItem(index, item)
                 count = unread.get(peer.mesh_ip, 0)
-                item.setText(self._peer_text(peer, count))
+                item.setText(peer_text(peer, count))
                 item.setIcon(self._icons[peer.presence])
                 item.setData(PRESENCE_ROLE, peer.presence)
                 item.setToolTip(f"{peer.name} ({peer.node_id})\nmesh IP {peer.mesh_ip}\n"
@@ -263,57 +291,25 @@ class ChatWindow(QMainWindow):
         ip = current.data(IP_ROLE)
         if ip != self._current_ip:
             self._current_ip = ip
-            self._reload_conversation()
+            self._load_conversation(ip)
             self._update_title()
             self._update_buttons()
             self.entry.setFocus()
 
     def _update_title(self) -> None:
         ip = self._current_ip
-        if ip is None:
-            self.conversation_title.setText("Select a peer to chat with")
-            return
-        peer = self.session.directory.get(ip)
-        if peer is None:
-            self.conversation_title.setText(
-                f"<b>{ip}</b> &nbsp;<span style='color:{PRESENCE_COLOURS['offline']}'>not a mesh member now"
-                " — messages will fail</span>")
-            return
-        colour = PRESENCE_COLOURS[peer.presence]
-        self.conversation_title.setText(
-            f"<b>{_html(peer.name)}</b> &nbsp;{ip} &nbsp;<span style='color:{colour}'>● {peer.presence}</span>"
-            f" <span style='color:#666'>({_html(peer.detail)})</span>")
+        self.conversation_title.setText(title_html(ip, self.session.directory.get(ip) if ip else None))
 
     def _update_status(self) -> None:
         snap = self._snapshot
-        me = f"me: {_html(self.session.name)} {snap.self_ip or '(no mesh IP yet)'}" if snap else "me: ?"
-        if self._agent_error:
-            agent = (f"<span style='color:{PRESENCE_COLOURS['offline']}'>agent unreachable"
-                     f"{' — showing last-known peers' if snap else ''}</span>")
-        elif snap is None:
-            agent = "asking the agent…"
-        elif snap.control_plane_online:
-            agent = "control plane online"
-        else:
-            agent = (f"<span style='color:{PRESENCE_COLOURS['idle']}'>control plane down — "
-                     "agent keeps last-known membership</span>")
-        self.status_label.setText(f"{me} · {self._listen_text} · {agent}")
+        self.status_label.setText(status_html(name=self.session.name, snapshot=snap, agent_error=self._agent_error,
+                                              listen=self._listen_text))
         self.setWindowTitle(f"meshchat — {self.session.name}" + (f" ({snap.self_ip})" if snap else ""))
 
     # -- conversation ---------------------------------------------------------------------------------
 
-    def _record_text(self, record: Record) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.sent_at))
-        if record.direction == "in":
-            return f"{record.name} · {stamp}\n{record.text}"
-        if record.status == "failed":
-            return (f"me · {stamp} · ✗ failed — select it and Retry\n{record.text}\n"
-                    f"reason: {record.reason or 'unknown'}")
-        state = {"sending": "sending…", "delivered": "✓ delivered"}.get(record.status, record.status)
-        return f"me · {stamp} · {state}\n{record.text}"
-
     def _style(self, item: QListWidgetItem, record: Record) -> None:
-        item.setText(self._record_text(record))
+        item.setText(record_text(record))
         item.setData(MSG_ROLE, (record.msg_id, record.direction, record.status, record.seq))
         if record.direction == "out":
             item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -326,17 +322,49 @@ class ChatWindow(QMainWindow):
         item.setForeground(QBrush(QColor(colour)))
         item.setToolTip(record.reason or "")
 
-    def _reload_conversation(self) -> None:
+    def _load_conversation(self, ip: str) -> None:
         self.conversation.clear()
-        if self._current_ip is None:
-            return
-        for record in self.session.history.conversation(self._current_ip):
-            item = QListWidgetItem()
-            self._style(item, record)
-            self.conversation.addItem(item)
-        self.conversation.scrollToBottom()
-        if self.session.history.mark_read(self._current_ip):
-            self._refresh_peers()
+        self._load_id += 1
+        self._loading = True
+        self._held = []
+        history, load_id = self.session.history, self._load_id
+
+        def read() -> tuple[int, list[Record], dict[str, int]]:
+            records = history.conversation(ip)
+            history.mark_read(ip)  # shown now: read
+            return load_id, records, history.unread_counts()
+
+        self._in_background(read, self._on_conversation_read)
+
+    def _on_conversation_read(self, result: tuple[int, list[Record], dict[str, int]]) -> None:
+        load_id, records, unread = result
+        self._unread = unread
+        if load_id == self._load_id:  # else another peer was chosen meanwhile: its read is on the way
+            self._loading = False
+            for record in records:
+                item = QListWidgetItem()
+                self._style(item, record)
+                self.conversation.addItem(item)
+            held, self._held = self._held, []
+            for record in held:
+                self._show(record)
+            self.conversation.scrollToBottom()
+            self._update_buttons()
+        self._refresh_peers()
+
+    def _query_unread(self, *, mark_read: str | None = None) -> None:
+        history = self.session.history
+
+        def read() -> dict[str, int]:
+            if mark_read is not None:
+                history.mark_read(mark_read)
+            return history.unread_counts()
+
+        self._in_background(read, self._on_unread)
+
+    def _on_unread(self, unread: dict[str, int]) -> None:
+        self._unread = unread
+        self._refresh_peers()
 
     def message_item(self, msg_id: str) -> QListWidgetItem | None:
         """The conversation item showing message `msg_id`, or None."""
@@ -346,38 +374,53 @@ class ChatWindow(QMainWindow):
                 return item
         return None
 
+    def _show(self, record: Record) -> None:
+        item = self.message_item(record.msg_id)
+        if item is None:
+            # Records come from several threads (deliveries, the server, the history thread): place by store order.
+            item = QListWidgetItem()
+            row = self.conversation.count()
+            while row > 0 and self.conversation.item(row - 1).data(MSG_ROLE)[3] > record.seq:
+                row -= 1
+            self.conversation.insertItem(row, item)
+            self.conversation.scrollToBottom()
+        self._style(item, record)
+
     def _on_record(self, record: Record) -> None:
-        if record.peer_ip == self._current_ip:
-            item = self.message_item(record.msg_id)
-            if item is None:
-                # Records from worker threads arrive queued, our own sends directly: place by store order.
-                item = QListWidgetItem()
-                row = self.conversation.count()
-                while row > 0 and self.conversation.item(row - 1).data(MSG_ROLE)[3] > record.seq:
-                    row -= 1
-                self.conversation.insertItem(row, item)
-                self.conversation.scrollToBottom()
-            self._style(item, record)
-            if record.direction == "in":
-                self.session.history.mark_read(record.peer_ip)  # shown in the open conversation: read
-        self._refresh_peers()
+        shown = record.peer_ip == self._current_ip
+        if shown and self._loading:
+            self._held.append(record)
+        elif shown:
+            self._show(record)
+        if record.direction == "in":
+            # Shown in the open conversation: read. Either way the unread counts changed.
+            self._query_unread(mark_read=record.peer_ip if shown else None)
         self._update_buttons()
 
     def unread(self, mesh_ip: str) -> int:
-        """Unread incoming messages from `mesh_ip`."""
-        return self.session.history.unread_counts().get(mesh_ip, 0)
+        """Unread incoming messages from `mesh_ip`, as last read from the history."""
+        return self._unread.get(mesh_ip, 0)
 
     def send_current(self) -> None:
         """Send the text in the entry to the selected peer."""
         text = self.entry.text()
-        if self._current_ip is None or not text.strip():
+        ip = self._current_ip
+        if ip is None or not text.strip():
             return
         try:
-            self.session.send(self._current_ip, text)
+            check_text(text)
         except ChatError as exc:
             self.statusBar().showMessage(f"not sent: {exc}", 5000)
             return
         self.entry.clear()
+
+        def not_stored(exc: ChatError) -> None:
+            if not self.entry.text():
+                self.entry.setText(text)  # give the text back rather than lose it
+            self.statusBar().showMessage(f"not sent: {exc}", 5000)
+
+        # Storing it is history I/O: the session stores it on the history thread and announces the record.
+        self._in_background(lambda: self.session.send(ip, text), failed=not_stored)
 
     def _selected_failed(self) -> str | None:
         item = self.conversation.currentItem()
@@ -389,12 +432,14 @@ class ChatWindow(QMainWindow):
     def retry_selected(self) -> None:
         """Send the selected failed message again."""
         msg_id = self._selected_failed()
-        if msg_id is None or self._current_ip is None:
+        ip = self._current_ip
+        if msg_id is None or ip is None:
             return
-        try:
-            self.session.retry(self._current_ip, msg_id)
-        except ChatError as exc:
+
+        def not_retried(exc: ChatError) -> None:
             self.statusBar().showMessage(f"not retried: {exc}", 5000)
+
+        self._in_background(lambda: self.session.retry(ip, msg_id), failed=not_retried)
 
     def _on_conversation_menu(self, pos: QPoint) -> None:
         item = self.conversation.itemAt(pos)
@@ -414,10 +459,6 @@ class ChatWindow(QMainWindow):
         self.entry.setEnabled(has_peer)
         self.send_button.setEnabled(has_peer)
         self.retry_button.setEnabled(self._selected_failed() is not None)
-
-
-def _html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def run(settings: ChatSettings, *, history: HistoryStore) -> int:

@@ -24,9 +24,10 @@ class _Model(BaseModel):
 
 
 class LocalRequest(_Model):
-    """One request to the agent. `ping` needs `target` (a node name or mesh IP)."""
+    """One request to the agent. `ping` needs `target` (a node name or mesh IP). `rotate-key` gives the node a
+    new WireGuard key pair (same node id and mesh IP); only the socket's owner (root by default) can ask."""
 
-    op: Literal["status", "ping"]
+    op: Literal["status", "ping", "rotate-key"]
     target: str | None = Field(default=None, max_length=64)
     count: int = Field(default=3, ge=1, le=20)
 
@@ -75,6 +76,17 @@ class PingResult(_Model):
     rtts_ms: list[float | None]
 
 
+class RotateResult(_Model):
+    """Result of `meshctl rotate-key`: the old and the new public key (the private key never leaves the agent)."""
+
+    previous_public_key: str
+    public_key: str
+    mesh_ip: str | None
+    # False when the registrar did not answer in time: the node uses the new key and registers it on its next
+    # connection (made at once), so peers learn it as soon as the registrar does.
+    confirmed: bool
+
+
 class LocalResponse(_Model):
     """The one reply to a LocalRequest: either `error` or the field for the op."""
 
@@ -82,6 +94,7 @@ class LocalResponse(_Model):
     error: str | None = None
     status: AgentStatus | None = None
     ping: PingResult | None = None
+    rotated: RotateResult | None = None
 
 
 def query(request: LocalRequest, *, socket_path: str = DEFAULT_SOCKET, timeout: float = 10.0) -> LocalResponse:

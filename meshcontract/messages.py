@@ -1,9 +1,10 @@
-"""Every MQTT payload of the mesh, one pydantic model each. No I/O here.
+"""Every payload of the mesh, one pydantic model each: MQTT messages and the enrollment exchange. No I/O here.
 
 All models are strict (no type coercion), forbid unknown fields, carry the schema version `v`, and bound
 every string and list so a hostile payload cannot make a service allocate without limit. `decode` is the
-single entry point for bytes from the wire; `encode` and `canonical_json` the way out. Canonical JSON
-(sorted keys, no whitespace) is what a future registrar signature (Ed25519) will cover.
+single entry point for bytes from the wire (it also refuses nesting deeper than any message has, so a hostile
+payload cannot exhaust the parser's recursion); `encode` and `canonical_json` the way out. Membership
+messages carry the registrar's Ed25519 signature over their canonical form (meshcontract.signing).
 """
 
 from __future__ import annotations
@@ -11,25 +12,60 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import itertools
 import json
+import re
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from meshcontract.access import check_node_id
 from meshcontract.errors import PayloadError
 from meshcontract.topics import is_valid_id
 
 SCHEMA_VERSION = 1
 
-# Largest payload accepted on any per-node topic. Roster payloads grow with the mesh and get their own limit.
+# Largest payload accepted on any per-node topic. Membership snapshots and deltas grow with the mesh and get
+# their own limit (MAX_MEMBERS records of well under 1 KiB each).
 MAX_PAYLOAD = 16 * 1024
-MAX_ROSTER_PAYLOAD = 4 * 1024 * 1024
+MAX_MEMBERS = 65_536
+MAX_MEMBERSHIP_PAYLOAD = 64 * 1024 * 1024
+# No message nests deeper than this; JSON nested deeper is refused before it is parsed.
+MAX_DEPTH = 8
 
-NodeId = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+def _display_name(value: str) -> str:
+    # Names are shown to people (meshctl, the chat), so characters that change how text around them looks are
+    # refused: controls, bidi overrides and other format characters, private use, unassigned code points.
+    value = unicodedata.normalize("NFC", value)
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"):
+            raise ValueError(f"name contains a control or format character U+{ord(ch):04X}")
+    if value != value.strip():
+        raise ValueError("name has leading or trailing white space")
+    return value
+
+
+NodeId = Annotated[
+    str,
+    Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$"),
+    AfterValidator(check_node_id),
+]
 RequestId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 # Display alias only: printable, bounded. Never used for addressing.
-NodeName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[^\x00-\x1f\x7f]+$")]
+NodeName = Annotated[str, Field(min_length=1, max_length=63), AfterValidator(_display_name)]
+MeshName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Signature = Annotated[str, Field(max_length=128)]
 Epoch = Annotated[int, Field(ge=0, lt=2**63)]
 Timestamp = Annotated[float, Field(ge=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -82,6 +118,10 @@ class ErrorCode(StrEnum):
     TOKEN_USED = "token_used"
     INVALID_KEY = "invalid_key"
     KEY_CONFLICT = "key_conflict"
+    KEY_REVOKED = "key_revoked"
+    NOT_ENROLLED = "not_enrolled"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
     POOL_EXHAUSTED = "pool_exhausted"
     INTERNAL = "internal"
 
@@ -96,7 +136,7 @@ class ErrorInfo(_Model):
 class MeshSettings(_Model):
     """Mesh-wide settings the registrar hands every node at registration."""
 
-    mesh: NodeId
+    mesh: MeshName
     network: str = Field(max_length=64, description="the mesh prefix, e.g. 100.96.0.0/16")
     heartbeat_interval_s: float = Field(gt=0, le=3600)
     heartbeat_ttl_s: float = Field(gt=0, le=86400)
@@ -111,16 +151,13 @@ class MeshSettings(_Model):
 
 
 class RegisterRequest(Message):
-    """Published by a node on register/<node> (QoS 1, not retained) to join or re-join the mesh.
+    """Published by a node on register/<node> (QoS 1, not retained) at the start of every broker session.
 
-    Idempotent: the same public key always gets the same node id and mesh IP. `epoch` starts a new
-    control-plane session: status and heartbeats from older epochs are ignored from then on.
-
-    `broker_password` is the node's own broker password, generated and stored (0600) by the agent before it
-    first connects; unset when the node uses a configured (pre-provisioned) password. The registrar stores its
-    hash in the broker's password file only if the node id has no entry yet (the sender is logged in as that
-    node id, so it proved the existing password or, while there is none, a join token); it never replaces an
-    existing entry, and never retains the clear text. Requests are not retained either.
+    The node is already enrolled (meshcontract.messages.EnrollRequest over HTTPS): the broker admitted it with
+    its own credential and lets it publish only on its own register topic, which only the registrar reads. So
+    nothing here is secret, and a registration can only ever speak for its sender. Idempotent: the same node
+    gets the same mesh IP. `epoch` starts a new control-plane session: status and heartbeats from older epochs
+    are ignored from then on. A `public_key` other than the member's is a key rotation (see docs/security.md).
     """
 
     request_id: RequestId
@@ -129,9 +166,7 @@ class RegisterRequest(Message):
     public_key: str = Field(max_length=64)
     endpoints: list[Endpoint] = Field(default_factory=list, max_length=8)
     listen_port: Port
-    join_token: str | None = Field(default=None, max_length=256)
     epoch: Epoch
-    broker_password: str | None = Field(default=None, min_length=16, max_length=128)
 
     @field_validator("public_key")
     @classmethod
@@ -140,12 +175,7 @@ class RegisterRequest(Message):
 
 
 class RegisterReply(Message):
-    """Published by the registrar on reply/<node> (QoS 1, not retained), answering one RegisterRequest.
-
-    `broker_password` is legacy: a registrar sets it only for a node that sent no password of its own in its
-    first RegisterRequest (an older agent) and has no password entry yet; that agent stores it (0600). A lost
-    reply of that kind still locks such an old agent out; current agents send their own password instead.
-    """
+    """Published by the registrar on reply/<node> (QoS 1, not retained), answering one RegisterRequest."""
 
     request_id: RequestId
     ok: bool
@@ -153,8 +183,56 @@ class RegisterReply(Message):
     mesh_ip: str | None = None
     prefix_len: int | None = Field(default=None, ge=0, le=128)
     settings: MeshSettings | None = None
-    broker_password: str | None = Field(default=None, max_length=128)
     error: ErrorInfo | None = None
+
+
+class EnrollRequest(Message):
+    """POSTed by a new node to the registrar's /v1/enroll over HTTPS (TLS pinned by the join token's CA pin).
+
+    The only message that carries the join token, and it goes to the registrar alone, never over the broker.
+    `password` is the node's own broker password, generated and stored (0600) by the agent before it asks: a
+    lost reply is retried with the same password and key, and the registrar answers it again even though a
+    single-use token is spent by then. The registrar keeps only a hash.
+    """
+
+    node_id: NodeId
+    name: NodeName
+    public_key: str = Field(max_length=64)
+    endpoints: list[Endpoint] = Field(default_factory=list, max_length=8)
+    listen_port: Port
+    token: str = Field(min_length=1, max_length=256, repr=False)
+    password: str = Field(min_length=16, max_length=128, repr=False)
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return check_wg_key(value)
+
+
+class EnrollReply(Message):
+    """The registrar's answer to an EnrollRequest: the node's mesh address and what it needs to trust later.
+
+    `signing_key` is the registrar's Ed25519 public key: the agent keeps it and accepts membership only when
+    signed by it. `broker_url` is where the node's MQTT session goes (the agent may be configured otherwise).
+    """
+
+    ok: bool
+    node_id: NodeId
+    mesh_ip: str | None = None
+    prefix_len: int | None = Field(default=None, ge=0, le=128)
+    settings: MeshSettings | None = None
+    broker_url: str | None = Field(default=None, max_length=256)
+    signing_key: str | None = Field(default=None, max_length=64)
+    error: ErrorInfo | None = None
+
+
+class RegistrarInfo(Message):
+    """GET /v1/info: who this registrar is. Served to anyone; the CA's pin in the join token is what makes the
+    `ca_pem` here trustworthy (nothing else in this reply is trusted before it is checked)."""
+
+    mesh: MeshName
+    ca_pem: str = Field(max_length=16 * 1024)
+    broker_url: str | None = Field(default=None, max_length=256)
 
 
 class NodeStatus(Message):
@@ -210,24 +288,41 @@ class MemberRecord(Message):
         return value
 
 
-class RosterEntry(_Model):
-    """One member in the roster: its id and the revision of its current record."""
+class MembershipSnapshot(Message):
+    """Published by the registrar on snapshot (QoS 1, retained), signed: every member at `revision`.
 
-    node_id: NodeId
-    revision: int = Field(ge=0)
-
-
-class Roster(Message):
-    """Published by the registrar on roster (QoS 1, retained): the complete member list at `revision`.
-
-    An agent's view is complete when it holds, for every entry, a member record at least that new; only a
-    complete view may remove peers. `revision` only grows (it survives registrar restarts).
+    What an agent starts from and resynchronises from; complete by construction. `revision` only grows (it
+    survives registrar restarts), so an agent never goes back to an older snapshot than the one it holds.
     """
 
-    mesh: NodeId
+    mesh: MeshName
     revision: int = Field(ge=0)
-    members: list[RosterEntry] = Field(max_length=100_000)
+    members: list[MemberRecord] = Field(max_length=MAX_MEMBERS)
     published_at: Timestamp
+    sig: Signature = ""
+
+
+class MembershipDelta(Message):
+    """Published by the registrar on delta (QoS 1, not retained), signed: what changed after `from_revision`.
+
+    Applies to a membership at exactly `from_revision` and yields `to_revision`: `upserts` are the changed
+    members' records as they are now, `removals` the node ids no longer members. An agent holding another
+    revision has missed something and resynchronises from the retained snapshot instead.
+    """
+
+    mesh: MeshName
+    from_revision: int = Field(ge=0)
+    to_revision: int = Field(ge=0)
+    upserts: list[MemberRecord] = Field(default_factory=list, max_length=MAX_MEMBERS)
+    removals: list[NodeId] = Field(default_factory=list, max_length=MAX_MEMBERS)
+    published_at: Timestamp
+    sig: Signature = ""
+
+    @model_validator(mode="after")
+    def _range(self) -> MembershipDelta:
+        if self.to_revision <= self.from_revision:
+            raise ValueError("to_revision must be greater than from_revision")
+        return self
 
 
 class RegistrarStatus(Message):
@@ -246,9 +341,12 @@ def decode(model: type[M], payload: bytes, *, max_size: int = MAX_PAYLOAD) -> M:
     """Decode JSON `payload` into `model`, raising PayloadError with a readable reason on any problem."""
     if len(payload) > max_size:
         raise PayloadError(f"{model.__name__}: payload of {len(payload)} bytes exceeds {max_size}")
+    depth = json_depth(payload)
+    if depth > MAX_DEPTH:
+        raise PayloadError(f"{model.__name__}: JSON nested {depth} deep (at most {MAX_DEPTH})")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"{model.__name__}: not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PayloadError(f"{model.__name__}: expected a JSON object, got {type(data).__name__}")
@@ -260,6 +358,20 @@ def decode(model: type[M], payload: bytes, *, max_size: int = MAX_PAYLOAD) -> M:
     except ValidationError as exc:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
         raise PayloadError(f"{model.__name__}: {reasons}") from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def json_depth(payload: bytes | str) -> int:
+    """How deeply arrays and objects nest in `payload`, found without parsing it (strings are skipped).
+
+    Regular expressions keep it at C speed: a multi-megabyte membership snapshot is checked in milliseconds.
+    """
+    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+    steps = [1 if b in "[{" else -1 for b in _BRACKETS.findall(_JSON_STRING.sub("", text))]
+    return max(itertools.accumulate(steps), default=0)
 
 
 def encode(message: BaseModel) -> bytes:

@@ -24,17 +24,33 @@ class StopSignals:
         self.received: int | None = None
         self._wakeup: socket.socket | None = None
         self._writer: socket.socket | None = None  # must stay open as long as we listen
+        self._previous: dict[signal.Signals, object] = {}
+        self._previous_wakeup_fd = -1
 
     def install(self) -> StopSignals:
         """Take over SIGTERM and SIGINT (main thread only: Python delivers signals there)."""
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._wakeup, self._writer = reader, writer
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+            self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
+
+    def uninstall(self) -> None:
+        """Give SIGTERM and SIGINT back to their previous handlers and close the wakeup socket (tests, mostly)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        if self._writer is not None:
+            # The interpreter must stop writing to the socket before it is closed.
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            self._writer.close()
+            self._writer = None
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.received = signum  # nothing else: no locks, no logging, no Event.set()

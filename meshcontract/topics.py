@@ -6,8 +6,10 @@ No I/O here. Layout (MQTT 3.1.1 compatible: replies go to a per-node topic, corr
     meshvpn/v1/<mesh>/reply/<node>      registrar -> node   RegisterReply          QoS 1, not retained
     meshvpn/v1/<mesh>/status/<node>     node (and its will) NodeStatus             QoS 1, retained
     meshvpn/v1/<mesh>/heartbeat/<node>  node -> registrar   Heartbeat              QoS 0, not retained
-    meshvpn/v1/<mesh>/members/<node>    registrar           MemberRecord           QoS 1, retained ("" = tombstone)
-    meshvpn/v1/<mesh>/roster            registrar           Roster                 QoS 1, retained
+    meshvpn/v1/<mesh>/snapshot          registrar           MembershipSnapshot     QoS 1, retained (signed)
+    meshvpn/v1/<mesh>/delta             registrar           MembershipDelta        QoS 1, not retained (signed)
+    meshvpn/v1/<mesh>/members/<node>    registrar           MemberRecord           QoS 1, retained ("" = tombstone);
+                                                            for observers: agents follow snapshot + delta
     meshvpn/v1/<mesh>/registrar         registrar (+ will)  RegistrarStatus        QoS 1, retained
 
 The broker username of a node is its node id, so broker ACLs can be written with %u patterns against the last
@@ -38,7 +40,8 @@ class Kind(StrEnum):
     STATUS = "status"
     HEARTBEAT = "heartbeat"
     MEMBERS = "members"
-    ROSTER = "roster"
+    SNAPSHOT = "snapshot"
+    DELTA = "delta"
     REGISTRAR = "registrar"
 
 

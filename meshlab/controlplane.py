@@ -14,11 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from broker.mosquitto_config import (
-    ACL_FILE,
     ALL_LOG_TYPES,
+    DynsecAuth,
+    Listener,
     MosquittoConfig,
     MosquittoLogging,
-    PasswordFileAuth,
+    TlsFiles,
     render,
 )
 from meshlab import system
@@ -27,16 +28,22 @@ from meshlab.errors import LabError
 from meshlab.plan import BROKER_PORT, HTTP_PORT, LabPlan
 from meshlab.state import LabState
 from meshlab.waiting import wait_for
+from registrar.admin_client import AdminClient, AdminRequestFailed
+from registrar.dynsec import plugin_path
+from registrar.errors import RegistrarError
 
 
-def lab_mosquitto_config(plan: LabPlan, *, control_dir: str) -> MosquittoConfig:
-    """The shipped broker settings, listening on the lab's underlay only, with the lab's files. No I/O here."""
+def lab_mosquitto_config(plan: LabPlan, *, control_dir: str, plugin: str) -> MosquittoConfig:
+    """The shipped broker settings, listening on the lab's underlay only, with the lab's files. No I/O here.
+
+    `meshvpn-registrar mosquitto init` wrote control_dir/mosquitto/ (accounts, the registrar's certificate).
+    """
+    files = f"{control_dir}/mosquitto"
     return MosquittoConfig(
-        listen_host=plan.control_ip,
-        listen_port=BROKER_PORT,
-        auth=PasswordFileAuth(password_file=f"{control_dir}/passwords", acl_file=str(ACL_FILE)),
-        # Started as root Mosquitto would switch to its own user, which cannot read the root-owned 0600 password
-        # file the registrar rewrites; in the lab it keeps running as root inside its namespace.
+        listeners=(Listener(plan.control_ip, BROKER_PORT, TlsFiles(f"{files}/server.pem", f"{files}/server.key")),),
+        auth=DynsecAuth(config_file=f"{files}/dynamic-security.json", plugin=plugin),
+        # Started as root Mosquitto would switch to its own user, which cannot read the lab's root-owned files;
+        # in the lab it keeps running as root inside its namespace.
         run_as="root",
         logging=MosquittoLogging(file=f"{control_dir}/mosquitto.log", types=ALL_LOG_TYPES, connection_messages=True),
     )
@@ -105,7 +112,8 @@ class ControlPlane:
 
     def registrar_health(self, plan: LabPlan) -> dict | None:
         """The registrar's GET /healthz body, asked inside the control namespace; None if it does not answer."""
-        argv = [sys.executable, "-m", "meshlab.healthcheck", f"{plan.http_url}/healthz", "--timeout", "2"]
+        argv = [sys.executable, "-m", "meshlab.healthcheck", f"{plan.http_url}/healthz", "--timeout", "2",
+                "--cafile", str(self.store.control_dir / "ca.pem")]
         proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=10, env=child_env(),
                           cwd=PACKAGE_ROOT)
         if proc.returncode != 0:
@@ -132,44 +140,42 @@ class ControlPlane:
         self.ctx.report("registrar killed (SIGKILL)" if killed else "registrar was not running")
         return killed
 
-    def registrar_api(self, paths: Sequence[str], *, timeout: float = 2.0) -> list[object]:
-        """GET each of `paths` (e.g. /v1/nodes), in order, from the registrar's HTTP API in one process; None for
-        a path that did not answer. Asked inside the control namespace, where the API listens."""
-        plan = self.ctx.plan()
-        urls = [f"{plan.http_url}{p}" for p in paths]
-        argv = [sys.executable, "-m", "meshlab.registrarapi", "--timeout", str(timeout), "get", *urls]
-        proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=timeout * len(urls) + 10,
-                          env=child_env(), cwd=PACKAGE_ROOT)
-        try:
-            bodies = json.loads(proc.stdout) if proc.returncode == 0 else None
-        except ValueError:
-            bodies = None
-        if not isinstance(bodies, list) or len(bodies) != len(paths):
-            return [None] * len(paths)
-        return bodies
+    def admin(self) -> AdminClient:
+        """The running registrar's local admin API (STATE_DIR/admin.sock): its HTTP API, as the admin."""
+        return AdminClient(self.store.control_dir / "admin.sock")
+
+    def registrar_api(self, paths: Sequence[str]) -> list[object]:
+        """GET each of `paths` (e.g. /v1/nodes), in order, from the registrar's API through its admin socket;
+        None for a path that did not answer."""
+        admin = self.admin()
+        out: list[object] = []
+        for path in paths:
+            try:
+                out.append(admin.request("GET", path))
+            except RegistrarError:
+                out.append(None)
+        return out
 
     def forget_member(self, node_id: str) -> None:
-        """Admin removal of a member (DELETE /v1/nodes/{id}): tombstoned, IP quarantined, its node id free to re-key.
+        """Admin removal of a member (`meshvpn-registrar nodes remove`): tombstoned, IP quarantined, broker account
+        deleted, its key revoked; the node id is free to enroll again with a new key and a join token.
 
-        What an operator does for a machine reinstalled with a new key (docs/registrar.md). LabError if the
-        registrar did not answer.
+        What an operator does for a machine reinstalled with a new key. LabError if the registrar did not answer.
         """
-        plan = self.ctx.plan()
-        argv = [sys.executable, "-m", "meshlab.registrarapi", "delete", f"{plan.http_url}/v1/nodes/{node_id}",
-                "--token-file", str(self.store.control_dir / "admin_token")]
-        proc = system.run(system.ns_argv(plan.control_ns, argv), check=False, timeout=15, env=child_env(),
-                          cwd=PACKAGE_ROOT)
-        if proc.returncode != 0:
-            raise LabError(f"cannot remove member {node_id}: {(proc.stderr or proc.stdout).strip()}")
-        self.ctx.report(f"member {node_id} removed by admin (HTTP {proc.stdout.strip()})")
+        try:
+            self.admin().request("DELETE", f"/v1/nodes/{node_id}")
+        except AdminRequestFailed as exc:
+            if exc.status != 404:
+                raise LabError(f"cannot remove member {node_id}: {exc}") from exc
+        except RegistrarError as exc:
+            raise LabError(f"cannot remove member {node_id}: {exc}") from exc
+        self.ctx.report(f"member {node_id} removed by admin")
 
     def registrar_cli(self, st: LabState, args: Sequence[str]) -> str:
         """Run a one-shot registrar command against the lab's registrar state dir; its stdout."""
         env = child_env()
         env["MESHVPN_STATE_DIR"] = str(self.store.control_dir)
         env["MESHVPN_MESH"] = st.mesh
-        if st.broker == "mosquitto" and (self.store.control_dir / "mosquitto.pid").exists():
-            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
         proc = system.run([tool("meshvpn-registrar"), *args], env=env)
         return proc.stdout
 
@@ -183,6 +189,8 @@ class ControlPlane:
             "--mesh", st.mesh,
             "--heartbeat-interval", str(st.heartbeat_interval_s),
             "--heartbeat-ttl", str(st.heartbeat_ttl_s),
+            # First name in the certificate and the host nodes are told to use (broker URL, join command).
+            "--tls-name", plan.control_ip,
         ]
         if st.broker == "embedded":
             argv += ["--embedded-broker", "--broker-listen", f"{plan.control_ip}:{BROKER_PORT}"]
@@ -191,12 +199,8 @@ class ControlPlane:
         return argv
 
     def _registrar_env(self, st: LabState) -> dict[str, str]:
-        env = child_env()
-        if st.broker == "mosquitto":
-            env["MESHVPN_BROKER__USERNAME"] = "registrar"
-            env["MESHVPN_BROKER__PASSWORD"] = (self.store.control_dir / "registrar.password").read_text().strip()
-            env["MESHVPN_BROKER_RELOAD_COMMAND"] = self._mosquitto_reload_command()
-        return env
+        # With Mosquitto the registrar reads its broker passwords from its state directory (mosquitto init).
+        return child_env()
 
     def _start_registrar(self, st: LabState, plan: LabPlan) -> None:
         if system.record_state(st.control.registrar) != "stopped":
@@ -219,19 +223,16 @@ class ControlPlane:
 
     # --- mosquitto -------------------------------------------------------------------------------------------
 
-    def _mosquitto_reload_command(self) -> str:
-        # Mosquitto re-reads its password file on SIGHUP. The pid file is rewritten on every broker start, so
-        # the registrar's command stays right across `meshlab broker stop|start`.
-        pid_file = self.store.control_dir / "mosquitto.pid"
-        return f"sh -c 'kill -HUP \"$(cat {pid_file})\"'"
-
     def _prepare_mosquitto(self, st: LabState, plan: LabPlan) -> None:
-        """Write mosquitto.conf and issue the registrar's broker credentials into the shared password file."""
+        """Accounts and TLS files for Mosquitto (`meshvpn-registrar mosquitto init`), then mosquitto.conf."""
         control = self.store.control_dir
-        password = self.registrar_cli(st, ["credentials", "issue", "registrar"]).strip().splitlines()[-1]
-        (control / "registrar.password").write_text(password + "\n")
-        (control / "registrar.password").chmod(0o600)
-        (control / "mosquitto.conf").write_text(render(lab_mosquitto_config(plan, control_dir=str(control))))
+        plugin = plugin_path()
+        if plugin is None:
+            raise LabError("Mosquitto's dynamic security plugin is not installed (apt-get install mosquitto)")
+        self.registrar_cli(st, ["mosquitto", "init", "--dir", str(control / "mosquitto"), "--force",
+                                "--state-dir", str(control), "--tls-name", plan.control_ip])  # fmt: skip
+        config = lab_mosquitto_config(plan, control_dir=str(control), plugin=plugin)
+        (control / "mosquitto.conf").write_text(render(config))
 
     def _start_mosquitto(self, st: LabState, plan: LabPlan) -> None:
         if system.record_state(st.control.broker) != "stopped":

@@ -7,7 +7,7 @@ can see and undo it and `down` removes it whatever happened to the process that 
   everything outside it, random loss on the node's link. They vanish with the namespace;
 - the registrar killed with SIGKILL is started again by `registrar start`;
 - a node reinstalled (state dir deleted) comes back as a new key under the same node id, the way an operator
-  re-admits a reinstalled machine: admin removal of the old member, a new broker credential, a fresh start.
+  re-admits a reinstalled machine: admin removal of the old member (its key revoked), then a fresh enrollment.
 Everything that talks to the control plane goes through meshlab.controlplane, so it follows the lab when the
 control plane's contract changes.
 """
@@ -105,8 +105,9 @@ class Faults:
         self.control.kill_registrar()
 
     def reinstall(self, name: str, *, wait: bool = False) -> None:
-        """The node's machine reinstalled: every process killed, its state dir deleted (new key, new broker
-        password), the old member removed by an admin, a new credential issued, the agent started again.
+        """The node's machine reinstalled: every process killed, its state dir deleted (new key, no credential),
+        the old member removed by an admin (its key revoked), the agent started again: it enrolls anew with the
+        join token, under the same node id.
 
         The registrar never lets a join token re-key an existing node id (docs/registrar.md), so without the
         admin removal the reinstalled node would be refused for good; the removal is part of the procedure.
@@ -116,7 +117,6 @@ class Faults:
         shutil.rmtree(self.store.node_dir(name) / "state", ignore_errors=True)
         assert record.node_id is not None
         self.control.forget_member(record.node_id)
-        self.nodes.reprovision(name)
         self.nodes.start(name, wait=wait)
         self.ctx.report(f"{name}: reinstalled (state dir deleted, member removed, agent started with a new key)")
 

@@ -50,8 +50,6 @@ class Nodes:
                                  bridge_ns=plan.control_ns, bridge=plan.bridge, port=node.bridge_port)
             self.ctx.report(f"{node.name}: namespace {node.namespace}, underlay {node.underlay_ip}, "
                             f"interface {node.interface}")
-            if st.broker == "mosquitto":
-                self._provision(st, record)
             self._start_agent(st, record, node)
             self.store.save(st)
         if wait:
@@ -145,35 +143,15 @@ class Nodes:
             self.store.save(st)
         self.ctx.report(f"{name}: " + ("partitioned (underlay link down)" if cut else "healed (underlay link up)"))
 
-    def reprovision(self, name: str) -> None:
-        """Issue the node's broker credential again into its (emptied) state dir, as an operator would after a
-        reinstall: its old password went with the state dir, and the broker still holds an entry for its id."""
-        with self.store.locked():
-            st = self.ctx.state()
-            self._provision(st, self.ctx.node(name, st))
-            self.store.save(st)
-
     # --- agents ----------------------------------------------------------------------------------------------
-
-    def _provision(self, st: LabState, record: NodeRecord) -> None:
-        """Mosquitto cannot check join tokens: issue the node's broker password before its first start."""
-        state_dir = self.store.node_dir(record.name) / "state"
-        password_file = state_dir / "broker_password"
-        if password_file.exists():
-            return
-        assert record.node_id is not None
-        password = self.control.registrar_cli(st, ["credentials", "issue", record.node_id]).strip().splitlines()[-1]
-        state_dir.mkdir(parents=True, exist_ok=True)
-        state_dir.chmod(0o700)
-        password_file.write_text(password + "\n")
-        password_file.chmod(0o600)
-        (state_dir / "node_id").write_text(record.node_id + "\n")
 
     def _agent_argv(self, st: LabState, record: NodeRecord, node: NodePlan) -> list[str]:
         node_dir = self.store.node_dir(record.name)
         argv = [
             tool("meshvpn-agent"), "run",
-            "--broker", self.ctx.plan(st).broker_url,
+            # Enrolls once over HTTPS (the token's CA pin verifies the registrar), then uses the broker the
+            # registrar names: the same path as on real machines, whichever broker the lab runs.
+            "--registrar", self.ctx.plan(st).http_url,
             "--mesh", st.mesh,
             "--name", record.name,
             "--interface", node.interface,
@@ -186,7 +164,6 @@ class Nodes:
         if record.node_id:
             argv += ["--node-id", record.node_id]
         if st.join_token:
-            # With Mosquitto the node logs in with its provisioned password; the token still admits it.
             argv += ["--join-token", st.join_token]
         return argv
 

@@ -79,11 +79,11 @@ class LabPlan:
 
     @property
     def broker_url(self) -> str:
-        return f"mqtt://{self.control_ip}:{BROKER_PORT}"
+        return f"mqtts://{self.control_ip}:{BROKER_PORT}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.control_ip}:{HTTP_PORT}"
+        return f"https://{self.control_ip}:{HTTP_PORT}"
 
     def node(self, index: int) -> NodePlan:
         """The plan of node number `index` (1-based)."""

@@ -240,6 +240,7 @@ def spawn(argv: Sequence[str], *, namespace: str | None, log_path: Path, env: Ma
                                     cwd=cwd, start_new_session=True, close_fds=True)
         except OSError as exc:
             raise CommandError(f"cannot start {' '.join(full)}: {exc}") from exc
+    proc.returncode = 0  # detached: the lab tracks and reaps it by pid, so Popen must not warn "still running"
     ticks = start_ticks(proc.pid)
     if ticks is None:
         raise CommandError(f"{' '.join(full)} exited at once; see {log_path}")

@@ -19,15 +19,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult
-from meshcontract.transport import make_client
+from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult, RotateResult
+from meshcontract.signing import Verifier
+from meshcontract.transport import BrokerSettings, make_client
 from nodeagent.credentials import BrokerLogin
-from nodeagent.errors import AgentError
+from nodeagent.enrollment import Waiter, enroll
+from nodeagent.errors import AgentError, SettingsError
 from nodeagent.identity import Identity, load_identity
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from nodeagent.meshstate import MeshState
 from nodeagent.ping import Pinger, SystemPinger
 from nodeagent.reconciler import Reconciler
@@ -40,7 +43,7 @@ from nodeagent.session import (
     SessionEvent,
 )
 from nodeagent.settings import AgentSettings
-from nodeagent.statestore import StateStore
+from nodeagent.statestore import Enrollment, StateStore
 from nodeagent.status import agent_status
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
@@ -91,20 +94,29 @@ class Agent:
         self._reconcile_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._api = None
+        self.enrollment: Enrollment | None = None
+        self._rotating = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Load identity and persisted state, restore the mesh from it, then start talking to the broker.
+    def start(self, *, stop: Waiter | None = None) -> None:
+        """Enroll if this node never did, load identity and persisted state, restore the mesh from it, then start
+        talking to the broker. Enrolling retries until it succeeds or `stop` (default: `request_stop()`) says so.
 
-        Raises AgentError (SettingsError, StateDirError) or ContractError (a malformed broker URL) for problems
-        no retry can fix, and WireGuardError if the backend cannot be used at all.
+        Raises EnrollmentRefused (exit 3), AgentError (SettingsError, StateDirError) or ContractError (a malformed
+        URL) for problems no retry can fix, and WireGuardError if the backend cannot be used at all.
         """
         settings = self.settings
-        settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
+        if settings.broker is not None:
+            settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
         self.identity = me = load_identity(settings, self.store, hostname=self._hostname)
-        login = BrokerLogin(
-            broker=settings.broker, join_token=settings.join_token, store=self.store, node_id=me.node_id
-        )
+        enrollment = self.store.enrollment()
+        if enrollment is None or enrollment.node_id != me.node_id or enrollment.mesh != settings.mesh:
+            # Before anything exists on this machine: a refused join leaves no interface and no process behind.
+            enrollment = enroll(settings, me, store=self.store, stop=stop or self._finished)
+            if enrollment is None:
+                return  # asked to stop while enrolling
+        self.enrollment = enrollment
+        login = BrokerLogin(broker=self._broker_settings(enrollment), store=self.store, node_id=me.node_id)
         registration = self.store.registration()
         persisted = self.store.membership()
         self.mesh = MeshState(persisted)
@@ -121,6 +133,7 @@ class Agent:
             store=self.store,
             login=login,
             mesh=self.mesh,
+            verifier=Verifier(enrollment.signing_key),
             registration=registration,
             on_event=self._on_session_event,
             clock=self._clock,
@@ -175,6 +188,17 @@ class Agent:
         )
         self._reconcile_thread.start()
         self._session.start()
+
+    def _broker_settings(self, enrollment: Enrollment) -> BrokerSettings:
+        """The configured broker, else the one enrollment named; TLS verified against the mesh's CA."""
+        broker = self.settings.broker
+        if broker is None:
+            if not enrollment.broker_url:
+                raise SettingsError("the registrar named no broker: configure broker.url (--broker)")
+            broker = BrokerSettings(url=enrollment.broker_url)
+        if broker.ca_file is None and broker.host_port()[2]:
+            broker = broker.model_copy(update={"ca_file": str(self.store.ca_file), "verify_hostname": False})
+        return broker
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until `request_stop()` or a fatal error; True if that happened within `timeout`."""
@@ -268,7 +292,7 @@ class Agent:
         """Completed reconcile passes since start."""
         return self._reconciler.passes if self._reconciler else 0
 
-    def membership(self) -> MembershipSnapshot | None:
+    def membership(self) -> MemberTable | None:
         """The membership reconcile works from: the newest complete view, else the persisted one."""
         return self.mesh.current()
 
@@ -280,12 +304,50 @@ class Agent:
         """Answer one local API request (called from the local API server's threads)."""
         if request.op == "status":
             return LocalResponse(ok=True, status=self.status())
+        if request.op == "rotate-key":
+            try:
+                return LocalResponse(ok=True, rotated=self.rotate_key())
+            except AgentError as exc:
+                return LocalResponse(ok=False, error=str(exc))
         if not request.target:
             return LocalResponse(ok=False, error="ping needs a target: a node name or mesh IP")
         try:
             return LocalResponse(ok=True, ping=self.ping(request.target, count=request.count))
         except AgentError as exc:
             return LocalResponse(ok=False, error=str(exc))
+
+    def rotate_key(self) -> RotateResult:
+        """A new WireGuard key pair for this node, same node id and mesh IP; peers swap the key on the next delta.
+
+        The key file is replaced before the registrar is asked, and put back if it refuses: whatever the file
+        holds after a crash, the next registration (authenticated by our broker credential) makes it the mesh's
+        key. AgentError, leaving the old key in place, if the control plane is not reachable or refuses.
+        """
+        from wgctl import keys  # local: keeps module import light for meshctl
+
+        if self._session is None or self._reconciler is None:
+            raise AgentError("the agent is not running")
+        with self._rotating:
+            old = self.identity
+            private_key = keys.generate_private_key()
+            new = replace(old, private_key=private_key, public_key=keys.public_key(private_key))
+            self.store.replace_private_key(private_key)
+            try:
+                confirmed = self._session.rotate_key(new)
+            except AgentError:
+                self.store.replace_private_key(old.private_key)
+                raise
+            self.identity = new
+            self._reconciler.set_identity(new)
+            # Now, not at the next wake-up: until the interface has the new key, no peer that already swapped
+            # can reach us.
+            self._reconciler.reconcile_once("key rotated")
+            self.counters["key_rotations"] += 1
+            log.info("rotated the WireGuard key (was %s)", old.public_key, extra=self._fields())
+            return RotateResult(
+                previous_public_key=old.public_key, public_key=new.public_key, mesh_ip=self.mesh_ip,
+                confirmed=confirmed,
+            )  # fmt: skip
 
     def status(self) -> AgentStatus:
         """This agent and its peers as `meshctl status` shows them."""

@@ -1,7 +1,8 @@
 """`meshvpn-agent`: the composition root of the node daemon. Loads settings once, builds the backends, runs.
 
 Exit status: 0 after a graceful stop, 1 for a configuration or start-up error, 3 when the registrar refused
-the registration (bad, expired or used join token, key conflict, pool exhausted).
+the node (bad, expired or used join token, revoked or conflicting key, pool exhausted, a registrar whose CA does
+not match the token's pin). A refused join leaves nothing behind: enrolling happens before anything is created.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
 from meshcontract.stopping import StopSignals
 from nodeagent.agent import Agent
-from nodeagent.errors import AgentError
+from nodeagent.errors import AgentError, EnrollmentRefused
 from nodeagent.settings import AgentSettings
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
@@ -25,6 +26,16 @@ from wgctl.model import RouteBackend, WireGuardBackend
 log = logging.getLogger("nodeagent")
 
 EXIT_CONFIG = 1
+EXIT_REFUSED = 3
+
+EPILOG = """\
+examples:
+  meshvpn-agent --registrar https://ctl.example.org:8443 --join-token mvj_...   # join (once), then run
+  meshvpn-agent --config /etc/meshvpn/agent.toml                                # as the systemd unit runs it
+  meshvpn-agent --endpoint 203.0.113.7:51820 ...                                # advertise a public address
+
+exit status: 0 stopped, 1 configuration or start-up error, 3 refused by the registrar (see the message)
+"""
 
 
 def build_backends(backend: str) -> tuple[WireGuardBackend, RouteBackend]:
@@ -41,14 +52,21 @@ def build_backends(backend: str) -> tuple[WireGuardBackend, RouteBackend]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshvpn-agent", description="meshvpn node agent")
+    parser = argparse.ArgumentParser(
+        prog="meshvpn-agent",
+        description="meshvpn node agent: joins the mesh once with a join token, then keeps a WireGuard tunnel to "
+        "every active member.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="TOML settings file (e.g. /etc/meshvpn/agent.toml)")
     parser.add_argument(
         "command", nargs="?", default="run", choices=["run"], help="what to do (default: run)"
     )
-    parser.add_argument("--broker", help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parser.add_argument("--registrar", help="the registrar's API, https://HOST:8443 (needed to join)")
+    parser.add_argument("--join-token", help="join token from `meshvpn-registrar tokens create` (needed to join)")
+    parser.add_argument("--broker", help="broker URL mqtts://HOST:PORT (default: the one the registrar names)")
     parser.add_argument("--mesh", help="mesh name")
-    parser.add_argument("--join-token", help="join token from `meshvpn-registrar tokens create`")
     parser.add_argument("--name", help="display name (default: hostname)")
     parser.add_argument("--node-id", help="node id (default: generated once, kept in the state dir)")
     parser.add_argument("--interface", help="WireGuard interface name (default meshvpn0)")
@@ -68,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """Settings overrides (dotted keys) from parsed flags; unset flags are None and do not override."""
     return {
+        "registrar_url": args.registrar,
         "broker.url": args.broker,
         "mesh": args.mesh,
         "join_token": args.join_token,
@@ -94,16 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshvpn-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(level=settings.log_level, json_format=settings.log_json)
+    # Signals first: enrolling may wait for an unreachable registrar, and SIGTERM must end that wait.
+    signals = StopSignals().install()
     try:
         wireguard, routes = build_backends(settings.backend)
         agent = Agent(settings, wireguard=wireguard, routes=routes)
-        agent.start()
+        agent.start(stop=signals)
+    except EnrollmentRefused as exc:
+        log.error("%s", exc)
+        print(f"meshvpn-agent: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (AgentError, WireGuardError, ContractError) as exc:
         log.error("cannot start: %s", exc)
         print(f"meshvpn-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-
-    signals = StopSignals().install()
     # A signal ends the wait at once; the agent giving up (refused registration) within a second.
     while not signals.wait(1.0) and not agent.wait(0):
         pass

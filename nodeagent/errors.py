@@ -25,3 +25,15 @@ class RegistrationRefused(AgentError):
         super().__init__(f"registration refused ({code}): {message}")
         self.code = code
         self.reason = message
+
+
+class EnrollmentRefused(AgentError):
+    """The registrar refused to enroll us (bad, used or expired token; revoked key; CA pin mismatch...).
+
+    `code` is the registrar's ErrorCode string (or "ca_mismatch" when the registrar could not be verified).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"enrollment refused ({code}): {message}")
+        self.code = code
+        self.reason = message

@@ -1,10 +1,14 @@
-"""The agent's view of mesh membership, built from retained MQTT messages. No I/O here.
+"""The agent's membership: a signed snapshot to start from, signed deltas to follow. No I/O here.
 
-The registrar publishes one retained MemberRecord per member (an empty payload is a tombstone) and a retained
-Roster listing every member with its record revision. Messages arrive in any order, may be stale (an old
-retained record next to a newer roster) and after a broker restart trickle in one by one. The view therefore
-only ever hands out a *complete* membership: a roster plus, for every entry, a record at least that new. Until
-a newer complete state exists, the last complete one stays in force, so a partial view never removes peers.
+The registrar publishes a retained MembershipSnapshot (every member at a revision) and, for every batch of
+changes, a MembershipDelta from one revision to the next. An agent is *in sync* when it holds a membership at
+revision R and the next delta it sees starts at R. Anything else — a delta from further ahead (a gap: we missed
+one, e.g. while disconnected), a fresh connection, a start-up — makes it *syncing*: it asks for the snapshot
+(the session subscribes to it), buffers deltas meanwhile, adopts a snapshot no older than what it holds, replays
+the buffered deltas that follow it and is in sync again. A membership is therefore always complete, and the
+one in force only ever moves forward: an old retained snapshot or a replayed delta changes nothing.
+
+Signatures are checked before anything reaches this module (nodeagent.session with meshcontract.signing).
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 
-from meshcontract.messages import MemberRecord, MemberState, Roster
+from meshcontract.messages import MemberRecord, MembershipDelta, MembershipSnapshot, MemberState
+
+# Deltas buffered while waiting for a snapshot; beyond this the oldest are dropped (the snapshot then covers
+# them, or a later one does).
+MAX_BUFFERED_DELTAS = 256
 
 
 @dataclass(frozen=True, slots=True)
-class MembershipSnapshot:
-    """A complete membership: the roster revision it was built from and every member's record by node id."""
+class MemberTable:
+    """A complete membership: its revision and every member's record by node id."""
 
     revision: int
     members: Mapping[str, MemberRecord] = field(default_factory=dict)
@@ -27,6 +36,19 @@ class MembershipSnapshot:
     def active(self) -> list[MemberRecord]:
         """Members the registrar considers alive, sorted by node id."""
         return [self.members[n] for n in sorted(self.members) if self.members[n].state is MemberState.ACTIVE]
+
+    @classmethod
+    def of(cls, snapshot: MembershipSnapshot) -> MemberTable:
+        return cls(revision=snapshot.revision, members=MappingProxyType({r.node_id: r for r in snapshot.members}))
+
+    def after(self, delta: MembershipDelta) -> MemberTable:
+        """This table with `delta` applied (the caller checked that it starts at our revision)."""
+        members = dict(self.members)
+        for node_id in delta.removals:
+            members.pop(node_id, None)
+        for record in delta.upserts:
+            members[record.node_id] = record
+        return MemberTable(revision=delta.to_revision, members=MappingProxyType(members))
 
     def to_json(self) -> str:
         """Serialised form for state_dir/membership.json."""
@@ -40,7 +62,7 @@ class MembershipSnapshot:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> MembershipSnapshot:
+    def from_json(cls, text: str) -> MemberTable:
         """Parse what `to_json` wrote; ValueError (incl. pydantic's) if it is not that."""
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("members"), list):
@@ -52,92 +74,67 @@ class MembershipSnapshot:
         return cls(revision=revision, members=MappingProxyType({r.node_id: r for r in records}))
 
 
-class MembershipView:
-    """Applies member records, tombstones and rosters; exposes the newest complete membership.
+class Applied(StrEnum):
+    """What a snapshot or delta did to the follower."""
 
-    Not thread-safe: the agent serialises access with a lock. Every `apply_*` returns True if the held
-    state changed, so the caller knows when to wake the reconcile loop.
-    """
+    ADOPTED = "adopted"  # a snapshot became the membership (possibly followed by buffered deltas)
+    APPLIED = "applied"  # a delta moved the membership forward
+    UNCHANGED = "unchanged"  # in sync already / same revision
+    STALE = "stale"  # older than what we hold: ignored
+    BUFFERED = "buffered"  # syncing: kept until a snapshot arrives
+    GAP = "gap"  # a delta from further ahead: we missed something, now syncing
 
-    def __init__(self) -> None:
-        self._records: dict[str, MemberRecord] = {}
-        # node id -> revision of the record a tombstone removed: an older (replayed) record must not revive it.
-        self._tombstones: dict[str, int] = {}
-        self._roster: Roster | None = None
-        self._complete: MembershipSnapshot | None = None
 
-    # -- inputs -----------------------------------------------------------------------------------------
-    def apply_record(self, record: MemberRecord) -> bool:
-        """Take `record` unless we hold one at least as new for that node (or a tombstone after it)."""
-        held = self._records.get(record.node_id)
-        if held is not None and record.revision < held.revision:
-            return False
-        if held == record:
-            return False
-        if held is None and record.revision <= self._tombstones.get(record.node_id, -1):
-            return False
-        self._records[record.node_id] = record
-        self._tombstones.pop(record.node_id, None)
-        self._refresh()
-        return True
+class MembershipFollower:
+    """Follows snapshot + deltas into a MemberTable. Not thread-safe: nodeagent.meshstate serialises access."""
 
-    def apply_tombstone(self, node_id: str) -> bool:
-        """Forget `node_id`'s record (the registrar removed the member)."""
-        held = self._records.pop(node_id, None)
-        if held is None:
-            return False
-        self._tombstones[node_id] = held.revision
-        self._refresh()
-        return True
+    def __init__(self, start: MemberTable | None = None) -> None:
+        self._table = start
+        self._syncing = True
+        self._buffer: list[MembershipDelta] = []
 
-    def apply_roster(self, roster: Roster) -> bool:
-        """Take `roster` unless the one we hold is newer."""
-        if self._roster is not None and roster.revision < self._roster.revision:
-            return False
-        if self._roster == roster:
-            return False
-        self._roster = roster
-        self._refresh()
-        return True
-
-    # -- outputs ----------------------------------------------------------------------------------------
     @property
-    def roster_revision(self) -> int | None:
-        """Revision of the roster held, None before the first one arrives."""
-        return None if self._roster is None else self._roster.revision
+    def table(self) -> MemberTable | None:
+        """The membership in force (complete), or None before the first snapshot (and with nothing persisted)."""
+        return self._table
 
-    def is_complete(self) -> bool:
-        """True if we hold a roster and, for every entry, a record at least as new as the entry says."""
-        if self._roster is None:
-            return False
-        for entry in self._roster.members:
-            record = self._records.get(entry.node_id)
-            if record is None or record.revision < entry.revision:
-                return False
-        return True
+    @property
+    def syncing(self) -> bool:
+        """True while a snapshot is needed (the session keeps the snapshot subscription open)."""
+        return self._syncing
 
-    def complete(self) -> MembershipSnapshot | None:
-        """The newest complete membership seen so far (possibly older than what is held now), or None."""
-        return self._complete
+    def resync(self) -> None:
+        """Deltas may have been missed (a new broker connection): wait for a snapshot again."""
+        self._syncing = True
+        self._buffer.clear()
 
-    def record(self, node_id: str) -> MemberRecord | None:
-        """The record held for `node_id`, complete view or not."""
-        return self._records.get(node_id)
+    def on_snapshot(self, snapshot: MembershipSnapshot) -> Applied:
+        held = self._table
+        if held is not None and snapshot.revision < held.revision:
+            return Applied.STALE
+        if held is not None and snapshot.revision == held.revision:
+            result = Applied.UNCHANGED
+        else:
+            self._table = MemberTable.of(snapshot)
+            result = Applied.ADOPTED
+        self._syncing = False
+        buffered, self._buffer = sorted(self._buffer, key=lambda d: d.from_revision), []
+        for delta in buffered:
+            if self.on_delta(delta) is Applied.APPLIED:
+                result = Applied.ADOPTED
+        return result
 
-    def records(self) -> list[MemberRecord]:
-        """Every record held, sorted by node id (for display; not necessarily complete)."""
-        return [self._records[n] for n in sorted(self._records)]
-
-    # -- internals --------------------------------------------------------------------------------------
-    def _refresh(self) -> None:
-        if not self.is_complete():
-            return
-        assert self._roster is not None
-        members = {entry.node_id: self._records[entry.node_id] for entry in self._roster.members}
-        # A record newer than the roster for a node the roster does not list yet was added after the roster
-        # was published; one that is older was removed by then (its tombstone may have been missed while we
-        # were disconnected) and must not count.
-        for node_id, record in self._records.items():
-            if node_id not in members and record.revision > self._roster.revision:
-                members[node_id] = record
-        self._complete = MembershipSnapshot(revision=self._roster.revision, members=MappingProxyType(members))
+    def on_delta(self, delta: MembershipDelta) -> Applied:
+        held = self._table
+        if held is not None and delta.to_revision <= held.revision:
+            return Applied.STALE
+        if self._syncing:
+            self._buffer.append(delta)
+            del self._buffer[:-MAX_BUFFERED_DELTAS]
+            return Applied.BUFFERED
+        if held is not None and delta.from_revision == held.revision:
+            self._table = held.after(delta)
+            return Applied.APPLIED
+        self._syncing = True
+        self._buffer = [delta]
+        return Applied.GAP

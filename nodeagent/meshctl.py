@@ -1,4 +1,5 @@
-"""`meshctl`: ask the local agent how the mesh looks (`status`) and whether a peer answers (`ping`).
+"""`meshctl`: ask the local agent how the mesh looks (`status`), whether a peer answers (`ping`), and give this
+node a new WireGuard key (`rotate-key`).
 
 The agent's socket is `--socket PATH` (before or after the command), else $MESHVPN_SOCKET, else
 /run/meshvpn/agent.sock. The rendering functions and the explanation of a failed connection are pure (they take
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Mapping
 
 from meshcontract.errors import ContractError
-from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, PingResult, query
+from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, PingResult, RotateResult, query
 
 EXIT_NOT_RUNNING = 2
 EXIT_FAILED = 1
@@ -96,6 +97,18 @@ def render_ping(result: PingResult) -> str:
     return "\n".join(lines)
 
 
+def render_rotated(result: RotateResult) -> str:
+    """What `meshctl rotate-key` prints."""
+    lines = [
+        f"new public key  {result.public_key}",
+        f"old public key  {result.previous_public_key} (no longer accepted by peers)",
+        f"mesh ip         {result.mesh_ip or '(not registered yet)'} (unchanged)",
+    ]
+    if not result.confirmed:
+        lines.append("the registrar did not confirm in time: the agent registers the new key on its next connection")
+    return "\n".join(lines)
+
+
 def explain_unreachable(socket_path: str, error: OSError, *, exists: bool) -> str:
     """Why the agent at `socket_path` could not be asked, and what to do about it, in one line. Pure.
 
@@ -133,9 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument("target", help="node name, node id or mesh IP")
     ping.add_argument("-c", "--count", type=int, default=3, help="probes to send (1-20)")
     ping.add_argument("--json", action="store_true", help="machine-readable output")
+    rotate = sub.add_parser(
+        "rotate-key", help="give this node a new WireGuard key pair (same mesh IP; peers switch to it)"
+    )
+    rotate.add_argument("--json", action="store_true", help="machine-readable output")
     # Also accepted after the command ("meshctl status --socket S"); SUPPRESS keeps an absent option from
     # overwriting one given before the command.
-    for command in (status, ping):
+    for command in (status, ping, rotate):
         _socket_option(command, default=argparse.SUPPRESS)
     return parser
 
@@ -158,8 +175,8 @@ def _cause(exc: BaseException) -> OSError | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `meshctl`."""
     args = parse_args(argv)
-    if args.command == "status":
-        request = LocalRequest(op="status")
+    if args.command in ("status", "rotate-key"):
+        request = LocalRequest(op=args.command)
     else:
         if not 1 <= args.count <= 20:
             print("meshctl: --count must be between 1 and 20", file=sys.stderr)
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         request = LocalRequest(op="ping", target=args.target, count=args.count)
     try:
         response = query(
-            request, socket_path=args.socket, timeout=args.count + 10 if args.command == "ping" else 10
+            request, socket_path=args.socket, timeout=args.count + 10 if args.command == "ping" else 20
         )
     except ContractError as exc:
         cause = _cause(exc)
@@ -186,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             print(response.status.model_dump_json(indent=2))
         else:
             print(render_status(response.status))
+        return 0
+    if args.command == "rotate-key":
+        assert response.rotated is not None
+        print(response.rotated.model_dump_json(indent=2) if args.json else render_rotated(response.rotated))
         return 0
     assert response.ping is not None
     print(response.ping.model_dump_json(indent=2) if args.json else render_ping(response.ping))

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from meshcontract.messages import ErrorCode, RegisterReply
+from meshcontract.messages import EnrollReply, ErrorCode, RegisterReply
 
 # Refusals that no retry can fix; anything else (e.g. "internal") is retried with backoff.
 FATAL_CODES = frozenset(
@@ -22,6 +22,9 @@ FATAL_CODES = frozenset(
         ErrorCode.TOKEN_USED,
         ErrorCode.INVALID_KEY,
         ErrorCode.KEY_CONFLICT,
+        ErrorCode.KEY_REVOKED,
+        ErrorCode.NOT_ENROLLED,
+        ErrorCode.UNAUTHORIZED,
         ErrorCode.POOL_EXHAUSTED,
     }
 )
@@ -112,5 +115,17 @@ def judge_reply(reply: RegisterReply | None, *, timeout_s: float) -> Verdict:
     code = reply.error.code if reply.error else ErrorCode.INTERNAL
     message = reply.error.message if reply.error else "no reason given"
     if code in FATAL_CODES:
+        return Verdict("fatal", str(code), message)
+    return Verdict("retry", str(code), f"refused for now ({code}: {message})")
+
+
+def judge_enrollment(status: int, reply: EnrollReply) -> Verdict:
+    """Enrolled, refused for good (a token or key problem no retry fixes), or worth another try (rate limited,
+    the registrar's own trouble)."""
+    if status == 200 and reply.ok:
+        return Verdict("registered")
+    code = reply.error.code if reply.error else ErrorCode.INTERNAL
+    message = reply.error.message if reply.error else f"HTTP {status}, no reason given"
+    if code in FATAL_CODES and status < 500:
         return Verdict("fatal", str(code), message)
     return Verdict("retry", str(code), f"refused for now ({code}: {message})")

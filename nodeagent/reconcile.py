@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshcontract.messages import MemberRecord
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from wgctl.diff import plan
 from wgctl.model import PeerChanges, PeerConfig, PeerState
 
@@ -37,7 +37,7 @@ def peer_for(record: MemberRecord, *, keepalive: int) -> PeerConfig:
 
 
 def desired_peers(
-    membership: MembershipSnapshot,
+    membership: MemberTable,
     *,
     self_id: str,
     self_public_key: str | None = None,

@@ -77,6 +77,10 @@ class Reconciler:
             return registration.settings.persistent_keepalive_s
         return DEFAULT_KEEPALIVE_S
 
+    def set_identity(self, identity: Identity) -> None:
+        """Use `identity` (a rotated key) from the next pass on; the pass sets it on the interface."""
+        self._identity = identity
+
     def _fields(self, registration: Registration | None) -> dict[str, str]:
         return self._identity.log_fields(registration.mesh_ip if registration else None)
 

@@ -4,8 +4,10 @@ Threads and who owns what:
   - the session thread (`_run`) owns the connection: it creates one paho client per connection (each with a
     new epoch and a last-will carrying it), registers, publishes status and reconnects with backoff and
     jitter. It never touches WireGuard.
-  - paho's network thread runs the callbacks: it decodes messages into the shared MeshState and reports what
-    happened as typed events. It never blocks.
+  - paho's network thread runs the callbacks: it decodes membership messages, checks the registrar's signature
+    on each, feeds them to the shared MeshState and reports what happened as typed events. It never blocks.
+    While the MeshState is syncing (a new connection, a missed delta) the session holds a subscription to the
+    retained snapshot; once in sync it drops it, so a steady agent receives only deltas.
   - heartbeats are sent by whoever calls `heartbeat()` (the agent's scheduler).
 
 What to do next (epochs, backoff, credentials, which refusals are final) is decided by the pure
@@ -19,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
@@ -28,19 +30,21 @@ from meshcontract.errors import ContractError
 from meshcontract.messages import (
     ErrorCode,
     Heartbeat,
-    MemberRecord,
+    MembershipDelta,
+    MembershipSnapshot,
     NodeStatus,
     RegisterReply,
     RegisterRequest,
     RegistrarStatus,
-    Roster,
 )
+from meshcontract.signing import Verifier
 from meshcontract.topics import Kind
-from meshcontract.transport import make_client
+from meshcontract.transport import make_client, release
 from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
-from nodeagent.errors import RegistrationRefused
+from nodeagent.errors import AgentError, RegistrationRefused
 from nodeagent.identity import Identity
+from nodeagent.membership import Applied
 from nodeagent.meshstate import MeshState
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
@@ -88,6 +92,8 @@ class _Connection:
     subscribed: threading.Event
     lost: threading.Event
     sub_mid: int | None = None
+    snapshot_subscribed: bool = False
+    subscriptions: list[str] = field(default_factory=list)
 
 
 class ControlSession:
@@ -101,6 +107,7 @@ class ControlSession:
         store: StateStore,
         login: BrokerLogin,
         mesh: MeshState,
+        verifier: Verifier,
         registration: Registration | None,
         on_event: Callable[[SessionEvent], None],
         clock: Callable[[], float] = time.time,
@@ -111,6 +118,7 @@ class ControlSession:
         self._store = store
         self._login = login
         self._mesh = mesh
+        self._verifier = verifier
         self._on_event = on_event
         self._clock = clock
         self._client_factory = client_factory
@@ -216,7 +224,7 @@ class ControlSession:
         client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, rc)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._on_subscribe(conn, mid, rcs)
         client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(conn)
-        client.on_message = lambda c, u, msg: self._on_message(msg)
+        client.on_message = lambda c, u, msg: self._on_message(conn, msg)
         return conn
 
     def _one_connection(self) -> bool | None:
@@ -224,7 +232,8 @@ class ControlSession:
 
         True if this connection registered, False if it did not, None if the broker was unreachable.
         """
-        host, port, _ = self._settings.broker.host_port()
+        broker = self._login.broker
+        host, port, _ = broker.host_port()
         conn = self._new_connection()
         with self._lock:
             self._conn = conn
@@ -233,9 +242,9 @@ class ControlSession:
         if self._stopping.is_set():
             return None
         try:
-            conn.client.connect(host, port, keepalive=self._settings.broker.keepalive_s)
+            conn.client.connect(host, port, keepalive=broker.keepalive_s)
         except OSError as exc:
-            log.warning("broker %s unreachable: %s", self._settings.broker.url, exc, extra=self._fields())
+            log.warning("broker %s unreachable: %s", broker.url, exc, extra=self._fields())
             return None
         conn.client.loop_start()
         registered = self._serve(conn)
@@ -244,7 +253,7 @@ class ControlSession:
             # ends our membership at once instead of after the TTL. Not when refused.
             self._close(conn, goodbye=not self._refused)
         else:
-            conn.client.loop_stop()
+            release(conn.client)
         return registered
 
     def _serve(self, conn: _Connection) -> bool:
@@ -311,9 +320,9 @@ class ControlSession:
                 return True
         return False
 
-    def _send_register(self, conn: _Connection) -> str:
+    def _send_register(self, conn: _Connection, identity: Identity | None = None) -> str:
         request_id = secrets.token_urlsafe(12)
-        me = self._me
+        me = identity or self._me
         assert me.endpoint is not None
         request = RegisterRequest(
             request_id=request_id,
@@ -322,13 +331,44 @@ class ControlSession:
             public_key=me.public_key,
             endpoints=[me.endpoint],
             listen_port=self._settings.listen_port,
-            join_token=self._settings.join_token,
             epoch=conn.epoch,
-            broker_password=self._login.offered_password(),
         )
         conn.client.publish(self._topic(Kind.REGISTER, me.node_id), messages.encode(request), qos=1)
         log.info("registering (epoch %s)", conn.epoch, extra=self._fields(epoch=conn.epoch))
         return request_id
+
+    # -- key rotation (the local API's thread) -----------------------------------------------------------
+    def rotate_key(self, identity: Identity) -> bool:
+        """Register `identity` (this node with a new key) on the current connection and make it ours.
+
+        True if the registrar confirmed it. False if it did not answer in time: the new key is ours anyway and
+        the connection is closed cleanly, so the next one registers it (whether or not the registrar saw this
+        request, it ends up with the key we use). AgentError, changing nothing, if we are not registered now or
+        the registrar refused the new key.
+        """
+        with self._lock:
+            conn = self._conn
+        if conn is None or conn.lost.is_set() or not self.registered.is_set() or not self.registrar_online:
+            raise AgentError(
+                "not registered with an online registrar right now; the key is unchanged "
+                "(retry when `meshctl status` shows the broker connected and the registrar online)"
+            )
+        request_id = self._send_register(conn, identity)
+        reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
+        if reply is not None and not reply.ok:
+            error = reply.error
+            raise AgentError(
+                f"the registrar refused the new key ({error.code}: {error.message}); the key is unchanged"
+                if error else "the registrar refused the new key; the key is unchanged"
+            )
+        self._me = identity
+        if reply is None:
+            log.warning("the registrar did not confirm the new key in time; registering it on a new connection",
+                        extra=self._fields())  # fmt: skip
+            conn.client.disconnect()  # clean: no will; the session reconnects with a new epoch and registers
+            return False
+        log.info("key rotated: registered public key %s", identity.public_key, extra=self._fields(event="rotated"))
+        return True
 
     def _wait_reply(
         self, conn: _Connection, request_id: str, timeout: float, *, kicks_before: int | None = None
@@ -362,7 +402,6 @@ class ControlSession:
         registration = Registration(
             mesh_ip=reply.mesh_ip, prefix_len=reply.prefix_len, settings=reply.settings
         )
-        self._login.registered(reply.broker_password)
         with self._lock:
             previous, self._registration = self._registration, registration
         if registration != previous:
@@ -395,45 +434,40 @@ class ControlSession:
                 log.warning("could not publish offline status: %s", exc)
             log.info("published status offline", extra=self._fields())
         conn.client.disconnect()  # a clean DISCONNECT: the broker discards our will
-        conn.client.loop_stop()
+        release(conn.client)
 
     # -- paho callbacks (network thread: never block here) ----------------------------------------------
     def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
         if reason_code.is_failure:
-            auth = reason_code.value in _AUTH_REFUSED
-            # With another credential to try this is expected once (e.g. the token after the registrar stored
-            # our password): a warning; with nothing else to try it needs an operator.
-            level = logging.WARNING if auth and self._login.has_fallback else logging.ERROR
-            log.log(
-                level,
-                "broker refused the connection: %s (check broker.username/password or the join token)",
-                reason_code,
-                extra=self._fields(),
-            )
-            if auth:
-                self._login.refused()
+            hint = (
+                "the configured broker.password" if self._login.configured else "this node's own credential"
+            ) if reason_code.value in _AUTH_REFUSED else "the broker"
+            log.error("broker refused the connection: %s (check %s)", reason_code, hint, extra=self._fields())
             return
-        log.info("connected to the broker %s", self._settings.broker.url, extra=self._fields())
+        log.info("connected to the broker %s", self._login.broker.url, extra=self._fields())
         conn.connected.set()
         with self._lock:
             # Unknown until the retained RegistrarStatus arrives: a broker that restarted empty has none, and
             # the registrar's will may have been lost with the old broker.
             self._registrar_online = False
-        mesh = self._settings.mesh
+        # Deltas may have been missed while we were away: follow them again from the retained snapshot.
+        self._mesh.resync()
         subscriptions = [
             (self._topic(Kind.REPLY, self._me.node_id), 1),
-            (topics.subscription(mesh, Kind.MEMBERS), 1),
-            (topics.subscription(mesh, Kind.ROSTER), 1),
-            (topics.subscription(mesh, Kind.REGISTRAR), 1),
+            (self._topic(Kind.DELTA), 1),
+            (self._topic(Kind.REGISTRAR), 1),
+            (self._topic(Kind.SNAPSHOT), 1),
         ]
+        conn.snapshot_subscribed = True
+        conn.subscriptions = [topic for topic, _ in subscriptions]
         _, conn.sub_mid = conn.client.subscribe(subscriptions)
 
     def _on_subscribe(self, conn: _Connection, mid: int, reason_codes: list[mqtt.ReasonCode]) -> None:
         if mid != conn.sub_mid:
             return
-        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        refused = [topic for topic, rc in zip(conn.subscriptions, reason_codes, strict=False) if rc.is_failure]
         if refused:
-            log.error("broker refused %s of our subscriptions (ACL?): %s", len(refused), refused)
+            log.error("broker refused our subscription to %s (access rules?)", ", ".join(refused), extra=self._fields())
         conn.subscribed.set()
 
     def _on_disconnect(self, conn: _Connection) -> None:
@@ -444,7 +478,7 @@ class ControlSession:
         # the old epoch and will. The session thread builds the next connection.
         conn.client.loop_stop()
 
-    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, conn: _Connection, msg: mqtt.MQTTMessage) -> None:
         try:
             topic = topics.parse(msg.topic)
             if topic.mesh != self._settings.mesh:
@@ -454,29 +488,38 @@ class ControlSession:
                 with self._reply_cond:
                     self._replies[reply.request_id] = reply
                     self._reply_cond.notify_all()
-            elif topic.kind is Kind.MEMBERS:
-                self._on_member(topic.node or "", msg.payload)
-            elif topic.kind is Kind.ROSTER:
-                roster = messages.decode(Roster, msg.payload, max_size=messages.MAX_ROSTER_PAYLOAD)
-                self._changed(self._mesh.apply_roster(roster))
+            elif topic.kind is Kind.SNAPSHOT:
+                snapshot = self._verified(MembershipSnapshot, msg.payload, Kind.SNAPSHOT)
+                self._followed(conn, self._mesh.apply_snapshot(snapshot), snapshot.revision)
+            elif topic.kind is Kind.DELTA:
+                delta = self._verified(MembershipDelta, msg.payload, Kind.DELTA)
+                self._followed(conn, self._mesh.apply_delta(delta), delta.to_revision)
             elif topic.kind is Kind.REGISTRAR:
                 self._on_registrar(messages.decode(RegistrarStatus, msg.payload), retained=msg.retain)
         except ContractError as exc:
-            log.warning("dropping message on %s: %s", msg.topic, exc)
+            log.warning("dropping message on %s: %s", msg.topic, exc, extra=self._fields())
 
-    def _on_member(self, node_id: str, payload: bytes) -> None:
-        if not payload:
-            self._changed(self._mesh.apply_tombstone(node_id))
-            return
-        record = messages.decode(MemberRecord, payload)
-        if record.node_id != node_id:
-            raise ContractError(f"member record for {record.node_id} on the topic of {node_id}")
-        self._changed(self._mesh.apply_record(record))
+    def _verified(self, model, payload: bytes, kind: Kind):
+        """Decode a membership message and check the registrar's signature on it (ContractError if bad)."""
+        message = messages.decode(model, payload, max_size=messages.MAX_MEMBERSHIP_PAYLOAD)
+        if message.mesh != self._settings.mesh:
+            raise ContractError(f"{kind} for mesh {message.mesh!r} on our mesh's topic")
+        self._verifier.verify(message, kind=str(kind), mesh=self._settings.mesh)
+        return message
 
-    def _changed(self, new_complete: bool) -> None:
-        # Only a new complete membership can change the peers: a message that leaves the view partial (or
-        # changes nothing) costs no pass.
-        if new_complete:
+    def _followed(self, conn: _Connection, result: Applied, revision: int) -> None:
+        if result is Applied.GAP:
+            log.info("missed a membership delta before revision %s: resyncing from the snapshot", revision)
+        syncing = self._mesh.syncing
+        # Hold the snapshot subscription exactly while syncing. Subscribing again delivers the retained one.
+        if syncing != conn.snapshot_subscribed and not conn.lost.is_set():
+            snapshot = self._topic(Kind.SNAPSHOT)
+            if syncing:
+                conn.client.subscribe(snapshot, qos=1)
+            else:
+                conn.client.unsubscribe(snapshot)
+            conn.snapshot_subscribed = syncing
+        if result in (Applied.ADOPTED, Applied.APPLIED):
             self._on_event(MembershipChanged())
 
     def _on_registrar(self, status: RegistrarStatus, *, retained: bool) -> None:

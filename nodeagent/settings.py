@@ -23,17 +23,18 @@ DEFAULT_STATE_DIR = Path("/var/lib/meshvpn")
 class AgentSettings(BaseModel):
     """Everything `meshvpn-agent` can be told. See compose/systemd/agent.example.toml for a commented file.
 
-    broker.username defaults to the node id. broker.password is for pre-provisioned credentials only; unset,
-    the agent logs in with its own password (state_dir/broker_password, created before the first connection and
-    registered with the registrar) or "join:<join_token>" (meshcontract.access.JOIN_PASSWORD_PREFIX) until the
-    registrar accepted it — see nodeagent.policy.login_order.
+    A node joins with `registrar_url` and `join_token` once (nodeagent.enrollment); after that it needs neither:
+    enrollment.json in the state directory says where the broker is and whom to trust. `broker` overrides the
+    broker the registrar named. broker.username defaults to the node id; broker.password is for pre-provisioned
+    credentials only, otherwise the agent logs in with its own password (state_dir/broker_password).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    registrar_url: str | None = None  # https://HOST:PORT of the registrar's API, needed to enroll
+    join_token: str | None = Field(default=None, repr=False)  # mvj_<secret>.<pin>, needed to enroll
+    broker: BrokerSettings | None = None  # default: the broker the registrar named at enrollment
     mesh: str = "mesh"
-    join_token: str | None = Field(default=None, repr=False)
     name: str | None = None  # display alias; default: the hostname
     node_id: str | None = None  # default: generated once and kept in state_dir/node_id
     interface: str = Field(default=DEFAULT_INTERFACE, min_length=1, max_length=15)

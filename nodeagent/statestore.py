@@ -3,9 +3,10 @@
 Files (all written atomically: temporary file, fsync, rename):
     private.key        WireGuard private key, 0600 (wgctl.keys); never leaves the machine
     node_id            the node id, generated once
-    broker_password    the node's own broker password (generated here before the first connection; or one an
-                       older registrar issued), 0600
-    broker_password.accepted  present once a registrar accepted a registration carrying that password
+    broker_password    the node's own broker password, generated here before enrolling, 0600; sent once, to
+                       the registrar over pinned TLS
+    enrollment.json    where the registrar and broker are and the registrar's signing key (after enrolling)
+    ca.pem             the registrar's CA certificate, pinned by the join token (after enrolling)
     epoch              the last session epoch used
     registration.json  mesh IP, prefix and mesh settings from the last successful registration
     membership.json    the last complete membership, to restore tunnels before the broker is reachable
@@ -21,12 +22,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meshcontract.messages import MeshSettings
 from meshcontract.topics import is_valid_id
 from nodeagent.errors import StateDirError
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from wgctl import keys
 from wgctl.errors import KeyFileError
 
@@ -36,6 +37,19 @@ log = logging.getLogger(__name__)
 def generate_node_id() -> str:
     """A fresh node id: "n" and 10 lowercase base32 characters (50 random bits)."""
     return "n" + base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()[:10]
+
+
+class Enrollment(BaseModel):
+    """What a successful enrollment left us: how to reach the control plane and whom to trust on it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mesh: str
+    node_id: str
+    registrar_url: str
+    broker_url: str | None = None
+    signing_key: str  # the registrar's Ed25519 public key: membership must be signed by it
+    ca_pin: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +126,11 @@ class StateStore:
         except KeyFileError as exc:
             raise StateDirError(str(exc)) from exc
 
+    def replace_private_key(self, private_key: str) -> None:
+        """Replace the WireGuard private key (0600, atomically: a crash leaves the old key or the new one)."""
+        keys.decode_key(private_key)
+        write_atomic(self.dir / "private.key", private_key + "\n", mode=0o600)
+
     def node_id(self, configured: str | None = None) -> str:
         """The node id: `configured` if given (and then persisted), else the stored one, else a new one."""
         stored = (self._read("node_id") or "").strip() or None
@@ -150,12 +169,31 @@ class StateStore:
         self.save_broker_password(password)
         return password
 
-    def broker_password_accepted(self) -> bool:
-        """True once a registrar accepted a registration carrying our own password (then it has an entry)."""
-        return (self.dir / "broker_password.accepted").exists()
+    # -- enrollment -------------------------------------------------------------------------------------
+    def enrollment(self) -> Enrollment | None:
+        """What enrolling told us, None if this node never enrolled (or the file is unreadable)."""
+        text = self._read("enrollment.json")
+        if text is None:
+            return None
+        try:
+            return Enrollment.model_validate_json(text)
+        except ValidationError as exc:
+            log.warning("ignoring unreadable %s: %s", self.dir / "enrollment.json", exc)
+            return None
 
-    def mark_broker_password_accepted(self) -> None:
-        write_atomic(self.dir / "broker_password.accepted", "")
+    def save_enrollment(self, enrollment: Enrollment, ca_pem: str) -> None:
+        """Persist the CA first: an enrollment.json on disk always comes with the CA it was made with."""
+        write_atomic(self.dir / "ca.pem", ca_pem)
+        write_atomic(self.dir / "enrollment.json", enrollment.model_dump_json(indent=1))
+
+    def forget_enrollment(self) -> None:
+        """The registrar no longer knows us (removed, expired): the next start enrolls again with a token."""
+        for name in ("enrollment.json", "registration.json"):
+            (self.dir / name).unlink(missing_ok=True)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.pem"
 
     # -- session ----------------------------------------------------------------------------------------
     def epoch(self) -> int | None:
@@ -186,16 +224,16 @@ class StateStore:
     def save_registration(self, registration: Registration) -> None:
         write_atomic(self.dir / "registration.json", registration.to_json())
 
-    def membership(self) -> MembershipSnapshot | None:
+    def membership(self) -> MemberTable | None:
         """The last complete membership persisted, None if none (or unreadable: we then wait for the broker)."""
         text = self._read("membership.json")
         if text is None:
             return None
         try:
-            return MembershipSnapshot.from_json(text)
+            return MemberTable.from_json(text)
         except (ValueError, ValidationError) as exc:
             log.warning("ignoring unreadable %s: %s", self.dir / "membership.json", exc)
             return None
 
-    def save_membership(self, membership: MembershipSnapshot) -> None:
+    def save_membership(self, membership: MemberTable) -> None:
         write_atomic(self.dir / "membership.json", membership.to_json())

@@ -1,212 +1,248 @@
-"""The registrar's HTTP API (FastAPI): registration and state retrieval for tools and nodes without MQTT.
+"""The registrar's HTTP API (FastAPI): enrollment, authenticated registration, state retrieval, administration.
 
-Every write goes through the same single writer as MQTT input (RegistrarService.call), so HTTP and MQTT
-registrations obey the same rules and are serialised with each other. Reads use the writer's latest
-committed snapshot. Admin endpoints need `Authorization: Bearer <admin_token>`. OpenAPI: /docs, /openapi.json.
+Every write goes through the same single writer as MQTT input (RegistrarService.call), so HTTP and MQTT obey
+the same rules and are serialised with each other. Reads use the writer's latest committed snapshot.
+
+Who may do what (docs/security.md):
+  - anyone: GET /v1/info (the CA; trusted only through the join token's pin), GET /healthz, POST /v1/enroll
+    (the join token is the credential; rate-limited per source address);
+  - a node, with HTTP Basic `node_id:own password`: POST /v1/register for itself, and reading membership;
+  - an admin, with `Authorization: Bearer <admin_token>` or through the registrar's local admin socket: tokens,
+    removal and revocation, /metrics, and reading.
+OpenAPI: /docs, /openapi.json.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated
 
-import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from meshcontract.errors import PayloadError
 from meshcontract.messages import (
-    Endpoint,
+    EnrollReply,
+    EnrollRequest,
     ErrorCode,
     MemberState,
-    MeshSettings,
     RegisterReply,
     RegisterRequest,
+    RegistrarInfo,
+    decode,
 )
-from registrar import engine, tokens
-from registrar.membership import Member
+from meshcontract.ratelimit import RateLimiter, RatePolicy
+from registrar import api_admin
+from registrar.httpserver import MAX_BODY, BodyLimit
+from registrar.metrics import render_metrics
 from registrar.service import RegistrarService
+from registrar.views import Health, MemberView, MeshView
 
-_STATUS_OF = {
+STATUS_OF = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.INVALID_KEY: 400,
     ErrorCode.INVALID_TOKEN: 403,
     ErrorCode.TOKEN_EXPIRED: 403,
     ErrorCode.TOKEN_USED: 403,
+    ErrorCode.KEY_REVOKED: 403,
+    ErrorCode.NOT_ENROLLED: 403,
+    ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.KEY_CONFLICT: 409,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.POOL_EXHAUSTED: 503,
     ErrorCode.INTERNAL: 500,
 }
-
-
-class NodeView(BaseModel):
-    """One member as the registrar holds it: its published record plus liveness bookkeeping."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    node_id: str
-    name: str = Field(description="display alias only; never used for addressing")
-    mesh_ip: str
-    public_key: str = Field(description="WireGuard public key (base64)")
-    endpoints: list[Endpoint]
-    listen_port: int
-    state: MemberState
-    revision: int = Field(description="roster revision at which this record last changed")
-    epoch: int = Field(description="the node's current session; older status/heartbeats are ignored")
-    joined_at: float
-    updated_at: float
-    last_seen: float = Field(description="last registration, heartbeat or online status (unix time)")
-    unreachable_since: float | None = None
-
-    @classmethod
-    def of(cls, m: Member) -> NodeView:
-        return cls(
-            node_id=m.node_id,
-            name=m.name,
-            mesh_ip=m.mesh_ip,
-            public_key=m.public_key,
-            endpoints=list(m.endpoints),
-            listen_port=m.listen_port,
-            state=m.state,
-            revision=m.revision,
-            epoch=m.epoch,
-            joined_at=m.joined_at,
-            updated_at=m.updated_at,
-            last_seen=m.last_seen,
-            unreachable_since=m.unreachable_since,
-        )
-
-
-class MeshView(BaseModel):
-    """Mesh-wide settings, the current roster revision and member counts."""
-
-    settings: MeshSettings
-    revision: int
-    members: int
-    active: int
-    unreachable: int
-    registrar_instance: str
-    broker_connected: bool
-
-
-class TokenRequest(BaseModel):
-    """A new join token: single-use unless `reusable`; `ttl_s` limits its life, `max_uses` a reusable one."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reusable: bool = False
-    ttl_s: float | None = Field(default=None, gt=0)
-    max_uses: int | None = Field(default=None, ge=1)
-
-
-class TokenView(BaseModel):
-    """A stored join token (never its secret)."""
-
-    id: str
-    created_at: float
-    expires_at: float | None
-    reusable: bool
-    max_uses: int | None
-    uses: int
-
-    @classmethod
-    def of(cls, t: tokens.JoinToken) -> TokenView:
-        return cls(
-            id=t.id,
-            created_at=t.created_at,
-            expires_at=t.expires_at,
-            reusable=t.reusable,
-            max_uses=t.max_uses,
-            uses=t.uses,
-        )
-
-
-class CreatedToken(TokenView):
-    """A token just created: `token` is shown this once and never stored in clear."""
-
-    token: str
-
-
-class Health(BaseModel):
-    """Liveness and readiness of the registrar: `ready` once it is connected and subscribed (serving)."""
-
-    ok: bool
-    ready: bool
-    broker_connected: bool
-    revision: int
-
+# Enrollment and registration attempts per source address: a few at once, then one every few seconds. Generous
+# for a real node (it retries with backoff), tight for a flood or a token/password guesser.
+DEFAULT_RATE = RatePolicy(rate_per_s=0.5, burst=10)
 
 _bearer = HTTPBearer(auto_error=False, description="the registrar's admin token")
 
 
-def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
-    """The FastAPI application serving `service`."""
+class Access:
+    """Who a request is: the admin (local socket or bearer token), a node (Basic auth), or nobody."""
+
+    def __init__(
+        self, service: RegistrarService, *, admin_token: str, local_admin: bool, rate: RatePolicy
+    ) -> None:
+        self._service = service
+        self._admin_token = admin_token
+        self._local_admin = local_admin
+        self._limiter = RateLimiter(rate)
+        self._lock = threading.Lock()
+
+    def limited(self, request: Request) -> None:
+        """429 when the request's source address has used up its allowance (never for the local socket)."""
+        if self._local_admin:
+            return
+        source = request.client.host if request.client else "?"
+        now = time.monotonic()
+        with self._lock:
+            allowed = self._limiter.allow(source, now=now)
+            wait = 0.0 if allowed else self._limiter.retry_after(source, now=now)
+        if not allowed:
+            self._service.count("rate_limited")
+            raise HTTPException(
+                status_code=429, detail="too many requests from this address", headers={"Retry-After": f"{wait:.0f}"}
+            )
+
+    def is_admin(self, credentials: HTTPAuthorizationCredentials | None) -> bool:
+        if self._local_admin:
+            return True
+        return credentials is not None and hmac.compare_digest(
+            credentials.credentials.encode(), self._admin_token.encode()
+        )
+
+    def node(self, request: Request) -> str | None:
+        """The node id of a request with valid HTTP Basic node credentials; None without; 401 (rate-limited)
+        for wrong ones."""
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("basic "):
+            return None
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user, password = "", ""
+        if user and self._service.authenticate(user, password):
+            return user
+        self._service.count("auth_failures")
+        self.limited(request)  # a wrong password costs the guesser from its allowance
+        raise HTTPException(status_code=401, detail="wrong node credentials", headers={"WWW-Authenticate": "Basic"})
+
+
+def create_app(
+    service: RegistrarService,
+    *,
+    admin_token: str,
+    info: RegistrarInfo,
+    local_admin: bool = False,
+    pin: str,
+    rate: RatePolicy = DEFAULT_RATE,
+    join_command: Callable[[], str] = lambda: "meshvpn-agent --registrar URL --join-token TOKEN",
+) -> FastAPI:
+    """The FastAPI application serving `service`. `local_admin`: every request is the admin (the admin socket)."""
     app = FastAPI(
         title="meshvpn registrar",
         version="1",
         description=(
-            "Control plane of one meshvpn mesh: registration, mesh IPs, membership and liveness. "
-            "The same state is published over MQTT (retained members/<node> and roster). "
-            "Admin endpoints need `Authorization: Bearer <admin_token>`."
+            "Control plane of one meshvpn mesh: enrollment, registration, mesh IPs, membership and liveness. "
+            "The same membership is published over MQTT as a signed retained snapshot and signed deltas. "
+            "Nodes authenticate with HTTP Basic (node id, own password); admin endpoints need "
+            "`Authorization: Bearer <admin_token>`."
         ),
     )
+    access = Access(service, admin_token=admin_token, local_admin=local_admin, rate=rate)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, and an input such as NaN cannot be rendered as JSON: that turned a
+        # bad request into a 500. Say where and why, never echo.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if credentials is None or not hmac.compare_digest(
-            credentials.credentials.encode(), admin_token.encode()
-        ):
-            raise HTTPException(
-                status_code=401, detail="admin token required", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if not access.is_admin(credentials):
+            service.count("auth_failures")
+            raise HTTPException(status_code=401, detail="admin token required", headers={"WWW-Authenticate": "Bearer"})
+
+    def reader(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if access.is_admin(credentials):
+            return
+        if access.node(request) is None:
+            raise HTTPException(status_code=401, detail="node credentials or the admin token required",
+                                headers={"WWW-Authenticate": "Basic"})  # fmt: skip
+
+    @app.get("/v1/info", response_model=RegistrarInfo, summary="The mesh, its CA and its broker (public)")
+    def registrar_info() -> RegistrarInfo:
+        return info
+
+    @app.post(
+        "/v1/enroll",
+        response_model=EnrollReply,
+        summary="Enroll a new node with a join token",
+        description=(
+            "The only request that carries a join token; send it over TLS verified against the CA whose pin the "
+            "token carries. Admits the node (mesh IP, broker account with the password it chose) or answers a "
+            "retry of the same node (same key and password) again. Refusals: 400 invalid_request/invalid_key, "
+            "401 unauthorized (node id taken), 403 token errors / key_revoked, 409 key_conflict, 429 rate_limited, "
+            "503 pool_exhausted."
+        ),
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": EnrollRequest.model_json_schema()}}}
+        },
+        responses={code: {"model": EnrollReply} for code in (400, 401, 403, 409, 429, 503)},
+    )
+    async def enroll(request: Request) -> JSONResponse:
+        access.limited(request)
+        try:
+            body = decode(EnrollRequest, await request.body())
+        except PayloadError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        outcome = await _in_thread(service.enroll, body)
+        reply = outcome.enroll_reply
+        assert reply is not None
+        if not reply.ok:
+            return JSONResponse(reply.model_dump(mode="json"), status_code=STATUS_OF.get(reply.error.code, 400))
+        reply = reply.model_copy(update={"broker_url": info.broker_url, "signing_key": service.signer.public_key})
+        return JSONResponse(reply.model_dump(mode="json"))
 
     @app.post(
         "/v1/register",
         response_model=RegisterReply,
-        summary="Register or re-register a node",
+        summary="Re-register this node (authenticated)",
         description=(
-            "Same semantics as a RegisterRequest on MQTT register/<node>: idempotent for the same key (same node "
-            "id, same mesh IP), a join token is needed only for a node that is not yet a member. Refusals come "
-            "back as a RegisterReply with ok=false and an error code (400 invalid_request/invalid_key, 403 token "
-            "errors, 409 key_conflict, 503 pool_exhausted). A joining node's own broker_password is stored if its "
-            "id has no password entry yet; an existing entry is never replaced."
+            "Same semantics as a RegisterRequest on MQTT register/<node>, for the node the HTTP Basic credentials "
+            "(node id, own broker password) prove: idempotent (same mesh IP), a new public key is a rotation. "
+            "401 without valid credentials, 403 for a request about another node."
         ),
         openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": RegisterRequest.model_json_schema()}},
-            }
+            "requestBody": {"required": True, "content": {"application/json": {"schema": RegisterRequest.model_json_schema()}}}
         },
-        responses={
-            400: {"model": RegisterReply},
-            403: {"model": RegisterReply},
-            409: {"model": RegisterReply},
-        },
+        responses={code: {"model": RegisterReply} for code in (400, 403, 409)},
     )
     async def register(request: Request) -> JSONResponse:
+        access.limited(request)
+        node_id = access.node(request)
+        if node_id is None:
+            raise HTTPException(status_code=401, detail="node credentials required", headers={"WWW-Authenticate": "Basic"})
         payload = await request.body()
-        outcome = await _in_thread(service.register_payload, payload)
+        try:
+            claimed = decode(RegisterRequest, payload).node_id
+        except PayloadError:
+            claimed = node_id  # the engine answers a malformed request with its reason
+        if claimed != node_id:
+            raise HTTPException(status_code=403, detail=f"these credentials are node {node_id}'s, not {claimed}'s")
+        outcome = await _in_thread(service.register_payload, payload, node_id=node_id)
         if outcome.reply is None:
             raise HTTPException(status_code=400, detail=outcome.rejected or "bad request")
-        status = 200 if outcome.reply.ok else _STATUS_OF.get(outcome.reply.error.code, 400)
+        status = 200 if outcome.reply.ok else STATUS_OF.get(outcome.reply.error.code, 400)
         return JSONResponse(outcome.reply.model_dump(mode="json"), status_code=status)
 
-    @app.get("/v1/nodes", response_model=list[NodeView], summary="All members, sorted by node id")
-    def nodes() -> list[NodeView]:
+    @app.get("/v1/nodes", response_model=list[MemberView], dependencies=[Depends(reader)],
+             summary="All members, sorted by node id")  # fmt: skip
+    def nodes() -> list[MemberView]:
         members = service.state.membership.members
-        return [NodeView.of(members[i]) for i in sorted(members)]
+        return [MemberView.of(members[i]) for i in sorted(members)]
 
-    @app.get("/v1/nodes/{node_id}", response_model=NodeView, summary="One member", responses={404: {}})
-    def node(node_id: str) -> NodeView:
+    @app.get("/v1/nodes/{node_id}", response_model=MemberView, dependencies=[Depends(reader)],
+             summary="One member", responses={404: {}})  # fmt: skip
+    def node(node_id: str) -> MemberView:
         member = service.state.membership.members.get(node_id)
         if member is None:
             raise HTTPException(status_code=404, detail=f"no member {node_id}")
-        return NodeView.of(member)
+        return MemberView.of(member)
 
-    @app.get("/v1/mesh", response_model=MeshView, summary="Mesh settings and the current roster revision")
+    @app.get("/v1/mesh", response_model=MeshView, dependencies=[Depends(reader)],
+             summary="Mesh settings and the current membership revision")  # fmt: skip
     def mesh() -> MeshView:
         ms = service.state.membership
         return MeshView(
@@ -219,69 +255,7 @@ def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
             broker_connected=service.connected,
         )
 
-    @app.delete(
-        "/v1/nodes/{node_id}",
-        status_code=204,
-        dependencies=[Depends(admin)],
-        summary="Remove a member (admin)",
-        description="Tombstones its record at once and quarantines its IP; its key and node id become free.",
-        responses={404: {}},
-    )
-    async def delete_node(node_id: str) -> None:
-        outcome = await _in_thread(
-            service.call,
-            lambda state, now: engine.remove_member(state, node_id, now=now, reason="removed by admin"),
-        )
-        if not outcome.removed:
-            raise HTTPException(status_code=404, detail=f"no member {node_id}")
-
-    @app.post(
-        "/v1/tokens",
-        response_model=CreatedToken,
-        status_code=201,
-        dependencies=[Depends(admin)],
-        summary="Create a join token (admin)",
-    )
-    async def create_token(body: TokenRequest) -> CreatedToken:
-        secret = tokens.new_secret()
-        outcome = await _in_thread(
-            service.call,
-            lambda state, now: engine.create_token(
-                state,
-                secret=secret,
-                now=now,
-                ttl_s=body.ttl_s,
-                reusable=body.reusable,
-                max_uses=body.max_uses,
-            ),
-        )
-        assert outcome.token is not None
-        return CreatedToken(token=secret, **TokenView.of(outcome.token).model_dump())
-
-    @app.get(
-        "/v1/tokens",
-        response_model=list[TokenView],
-        dependencies=[Depends(admin)],
-        summary="Join tokens (admin)",
-    )
-    def list_tokens() -> list[TokenView]:
-        return [TokenView.of(t) for t in sorted(service.state.tokens.values(), key=lambda t: t.created_at)]
-
-    @app.delete(
-        "/v1/tokens/{token_id}",
-        status_code=204,
-        dependencies=[Depends(admin)],
-        summary="Revoke a join token (admin)",
-        responses={404: {}},
-    )
-    async def revoke_token(token_id: str) -> None:
-        outcome = await _in_thread(
-            service.call, lambda state, now: engine.revoke_token(state, token_id), refresh_tokens=True
-        )
-        if outcome.ignored:
-            raise HTTPException(status_code=404, detail=f"no token {token_id}")
-
-    @app.get("/healthz", response_model=Health, summary="Liveness of the registrar process")
+    @app.get("/healthz", response_model=Health, summary="Liveness and readiness of the registrar (public)")
     def healthz() -> Health:
         return Health(
             ok=True,
@@ -290,92 +264,14 @@ def create_app(service: RegistrarService, *, admin_token: str) -> FastAPI:
             revision=service.state.membership.revision,
         )
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(admin)], summary="Prometheus metrics")
     def metrics() -> str:
         return render_metrics(service.metrics())
 
+    app.include_router(api_admin.router(service, admin=admin, join_command=join_command, pin=pin))
     return app
 
 
 async def _in_thread(fn, *args, **kwargs):
     # The writer call blocks until the command is committed: keep it off the event loop.
     return await run_in_threadpool(fn, *args, **kwargs)
-
-
-_METRICS = [
-    ("members", "gauge", "Members by state.", None),
-    ("registrations_total", "counter", "Registrations answered ok (MQTT and HTTP).", "counter_registrations"),
-    (
-        "registrations_refused_total",
-        "counter",
-        "Registrations refused with an error reply.",
-        "counter_registrations_refused",
-    ),
-    ("joins_total", "counter", "New members admitted.", "counter_joins"),
-    ("rejected_messages_total", "counter", "Inputs rejected as malformed or refused.", "counter_rejected"),
-    (
-        "ignored_messages_total",
-        "counter",
-        "Valid inputs without effect (stale epoch, unknown node).",
-        "counter_ignored",
-    ),
-    ("messages_total", "counter", "MQTT messages received.", "counter_messages"),
-    (
-        "roster_publishes_total",
-        "counter",
-        "Roster publishes (bursts are batched).",
-        "counter_roster_publishes",
-    ),
-    (
-        "store_errors_total",
-        "counter",
-        "Failed store commits (the command was dropped).",
-        "counter_store_errors",
-    ),
-    ("revision", "gauge", "Current roster revision.", "revision"),
-    ("quarantined_ips", "gauge", "Released IPs still in quarantine.", "quarantined_ips"),
-    ("broker_connected", "gauge", "1 while connected to the broker.", "broker_connected"),
-]
-
-
-def render_metrics(values: dict[str, float]) -> str:
-    """Prometheus text exposition of the registrar's numbers."""
-    lines = []
-    for name, kind, help_text, key in _METRICS:
-        full = f"meshvpn_registrar_{name}"
-        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
-        if key is None:
-            for state in MemberState:
-                lines.append(f'{full}{{state="{state.value}"}} {values.get(f"members_{state.value}", 0):g}')
-        else:
-            lines.append(f"{full} {values.get(key, 0):g}")
-    return "\n".join(lines) + "\n"
-
-
-class HttpServer:
-    """uvicorn serving the API in a background thread (started from `meshvpn-registrar run`)."""
-
-    def __init__(self, app: FastAPI, *, host: str, port: int) -> None:
-        self._server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-        )
-        # Signals belong to the CLI's main thread, not to uvicorn in a worker thread.
-        self._server.install_signal_handlers = lambda: None
-        self._thread = threading.Thread(target=self._server.run, name="registrar-http", daemon=True)
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("HTTP API did not start")
-            time.sleep(0.02)
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        return self._server.servers[0].sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)

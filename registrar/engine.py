@@ -9,13 +9,17 @@ yields an Outcome whose state is the old one: nothing to store, nothing to publi
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from meshcontract import topics
+from meshcontract import access, jointoken, topics
 from meshcontract.errors import ContractError, PayloadError
 from meshcontract.messages import (
+    MAX_DEPTH,
     MAX_PAYLOAD,
+    EnrollReply,
+    EnrollRequest,
     ErrorCode,
     ErrorInfo,
     Heartbeat,
@@ -25,6 +29,7 @@ from meshcontract.messages import (
     RegisterRequest,
     check_wg_key,
     decode,
+    json_depth,
 )
 from meshcontract.topics import Kind
 from registrar import membership, tokens
@@ -44,11 +49,21 @@ class Config:
 
 
 @dataclass(frozen=True, slots=True)
+class RevokedKey:
+    """A WireGuard key an admin removed: it cannot enroll again, not even with a valid token, until approved."""
+
+    public_key: str
+    node_id: str
+    revoked_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class CoreState:
-    """Everything the registrar decides on: membership (with IPAM and revision) and join tokens."""
+    """Everything the registrar decides on: membership (with IPAM and revision), join tokens, revoked keys."""
 
     membership: Membership
     tokens: Tokens
+    revoked: Mapping[str, RevokedKey] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +76,8 @@ class Delta:
     delete_tokens: tuple[str, ...] = ()
     revision: int | None = None  # the new global revision when it moved
     quarantine: tuple[Quarantined, ...] | None = None  # the full quarantine list when it changed
+    upsert_revoked: tuple[RevokedKey, ...] = ()
+    delete_revoked: tuple[str, ...] = ()
 
     def is_empty(self) -> bool:
         return not (
@@ -70,6 +87,8 @@ class Delta:
             or self.delete_tokens
             or self.revision is not None
             or self.quarantine is not None
+            or self.upsert_revoked
+            or self.delete_revoked
         )
 
 
@@ -86,9 +105,11 @@ class Outcome:
     ignored: str | None = None  # valid but without effect (stale epoch, unknown node): logged at DEBUG
     token: JoinToken | None = None  # the token a command created or redeemed
     node_id: str | None = None  # the node the input concerned, if known (for logs)
-    # The node's own broker password from an accepted RegisterRequest: the service stores its hash (if the node
-    # has no entry yet) before it commits and answers. Never persisted in clear, never logged.
-    broker_password: str | None = field(default=None, repr=False)
+    enroll_reply: EnrollReply | None = None  # the answer to an enrollment (HTTP)
+    # Broker accounts to create (node id, clear password) before the outcome is committed, and to delete after:
+    # an enrolled node can log in whatever crashes next; a removed one is cut off at once. Never logged.
+    accounts_add: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    accounts_remove: tuple[str, ...] = ()
 
     @property
     def published(self) -> tuple[Member, ...]:
@@ -99,7 +120,9 @@ class Outcome:
         return self.change.removed
 
 
-def _delta(before: CoreState, after: CoreState, change: Change, tokens_up=(), tokens_del=()) -> Delta:
+def _delta(
+    before: CoreState, after: CoreState, change: Change, tokens_up=(), tokens_del=(), revoked_up=(), revoked_del=()
+) -> Delta:
     b, a = before.membership, after.membership
     quarantine = None
     if a.ipam.quarantine is not b.ipam.quarantine and dict(a.ipam.quarantine) != dict(b.ipam.quarantine):
@@ -111,12 +134,18 @@ def _delta(before: CoreState, after: CoreState, change: Change, tokens_up=(), to
         delete_tokens=tuple(tokens_del),
         revision=a.revision if a.revision != b.revision else None,
         quarantine=quarantine,
+        upsert_revoked=tuple(revoked_up),
+        delete_revoked=tuple(revoked_del),
     )
 
 
 def _apply(state: CoreState, change: Change, **kw) -> Outcome:
     after = replace(state, membership=change.state)
-    return Outcome(after, change, _delta(state, after, change), ignored=change.ignored, **kw)
+    # Removed members lose their broker account at once (expiry or admin): the credential dies with them.
+    removed = tuple(m.node_id for m in change.removed)
+    return Outcome(
+        after, change, _delta(state, after, change), ignored=change.ignored, accounts_remove=removed, **kw
+    )
 
 
 def _nothing(state: CoreState, **kw) -> Outcome:
@@ -131,7 +160,8 @@ def error_reply(request_id: str, node_id: str, code: ErrorCode, message: str) ->
 
 
 def register(state: CoreState, request: RegisterRequest, *, now: float, config: Config) -> Outcome:
-    """Admit or refresh the node of `request`; the Outcome's reply says ok (with IP and settings) or why not."""
+    """Refresh the member of `request` at the start of a session (its sender is authenticated as that node);
+    the Outcome's reply says ok (with IP and settings) or why not."""
     node = request.node_id
     try:
         change = membership.register(
@@ -143,10 +173,8 @@ def register(state: CoreState, request: RegisterRequest, *, now: float, config: 
             listen_port=request.listen_port,
             epoch=request.epoch,
             now=now,
+            revoked=state.revoked,
         )
-        new_tokens, token = state.tokens, None
-        if change.joined and config.require_token:
-            new_tokens, token = tokens.redeem(state.tokens, request.join_token, now=now)
     except Refused as exc:
         return _nothing(
             state,
@@ -155,7 +183,7 @@ def register(state: CoreState, request: RegisterRequest, *, now: float, config: 
             rejected=f"registration refused ({exc.code}): {exc.message}",
             node_id=node,
         )
-    after = CoreState(change.state, new_tokens)
+    after = replace(state, membership=change.state)
     member = change.state.members[node]
     reply = RegisterReply(
         request_id=request.request_id,
@@ -165,17 +193,85 @@ def register(state: CoreState, request: RegisterRequest, *, now: float, config: 
         prefix_len=change.state.ipam.prefix_len,
         settings=config.mesh,
     )
-    delta = _delta(state, after, change, tokens_up=(token,) if token else ())
-    return Outcome(
-        after,
-        change,
-        delta,
-        reply=reply,
-        reply_to=node,
-        token=token,
-        node_id=node,
-        broker_password=request.broker_password,
-    )
+    return Outcome(after, change, _delta(state, after, change), reply=reply, reply_to=node, node_id=node)
+
+
+def enroll_error(node_id: str, code: ErrorCode, message: str) -> EnrollReply:
+    """A refused enrollment."""
+    return EnrollReply(ok=False, node_id=node_id, error=ErrorInfo(code=code, message=message[:500]))
+
+
+def enroll(
+    state: CoreState, request: EnrollRequest, *, now: float, config: Config, password_hash: str
+) -> Outcome:
+    """A new node with a join token (HTTPS): admit it, or answer a retry of an enrollment that already happened.
+
+    `password_hash` is the hash of `request.password`, made by the caller (hashing salts with randomness).
+    A node id that is already a member is answered again only for the same key *and* its own password (a retry
+    after a lost reply, when a single-use token is spent by then); a token never takes over an identity.
+    """
+    node = request.node_id
+
+    def refused(code: ErrorCode, message: str) -> Outcome:
+        return _nothing(
+            state,
+            enroll_reply=enroll_error(node, code, message),
+            rejected=f"enrollment refused ({code}): {message}",
+            node_id=node,
+        )
+
+    def admitted(ms: Membership, change: Change, new_tokens: Tokens, token: JoinToken | None) -> Outcome:
+        after = replace(state, membership=ms, tokens=new_tokens)
+        member = ms.members[node]
+        reply = EnrollReply(
+            ok=True, node_id=node, mesh_ip=member.mesh_ip, prefix_len=ms.ipam.prefix_len, settings=config.mesh
+        )
+        return Outcome(
+            after,
+            change,
+            _delta(state, after, change, tokens_up=(token,) if token else ()),
+            enroll_reply=reply,
+            token=token,
+            node_id=node,
+            accounts_add=((node, request.password),),
+        )
+
+    if request.public_key in state.revoked:
+        return refused(ErrorCode.KEY_REVOKED, "this public key was removed by an admin; ask them to approve it")
+    existing = state.membership.members.get(node)
+    if existing is not None:
+        if existing.public_key == request.public_key and access.verify_password(
+            request.password, existing.password_hash
+        ):
+            return admitted(state.membership, Change(state.membership), state.tokens, None)
+        return refused(ErrorCode.UNAUTHORIZED, f"node id {node} is already enrolled (a token cannot take it over)")
+    try:
+        secret = jointoken.parse(request.token).secret
+    except ContractError:
+        return refused(ErrorCode.INVALID_TOKEN, "malformed join token")
+    try:
+        change = membership.admit(
+            state.membership,
+            node_id=node,
+            name=request.name,
+            public_key=request.public_key,
+            endpoints=tuple(request.endpoints),
+            listen_port=request.listen_port,
+            password_hash=password_hash,
+            now=now,
+        )
+        new_tokens, token = (
+            tokens.redeem(state.tokens, secret, now=now) if config.require_token else (state.tokens, None)
+        )
+    except Refused as exc:
+        return refused(exc.code, exc.message)
+    return admitted(change.state, change, new_tokens, token)
+
+
+def authenticate(state: CoreState, node_id: str, password: str) -> bool:
+    """True if `password` is the credential of member `node_id` (for the HTTP API)."""
+    member = state.membership.members.get(node_id)
+    return member is not None and bool(member.password_hash) and access.verify_password(password, member.password_hash)
 
 
 def _key_ok(value: object) -> bool:
@@ -193,8 +289,9 @@ def _reject_register(state: CoreState, node: str, payload: bytes, reason: str) -
     request_id = None
     code = ErrorCode.INVALID_REQUEST
     try:
-        data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        shallow = len(payload) <= MAX_PAYLOAD and json_depth(payload) <= MAX_DEPTH
+        data = json.loads(payload) if shallow else None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         data = None
     if isinstance(data, dict):
         rid = data.get("request_id")
@@ -286,13 +383,35 @@ def forgive_offline(state: CoreState, *, since: float, now: float) -> Outcome:
     return _apply(state, membership.forgive_offline(state.membership, since=since, now=now))
 
 
-def remove_member(state: CoreState, node_id: str, *, now: float, reason: str = "removed by admin") -> Outcome:
-    """Admin removal: the member is tombstoned at once and its IP quarantined."""
-    return _apply(
-        state,
-        membership.remove(state.membership, node_ids=[node_id], now=now, reason=reason),
+def remove_member(
+    state: CoreState, node_id: str, *, now: float, reason: str = "removed by admin", revoke_key: bool = True
+) -> Outcome:
+    """Admin removal: the member is tombstoned at once, its IP quarantined and its broker account deleted; with
+    `revoke_key` its WireGuard key cannot enroll again (not even with a reusable token) until approved."""
+    member = state.membership.members.get(node_id)
+    change = membership.remove(state.membership, node_ids=[node_id], now=now, reason=reason)
+    if member is None or not revoke_key:
+        return _apply(state, change, node_id=node_id)
+    revoked = RevokedKey(public_key=member.public_key, node_id=node_id, revoked_at=now)
+    table = dict(state.revoked)
+    table[member.public_key] = revoked
+    after = replace(state, membership=change.state, revoked=MappingProxyType(table))
+    return Outcome(
+        after,
+        change,
+        _delta(state, after, change, revoked_up=(revoked,)),
         node_id=node_id,
+        accounts_remove=(node_id,),
     )
+
+
+def approve_key(state: CoreState, public_key: str) -> Outcome:
+    """Let a revoked key enroll again (with a join token); `ignored` when it was not revoked."""
+    if public_key not in state.revoked:
+        return _nothing(state, ignored="that key is not revoked")
+    table = {k: v for k, v in state.revoked.items() if k != public_key}
+    after = replace(state, revoked=MappingProxyType(table))
+    return Outcome(after, Change(state.membership), Delta(delete_revoked=(public_key,)))
 
 
 def create_token(
@@ -335,6 +454,7 @@ def restore(
     network: str,
     quarantine_s: float,
     started_at: float,
+    revoked: list[RevokedKey] | tuple[RevokedKey, ...] = (),
 ) -> CoreState:
     """Rebuild the state from what a store loaded; `started_at` (this process's start) opens the grace period."""
     ipam = Ipam.create(
@@ -344,24 +464,16 @@ def restore(
         quarantine=quarantine,
     )
     state = Membership.create(ipam=ipam, started_at=started_at, members=members, revision=revision)
-    return CoreState(state, MappingProxyType({t.id: t for t in join_tokens}))
+    return CoreState(
+        state,
+        MappingProxyType({t.id: t for t in join_tokens}),
+        MappingProxyType({r.public_key: r for r in revoked}),
+    )
 
 
-def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config) -> Outcome:
-    """A RegisterRequest that arrived without a topic (the HTTP API): the payload's node id is the topic's."""
-    node = None
-    try:
-        data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        data = None
-    if (
-        isinstance(data, dict)
-        and isinstance(data.get("node_id"), str)
-        and topics.is_valid_id(data["node_id"])
-    ):
-        node = data["node_id"]
-    if node is None:
-        return _nothing(state, rejected="registration without a valid node_id")
+def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config, node_id: str) -> Outcome:
+    """A RegisterRequest over the HTTP API from the node the API authenticated as `node_id`: the same rules as on
+    register/<node_id>, where the broker has authenticated the sender the same way."""
     return handle_message(
-        state, topics.build(config.mesh.mesh, Kind.REGISTER, node), payload, now=now, config=config
+        state, topics.build(config.mesh.mesh, Kind.REGISTER, node_id), payload, now=now, config=config
     )

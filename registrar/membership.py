@@ -6,6 +6,8 @@ caller commits a Change to the store before it makes it visible; a refused or ig
 Membership object, so nothing is written.
 
 Model (docs/registrar.md has the full story):
+- A node becomes a member by enrolling (admit: a join token checked by the caller); from then on it proves
+  who it is with its own credential, and each broker session registers (register: may rotate its key).
 - A member is `active` or `unreachable`. Registration makes it active and starts a session `epoch`.
 - Status and heartbeats only count if their epoch is >= the member's current epoch: the will of a session
   that has since re-registered can never take the new session down.
@@ -18,7 +20,7 @@ Model (docs/registrar.md has the full story):
   went away is then caught by the TTL after the grace period. A goodbye (an offline status that is not a
   will) is what the node said itself and is never taken back.
 - One global revision counter: every transition that changes a published record takes the next revision
-  and stamps it on every record it changed; the roster revision is that counter and only grows.
+  and stamps it on every record it changed; the membership revision is that counter and only grows.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 
-from meshcontract.messages import Endpoint, ErrorCode, MemberRecord, MemberState, RosterEntry
+from meshcontract.messages import Endpoint, ErrorCode, MemberRecord, MemberState
 from registrar.errors import PoolExhausted, Refused
 from registrar.ipam import Ipam
 
@@ -65,6 +67,9 @@ class Member:
     updated_at: float  # when its published record last changed
     last_seen: float  # last registration, heartbeat or online status of the current epoch (or newer)
     unreachable_since: float | None = None
+    # Hash of the node's own broker password (meshcontract.access format): what it proves its identity with,
+    # on the broker and on the HTTP API. Never published.
+    password_hash: str = field(default="", repr=False)
 
     def record(self) -> MemberRecord:
         """The retained members/<node> payload."""
@@ -90,6 +95,7 @@ class Event(StrEnum):
 
     JOINED = "member joined"
     UPDATED = "member updated"
+    KEY_ROTATED = "member key rotated"
     ACTIVE = "member active"
     UNREACHABLE = "member unreachable"
     REMOVED = "member removed"
@@ -139,9 +145,9 @@ class Membership:
         revision = max([revision, *(m.revision for m in members)])
         return cls(MappingProxyType(by_id), MappingProxyType(keys), ipam, revision, started_at)
 
-    def roster(self) -> list[RosterEntry]:
-        """Roster entries, sorted by node id."""
-        return [RosterEntry(node_id=i, revision=self.members[i].revision) for i in sorted(self.members)]
+    def records(self) -> list[MemberRecord]:
+        """Every member's published record, sorted by node id (what a membership snapshot carries)."""
+        return [self.members[i].record() for i in sorted(self.members)]
 
     def count(self, state: MemberState) -> int:
         return sum(1 for m in self.members.values() if m.state is state)
@@ -188,53 +194,84 @@ def register(
     listen_port: int,
     epoch: int,
     now: float,
+    revoked: Mapping[str, float] = MappingProxyType({}),
 ) -> Change:
-    """Admit or refresh a member. Idempotent: the same node id and key keep the same IP and record.
+    """Refresh an existing member at the start of one of its sessions. Idempotent: same IP, same record.
 
-    Refused KEY_CONFLICT if the node id is held by another key (a key change needs an admin delete or
-    expiry first: a join token alone must never let someone take over an existing identity) or the key is
-    held by another node id; INVALID_REQUEST for an epoch older than the member's current one (a replayed
-    request); POOL_EXHAUSTED when no address is free. Change.joined tells the caller a token must be redeemed.
+    The caller has authenticated the sender as `node_id` (the broker admitted it with that node's credential,
+    or the HTTP API checked it). A `public_key` other than the member's is a key rotation: the mesh IP stays,
+    peers swap the key. Refused NOT_ENROLLED for an unknown node (it must enroll with a join token),
+    KEY_CONFLICT if the new key belongs to another member, KEY_REVOKED if an admin revoked it, INVALID_REQUEST for
+    an epoch older than the member's current one (a replayed request).
     """
     existing = state.members.get(node_id)
+    if existing is None:
+        raise Refused(ErrorCode.NOT_ENROLLED, f"node {node_id} is not a member: enroll with a join token")
+    if epoch < existing.epoch:
+        raise Refused(ErrorCode.INVALID_REQUEST, f"stale epoch {epoch}: the current session is {existing.epoch}")
+    rotating = public_key != existing.public_key
+    keys = state.keys
+    if rotating:
+        owner = state.keys.get(public_key)
+        if owner is not None:
+            raise Refused(ErrorCode.KEY_CONFLICT, f"this public key is already registered as node {owner}")
+        if public_key in revoked:
+            raise Refused(ErrorCode.KEY_REVOKED, "this public key was revoked by an admin")
+        new_keys = {k: v for k, v in state.keys.items() if k != existing.public_key}
+        new_keys[public_key] = node_id
+        keys = MappingProxyType(new_keys)
+    refreshed = replace(
+        existing,
+        name=name,
+        public_key=public_key,
+        endpoints=endpoints,
+        listen_port=listen_port,
+        state=MemberState.ACTIVE,
+        epoch=epoch,
+        last_seen=now,
+        unreachable_since=None,
+    )
+    if refreshed.published_fields() == existing.published_fields():
+        # Same record: persist only when the epoch moved (it decides which wills count after a restart).
+        dirty = (refreshed,) if refreshed.epoch != existing.epoch else ()
+        return Change(_put(state, [refreshed]), dirty=dirty)
+    rev = _next(state)
+    refreshed = replace(refreshed, revision=rev, updated_at=now)
+    events = []
+    if existing.state is MemberState.UNREACHABLE:
+        events.append(Happened(Event.ACTIVE, refreshed, "re-registered"))
+    if rotating:
+        events.append(Happened(Event.KEY_ROTATED, refreshed, "registered with a new WireGuard key"))
+    elif refreshed.published_fields()[:-1] != existing.published_fields()[:-1]:
+        events.append(Happened(Event.UPDATED, refreshed, "registration changed its record"))
+    return Change(
+        _put(state, [refreshed], revision=rev, keys=keys),
+        dirty=(refreshed,),
+        published=(refreshed,),
+        happened=tuple(events),
+    )
+
+
+def admit(
+    state: Membership,
+    *,
+    node_id: str,
+    name: str,
+    public_key: str,
+    endpoints: tuple[Endpoint, ...],
+    listen_port: int,
+    password_hash: str,
+    now: float,
+) -> Change:
+    """Make a new member (an enrollment the caller has checked: valid token, key not revoked).
+
+    Refused KEY_CONFLICT if the node id or the key is already a member's (a join token never takes over an
+    existing identity), POOL_EXHAUSTED when no address is free. The member starts active at epoch 0: its first
+    broker session registers with a real epoch.
+    """
+    if node_id in state.members:
+        raise Refused(ErrorCode.KEY_CONFLICT, f"node id {node_id} is already enrolled")
     owner = state.keys.get(public_key)
-    if existing is not None:
-        if existing.public_key != public_key:
-            raise Refused(
-                ErrorCode.KEY_CONFLICT,
-                f"node id {node_id} is registered with another public key; an admin must remove it first",
-            )
-        if epoch < existing.epoch:
-            raise Refused(
-                ErrorCode.INVALID_REQUEST, f"stale epoch {epoch}: the current session is {existing.epoch}"
-            )
-        refreshed = replace(
-            existing,
-            name=name,
-            endpoints=endpoints,
-            listen_port=listen_port,
-            state=MemberState.ACTIVE,
-            epoch=epoch,
-            last_seen=now,
-            unreachable_since=None,
-        )
-        if refreshed.published_fields() == existing.published_fields():
-            # Same record: persist only when the epoch moved (it decides which wills count after a restart).
-            dirty = (refreshed,) if refreshed.epoch != existing.epoch else ()
-            return Change(_put(state, [refreshed]), dirty=dirty)
-        rev = _next(state)
-        refreshed = replace(refreshed, revision=rev, updated_at=now)
-        events = []
-        if existing.state is MemberState.UNREACHABLE:
-            events.append(Happened(Event.ACTIVE, refreshed, "re-registered"))
-        if refreshed.published_fields()[:-1] != existing.published_fields()[:-1]:
-            events.append(Happened(Event.UPDATED, refreshed, "registration changed its record"))
-        return Change(
-            _put(state, [refreshed], revision=rev),
-            dirty=(refreshed,),
-            published=(refreshed,),
-            happened=tuple(events),
-        )
     if owner is not None:
         raise Refused(ErrorCode.KEY_CONFLICT, f"this public key is already registered as node {owner}")
     try:
@@ -250,11 +287,12 @@ def register(
         endpoints=endpoints,
         listen_port=listen_port,
         state=MemberState.ACTIVE,
-        epoch=epoch,
+        epoch=0,
         revision=rev,
         joined_at=now,
         updated_at=now,
         last_seen=now,
+        password_hash=password_hash,
     )
     keys = state.keys.copy()
     keys[public_key] = node_id
@@ -263,7 +301,7 @@ def register(
         new,
         dirty=(member,),
         published=(member,),
-        happened=(Happened(Event.JOINED, member, "registered"),),
+        happened=(Happened(Event.JOINED, member, "enrolled"),),
         joined=True,
     )
 
@@ -389,19 +427,6 @@ def remove(state: Membership, *, node_ids: list[str] | tuple[str, ...], now: flo
         return Change(state, ignored="no such member")
     new = replace(_drop(state, gone, now), revision=_next(state))
     return Change(new, removed=tuple(gone), happened=tuple(Happened(Event.REMOVED, m, reason) for m in gone))
-
-
-def next_deadline(state: Membership, policy: LivenessPolicy) -> float | None:
-    """The earliest time at which tick() could change something, or None if nothing is pending."""
-    floor = state.started_at + policy.grace_s
-    times = []
-    for m in state.members.values():
-        if m.state is MemberState.ACTIVE:
-            times.append(max(m.last_seen + policy.ttl_s, floor))
-        elif m.unreachable_since is not None:
-            times.append(max(m.unreachable_since + policy.expiry_s, floor))
-    times.extend(q.until for q in state.ipam.quarantine.values())
-    return min(times) if times else None
 
 
 def tick(state: Membership, *, now: float, policy: LivenessPolicy) -> Change:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
-import shlex
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from meshcontract import topics
 from meshcontract.access import REGISTRAR_USER
 from meshcontract.transport import BrokerSettings
+from registrar import ticks
 
 DEFAULT_NETWORK = "100.96.0.0/16"
 DEFAULT_STATE_DIR = Path("/var/lib/meshvpn-registrar")
@@ -44,19 +45,46 @@ class RegistrarSettings(BaseModel):
     state_dir: Path = DEFAULT_STATE_DIR
     broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings(username=REGISTRAR_USER))
     embedded_broker: bool = False
-    broker_listen: str = Field(default="127.0.0.1:1883", description="embedded broker HOST:PORT")
+    broker_listen: str = Field(default="0.0.0.0:8883", description="embedded broker HOST:PORT")
     password_file: Path | None = Field(
         default=None,
-        description="broker password file the registrar adds node credentials to (default: STATE_DIR/passwords)",
+        description="the embedded broker's password file, where node accounts go (default: STATE_DIR/passwords)",
     )
-    issue_credentials: bool = Field(default=True, description="give each new node its own broker password")
-    broker_reload_command: list[str] | None = Field(
+    broker_accounts: Literal["auto", "dynsec", "password_file", "none"] = Field(
+        default="auto",
+        description=(
+            "how node broker accounts are managed: dynsec (Mosquitto's dynamic security plugin), password_file (an "
+            "embedded broker reading password_file), none (provisioned by hand); auto: the embedded broker's file, "
+            "else dynsec when a broker admin password is known, else none"
+        ),
+    )
+    broker_admin_password: str | None = Field(
         default=None,
-        description="run after the password file changed, e.g. ['pkill', '-HUP', '-x', 'mosquitto']",
+        repr=False,
+        description=(
+            "password of Mosquitto's dynamic security admin (meshvpn.admin), with which the registrar creates and "
+            "deletes node accounts; default: STATE_DIR/broker-admin.password (written by `mosquitto init`)"
+        ),
+    )
+
+    tls: bool = Field(
+        default=True,
+        description="serve the HTTP API and the embedded broker over TLS (a loud warning when off: lab use only)",
+    )
+    tls_names: list[str] = Field(
+        default_factory=list,
+        description="extra names/addresses the TLS certificate covers (the host name, localhost and the listen "
+        "addresses are always in)",
+    )
+    public_url: str | None = Field(
+        default=None, description="how nodes reach the HTTP API (for join commands); default from http_listen"
+    )
+    public_broker_url: str | None = Field(
+        default=None, description="the broker URL nodes get at enrollment; default from the broker settings"
     )
 
     http_listen: str | None = Field(
-        default="127.0.0.1:8080", description="HTTP API HOST:PORT; empty disables"
+        default="0.0.0.0:8443", description="HTTP API HOST:PORT (TLS unless tls=false); empty disables"
     )
     admin_token: str | None = Field(default=None, repr=False, description="bearer token for admin endpoints")
     publish_window_s: float = Field(
@@ -67,6 +95,30 @@ class RegistrarSettings(BaseModel):
         ge=0,
         le=60,
         description="a burst of changes is published at most this long after its first",
+    )
+    will_hold_s: float = Field(
+        default=0.1,
+        ge=0,
+        le=5,
+        description=(
+            "a change that is only a last will is published this long later: a stopping broker publishes every "
+            "client's will and then drops us, and a record sent in between would contradict the will taken back"
+        ),
+    )
+    offline_doubt_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description=(
+            "on reconnecting to the broker, members made unreachable by a will that arrived this long before the "
+            "connection was lost are active again (a stopping broker publishes every client's will)"
+        ),
+    )
+    tick_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="how often liveness is judged (< heartbeat_ttl_s; default TTL/5 between 0.05 and 1 s)",
     )
 
     log_level: str = "INFO"
@@ -85,13 +137,20 @@ class RegistrarSettings(BaseModel):
             raise ValueError("network too small")
         return value
 
-    @field_validator("broker_reload_command", mode="before")
+    @field_validator("tls_names", mode="before")
     @classmethod
-    def _command(cls, value: object) -> object:
-        # From the environment a command arrives as one string: split it like a shell would.
+    def _names(cls, value: object) -> object:
+        # From the environment a list arrives as one string: "a,b c".
         if isinstance(value, str):
-            return shlex.split(value) or None
+            return [n for n in value.replace(",", " ").split() if n]
         return value
+
+    @model_validator(mode="after")
+    def _registrar_username(self) -> RegistrarSettings:
+        # A partial broker table (only a password from MESHVPN_BROKER__PASSWORD, say) replaces the default whole.
+        if self.broker.username is None:
+            self.broker = self.broker.model_copy(update={"username": REGISTRAR_USER})
+        return self
 
     @model_validator(mode="after")
     def _grace(self) -> RegistrarSettings:
@@ -99,11 +158,17 @@ class RegistrarSettings(BaseModel):
             raise ValueError("grace_s must be >= heartbeat_ttl_s")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must be > heartbeat_interval_s")
+        if self.tick_interval_s is not None and self.tick_interval_s >= self.heartbeat_ttl_s:
+            raise ValueError("tick_interval_s must be < heartbeat_ttl_s: liveness is judged several times per TTL")
         return self
 
     @property
     def effective_grace_s(self) -> float:
         return self.grace_s if self.grace_s is not None else self.heartbeat_ttl_s + self.heartbeat_interval_s
+
+    @property
+    def effective_tick_interval_s(self) -> float:
+        return self.tick_interval_s if self.tick_interval_s is not None else ticks.default_interval(self.heartbeat_ttl_s)
 
     @property
     def db_path(self) -> Path:
@@ -112,6 +177,11 @@ class RegistrarSettings(BaseModel):
     @property
     def effective_password_file(self) -> Path:
         return self.password_file if self.password_file is not None else self.state_dir / "passwords"
+
+    @property
+    def admin_socket(self) -> Path:
+        """The running registrar's local admin API (0600 in the 0700 state directory): how the CLI reaches it."""
+        return self.state_dir / "admin.sock"
 
 
 def split_listen(value: str) -> tuple[str, int]:

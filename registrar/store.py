@@ -1,4 +1,5 @@
-"""Where the registrar's state survives restarts: members, join tokens, the revision counter, quarantined IPs.
+"""Where the registrar's state survives restarts: members (with their credential hashes), join tokens, revoked
+keys, the revision counter, quarantined IPs.
 
 `Store` is the small interface the single writer uses: `load` once at start, `commit` one engine Delta per
 command in one transaction. SqliteStore is the real one (WAL, synchronous=FULL: a commit that returned is on
@@ -16,13 +17,13 @@ from pathlib import Path
 from typing import Protocol
 
 from meshcontract.messages import Endpoint, MemberState
-from registrar.engine import Delta
+from registrar.engine import Delta, RevokedKey
 from registrar.errors import StoreError
 from registrar.ipam import Quarantined
 from registrar.membership import Member
 from registrar.tokens import JoinToken
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class StoredState:
     tokens: list[JoinToken] = field(default_factory=list)
     revision: int = 0
     quarantine: list[Quarantined] = field(default_factory=list)
+    revoked: list[RevokedKey] = field(default_factory=list)
 
 
 class Store(Protocol):
@@ -58,12 +60,17 @@ class MemoryStore:
         self.tokens: dict[str, JoinToken] = {}
         self.revision = 0
         self.quarantine: list[Quarantined] = []
+        self.revoked: dict[str, RevokedKey] = {}
         self.commits = 0
 
     def load(self) -> StoredState:
         with self._lock:
             return StoredState(
-                list(self.members.values()), list(self.tokens.values()), self.revision, list(self.quarantine)
+                list(self.members.values()),
+                list(self.tokens.values()),
+                self.revision,
+                list(self.quarantine),
+                list(self.revoked.values()),
             )
 
     def load_tokens(self) -> list[JoinToken]:
@@ -76,7 +83,7 @@ class MemoryStore:
     def commit_many(self, deltas: list[Delta]) -> None:
         """Apply `deltas` in order, all or none."""
         with self._lock:
-            members, tokens = dict(self.members), dict(self.tokens)
+            members, tokens, revoked = dict(self.members), dict(self.tokens), dict(self.revoked)
             revision, quarantine = self.revision, list(self.quarantine)
             for delta in deltas:
                 for node_id in delta.delete_members:
@@ -94,7 +101,12 @@ class MemoryStore:
                     revision = delta.revision
                 if delta.quarantine is not None:
                     quarantine = list(delta.quarantine)
+                for key in delta.delete_revoked:
+                    revoked.pop(key, None)
+                for r in delta.upsert_revoked:
+                    revoked[r.public_key] = r
             self.members, self.tokens, self.revision, self.quarantine = members, tokens, revision, quarantine
+            self.revoked = revoked
             self.commits += 1
 
     def close(self) -> None:
@@ -116,7 +128,8 @@ CREATE TABLE IF NOT EXISTS members (
     joined_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     last_seen REAL NOT NULL,
-    unreachable_since REAL
+    unreachable_since REAL,
+    password_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
@@ -128,6 +141,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     uses INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantine (ip TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_keys (public_key TEXT PRIMARY KEY, node_id TEXT NOT NULL, revoked_at REAL NOT NULL);
 """
 
 
@@ -146,7 +160,10 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(members)")}
+            if "password_hash" not in columns:  # a version 1 database: members had no credential column
+                self._db.execute("ALTER TABLE members ADD COLUMN password_hash TEXT NOT NULL DEFAULT ''")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the registrar database {self.path}: {exc}") from exc
@@ -160,9 +177,13 @@ class SqliteStore:
                 quarantine = [
                     Quarantined(*row) for row in self._db.execute("SELECT ip, owner, until FROM quarantine")
                 ]
+                revoked = [
+                    RevokedKey(*row)
+                    for row in self._db.execute("SELECT public_key, node_id, revoked_at FROM revoked_keys")
+                ]
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot read {self.path}: {exc}") from exc
-        return StoredState(members, tokens, int(revision), quarantine)
+        return StoredState(members, tokens, int(revision), quarantine, revoked)
 
     def load_tokens(self) -> list[JoinToken]:
         with self._lock:
@@ -211,7 +232,7 @@ class SqliteStore:
 
 _MEMBER_COLUMNS = (
     "node_id", "name", "public_key", "mesh_ip", "endpoints", "listen_port", "state", "epoch", "revision",
-    "joined_at", "updated_at", "last_seen", "unreachable_since",
+    "joined_at", "updated_at", "last_seen", "unreachable_since", "password_hash",
 )  # fmt: skip
 _UPSERT_MEMBER = (
     f"INSERT INTO members ({', '.join(_MEMBER_COLUMNS)}) VALUES ({', '.join('?' * len(_MEMBER_COLUMNS))}) "
@@ -237,6 +258,11 @@ def _write(db: sqlite3.Connection, delta: Delta) -> None:
     )
     if delta.revision is not None:
         db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(delta.revision),))
+    db.executemany("DELETE FROM revoked_keys WHERE public_key=?", [(k,) for k in delta.delete_revoked])
+    db.executemany(
+        "INSERT OR REPLACE INTO revoked_keys VALUES (?,?,?)",
+        [(r.public_key, r.node_id, r.revoked_at) for r in delta.upsert_revoked],
+    )
     if delta.quarantine is not None:
         db.execute("DELETE FROM quarantine")
         db.executemany(
@@ -248,12 +274,12 @@ def _member_row(m: Member) -> tuple:
     endpoints = json.dumps([e.model_dump() for e in m.endpoints])
     return (
         m.node_id, m.name, m.public_key, m.mesh_ip, endpoints, m.listen_port, m.state.value, m.epoch,
-        m.revision, m.joined_at, m.updated_at, m.last_seen, m.unreachable_since,
+        m.revision, m.joined_at, m.updated_at, m.last_seen, m.unreachable_since, m.password_hash,
     )  # fmt: skip
 
 
 def _member(row: tuple) -> Member:
-    (node_id, name, key, ip, endpoints, port, state, epoch, revision, joined, updated, seen, down) = row
+    (node_id, name, key, ip, endpoints, port, state, epoch, revision, joined, updated, seen, down, pw) = row
     return Member(
         node_id=node_id,
         name=name,
@@ -268,6 +294,7 @@ def _member(row: tuple) -> Member:
         updated_at=updated,
         last_seen=seen,
         unreachable_since=down,
+        password_hash=pw,
     )
 
 

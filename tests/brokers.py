@@ -1,10 +1,12 @@
 """Real MQTT brokers for tests: Mosquitto and the embedded amqtt broker, each in its own process.
 
 Both listen on a random free port on 127.0.0.1 and can be stopped and started again on the same port (to test
-reconnects). `users` maps username -> password; the password file is Mosquitto's format (one file serves both
-brokers). users=None means an open broker: anonymous access and no ACL, for quick tests.
+reconnects). `users` maps username -> password, with the rights of meshcontract.access: Mosquitto runs the
+dynamic security plugin as shipped (node accounts get the roles registrar.accounts builds for `mesh`, and an
+admin account lets the test add users at run time, as the registrar does); the embedded broker reads a
+Mosquitto-format password file. users=None means an open broker: anonymous access and no ACL, for quick tests.
 
-    with start_mosquitto(tmp_path, users={"registrar": "pw"}) as broker:
+    with start_mosquitto(tmp_path, users={"registrar": "pw"}, mesh="m1") as broker:
         broker.url  # "mqtt://127.0.0.1:PORT"
         broker.add_user("n1", "pw1")  # effective once it returns
         broker.stop(); broker.start()
@@ -12,10 +14,12 @@ brokers). users=None means an open broker: anonymous access and no ACL, for quic
 
 from __future__ import annotations
 
+import json
 import os
 import queue
-import signal
+import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,15 +29,19 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from broker.mosquitto_config import (
-    ACL_FILE,
     ALL_LOG_TYPES,
     AnonymousAccess,
+    DynsecAuth,
+    Listener,
     MosquittoConfig,
     MosquittoLogging,
-    PasswordFileAuth,
+    TlsFiles,
     render,
 )
+from meshcontract import access
 from meshcontract.access import hash_password, parse_password_file, render_password_file
+from meshcontract.transport import release
+from registrar import accounts, dynsec
 
 START_DEADLINE_S = 10.0
 
@@ -126,6 +134,12 @@ class RunningBroker:
         _write_atomically(self.password_file, render_password_file(entries))
         self._reload()
 
+    def remove_user(self, name: str) -> None:
+        """Delete a user from the password file; the embedded broker drops its session within a second."""
+        entries = parse_password_file(self.password_file.read_text())
+        entries.pop(name, None)
+        _write_atomically(self.password_file, render_password_file(entries))
+
     def _reload(self) -> None:
         """Make the broker see the new password file (embedded: re-read on the next CONNECT)."""
 
@@ -147,21 +161,45 @@ class RunningBroker:
 
 
 class MosquittoBroker(RunningBroker):
-    """`mosquitto -c conf`, the conf rendered by broker.mosquitto_config with the packaged acl.conf."""
+    """`mosquitto -c conf`, the conf rendered by broker.mosquitto_config with the dynamic security plugin."""
 
     kind = "mosquitto"
 
-    def __init__(self, workdir: Path, *, users: dict[str, str] | None, acl: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, *, users: dict[str, str] | None, mesh: str = "m1", tls: TlsFiles | None = None
+    ) -> None:
         super().__init__(workdir, users=users)
+        self.mesh = mesh
+        self.tls = tls
+        self.admin_password = secrets.token_urlsafe(12)
+        self.dynsec_file = workdir / "dynamic-security.json"
+        self._admin: dynsec.DynsecAdmin | None = None
+        self._admin_client: mqtt.Client | None = None
+        if users is not None:
+            special = {u: p for u, p in users.items() if access.role_of(u) is not access.Role.NODE}
+            unknown = set(special) - {access.REGISTRAR_USER, access.OBSERVER_USER}
+            nodes = {u: p for u, p in users.items() if u not in special}
+            config = accounts.initial_config(
+                registrar_password=special.get(access.REGISTRAR_USER),
+                admin_password=self.admin_password,
+                observer_password=special.get(access.OBSERVER_USER),
+                mesh=mesh,
+                nodes=nodes,
+            )
+            # A username that is neither a node nor a known account gets no rights at all (tests of refusals).
+            for user in sorted(unknown):
+                config["clients"].append(dynsec.client_config(user, special[user], []))
+            self.dynsec_file.write_text(json.dumps(config, indent=1))
         self.config_file = workdir / "mosquitto.conf"
-        self.config_file.write_text(render(self._config(acl=acl)))
+        self.config_file.write_text(render(self._config()))
 
-    def _config(self, *, acl: bool) -> MosquittoConfig:
-        auth: PasswordFileAuth | AnonymousAccess = AnonymousAccess()
+    def _config(self) -> MosquittoConfig:
+        auth: DynsecAuth | AnonymousAccess = AnonymousAccess()
         if self.users is not None:
-            auth = PasswordFileAuth(str(self.password_file), str(ACL_FILE) if acl else None)
+            auth = DynsecAuth(config_file=str(self.dynsec_file), plugin=dynsec.plugin_path() or "missing-plugin")
         return MosquittoConfig(
-            listen_host=self.host, listen_port=self.port, auth=auth,
+            listeners=(Listener(self.host, self.port, self.tls),),
+            auth=auth,
             # Tests run as root: keep root instead of dropping to the mosquitto user, which cannot read tmp_path.
             run_as="root",
             logging=MosquittoLogging(file=str(self.log_file), types=ALL_LOG_TYPES, timestamp_format="%H:%M:%S"),
@@ -170,19 +208,52 @@ class MosquittoBroker(RunningBroker):
     def _command(self) -> list[str]:
         return ["mosquitto", "-c", str(self.config_file)]
 
-    def _reload(self) -> None:
-        if not self.running:
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def admin(self) -> dynsec.DynsecAdmin:
+        """The dynamic security admin of this broker (connected on first use; again after a restart)."""
+        if self._admin is None or self._admin_client is None or not self._admin_client.is_connected():
+            if self._admin_client is not None:
+                self._admin_client.loop_stop()
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=access.BROKER_ADMIN_USER, protocol=mqtt.MQTTv311
+            )
+            client.username_pw_set(access.BROKER_ADMIN_USER, self.admin_password)
+            if self.tls is not None:
+                client.tls_set(cert_reqs=ssl.CERT_NONE)
+                client.tls_insecure_set(True)
+            admin = dynsec.DynsecAdmin(client)
+            client.connect(self.host, self.port)
+            client.loop_start()
+            if not admin.wait_ready(START_DEADLINE_S):
+                raise RuntimeError(f"dynamic security admin could not connect:\n{self.log()}")
+            self._admin, self._admin_client = admin, client
+        return self._admin
+
+    def add_user(self, name: str, password: str) -> None:
+        """Create (or re-password) an account at run time, through the plugin like the registrar does."""
+        assert self.users is not None, "an open broker has no users"
+        self.users[name] = password
+        role = access.role_of(name)
+        if role is access.Role.NODE:
+            accounts.DynsecAccounts(self.admin(), mesh=self.mesh).ensure({name: password})
             return
-        before = self.log().count("Reloading config")
-        assert self._proc is not None
-        os.kill(self._proc.pid, signal.SIGHUP)
-        # Mosquitto reloads in its main loop right after logging this line, before it reads any further
-        # packet; so once the line is out, the next CONNECT is checked against the new file.
-        deadline = time.monotonic() + START_DEADLINE_S
-        while self.log().count("Reloading config") <= before:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not reload within {START_DEADLINE_S}s:\n{self.log()}")
-            time.sleep(0.01)
+        roles = {access.Role.REGISTRAR: ["meshvpn.registrar"], access.Role.OBSERVER: ["meshvpn.observer"]}
+        responses = self.admin().run([dynsec.create_client(name, password, roles.get(role, []))])
+        if responses[0].get("error") == "Client already exists":
+            self.admin().run([dynsec.set_client_password(name, password)])
+
+    def remove_user(self, name: str) -> None:
+        """Delete an account; its live session is dropped at once."""
+        self.admin().run([dynsec.delete_client(name)])
+
+    def stop(self) -> None:
+        if self._admin_client is not None:
+            self._admin_client.loop_stop()
+            self._admin_client, self._admin = None, None
+        super().stop()
 
 
 class EmbeddedBrokerProcess(RunningBroker):
@@ -190,9 +261,12 @@ class EmbeddedBrokerProcess(RunningBroker):
 
     kind = "amqtt"
 
-    def __init__(self, workdir: Path, *, users: dict[str, str] | None, allow_anonymous: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, users: dict[str, str] | None, allow_anonymous: bool = False, mesh: str | None = None
+    ) -> None:
         super().__init__(workdir, users=users)
         self.allow_anonymous = allow_anonymous or users is None
+        self.mesh = mesh
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "broker", "--host", self.host, "--port", str(self.port)]
@@ -200,19 +274,25 @@ class EmbeddedBrokerProcess(RunningBroker):
             cmd += ["--password-file", str(self.password_file)]
         if self.allow_anonymous:
             cmd.append("--allow-anonymous")
+        if self.mesh is not None:
+            cmd += ["--mesh", self.mesh]
         return cmd
 
 
-def start_mosquitto(tmp_path: Path, *, users: dict[str, str] | None = None, acl: bool = True) -> RunningBroker:
-    """Start Mosquitto on a random port under `tmp_path`. users=None: anonymous, no ACL; acl=False: no ACL."""
-    return MosquittoBroker(_workdir(tmp_path, "mosquitto"), users=users, acl=acl).start()
+def start_mosquitto(
+    tmp_path: Path, *, users: dict[str, str] | None = None, mesh: str = "m1", tls: TlsFiles | None = None
+) -> RunningBroker:
+    """Start Mosquitto on a random port under `tmp_path`. users=None: anonymous, no ACL."""
+    return MosquittoBroker(_workdir(tmp_path, "mosquitto"), users=users, mesh=mesh, tls=tls).start()
 
 
 def start_embedded(
-    tmp_path: Path, *, users: dict[str, str] | None = None, allow_anonymous: bool = False
+    tmp_path: Path, *, users: dict[str, str] | None = None, allow_anonymous: bool = False, mesh: str | None = None
 ) -> RunningBroker:
-    """Start the embedded broker (`python -m broker`) on a random port. users=None: anonymous, no ACL."""
-    return EmbeddedBrokerProcess(_workdir(tmp_path, "amqtt"), users=users, allow_anonymous=allow_anonymous).start()
+    """Start the embedded broker (`python -m broker`) on a random port. users=None: anonymous, no ACL; `mesh`
+    binds it to one mesh, as the registrar runs it."""
+    workdir = _workdir(tmp_path, "amqtt")
+    return EmbeddedBrokerProcess(workdir, users=users, allow_anonymous=allow_anonymous, mesh=mesh).start()
 
 
 def _workdir(tmp_path: Path, kind: str) -> Path:
@@ -324,7 +404,7 @@ class ProbeClient:
     def close(self) -> None:
         """Disconnect cleanly (DISCONNECT: no will)."""
         self.client.disconnect()
-        self.client.loop_stop()
+        release(self.client)
 
     def __enter__(self) -> ProbeClient:
         return self

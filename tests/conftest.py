@@ -19,15 +19,19 @@ BrokerFactory = Callable[..., RunningBroker]
 
 @pytest.fixture(params=["amqtt", "mosquitto"])
 def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerFactory]:
-    """A factory `make(users=None) -> RunningBroker` for each broker kind; every broker made is stopped after."""
+    """A factory `make(users=None, mesh=...) -> RunningBroker` for each broker kind; every one made is stopped after."""
     kind = request.param
     if kind == "mosquitto" and shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
     started: list[RunningBroker] = []
 
-    def make(users: dict[str, str] | None = None) -> RunningBroker:
-        start = start_mosquitto if kind == "mosquitto" else start_embedded
-        broker = start(tmp_path, users=users)
+    def make(users: dict[str, str] | None = None, *, mesh: str | None = None) -> RunningBroker:
+        """`mesh`: the mesh node accounts in `users` belong to (Mosquitto: their roles' topics, default m1) and
+        that the embedded broker is bound to (default: none, any mesh)."""
+        if kind == "mosquitto":
+            broker = start_mosquitto(tmp_path, users=users, mesh=mesh or "m1")
+        else:
+            broker = start_embedded(tmp_path, users=users, mesh=mesh)
         started.append(broker)
         return broker
 

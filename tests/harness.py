@@ -1,12 +1,15 @@
 """The integration harness: a registrar subprocess, in-process agents on in-memory WireGuard, and the mesh.
 
     reg = Registrar(broker, tmp_path / "registrar"); reg.start()
-    mesh = Mesh(tmp_path, broker, reg.create_token())
+    mesh = Mesh(tmp_path, broker, reg)
     mesh.add("alpha"); mesh.add("beta"); mesh.wait_complete()
     mesh.crash("beta")            # like SIGKILL (tests/faults.py), no goodbye
     mesh.node("alpha").faults.pause_heartbeats()
 
-The registrar runs as `python -m registrar run` so it can be killed and restarted; readiness is its /healthz.
+The registrar runs as `python -m registrar run` so it can be killed and restarted; readiness is its /healthz
+(over HTTPS, verified against its CA). It manages the broker's accounts as in production: Mosquitto's through
+the dynamic security plugin, the embedded broker's (standalone or in the registrar) through its password file.
+Agents enroll over HTTPS with a join token exactly as real ones do.
 Each Node is one machine: its agent (replaced on restart), its 'kernel' (an InMemoryWireGuard that survives an
 agent crash or restart) and its state dir. Short heartbeat/TTL settings keep every case within seconds.
 """
@@ -14,6 +17,7 @@ agent crash or restart) and its state dir. Short heartbeat/TTL settings keep eve
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from brokers import RunningBroker, free_port
+from brokers import EmbeddedBrokerProcess, MosquittoBroker, RunningBroker, free_port
 from faults import Faults
 from polling import wait_for
 
 from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
 from nodeagent.settings import AgentSettings
+from nodeagent.statestore import Enrollment, StateStore
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
 MESH = "itmesh"
@@ -36,6 +41,7 @@ HEARTBEAT_S = 0.5
 TTL_S = 2.0
 RECONCILE_S = 0.5
 REPO = Path(__file__).resolve().parents[1]
+REGISTRAR_PASSWORD = "registrar-test-password"  # the registrar's broker account on the test brokers
 
 
 def agent_settings(state_dir: Path, broker_url: str, **overrides: Any) -> AgentSettings:
@@ -50,6 +56,20 @@ def agent_settings(state_dir: Path, broker_url: str, **overrides: Any) -> AgentS
     }
     values.update(overrides)
     return AgentSettings(**values)
+
+
+def pre_enroll(state_dir: Path, *, signing_key: str, mesh: str = MESH) -> str:
+    """Leave `state_dir` as enrolling would (identity, own password, whom to trust), without a registrar: for
+    agents driven by a test that plays the registrar's publishing side. Returns the node id."""
+    store = StateStore(state_dir)
+    store.ensure_dir()
+    node_id = store.node_id()
+    store.own_broker_password()
+    enrollment = Enrollment(
+        mesh=mesh, node_id=node_id, registrar_url="https://127.0.0.1:9", signing_key=signing_key, ca_pin="-" * 43
+    )
+    store.save_enrollment(enrollment, ca_pem="")
+    return node_id
 
 
 class Registrar:
@@ -68,13 +88,29 @@ class Registrar:
             "MESHVPN_MESH": MESH,
             "PYTHONPATH": str(REPO),
         }
+        if isinstance(broker, MosquittoBroker):
+            self.env["MESHVPN_BROKER__PASSWORD"] = REGISTRAR_PASSWORD
+            self.env["MESHVPN_BROKER_ADMIN_PASSWORD"] = broker.admin_password
+            self.env["MESHVPN_BROKER_ACCOUNTS"] = "dynsec"
+        elif isinstance(broker, EmbeddedBrokerProcess):
+            self.env["MESHVPN_BROKER__PASSWORD"] = REGISTRAR_PASSWORD
+            self.env["MESHVPN_BROKER_ACCOUNTS"] = "password_file"
+            self.env["MESHVPN_PASSWORD_FILE"] = str(broker.password_file)
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"https://127.0.0.1:{self.http_port}"
+
+    @property
+    def broker_url(self) -> str:
+        """Where agents reach the broker (the embedded one speaks TLS, the test brokers plain TCP on loopback)."""
+        if self.embedded_port is not None:
+            return f"mqtts://127.0.0.1:{self.embedded_port}"
+        assert self.broker is not None
+        return self.broker.url
 
     def cli(self, *args: str) -> str:
-        """Run a one-shot `meshvpn-registrar` command on this registrar's state; its stdout."""
+        """Run a `meshvpn-registrar` command on this registrar (its admin socket); its stdout."""
         done = subprocess.run(
             [sys.executable, "-m", "registrar", *args], env=self.env, capture_output=True, text=True, timeout=60
         )
@@ -96,22 +132,39 @@ class Registrar:
                     "--heartbeat-interval", str(HEARTBEAT_S),
                     "--heartbeat-ttl", str(TTL_S),
                     "--http", f"127.0.0.1:{self.http_port}",
+                    "--tls-name", "127.0.0.1",
                 ],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         wait_for(self.ready, timeout=30, what="registrar ready (/healthz)")
 
+    def tls(self) -> ssl.SSLContext:
+        """TLS that trusts this registrar's CA (written at its first start), as an enrolled agent does."""
+        context = ssl.create_default_context(cafile=str(self.state_dir / "ca.pem"))
+        context.check_hostname = False
+        return context
+
     def ready(self) -> bool:
         """True once /healthz says the registrar is connected and subscribed; AssertionError if it died."""
         assert self.proc is not None and self.proc.poll() is None, f"registrar exited:\n{self.log()}"
+        if not (self.state_dir / "ca.pem").exists():
+            return False
         try:
-            return bool(httpx.get(f"{self.http_url}/healthz", timeout=1).json()["ready"])
+            return bool(httpx.get(f"{self.http_url}/healthz", timeout=1, verify=self.tls()).json()["ready"])
         except httpx.HTTPError:
             return False
 
+    def admin_token(self) -> str:
+        return (self.state_dir / "admin_token").read_text().strip()
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An admin request to the HTTP API (bearer token)."""
+        headers = {"Authorization": f"Bearer {self.admin_token()}"}
+        return httpx.request(method, f"{self.http_url}{path}", headers=headers, verify=self.tls(), timeout=10, **kwargs)
+
     def nodes(self) -> list[dict[str, Any]]:
         """GET /v1/nodes: every member as the registrar holds it."""
-        return httpx.get(f"{self.http_url}/v1/nodes", timeout=5).json()
+        return self.api("GET", "/v1/nodes").json()
 
     def _broker_args(self) -> list[str]:
         if self.embedded_port is not None:
@@ -151,12 +204,13 @@ class Node:
 
 
 class Mesh:
-    """Start, stop, crash and restart agents; check the mesh as a whole."""
+    """Start, stop, crash and restart agents that enroll with `registrar`; check the mesh as a whole."""
 
-    def __init__(self, tmp_path: Path, broker: RunningBroker | str, token: str) -> None:
+    def __init__(self, tmp_path: Path, registrar: Registrar, token: str | None = None) -> None:
         self.tmp_path = tmp_path
-        self.broker_url = broker if isinstance(broker, str) else broker.url
-        self.token = token
+        self.registrar = registrar
+        self.broker_url = registrar.broker_url
+        self.token = token if token is not None else registrar.create_token()
         self.nodes: dict[str, Node] = {}
 
     def node(self, name: str) -> Node:
@@ -167,6 +221,7 @@ class Mesh:
         settings = agent_settings(
             self.tmp_path / "nodes" / name,
             self.broker_url,
+            registrar_url=self.registrar.http_url,
             join_token=self.token,
             name=name,
             endpoint=f"127.0.0.1:{51000 + len(self.nodes)}",

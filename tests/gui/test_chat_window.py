@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from PySide6.QtCore import Qt  # noqa: E402
 
 from desktop_chat.agentstub import StubAgent  # noqa: E402
 from desktop_chat.framing import ChatMessage  # noqa: E402
-from desktop_chat.history import MemoryHistory, SqliteHistory  # noqa: E402
+from desktop_chat.history import MemoryHistory, Record, SqliteHistory  # noqa: E402
 from desktop_chat.peers import AgentPeerSource, MemoryPeerSource, PeerDirectory, static_status  # noqa: E402
 from desktop_chat.session import ChatSession  # noqa: E402
 from desktop_chat.transport import ListenError, send_message  # noqa: E402
@@ -183,7 +184,7 @@ def test_incoming_message_appears_with_an_unread_marker(node, qtbot):
     assert window.peer_item(BOB).font().bold()
 
     window.select_peer(BOB)
-    assert "ping from bob" in item_text(window)
+    qtbot.waitUntil(lambda: "ping from bob" in item_text(window), timeout=WAIT_MS)  # read off the GUI thread
     assert item_text(window).startswith("bob ·")
     assert window.unread(BOB) == 0
     assert window.peer_item(BOB).text() == f"bob\n{BOB}"
@@ -205,7 +206,8 @@ def test_history_survives_a_restart(node, qtbot, tmp_path):
 
     again = node.open(SqliteHistory(db))
     again.select_peer(BOB)
-    assert "remember me" in item_text(again) and "✓ delivered" in item_text(again)
+    qtbot.waitUntil(lambda: "remember me" in item_text(again), timeout=WAIT_MS)
+    assert "✓ delivered" in item_text(again)
     again.close()
     again.session.history.close()
 
@@ -241,3 +243,66 @@ def test_screenshot(node, qtbot, tmp_path):
     target = os.environ.get("MESHCHAT_SCREENSHOT")
     if target:
         assert window.grab().save(target)
+
+
+class ThreadRecordingHistory:
+    """A HistoryStore (a MemoryHistory inside) that remembers which thread made each call."""
+
+    def __init__(self) -> None:
+        self.store = MemoryHistory()  # fill it directly: those calls are not recorded
+        self.calls: list[tuple[str, int, str]] = []  # method, thread ident, thread name
+        self._lock = threading.Lock()
+
+    def __getattr__(self, method: str):
+        target = getattr(self.store, method)
+
+        def call(*args, **kwargs):
+            thread = threading.current_thread()
+            with self._lock:
+                self.calls.append((method, thread.ident, thread.name))
+            return target(*args, **kwargs)
+
+        return call
+
+
+def test_history_is_read_and_written_off_the_gui_thread(node, qtbot):
+    gui = threading.get_ident()  # pytest-qt runs the test, and the Qt event loop, on this thread
+    history = ThreadRecordingHistory()
+    now = time.time()
+    history.store.add(Record(BOB, uuid.uuid4().hex, "out", "alice", "from last week", now - 60, "delivered"))
+    history.store.add(Record(BOB, uuid.uuid4().hex, "in", "bob", "you there?", now - 50, "received", read=False))
+    history.store.add(Record(BOB, uuid.uuid4().hex, "out", "alice", "this one failed", now - 40, "failed", "timed out"))
+    window = node.open(history)
+
+    # Unread counts are read at start, before any message arrives.
+    qtbot.waitUntil(lambda: "1 new" in window.peer_item(BOB).text(), timeout=WAIT_MS)
+    window.select_peer(BOB)
+    qtbot.waitUntil(lambda: window.conversation.count() == 3, timeout=WAIT_MS)
+    assert "from last week" in item_text(window, 0) and "✓ delivered" in item_text(window, 0)
+    assert item_text(window, 1).startswith("bob ·")
+    assert "✗ failed" in item_text(window) and "reason: timed out" in item_text(window)
+    qtbot.waitUntil(lambda: window.unread(BOB) == 0, timeout=WAIT_MS)
+    assert window.peer_item(BOB).text() == f"bob\n{BOB}"
+
+    # A failed message from history can be retried, a new one sent, an incoming one shown.
+    window.conversation.setCurrentRow(2)
+    assert window.retry_button.isEnabled()
+    qtbot.mouseClick(window.retry_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "✓ delivered" in item_text(window, 2), timeout=WAIT_MS)
+    window.entry.setText("and a new one")
+    window.send_current()
+    qtbot.waitUntil(lambda: "and a new one" in item_text(window) and "✓ delivered" in item_text(window),
+                    timeout=WAIT_MS)
+    assert node.bob.send_now(ME, "got both").status == "delivered"
+    qtbot.waitUntil(lambda: "got both" in item_text(window), timeout=WAIT_MS)
+    assert window.conversation.count() == 5
+    assert [r.text for r in node.bob.history.conversation(ME)] == ["this one failed", "and a new one", "got both"]
+
+    methods = {method for method, _, _ in history.calls}
+    assert {"conversation", "mark_read", "unread_counts", "add", "get", "set_status"} <= methods
+    on_gui = [(method, name) for method, ident, name in history.calls if ident == gui]
+    assert on_gui == [], f"history called on the GUI thread: {on_gui}"
+    # The window's own reads (conversation, unread counts) are on its history thread, not a delivery worker's.
+    assert {name for method, _, name in history.calls if method in ("conversation", "unread_counts")} == {
+        "chat-history"}
+

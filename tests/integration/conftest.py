@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 from brokers import RunningBroker
-from harness import Mesh, Registrar
+from harness import REGISTRAR_PASSWORD, Mesh, Registrar
 
 
 @pytest.fixture
 def broker(any_broker: Callable[..., RunningBroker]) -> RunningBroker:
-    """Each case runs on the embedded broker (amqtt) and on Mosquitto; anonymous, no ACL."""
-    return any_broker()
+    """Each case runs on the embedded broker (amqtt) and on Mosquitto, with access control as in production:
+    the registrar's account exists, nodes get theirs when they enroll."""
+    return any_broker(users={"registrar": REGISTRAR_PASSWORD})
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def registrar(tmp_path: Path, broker: RunningBroker) -> Iterator[Registrar]:
 @pytest.fixture
 def mesh(tmp_path: Path, broker: RunningBroker, registrar: Registrar) -> Iterator[Mesh]:
     """An empty mesh of in-process agents joining `registrar` with a reusable token; every agent stopped after."""
-    m = Mesh(tmp_path, broker, registrar.create_token())
+    m = Mesh(tmp_path, registrar)
     try:
         yield m
     finally:

@@ -15,12 +15,13 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import RunningBroker
-from harness import MESH, REPO, Mesh, Registrar, agent_settings
+from brokers import RunningBroker, start_mosquitto
+from harness import MESH, REGISTRAR_PASSWORD, REPO, Mesh, Registrar, agent_settings
 from polling import wait_for
 
 from meshcontract.localapi import LocalRequest, query
@@ -52,9 +53,13 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def broker(mosquitto: RunningBroker) -> RunningBroker:
-    """These cases need one broker only: Mosquitto."""
-    return mosquitto
+def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    """These cases need one broker only: Mosquitto (with its accounts managed by the registrar)."""
+    running = start_mosquitto(tmp_path, users={"registrar": REGISTRAR_PASSWORD}, mesh=MESH)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def test_meshctl_status_and_ping(
@@ -64,13 +69,14 @@ def test_meshctl_status_and_ping(
     registrar: Registrar,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    mesh = Mesh(tmp_path, broker, registrar.create_token())
+    mesh = Mesh(tmp_path, registrar)
     try:
         mesh.add("beta")
         wireguard = InMemoryWireGuard()
         sock = short_dir / "agent.sock"
         settings = agent_settings(
-            tmp_path / "alpha", broker.url, join_token=mesh.token, name="alpha", endpoint="127.0.0.1:52000",
+            tmp_path / "alpha", broker.url, registrar_url=registrar.http_url, join_token=mesh.token, name="alpha",
+            endpoint="127.0.0.1:52000",
             socket_path=sock,
         )
         pinger = LoopbackPinger()
@@ -120,10 +126,10 @@ def test_meshctl_status_and_ping(
         mesh.close()
 
 
-def _agent_cmd(broker: RunningBroker, state: Path, sock: Path, token: str) -> list[str]:
+def _agent_cmd(registrar: Registrar, state: Path, sock: Path, token: str) -> list[str]:
     return [
-        sys.executable, "-m", "nodeagent", "run", "--backend", "memory", "--broker", broker.url, "--mesh", MESH,
-        "--join-token", token, "--name", "cli-node", "--state-dir", str(state), "--socket", str(sock),
+        sys.executable, "-m", "nodeagent", "run", "--backend", "memory", "--registrar", registrar.http_url,
+        "--mesh", MESH, "--join-token", token, "--name", "cli-node", "--state-dir", str(state), "--socket", str(sock),
         "--endpoint", "127.0.0.1:52999",
     ]  # fmt: skip
 
@@ -137,7 +143,7 @@ def test_agent_process_runs_and_stops_gracefully(
     log_path = tmp_path / "agent.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            _agent_cmd(broker, state, sock, registrar.create_token()),
+            _agent_cmd(registrar, state, sock, registrar.create_token()),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -149,9 +155,9 @@ def test_agent_process_runs_and_stops_gracefully(
             if not sock.exists():
                 return False
             status = query(LocalRequest(op="status"), socket_path=str(sock), timeout=5).status
-            return status is not None and status.mesh_ip is not None
+            return status is not None and status.ready
 
-        wait_for(registered, timeout=20, what="the agent process registers")
+        wait_for(registered, timeout=20, what="the agent process registers on the broker")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -168,9 +174,13 @@ def test_agent_process_runs_and_stops_gracefully(
 
 def test_agent_process_exits_3_when_refused(tmp_path: Path, short_dir: Path, broker: RunningBroker,
                                             registrar: Registrar) -> None:  # fmt: skip
+    wrong = "mvj_not-the-right-secret-000." + registrar.create_token().rsplit(".", 1)[1]
+    started = time.monotonic()
     done = subprocess.run(
-        _agent_cmd(broker, tmp_path / "state", short_dir / "agent.sock", "bogus-token"),
+        _agent_cmd(registrar, tmp_path / "state", short_dir / "agent.sock", wrong),
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
-    assert "registration refused" in done.stderr
+    assert "enrollment refused (invalid_token)" in done.stderr
+    assert time.monotonic() - started < 30, "a refusal ends the agent at once, not after retries"
+    assert not (tmp_path / "state" / "enrollment.json").exists() and not (short_dir / "agent.sock").exists()

@@ -6,17 +6,22 @@ broker of each kind (tests/brokers.py), and the agents in this process on the in
 
 from __future__ import annotations
 
+import stat
 import time
 from pathlib import Path
 
+import httpx
+import pytest
 from brokers import ProbeClient, RunningBroker, free_port
-from harness import HEARTBEAT_S, IFNAME, MESH, RECONCILE_S, TTL_S, Mesh, Registrar
+from harness import HEARTBEAT_S, IFNAME, MESH, RECONCILE_S, REGISTRAR_PASSWORD, TTL_S, Mesh, Registrar
 from polling import wait_for
 
 from meshcontract import messages, topics
-from meshcontract.access import JOIN_PASSWORD_PREFIX
-from meshcontract.messages import RegisterRequest, Roster, RosterEntry
+from meshcontract.localapi import LocalRequest
+from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot
+from meshcontract.signing import Signer
 from meshcontract.topics import Kind
+from nodeagent.errors import EnrollmentRefused
 from nodeagent.statestore import StateStore
 from wgctl import keys
 from wgctl.model import PeerChanges
@@ -146,44 +151,51 @@ def test_control_plane_outage_keeps_every_tunnel(
     assert mesh.snapshot() == converged
 
 
-def test_stale_or_partial_views_remove_nothing(
+def test_forged_stale_and_partial_membership_changes_nothing(
     mesh: Mesh, broker: RunningBroker, registrar: Registrar
 ) -> None:
+    """Someone with the registrar's broker rights (a stolen broker credential, a broker admin) publishes
+    membership: unsigned, signed with another key, a replayed old snapshot signed by the registrar, a delta that
+    skips revisions. Agents reject or ignore all of it; no tunnel changes."""
     for name in ("alpha", "beta", "gamma"):
         mesh.add(name)
     mesh.wait_complete()
     converged = mesh.snapshot()
-    revision = mesh.nodes["alpha"].agent.status().membership_revision  # type: ignore[union-attr]
+    alpha = mesh.node("alpha").running
+    revision = alpha.status().membership_revision
+    real = Signer.from_pem((registrar.state_dir / "signing.key").read_bytes())
     registrar.kill()  # so nothing it publishes repairs what we inject
-    roster_topic = topics.build(MESH, Kind.ROSTER)
-    with ProbeClient(broker, client_id="it-injector") as probe:
-        probe.connect()
-        # A stale roster (lower revision) listing only alpha: must be ignored.
-        stale = Roster(
-            mesh=MESH,
-            revision=max(0, revision - 1),
-            members=[RosterEntry(node_id="x", revision=0)],
-            published_at=time.time(),
+    only_alpha = [r for r in registrar_records(mesh) if r.node_id == alpha.node_id]
+    with ProbeClient(broker, client_id="registrar", username="registrar", password=REGISTRAR_PASSWORD) as probe:
+        snapshot_topic, delta_topic = topics.build(MESH, Kind.SNAPSHOT), topics.build(MESH, Kind.DELTA)
+        forged = MembershipSnapshot(mesh=MESH, revision=revision + 50, members=only_alpha, published_at=time.time())
+        probe.publish(snapshot_topic, messages.encode(forged), retain=True)  # unsigned
+        probe.publish(snapshot_topic, messages.encode(signed(forged, Signer.generate(), "snapshot")), retain=True)
+        replayed = MembershipSnapshot(mesh=MESH, revision=revision - 1, members=only_alpha, published_at=1.0)
+        probe.publish(snapshot_topic, messages.encode(signed(replayed, real, "snapshot")), retain=True)
+        beta = mesh.node("beta").running.node_id
+        gap = MembershipDelta(
+            mesh=MESH, from_revision=revision + 5, to_revision=revision + 6, removals=[beta], published_at=1.0
         )
-        probe.publish(roster_topic, messages.encode(stale), qos=1)
-        # A newer roster naming a member nobody has a record of: the view is partial, nothing may go.
-        partial = Roster(
-            mesh=MESH,
-            revision=revision + 100,
-            members=[RosterEntry(node_id="ghost", revision=revision + 100)],
-            published_at=time.time(),
-        )
-        probe.publish(roster_topic, messages.encode(partial), qos=1)
-        # A tombstone for beta without a roster that drops it: partial again.
-        beta = mesh.nodes["beta"].agent.node_id  # type: ignore[union-attr]
-        probe.publish(topics.build(MESH, Kind.MEMBERS, beta), b"", qos=1, retain=True)
+        probe.publish(delta_topic, messages.encode(signed(gap, real, "delta")))
         wait_for(
-            lambda: not mesh.nodes["alpha"].agent.status().membership_complete,
-            timeout=5,  # type: ignore[union-attr]
-            what="alpha sees an incomplete view",
+            lambda: not alpha.status().membership_complete,
+            timeout=10,
+            what="alpha notices the gap and waits for a snapshot",
         )
-    wait_for(mesh.reconciled_more(), timeout=10, what="reconcile passes on the partial view")
+    wait_for(mesh.reconciled_more(), timeout=10, what="reconcile passes after the injections")
     assert mesh.snapshot() == converged
+    assert all(n.running.status().membership_revision == revision for n in mesh.running())
+
+
+def signed(message, signer: Signer, kind: str):
+    return message.model_copy(update={"sig": signer.sign(message, kind=kind, mesh=MESH)})
+
+
+def registrar_records(mesh: Mesh) -> list:
+    table = mesh.node("alpha").running.membership()
+    assert table is not None
+    return list(table.members.values())
 
 
 def test_drift_is_repaired(mesh: Mesh) -> None:
@@ -214,98 +226,142 @@ def test_drift_is_repaired(mesh: Mesh) -> None:
     assert alpha.routes.link(IFNAME) == (True, 1420)
 
 
-def test_refused_registration_stops_with_exit_code_3(mesh: Mesh) -> None:
-    mesh.token = "not-a-real-token"
-    agent = mesh.add("intruder").agent
-    assert agent is not None
-    assert agent.wait(timeout=15), "a refused agent stops by itself"
-    assert agent.exit_code == 3
-    assert agent.failure is not None and agent.failure.code in ("invalid_token", "invalid_request")
+def test_a_refused_join_leaves_nothing_behind(mesh: Mesh) -> None:
+    """A wrong token ends start-up with EnrollmentRefused (the CLI's exit 3) before anything exists on the
+    machine: no interface, no peers, no broker connection."""
+    mesh.token = "mvj_not-a-real-token-00000." + mesh.token.rsplit(".", 1)[1]  # a wrong secret, the right pin
+    with pytest.raises(EnrollmentRefused) as refused:
+        mesh.add("intruder")
+    assert refused.value.code == "invalid_token"
+    node = mesh.node("intruder")
+    assert node.wireguard.interfaces() == [], "nothing was created"
+    mesh.nodes.pop("intruder")
 
 
-def test_embedded_broker_join_token_then_own_credentials(tmp_path: Path) -> None:
-    """The registrar's embedded broker enforces the access rules: a new node logs in with "join:<token>" and
-    registers its own broker password (generated and stored 0600 before connecting), used from then on."""
-    port = free_port()
-    registrar = Registrar(None, tmp_path / "registrar", embedded_port=port)
-    mesh = Mesh(tmp_path, f"mqtt://127.0.0.1:{port}", "")
+def test_a_token_for_another_registrar_is_refused_before_anything_is_sent(mesh: Mesh) -> None:
+    """The token's CA pin does not match the registrar that answers: the agent stops without sending the token
+    (it could be an impostor collecting tokens)."""
+    secret = mesh.token.split(".")[0]
+    mesh.token = f"{secret}.{'B' * 43}"
+    with pytest.raises(EnrollmentRefused) as refused:
+        mesh.add("misled")
+    assert refused.value.code == "ca_mismatch"
+    assert [n["name"] for n in mesh.registrar.nodes()] == [], "the registrar never saw an enrollment"
+    mesh.nodes.pop("misled")
+
+
+def test_embedded_broker_enrollment_then_own_credentials(tmp_path: Path) -> None:
+    """With the registrar's own (TLS) broker: nodes enroll once with the token, then need it no more."""
+    registrar = Registrar(None, tmp_path / "registrar", embedded_port=free_port())
+    mesh: Mesh | None = None
     try:
         registrar.start()
-        mesh.token = registrar.create_token()
+        mesh = Mesh(tmp_path, registrar)
         for name in ("alpha", "beta"):
             mesh.add(name)
         mesh.wait_complete()
-        alpha = mesh.nodes["alpha"]
-        password_file = alpha.settings.state_dir / "broker_password"
-        assert password_file.read_text().strip(), "the agent created its own broker password"
-        assert (alpha.settings.state_dir / "broker_password.accepted").exists()
-        # Restart without the join token: the stored password is what gets alpha in now.
+        alpha = mesh.node("alpha")
+        state = alpha.settings.state_dir
+        assert (state / "enrollment.json").exists() and (state / "ca.pem").exists()
+        assert stat.S_IMODE((state / "broker_password").stat().st_mode) == 0o600
+        # Restart without the join token or the registrar's URL: the stored credential is what gets alpha in.
         mesh.stop("alpha")
-        alpha.settings = alpha.settings.model_copy(update={"join_token": None})
+        alpha.settings = alpha.settings.model_copy(update={"join_token": None, "registrar_url": None})
         agent = mesh.start("alpha")
-        wait_for(agent.registered.is_set, timeout=15, what="alpha registers with its issued password")
+        wait_for(agent.registered.is_set, timeout=15, what="alpha registers with its own credential")
         mesh.wait_complete()
     finally:
-        mesh.close()
+        if mesh is not None:
+            mesh.close()
         registrar.kill()
 
 
-def test_lost_register_reply_does_not_lock_the_node_out(tmp_path: Path) -> None:
-    """A node's RegisterRequest is admitted but the reply never reaches it (it disconnects right after
-    publishing, as if it crashed): a restarted agent still gets in, with the same node id and mesh IP, using
-    the password it stored before connecting; its single-use token is spent and not needed. A token holder
-    still cannot log in as that node."""
-    port = free_port()
-    registrar = Registrar(None, tmp_path / "registrar", embedded_port=port)
-    url = f"mqtt://127.0.0.1:{port}"
-    mesh = Mesh(tmp_path, url, "")
+def test_a_lost_enrollment_reply_does_not_lock_the_node_out(tmp_path: Path) -> None:
+    """The registrar admits a node but the reply never arrives (a crash right after sending): the agent retries
+    with the same key and password and gets the same node id and mesh IP, although its single-use token is spent.
+    A token holder still cannot take that identity."""
+    registrar = Registrar(None, tmp_path / "registrar", embedded_port=free_port())
+    mesh: Mesh | None = None
     try:
         registrar.start()
-        single_use = registrar.cli("tokens", "create").splitlines()[-1].strip()
-        # What the agent does before its first connection: identity and own password, on disk.
+        single_use = registrar.create_token(reusable=False)
+        # What the agent does before enrolling: identity and own password, on disk; then a request it never reads.
         state_dir = tmp_path / "nodes" / "lost"
         store = StateStore(state_dir)
         store.ensure_dir()
         node_id = store.node_id()
-        own = store.own_broker_password()
-        request = RegisterRequest(
-            request_id="lost-reply-1",
-            node_id=node_id,
-            name="lost",
-            public_key=keys.public_key(store.private_key()),
-            listen_port=51820,
-            join_token=single_use,
-            epoch=1,
-            broker_password=own,
-        )
-        with ProbeClient(url, client_id=node_id, username=node_id, password=JOIN_PASSWORD_PREFIX + single_use) as c:
-            assert c.rc == 0
-            c.publish(topics.build(MESH, Kind.REGISTER, node_id), messages.encode(request))  # never reads a reply
-        passwords = registrar.state_dir / "passwords"
-        wait_for(
-            lambda: f"{node_id}:" in passwords.read_text(), timeout=15, what="the registrar stored the password"
-        )
-        with ProbeClient(url, client_id=node_id, username=node_id, password=own) as me:
-            assert me.rc == 0, "the node's own password works although it never saw the reply"
-            me.subscribe(topics.subscription(MESH, Kind.MEMBERS))
-            record = messages.decode(
-                messages.MemberRecord, me.expect(topics.build(MESH, Kind.MEMBERS, node_id), timeout=15).payload
-            )
-        # The hardening still holds: a fresh, valid token does not open the broker for an existing entry.
-        other = registrar.cli("tokens", "create").splitlines()[-1].strip()
-        with ProbeClient(url, client_id=node_id, username=node_id, password=JOIN_PASSWORD_PREFIX + other) as thief:
-            assert thief.rc != 0, "a token holder logged in as an existing member"
-        # The agent restarts with no record of the reply: it tries the token first (refused: an entry exists),
-        # then its own password, and registers as the same node with the same IP.
-        mesh.token = single_use
+        request = EnrollRequest(
+            node_id=node_id, name="lost", public_key=keys.public_key(store.private_key()), listen_port=51000,
+            endpoints=[{"host": "127.0.0.1", "port": 51000}], token=single_use.split(".")[0],
+            password=store.own_broker_password(),
+        )  # fmt: skip
+        first = httpx.post(f"{registrar.http_url}/v1/enroll", content=request.model_dump_json(), verify=registrar.tls())
+        assert first.status_code == 200
+        ip = first.json()["mesh_ip"]
+        thief = request.model_copy(update={"password": "a-thief-guessed-nothing", "token": registrar.create_token()})
+        stolen = httpx.post(f"{registrar.http_url}/v1/enroll", content=thief.model_dump_json(), verify=registrar.tls())
+        assert stolen.status_code == 401, "a fresh token does not take over an enrolled identity"
+        mesh = Mesh(tmp_path, registrar, single_use)
         node = mesh.add("lost")
         assert node.settings.state_dir == state_dir
-        agent = node.agent
-        assert agent is not None
-        wait_for(agent.registered.is_set, timeout=20, what="the agent gets in after the lost reply")
-        assert agent.node_id == node_id and agent.mesh_ip == record.mesh_ip
-        assert (state_dir / "broker_password.accepted").exists()
-        assert store.broker_password() == own
+        wait_for(node.running.registered.is_set, timeout=20, what="the agent gets in after the lost reply")
+        assert node.running.node_id == node_id and node.running.mesh_ip == ip
     finally:
-        mesh.close()
+        if mesh is not None:
+            mesh.close()
         registrar.kill()
+
+
+def test_rotate_key_keeps_the_ip_and_touches_no_other_pair(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.node("alpha")
+    old_key, ip = alpha.running.public_key, alpha.running.mesh_ip
+    key_file = alpha.settings.state_dir / "private.key"
+    for node in mesh.running():
+        node.wireguard.clear_operations()
+
+    rotated = alpha.running.handle_local(LocalRequest(op="rotate-key"))
+
+    assert rotated.ok and rotated.rotated is not None, rotated.error
+    new_key = rotated.rotated.public_key
+    assert rotated.rotated.confirmed and rotated.rotated.previous_public_key == old_key and new_key != old_key
+    assert rotated.rotated.mesh_ip == ip == alpha.running.mesh_ip
+    assert keys.public_key(keys.read_private_key(key_file)) == new_key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # alpha's interface uses the new key at once; every peer swaps alpha's key for the new one, same IP
+    assert alpha.wireguard.read(IFNAME).public_key == new_key
+    mesh.wait_complete()
+    for other in ("beta", "gamma"):
+        peers = mesh.node(other).peers()
+        assert peers.get(new_key) == (f"{ip}/32",) and old_key not in peers
+    # the registrar has it too, and nothing between beta and gamma was touched
+    assert {n["node_id"]: n["public_key"] for n in mesh.registrar.nodes()}[alpha.running.node_id] == new_key
+    beta, gamma = mesh.node("beta"), mesh.node("gamma")
+    assert not [op for op in beta.wireguard.operations if op.peer == gamma.running.public_key]
+    assert not [op for op in gamma.wireguard.operations if op.peer == beta.running.public_key]
+
+    # a restart keeps the new key (and the IP); the mesh stays complete
+    mesh.stop("alpha")
+    agent = mesh.start("alpha")
+    wait_for(lambda: agent.registered.is_set(), timeout=20, what="alpha registered again")
+    assert agent.public_key == new_key and agent.mesh_ip == ip
+    mesh.wait_complete()
+
+
+def test_rotate_key_refused_while_the_control_plane_is_away_changes_nothing(mesh: Mesh) -> None:
+    mesh.add("alpha")
+    mesh.add("beta")
+    mesh.wait_complete()
+    alpha = mesh.node("alpha")
+    before = alpha.running.public_key
+    mesh.registrar.kill()
+    wait_for(lambda: not alpha.running.status().registrar_online, timeout=20, what="alpha sees the registrar gone")
+
+    refused = alpha.running.handle_local(LocalRequest(op="rotate-key"))
+
+    assert not refused.ok and "unchanged" in (refused.error or "")
+    assert alpha.running.public_key == before
+    assert keys.public_key(keys.read_private_key(alpha.settings.state_dir / "private.key")) == before
+    assert alpha.wireguard.read(IFNAME).public_key == before

@@ -11,11 +11,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 from brokers import free_port
-from harness import agent_settings
+from harness import agent_settings, pre_enroll
 
 from meshcontract.messages import Endpoint, MemberRecord, MemberState, MeshSettings
+from meshcontract.signing import Signer
 from nodeagent.agent import Agent
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
 from wgctl import keys
@@ -31,16 +32,16 @@ def _member(node: str, ip: str, state: MemberState = MemberState.ACTIVE) -> Memb
 
 
 def _prepared_state(state_dir: Path) -> tuple[list[MemberRecord], Registration]:
+    pre_enroll(state_dir, signing_key=Signer.generate().public_key, mesh="itmesh")
     store = StateStore(state_dir)
-    store.ensure_dir()
-    node_id = store.node_id("self")
+    node_id = store.node_id()
     members = [
         _member(node_id, "100.96.0.1"),
         _member("peer-b", "100.96.0.2"),
         _member("peer-c", "100.96.0.3"),
         _member("peer-d", "100.96.0.4", MemberState.UNREACHABLE),
     ]
-    store.save_membership(MembershipSnapshot(revision=5, members=MappingProxyType({m.node_id: m for m in members})))
+    store.save_membership(MemberTable(revision=5, members=MappingProxyType({m.node_id: m for m in members})))
     settings = MeshSettings(mesh="mesh", network="100.96.0.0/16", heartbeat_interval_s=1, heartbeat_ttl_s=3,
                             persistent_keepalive_s=21, mtu=1380)  # fmt: skip
     registration = Registration(mesh_ip="100.96.0.1", prefix_len=16, settings=settings)

@@ -1,7 +1,8 @@
-"""The agent's reaction to retained membership as it arrives over a real broker, without a registrar.
+"""The agent's reaction to the membership stream as it arrives over a real broker, without a registrar.
 
-A probe client plays the registrar's publishing side (records, tombstones, roster), so each case controls
-exactly what the agent sees and in which order.
+A probe client plays the registrar's publishing side (a signed retained snapshot, signed deltas), with a key the
+agent was told to trust at its (pre-made) enrollment, so each case controls exactly what the agent sees and in
+which order.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from brokers import ProbeClient, RunningBroker
-from harness import agent_settings
+from harness import agent_settings, pre_enroll
 from polling import wait_for
 
 from meshcontract import messages, topics
-from meshcontract.messages import Endpoint, MemberRecord, MemberState, Roster, RosterEntry
+from meshcontract.messages import Endpoint, MemberRecord, MembershipDelta, MembershipSnapshot, MemberState
+from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from nodeagent.agent import Agent
 from wgctl import keys
@@ -42,9 +44,13 @@ def broker(mosquitto: RunningBroker) -> RunningBroker:
     return mosquitto
 
 
+SIGNER = Signer.generate()
+
+
 @pytest.fixture
 def agent(tmp_path: Path, broker: RunningBroker) -> Iterator[tuple[Agent, InMemoryWireGuard]]:
     wireguard = InMemoryWireGuard()
+    pre_enroll(tmp_path / "state", signing_key=SIGNER.public_key, mesh=MESH)
     settings = agent_settings(
         tmp_path / "state", broker.url, mesh=MESH, name="self", reconcile_interval_s=30  # periodic passes out of the way
     )
@@ -57,62 +63,85 @@ def agent(tmp_path: Path, broker: RunningBroker) -> Iterator[tuple[Agent, InMemo
         running.stop()
 
 
-def _publish_state(probe: ProbeClient, revision: int, records: list[MemberRecord]) -> None:
-    for record in records:
-        probe.publish(
-            topics.build(MESH, Kind.MEMBERS, record.node_id), messages.encode(record), qos=1, retain=True
-        )
-    roster = Roster(
-        mesh=MESH, revision=revision, published_at=time.time(),
-        members=[RosterEntry(node_id=r.node_id, revision=r.revision) for r in records],
-    )  # fmt: skip
-    probe.publish(topics.build(MESH, Kind.ROSTER), messages.encode(roster), qos=1, retain=True)
+def _signed(message, kind: Kind) -> bytes:
+    return messages.encode(message.model_copy(update={"sig": SIGNER.sign(message, kind=str(kind), mesh=MESH)}))
+
+
+def _snapshot(probe: ProbeClient, revision: int, records: list[MemberRecord]) -> None:
+    snap = MembershipSnapshot(mesh=MESH, revision=revision, members=records, published_at=time.time())
+    probe.publish(topics.build(MESH, Kind.SNAPSHOT), _signed(snap, Kind.SNAPSHOT), qos=1, retain=True)
+
+
+def _delta(probe: ProbeClient, start: int, end: int, *, up=(), down=(), wait: bool = True) -> None:
+    delta = MembershipDelta(
+        mesh=MESH, from_revision=start, to_revision=end, upserts=list(up), removals=list(down), published_at=time.time()
+    )
+    payload = _signed(delta, Kind.DELTA)
+    if wait:
+        probe.publish(topics.build(MESH, Kind.DELTA), payload, qos=1)
+    else:
+        probe.client.publish(topics.build(MESH, Kind.DELTA), payload, qos=1)
 
 
 def test_bursts_coalesce_into_few_passes(
     agent: tuple[Agent, InMemoryWireGuard], broker: RunningBroker
 ) -> None:
     running, wireguard = agent
-    before = running.reconcile_count
     with ProbeClient(broker, client_id="fake-registrar") as probe:
-        probe.connect()
-        # 40 joins in a burst, each a record and then a roster listing everyone so far, as the registrar
-        # publishes them; sent without waiting for PUBACKs, so they arrive faster than a reconcile pass.
-        records: list[MemberRecord] = []
+        _snapshot(probe, 0, [])
+        wait_for(lambda: running.status().membership_complete, timeout=10, what="agent in sync at revision 0")
+        before = running.reconcile_count
+        # 40 joins in a burst, one delta each, sent without waiting for PUBACKs, so they arrive faster than a
+        # reconcile pass.
         for i in range(1, 41):
-            records.append(_record(i, revision=i))
-            topic = topics.build(MESH, Kind.MEMBERS, f"peer{i}")
-            probe.client.publish(topic, messages.encode(records[-1]), qos=1, retain=True)
-            entries = [RosterEntry(node_id=r.node_id, revision=r.revision) for r in records]
-            roster = Roster(mesh=MESH, revision=i, published_at=time.time(), members=entries)
-            probe.client.publish(topics.build(MESH, Kind.ROSTER), messages.encode(roster), qos=1, retain=True)
+            _delta(probe, i - 1, i, up=[_record(i, revision=i)], wait=False)
         wait_for(lambda: len(wireguard.read("meshvpn0").peers) == 40, timeout=15, what="40 peers")
     passes = running.reconcile_count - before
-    print(f"80 membership messages -> {passes} reconcile passes, {wireguard.apply_calls} apply calls")
+    print(f"40 membership deltas -> {passes} reconcile passes, {wireguard.apply_calls} apply calls")
     assert passes < 40, "bursts are coalesced: the loop works on the newest state, not on every message"
     assert {p.allowed_ips for p in wireguard.read("meshvpn0").peers.values()} == {
         (f"100.96.1.{i}/32",) for i in range(1, 41)
     }
 
 
-def test_unreachable_and_tombstone_then_roster(
+def test_unreachable_removed_gap_then_snapshot(
     agent: tuple[Agent, InMemoryWireGuard], broker: RunningBroker
 ) -> None:
     running, wireguard = agent
     with ProbeClient(broker, client_id="fake-registrar") as probe:
-        probe.connect()
         a, b, c = _record(1, 1), _record(2, 2), _record(3, 3)
-        _publish_state(probe, 3, [a, b, c])
+        _snapshot(probe, 3, [a, b, c])
         wait_for(lambda: len(wireguard.read("meshvpn0").peers) == 3, timeout=10, what="3 peers")
-        # b goes unreachable (a newer record than the roster entry keeps the view complete): removed at once.
-        probe.publish(topics.build(MESH, Kind.MEMBERS, "peer2"),
-                      messages.encode(_record(2, 4, MemberState.UNREACHABLE)), qos=1, retain=True)  # fmt: skip
+        # b goes unreachable: removed at once.
+        _delta(probe, 3, 4, up=[_record(2, 4, MemberState.UNREACHABLE)])
         wait_for(lambda: KEYS[2] not in wireguard.read("meshvpn0").peers, timeout=10, what="b removed")
-        # c's tombstone alone leaves the view partial (the roster still lists c): c stays...
-        probe.publish(topics.build(MESH, Kind.MEMBERS, "peer3"), b"", qos=1, retain=True)
-        wait_for(lambda: not running.status().membership_complete, timeout=10, what="partial view")
+        # A delta from revision 6 means we missed 4 -> 6: c stays until a snapshot says otherwise...
+        _delta(probe, 6, 7, down=["peer3"])
+        wait_for(lambda: not running.status().membership_complete, timeout=10, what="syncing after a gap")
         assert KEYS[3] in wireguard.read("meshvpn0").peers
-        # ...until the roster without c completes the view again.
-        _publish_state(probe, 5, [a, _record(2, 4, MemberState.UNREACHABLE)])
+        # ...which the agent asked for (it subscribed to it again) and adopts when it comes.
+        _snapshot(probe, 7, [a, _record(2, 4, MemberState.UNREACHABLE)])
         wait_for(lambda: KEYS[3] not in wireguard.read("meshvpn0").peers, timeout=10, what="c removed")
         assert set(wireguard.read("meshvpn0").peers) == {KEYS[1]}
+        assert running.status().membership_complete and running.status().membership_revision == 7
+
+
+def test_unsigned_or_foreign_membership_is_dropped(
+    agent: tuple[Agent, InMemoryWireGuard], broker: RunningBroker
+) -> None:
+    running, wireguard = agent
+    with ProbeClient(broker, client_id="fake-registrar") as probe:
+        _snapshot(probe, 3, [_record(1, 1)])
+        wait_for(lambda: len(wireguard.read("meshvpn0").peers) == 1, timeout=10, what="1 peer")
+        _delta(probe, 5, 6, up=[_record(5, 6)])  # a gap: the agent subscribes to the snapshot again
+        wait_for(lambda: not running.status().membership_complete, timeout=10, what="syncing")
+        forged = MembershipSnapshot(mesh=MESH, revision=9, members=[_record(i, 9) for i in (1, 2, 3)], published_at=1.0)
+        probe.publish(topics.build(MESH, Kind.SNAPSHOT), messages.encode(forged), qos=1, retain=True)
+        other = Signer.generate()
+        resigned = forged.model_copy(update={"sig": other.sign(forged, kind="snapshot", mesh=MESH)})
+        probe.publish(topics.build(MESH, Kind.SNAPSHOT), messages.encode(resigned), qos=1, retain=True)
+        # A genuine snapshot after the forgeries: adopted, and only it counts.
+        _snapshot(probe, 6, [_record(1, 1), _record(4, 6)])
+        wait_for(lambda: KEYS[4] in wireguard.read("meshvpn0").peers, timeout=10, what="the genuine snapshot")
+        assert set(wireguard.read("meshvpn0").peers) == {KEYS[1], KEYS[4]}
+        assert running.status().membership_revision == 6

@@ -68,6 +68,8 @@ def listener():
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
+            proc.stdout.close()
+            proc.stderr.close()
 
 
 def test_send_and_listen(listener):

@@ -85,7 +85,6 @@ def test_wheel_carries_the_packages_and_the_mosquitto_config(wheel: Path) -> Non
     assert "tests" not in tops, "the test suite must not be installed"
     # The Mosquitto role of the container image and docs/deploy.md use the packaged config.
     assert "broker/mosquitto/mosquitto.conf" in names
-    assert "broker/mosquitto/acl.conf" in names
 
 
 def test_dependencies_are_consistent(installed: Path) -> None:

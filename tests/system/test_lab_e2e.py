@@ -7,8 +7,10 @@ complete for the next. Every wait has a deadline. Heartbeat 1 s, TTL 3 s: remova
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
@@ -144,6 +146,34 @@ def test_agent_restart_with_tunnels_up_changes_nothing(lab):
     assert status is not None, "n1's agent does not answer after its restart"
     assert status.counters.get("peer_removed", 0) == 0, status.counters  # counted since this agent started
     assert sent > 0 and received == sent, f"n2->n3 lost {sent - received}/{sent} during n1's restart"
+
+
+def _wg_peer_keys(lab: Lab, name: str) -> set[str]:
+    """The public keys of node `name`'s WireGuard peers, as wireguard-go holds them."""
+    interface = lab.state().nodes[name].interface
+    proc = lab.exec(name, ["wg", "show", interface, "peers"], timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_rotate_key_is_swapped_everywhere_and_loses_nothing_between_others(lab):
+    ip = lab.mesh_ip("n1")
+    others = ["n2", "n3", "n4"]
+    pinger = lab.start_pinger("n2", "n3")
+    try:
+        done = lab.exec("n1", [sys.executable, "-m", "nodeagent.meshctl", "rotate-key", "--json"], timeout=60)
+        assert done.returncode == 0, done.stderr
+        rotated = json.loads(done.stdout)
+        new, old = rotated["public_key"], rotated["previous_public_key"]
+        assert rotated["confirmed"] and rotated["mesh_ip"] == ip and new != old
+        wait_for(lambda: all(new in (keys := _wg_peer_keys(lab, n)) and old not in keys for n in others),
+                 timeout=JOIN_DEADLINE, what="every peer holds n1's new key, not the old one")  # fmt: skip
+        for src in others:
+            wait_for(lambda s=src: lab.ping(s, "n1"), timeout=10, what=f"ping {src}->n1 with the new key")
+        assert lab.mesh_ip("n1") == ip
+    finally:
+        sent, received = pinger.stop()
+    assert sent > 0 and received == sent, f"n2->n3 lost {sent - received}/{sent} while n1 rotated its key"
 
 
 def test_graceful_stop_removes_tunnel_everywhere(lab):

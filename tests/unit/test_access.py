@@ -1,11 +1,11 @@
-"""meshcontract.access (who may do what on the broker; the password file), broker/mosquitto/acl.conf agreeing with
-it, and broker.admission (the embedded broker's CONNECT rules). Pure tables, except the mosquitto_passwd check."""
+"""meshcontract.access (who may do what on the broker; the password file), the Mosquitto dynamic security roles
+built from it (registrar.accounts) agreeing with it, and broker.admission (the embedded broker's CONNECT rules).
+Pure tables, except the mosquitto_passwd check."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +13,8 @@ from broker import admission
 from meshcontract import access, topics
 from meshcontract.access import Role
 from meshcontract.topics import Kind
+from registrar import accounts
 
-ACL_CONF = Path(__file__).resolve().parents[2] / "broker" / "mosquitto" / "acl.conf"
 M = "m1"
 
 
@@ -29,6 +29,9 @@ def t(kind: Kind, node: str | None = None, mesh: str = M) -> str:
         ("observer", Role.OBSERVER),
         ("n1", Role.NODE),
         ("node-7_a", Role.NODE),
+        ("meshvpn.admin", None),  # the dynamic security admin: no rights on meshvpn/ at all
+        ("admin", None),  # reserved: never a node
+        ("meshvpn", None),
         (None, None),
         ("", None),
         ("N1", None),
@@ -46,27 +49,31 @@ PUBLISH = [
     # (user, topic, allowed)
     ("registrar", t(Kind.REPLY, "n1"), True),
     ("registrar", t(Kind.MEMBERS, "n1"), True),
-    ("registrar", t(Kind.ROSTER), True),
+    ("registrar", t(Kind.SNAPSHOT), True),
+    ("registrar", t(Kind.DELTA), True),
     ("registrar", t(Kind.REGISTRAR), True),
     ("registrar", "other/topic", False),
     ("observer", t(Kind.STATUS, "n1"), False),
-    ("observer", t(Kind.ROSTER), False),
+    ("observer", t(Kind.SNAPSHOT), False),
+    ("observer", t(Kind.REGISTER, "observer"), False),
     ("n1", t(Kind.REGISTER, "n1"), True),
     ("n1", t(Kind.STATUS, "n1"), True),
     ("n1", t(Kind.HEARTBEAT, "n1"), True),
-    ("n1", t(Kind.STATUS, "n1", mesh="other-mesh"), True),
+    ("n1", t(Kind.STATUS, "n1", mesh="other-mesh"), True),  # unbound: any mesh (see the mesh-bound test)
     ("n1", t(Kind.REGISTER, "n2"), False),
     ("n1", t(Kind.STATUS, "n2"), False),
     ("n1", t(Kind.HEARTBEAT, "n2"), False),
     ("n1", t(Kind.REPLY, "n1"), False),
     ("n1", t(Kind.MEMBERS, "n1"), False),
-    ("n1", t(Kind.ROSTER), False),
+    ("n1", t(Kind.SNAPSHOT), False),
+    ("n1", t(Kind.DELTA), False),
     ("n1", t(Kind.REGISTRAR), False),
     ("n1", "meshvpn/v1/m1/status/n1/extra", False),
     ("n1", "meshvpn/v1/m1/status/+", False),
     ("n1", "meshvpn/v2/m1/status/n1", False),
     (None, t(Kind.STATUS, "n1"), False),
     ("Bad", t(Kind.STATUS, "n1"), False),
+    ("meshvpn.admin", t(Kind.SNAPSHOT), False),
 ]
 
 
@@ -82,23 +89,23 @@ SUBSCRIBE = [
     ("observer", "meshvpn/#", True),
     ("observer", topics.mesh_filter(M), True),
     ("observer", "#", False),
-    ("n1", topics.subscription(M, Kind.MEMBERS), True),
-    ("n1", t(Kind.MEMBERS, "n2"), True),
-    ("n1", t(Kind.ROSTER), True),
+    ("n1", t(Kind.SNAPSHOT), True),
+    ("n1", t(Kind.DELTA), True),
     ("n1", t(Kind.REGISTRAR), True),
     ("n1", t(Kind.REPLY, "n1"), True),
     ("n1", t(Kind.REPLY, "n2"), False),
+    ("n1", topics.subscription(M, Kind.MEMBERS), False),
+    ("n1", t(Kind.MEMBERS, "n2"), False),
     ("n1", topics.subscription(M, Kind.REPLY), False),
     ("n1", topics.subscription(M, Kind.STATUS), False),
     ("n1", topics.subscription(M, Kind.REGISTER), False),
     ("n1", topics.subscription(M, Kind.HEARTBEAT), False),
-    ("n1", "meshvpn/v1/m1/members/#", False),
-    ("n1", "meshvpn/v1/+/members/+", False),
+    ("n1", "meshvpn/v1/+/snapshot", False),
     ("n1", "meshvpn/v1/m1/#", False),
     ("n1", "meshvpn/#", False),
     ("n1", "#", False),
     ("n1", "+/+/+/+/+", False),
-    (None, t(Kind.ROSTER), False),
+    (None, t(Kind.SNAPSHOT), False),
 ]
 
 
@@ -109,18 +116,28 @@ def test_may_subscribe(user, topic_filter, allowed):
 
 RECEIVE = [
     ("registrar", t(Kind.STATUS, "n1"), True),
+    ("registrar", t(Kind.REGISTER, "n1"), True),
     ("observer", t(Kind.HEARTBEAT, "n1"), True),
+    ("observer", t(Kind.STATUS, "n1"), True),
+    ("observer", t(Kind.MEMBERS, "n1"), True),
+    ("observer", t(Kind.SNAPSHOT), True),
+    ("observer", t(Kind.DELTA), True),
+    ("observer", t(Kind.REGISTRAR), True),
+    # The observer reads nothing that logs in or answers a login (issue 11: a password read there was used).
+    ("observer", t(Kind.REGISTER, "n1"), False),
+    ("observer", t(Kind.REPLY, "n1"), False),
     ("observer", "other/topic", False),
-    ("n1", t(Kind.MEMBERS, "n2"), True),
-    ("n1", t(Kind.ROSTER), True),
+    ("n1", t(Kind.SNAPSHOT), True),
+    ("n1", t(Kind.DELTA), True),
     ("n1", t(Kind.REGISTRAR), True),
     ("n1", t(Kind.REPLY, "n1"), True),
+    ("n1", t(Kind.MEMBERS, "n2"), False),
     ("n1", t(Kind.REPLY, "n2"), False),
     ("n1", t(Kind.STATUS, "n2"), False),
     ("n1", t(Kind.STATUS, "n1"), False),
     ("n1", t(Kind.REGISTER, "n2"), False),
     ("n1", t(Kind.HEARTBEAT, "n2"), False),
-    (None, t(Kind.ROSTER), False),
+    (None, t(Kind.SNAPSHOT), False),
 ]
 
 
@@ -129,10 +146,39 @@ def test_may_receive(user, topic, allowed):
     assert access.may_receive(user, topic) is allowed
 
 
-def test_every_topic_a_subscription_grants_is_receivable():
+@pytest.mark.parametrize("user", ["registrar", "observer", "n1"])
+def test_a_broker_bound_to_a_mesh_allows_nothing_in_another(user):
+    for topic in _all_topics():
+        if topics.parse(topic).mesh if _parses(topic) else None:
+            other = topics.parse(topic).mesh != M
+            if other:
+                assert not access.may_publish(user, topic, mesh=M), (user, topic)
+                assert not access.may_receive(user, topic, mesh=M), (user, topic)
+    assert not access.may_subscribe("n1", t(Kind.SNAPSHOT, mesh="m2"), mesh=M)
+    assert not access.may_subscribe("observer", "meshvpn/v1/m2/#", mesh=M)
+    assert access.may_subscribe("observer", "meshvpn/#", mesh=M), "receives only its mesh's (may_receive)"
+
+
+def _parses(topic: str) -> bool:
+    try:
+        topics.parse(topic)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(access.RESERVED))
+def test_reserved_names_are_never_node_ids(name):
+    assert not access.is_node_id(name)
+    with pytest.raises(ValueError, match="reserved"):
+        access.check_node_id(name)
+
+
+def test_every_topic_a_node_subscription_grants_is_receivable():
     """may_subscribe never lets a node hold a filter matching a topic it may not receive: retained delivery on
-    subscribe cannot leak through an allowed filter (the embedded broker checks may_receive anyway)."""
-    for user in ("n1", "observer", "registrar"):
+    subscribe cannot leak through an allowed filter (both brokers check receiving anyway; the observer's wide
+    filter relies on that check by design)."""
+    for user in ("n1", "registrar"):
         for topic_filter in [f for u, f, ok in SUBSCRIBE if u == user and ok]:
             for topic in _all_topics():
                 if _matches(topic_filter, topic):
@@ -177,7 +223,7 @@ def test_hashes_written_by_mosquitto_passwd_verify(tmp_path):
     assert not access.verify_password("reg pw", entries["n1"])
 
 
-# --- broker/mosquitto/acl.conf agrees with access.py ------------------------------------------------------------
+# --- the Mosquitto dynamic security roles agree with access.py --------------------------------------------------
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
@@ -188,34 +234,6 @@ def _matches(topic_filter: str, topic: str) -> bool:
         if i >= len(t_) or level not in ("+", t_[i]):
             return False
     return len(f) == len(t_)
-
-
-def _acl_allows(rules: list[tuple[str | None, str, str]], user: str, topic: str, action: str) -> bool:
-    """Mosquitto 2.0's default ACL check: a matching `deny` wins; else any matching rule granting `action`."""
-    mine = [(acc, pat.replace("%u", user)) for owner, acc, pat in rules if owner in (user, "%pattern")]
-    if any(acc == "deny" and _matches(pat, topic) for acc, pat in mine):
-        return False
-    return any(action in acc and _matches(pat, topic) for acc, pat in mine)  # "readwrite" holds both
-
-
-def _parse_acl(text: str) -> list[tuple[str | None, str, str]]:
-    rules: list[tuple[str | None, str, str]] = []
-    user: str | None = None
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            continue
-        if words[0] == "user":
-            user = words[1]
-        elif words[0] == "topic":
-            acc, pat = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
-            rules.append((user, acc, pat))
-        elif words[0] == "pattern":
-            acc, pat = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
-            rules.append(("%pattern", acc, pat))
-        else:
-            raise AssertionError(f"unexpected acl.conf line: {line!r}")
-    return rules
 
 
 def _all_topics() -> list[str]:
@@ -229,20 +247,30 @@ def _all_topics() -> list[str]:
     return out
 
 
-# "registrar" and "observer" are reserved usernames, so no node topic ever ends in them: not in the table.
+def _dynsec_allows(roles: list, topic: str, acltype: str) -> bool:
+    """Mosquitto's dynamic security check with default deny: any matching allow ACL of the client's roles."""
+    return any(a["allow"] and a["acltype"] == acltype and _matches(a["topic"], topic) for r in roles for a in r.acls)
+
+
+def _dynsec_roles(user: str) -> list:
+    if user == access.REGISTRAR_USER:
+        return [accounts.registrar_role()]
+    if user == access.OBSERVER_USER:
+        return [accounts.observer_role()]
+    return [accounts.node_role(M, user), accounts.mesh_node_role(M)]
+
+
 @pytest.mark.parametrize("user", ["registrar", "observer", "n1", "n2"])
-def test_mosquitto_acl_agrees_with_access(user):
-    rules = _parse_acl(ACL_CONF.read_text())
+def test_dynsec_roles_agree_with_access(user):
+    """What Mosquitto lets an account publish and receive is exactly what access.py says, in the mesh its node
+    roles were made for (a registrar's or observer's rights span meshes, as with mesh=None)."""
+    mesh = M if access.role_of(user) is Role.NODE else None
+    roles = _dynsec_roles(user)
     for topic in _all_topics():
-        assert _acl_allows(rules, user, topic, "write") == access.may_publish(user, topic), (user, topic, "write")
-        assert _acl_allows(rules, user, topic, "read") == access.may_receive(user, topic), (user, topic, "read")
-
-
-def test_acl_parser_sees_every_rule():
-    rules = _parse_acl(ACL_CONF.read_text())
-    assert ("registrar", "readwrite", "meshvpn/#") in rules
-    assert ("%pattern", "write", "meshvpn/v1/+/status/%u") in rules
-    assert len([r for r in rules if r[0] == "%pattern"]) == 7
+        want_pub = access.may_publish(user, topic, mesh=mesh)
+        want_recv = access.may_receive(user, topic, mesh=mesh)
+        assert _dynsec_allows(roles, topic, "publishClientSend") == want_pub, (user, topic, "publish")
+        assert _dynsec_allows(roles, topic, "publishClientReceive") == want_recv, (user, topic, "receive")
 
 
 # --- broker.admission: the embedded broker's CONNECT rules ------------------------------------------------------
@@ -254,12 +282,14 @@ def test_acl_parser_sees_every_rule():
         ("n1", "n1", True, False, None, False),
         ("n1", "n1", True, False, t(Kind.STATUS, "n1"), False),
         ("n1", "n1", True, False, t(Kind.STATUS, "n2"), True),  # forged will
-        ("n1", "n1", True, False, t(Kind.ROSTER), True),
+        ("n1", "n1", True, False, t(Kind.SNAPSHOT), True),
         ("n1", "n1", False, False, None, True),
         ("n1", "n2", True, False, None, True),  # would take over n2's session
         ("n1", "", True, False, None, True),
-        ("registrar", "registrar-7", True, False, t(Kind.REGISTRAR), False),
-        ("observer", "mosquitto_sub_1", True, False, None, False),
+        ("registrar", "registrar", True, False, t(Kind.REGISTRAR), False),
+        ("registrar", "registrar-7", True, False, t(Kind.REGISTRAR), True),  # client id = username, for everyone
+        ("observer", "observer", True, False, None, False),
+        ("observer", "registrar", True, False, None, True),  # would take over the registrar's session
         ("observer", "observer", True, False, t(Kind.STATUS, "observer"), True),
         ("Bad", "Bad", True, False, None, True),
         (None, "", False, False, None, True),

@@ -6,13 +6,14 @@ import errno
 
 import pytest
 
-from meshcontract.localapi import AgentStatus, PeerView, PingResult
+from meshcontract.localapi import AgentStatus, PeerView, PingResult, RotateResult
 from nodeagent.meshctl import (
     explain_unreachable,
     format_age,
     format_bytes,
     parse_args,
     render_ping,
+    render_rotated,
     render_status,
     resolve_socket,
 )
@@ -34,6 +35,8 @@ DEFAULT = "/run/meshvpn/agent.sock"
         (["ping", "beta"], {}, {"command": "ping", "target": "beta", "count": 3, "json": False, "socket": DEFAULT}),
         (["ping", "--json", "beta", "-c", "2", "--socket", "/s"], {},
          {"command": "ping", "target": "beta", "count": 2, "json": True, "socket": "/s"}),
+        (["rotate-key"], {}, {"command": "rotate-key", "json": False, "socket": DEFAULT}),
+        (["rotate-key", "--json", "--socket", "/s"], {}, {"command": "rotate-key", "json": True, "socket": "/s"}),
     ],
 )
 def test_parse_args(argv, env, expected):
@@ -223,3 +226,18 @@ DUP = """64 bytes from 100.96.0.2: icmp_seq=1 ttl=64 time=0.5 ms
 )
 def test_parse_ping_output(text: str, count: int, rtts: list[float | None]) -> None:
     assert parse_ping_output(text, count=count) == rtts
+
+
+@pytest.mark.parametrize(
+    ("confirmed", "mesh_ip", "says", "never"),
+    [
+        (True, "10.0.0.7", ["new public key  NEW=", "old public key  OLD=", "10.0.0.7 (unchanged)"], "did not confirm"),
+        (False, "10.0.0.7", ["registrar did not confirm", "next connection"], "nothing"),
+        (True, None, ["(not registered yet)"], "did not confirm"),
+    ],
+)
+def test_render_rotated(confirmed, mesh_ip, says, never):
+    text = render_rotated(
+        RotateResult(previous_public_key="OLD=", public_key="NEW=", mesh_ip=mesh_ip, confirmed=confirmed)
+    )
+    assert all(s in text for s in says) and never not in text

@@ -7,7 +7,7 @@ from types import MappingProxyType
 import pytest
 
 from meshcontract.messages import Endpoint, MemberRecord, MemberState
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from nodeagent.reconcile import desired_peers, host_cidr, plan_reconcile
 from wgctl import keys
 from wgctl.memory import InMemoryWireGuard
@@ -33,8 +33,8 @@ def rec(
     )
 
 
-def membership(*records: MemberRecord) -> MembershipSnapshot:
-    return MembershipSnapshot(revision=1, members=MappingProxyType({r.node_id: r for r in records}))
+def membership(*records: MemberRecord) -> MemberTable:
+    return MemberTable(revision=1, members=MappingProxyType({r.node_id: r for r in records}))
 
 
 @pytest.mark.parametrize(

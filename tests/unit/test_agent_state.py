@@ -11,23 +11,38 @@ import pytest
 from meshcontract.messages import MemberRecord, MemberState, MeshSettings
 from meshcontract.topics import is_valid_id
 from nodeagent.errors import StateDirError
-from nodeagent.membership import MembershipSnapshot
+from nodeagent.membership import MemberTable
 from nodeagent.policy import next_epoch
-from nodeagent.statestore import Registration, StateStore, generate_node_id
+from nodeagent.statestore import Enrollment, Registration, StateStore, generate_node_id
 from wgctl import keys
 
 
 def test_own_broker_password_created_once_before_use(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state")
     store.ensure_dir()
-    assert store.broker_password() is None and not store.broker_password_accepted()
+    assert store.broker_password() is None and store.enrollment() is None
     own = store.own_broker_password()
     assert len(own) >= 22  # >= 128 bits of token_urlsafe
     assert StateStore(tmp_path / "state").own_broker_password() == own  # survives a restart
     assert stat.S_IMODE((tmp_path / "state" / "broker_password").stat().st_mode) == 0o600
-    store.mark_broker_password_accepted()
-    assert StateStore(tmp_path / "state").broker_password_accepted()
     assert StateStore(tmp_path / "other").broker_password() is None
+
+
+def test_enrollment_round_trip_and_forgetting(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.ensure_dir()
+    enrollment = Enrollment(
+        mesh="m", node_id="n1", registrar_url="https://r:8443", broker_url="mqtts://r:8883",
+        signing_key="k" * 44, ca_pin="p" * 43,
+    )  # fmt: skip
+    store.save_enrollment(enrollment, "-----BEGIN CERTIFICATE-----\n")
+    assert StateStore(tmp_path / "state").enrollment() == enrollment
+    assert store.ca_file.read_text().startswith("-----BEGIN CERTIFICATE")
+    (tmp_path / "state" / "enrollment.json").write_text("{broken")
+    assert store.enrollment() is None, "an unreadable file means: enroll again"
+    store.save_enrollment(enrollment, "ca")
+    store.forget_enrollment()
+    assert store.enrollment() is None
 
 
 def test_epoch_persists_and_grows(tmp_path: Path) -> None:
@@ -94,7 +109,7 @@ def test_registration_and_membership_round_trip(tmp_path: Path) -> None:
         revision=3,
         updated_at=1.0,
     )
-    membership = MembershipSnapshot(revision=3, members=MappingProxyType({"b": record}))
+    membership = MemberTable(revision=3, members=MappingProxyType({"b": record}))
     store.save_membership(membership)
     assert store.membership() == membership
     assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary files"

@@ -25,7 +25,8 @@ KEY = base64.b64encode(bytes(range(32))).decode()
         (Kind.STATUS, "node-2", "meshvpn/v1/home/status/node-2"),
         (Kind.HEARTBEAT, "a_b", "meshvpn/v1/home/heartbeat/a_b"),
         (Kind.MEMBERS, "n1", "meshvpn/v1/home/members/n1"),
-        (Kind.ROSTER, None, "meshvpn/v1/home/roster"),
+        (Kind.SNAPSHOT, None, "meshvpn/v1/home/snapshot"),
+        (Kind.DELTA, None, "meshvpn/v1/home/delta"),
         (Kind.REGISTRAR, None, "meshvpn/v1/home/registrar"),
     ],
 )
@@ -60,7 +61,7 @@ def test_parse_rejects_topics_outside_the_contract(topic):
 
 @pytest.mark.parametrize(
     ("mesh", "kind", "node"),
-    [("home", Kind.STATUS, None), ("home", Kind.ROSTER, "n1"), ("ho/me", Kind.ROSTER, None), ("home", Kind.STATUS, "+")],
+    [("home", Kind.STATUS, None), ("home", Kind.SNAPSHOT, "n1"), ("ho/me", Kind.SNAPSHOT, None), ("home", Kind.STATUS, "+")],
 )
 def test_build_rejects_bad_arguments(mesh, kind, node):
     with pytest.raises(TopicError):
@@ -69,7 +70,7 @@ def test_build_rejects_bad_arguments(mesh, kind, node):
 
 def test_subscription_filters():
     assert topics.subscription("home", Kind.MEMBERS) == "meshvpn/v1/home/members/+"
-    assert topics.subscription("home", Kind.ROSTER) == "meshvpn/v1/home/roster"
+    assert topics.subscription("home", Kind.SNAPSHOT) == "meshvpn/v1/home/snapshot"
     assert topics.mesh_filter("home") == "meshvpn/v1/home/#"
 
 
@@ -82,7 +83,6 @@ def _request(**overrides) -> dict:
         "public_key": KEY,
         "endpoints": [{"host": "10.0.0.1", "port": 51820}],
         "listen_port": 51820,
-        "join_token": "tok",
         "epoch": 7,
     }
     base.update(overrides)
@@ -93,7 +93,7 @@ def test_register_request_round_trip_and_canonical_form():
     req = m.RegisterRequest.model_validate(_request())
     assert m.decode(m.RegisterRequest, m.encode(req)) == req
     canonical = m.canonical_json(req)
-    assert canonical.startswith(b'{"broker_password":null,"endpoints":') and b" " not in canonical
+    assert canonical.startswith(b'{"endpoints":') and b" " not in canonical
     assert m.canonical_json(m.decode(m.RegisterRequest, m.encode(req))) == canonical
 
 
@@ -107,6 +107,8 @@ def test_register_request_round_trip_and_canonical_form():
         (m.encode(m.RegisterRequest.model_validate(_request())).replace(b'"epoch":7', b'"epoch":"7"'), "epoch"),
         (m.encode(m.RegisterRequest.model_validate(_request())).replace(b'"n1"', b'"N1"'), "node_id"),
         (b" " * (m.MAX_PAYLOAD + 1), "exceeds"),
+        (b"[" * 5000 + b"]" * 5000, "nested"),  # a RecursionError in the parser, before it could be one
+        (b'{"a":' * 20 + b"1" + b"}" * 20, "nested"),
     ],
 )
 def test_decode_rejects_with_a_reason(payload, reason):
@@ -127,8 +129,13 @@ def test_decode_rejects_with_a_reason(payload, reason):
         {"endpoints": [{"host": "a b", "port": 1}]},
         {"endpoints": [{"host": "h", "port": 1}] * 9},
         {"request_id": "x"},
-        {"broker_password": "too-short"},
-        {"broker_password": "x" * 129},
+        {"join_token": "no secrets here any more"},
+        {"broker_password": "p" * 32},
+        {"node_id": "observer"},
+        {"node_id": "registrar"},
+        {"name": "evil\u202egpj.exe"},
+        {"name": "zero\u200bwidth"},
+        {"name": " padded"},
     ],
 )
 def test_register_request_field_rules(overrides):
@@ -136,10 +143,22 @@ def test_register_request_field_rules(overrides):
         m.RegisterRequest.model_validate(_request(**overrides))
 
 
-def test_register_request_broker_password_is_optional():
-    assert m.RegisterRequest.model_validate(_request()).broker_password is None
-    req = m.RegisterRequest.model_validate(_request(broker_password="p" * 32))
-    assert m.decode(m.RegisterRequest, m.encode(req)).broker_password == "p" * 32
+@pytest.mark.parametrize("name", ["laptop", "Müller's PC", "東京-1", "a b"])
+def test_names_people_use_are_fine(name):
+    assert m.RegisterRequest.model_validate(_request(name=name)).name == name
+
+
+def test_no_message_on_a_readable_topic_has_a_field_for_secrets():
+    """Nothing published over MQTT can carry a token or password: the models have no such fields (issue 11)."""
+    secretive = {"token", "join_token", "password", "broker_password", "private_key"}
+    for model in (m.RegisterRequest, m.RegisterReply, m.NodeStatus, m.Heartbeat, m.MemberRecord,
+                  m.MembershipSnapshot, m.MembershipDelta, m.RegistrarStatus):  # fmt: skip
+        assert not secretive & set(model.model_fields), model.__name__
+
+
+def test_delta_revisions_must_move_forward():
+    with pytest.raises(ValueError, match="to_revision"):
+        m.MembershipDelta(mesh="m", from_revision=3, to_revision=3, published_at=0.0)
 
 
 def test_member_record_rejects_bad_ip():

@@ -44,7 +44,7 @@ def test_underlay_is_private_and_within_10_77():
         plan = LabPlan(lab_id)
         assert plan.subnet.subnet_of(ipaddress.ip_network("10.77.0.0/16"))
         assert ipaddress.ip_address(plan.control_ip) in plan.subnet
-        assert plan.broker_url == f"mqtt://{plan.control_ip}:1883"
+        assert plan.broker_url == f"mqtts://{plan.control_ip}:1883"
 
 
 def test_names_of_different_labs_do_not_collide():

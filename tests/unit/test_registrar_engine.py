@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshcontract import topics
-from meshcontract.messages import ErrorCode, MemberState, MeshSettings, decode
+from meshcontract import access, topics
+from meshcontract.messages import EnrollRequest, ErrorCode, MemberState, MeshSettings, decode
 from registrar import engine, tokens
 from registrar.ipam import Ipam
 from registrar.membership import LivenessPolicy, Membership
@@ -27,7 +27,8 @@ CONFIG = engine.Config(
     ),
     policy=LivenessPolicy(ttl_s=3, expiry_s=30, grace_s=4),
 )
-TOKEN = "mvj_test-token"
+TOKEN = "mvj_test-token-0123456789"
+PASSWORD = "node-password-0123456789"
 
 
 def key(n: int) -> str:
@@ -42,6 +43,7 @@ def fresh() -> engine.CoreState:
 
 
 def req(node="n1", k=1, **over) -> dict:
+    """A RegisterRequest body (MQTT register/<node>; the broker has authenticated the sender as <node>)."""
     body = {
         "v": 1,
         "request_id": "req-00001",
@@ -50,11 +52,32 @@ def req(node="n1", k=1, **over) -> dict:
         "public_key": key(k),
         "endpoints": [{"host": "192.0.2.10", "port": 51820}],
         "listen_port": 51820,
-        "join_token": TOKEN,
         "epoch": 1,
     }
     body.update(over)
     return body
+
+
+def enrollment(node="n1", k=1, **over) -> EnrollRequest:
+    body = {
+        "node_id": node, "name": f"Node {node}", "public_key": key(k),
+        "endpoints": [{"host": "192.0.2.10", "port": 51820}], "listen_port": 51820,
+        "token": TOKEN, "password": PASSWORD,
+    }  # fmt: skip
+    body.update(over)
+    return EnrollRequest.model_validate(body)
+
+
+def enroll(state, node="n1", k=1, now=1.0, **over) -> engine.Outcome:
+    request = enrollment(node, k, **over)
+    return engine.enroll(state, request, now=now, config=CONFIG, password_hash=access.hash_password(request.password))
+
+
+def enrolled(*nodes: str) -> engine.CoreState:
+    state = fresh()
+    for i, node in enumerate(nodes, start=1):
+        state = enroll(state, node, i).state
+    return state
 
 
 def send(state, kind, node, body, now=1.0):
@@ -62,70 +85,124 @@ def send(state, kind, node, body, now=1.0):
     return engine.handle_message(state, topics.build(MESH, kind, node), payload, now=now, config=CONFIG)
 
 
-def test_register_ok():
-    out = send(fresh(), topics.Kind.REGISTER, "n1", req())
-    assert out.reply.ok and out.reply.mesh_ip == "10.2.0.1" and out.reply.prefix_len == 24
-    assert out.reply.settings == CONFIG.mesh and out.reply_to == "n1"
+def test_enroll_admits_with_a_token_and_asks_for_an_account():
+    out = enroll(fresh())
+    reply = out.enroll_reply
+    assert reply.ok and reply.mesh_ip == "10.2.0.1" and reply.prefix_len == 24 and reply.settings == CONFIG.mesh
     assert out.delta.upsert_members and out.delta.upsert_tokens[0].uses == 1 and out.delta.revision == 1
+    assert out.accounts_add == (("n1", PASSWORD),) and PASSWORD not in repr(out), "never in logs"
+    member = out.state.membership.members["n1"]
+    assert access.verify_password(PASSWORD, member.password_hash) and PASSWORD not in repr(member)
 
 
-def test_reregistration_needs_no_token():
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req()).state
-    out = send(state, topics.Kind.REGISTER, "n1", req(join_token=None, epoch=2))
-    assert out.reply.ok and out.reply.mesh_ip == "10.2.0.1"
-    assert len(out.state.membership.members) == 1 and not out.delta.upsert_tokens
-
-
-def test_own_broker_password_travels_with_the_outcome_not_the_reply():
-    out = send(fresh(), topics.Kind.REGISTER, "n1", req(broker_password="p" * 24))
-    assert out.change.joined and out.broker_password == "p" * 24
-    assert out.reply.broker_password is None and "p" * 24 not in repr(out)  # never echoed or logged
-    refused = send(fresh(), topics.Kind.REGISTER, "n1", req(join_token="nope", broker_password="p" * 24))
-    assert not refused.reply.ok and refused.broker_password is None
+def test_a_retried_enrollment_is_answered_again_without_the_token():
+    """The reply was lost; the node retries with the same key and password: same IP, no second token use, even
+    though its single-use token is spent by now."""
+    table, _ = tokens.create(tokens.EMPTY, secret=TOKEN, now=0)  # single-use
+    state = enroll(engine.with_tokens(fresh(), table)).state
+    again = enroll(state)
+    assert again.enroll_reply.ok and again.enroll_reply.mesh_ip == "10.2.0.1"
+    assert not again.delta.upsert_tokens and again.accounts_add == (("n1", PASSWORD),)
 
 
 @pytest.mark.parametrize(
-    ("topic_node", "body", "code"),
+    ("over", "code"),
     [
-        ("n1", req(join_token=None), ErrorCode.INVALID_TOKEN),
-        ("n1", req(join_token="nope"), ErrorCode.INVALID_TOKEN),
-        ("n1", req(public_key="AAAA"), ErrorCode.INVALID_KEY),
-        ("n1", req(listen_port=0), ErrorCode.INVALID_REQUEST),
-        ("n1", req(extra=1), ErrorCode.INVALID_REQUEST),
-        ("n1", req(node="n2"), ErrorCode.INVALID_REQUEST),  # payload node id differs from topic
-        ("n9", req(node="n9", k=9, epoch=1), None),
+        pytest.param(dict(k=9), ErrorCode.UNAUTHORIZED, id="same node id, another key"),
+        pytest.param(dict(password="another-password-0123"), ErrorCode.UNAUTHORIZED, id="same node id, wrong password"),
+        pytest.param(dict(node="n2"), ErrorCode.KEY_CONFLICT, id="another node id, n1's key"),
+        pytest.param(dict(node="n2", k=2, token="mvj_wrong-token-0123456789"), ErrorCode.INVALID_TOKEN, id="bad token"),
+        pytest.param(dict(node="n2", k=2, token="garbage"), ErrorCode.INVALID_TOKEN, id="malformed token"),
     ],
 )
-def test_register_errors(topic_node, body, code):
-    out = send(fresh(), topics.Kind.REGISTER, topic_node, body)
-    if code is None:
-        assert out.reply.ok
-        return
-    assert not out.reply.ok and out.reply.error.code is code and out.reply_to == topic_node
-    assert out.state.membership is fresh().membership or not out.state.membership.members
-    assert out.delta.is_empty() and out.rejected
+def test_a_token_never_takes_over_an_identity(over, code):
+    state = enrolled("n1")
+    out = enroll(state, **{"node": "n1", "k": 1, **over})
+    assert not out.enroll_reply.ok and out.enroll_reply.error.code is code
+    assert out.state is state and out.delta.is_empty() and not out.accounts_add
 
 
-def test_token_exhaustion_and_conflicts():
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req()).state
-    state = send(state, topics.Kind.REGISTER, "n2", req("n2", 2)).state
-    out = send(state, topics.Kind.REGISTER, "n3", req("n3", 3))
-    assert out.reply.error.code is ErrorCode.TOKEN_USED
-    out = send(state, topics.Kind.REGISTER, "n1", req("n1", 5))
-    assert out.reply.error.code is ErrorCode.KEY_CONFLICT
-    out = send(state, topics.Kind.REGISTER, "n4", req("n4", 1))
-    assert out.reply.error.code is ErrorCode.KEY_CONFLICT
+def test_token_limits():
+    state = enrolled("n1", "n2")  # a reusable token with 2 uses
+    assert enroll(state, "n3", 3).enroll_reply.error.code is ErrorCode.TOKEN_USED
+    table, _ = tokens.create(tokens.EMPTY, secret=TOKEN, now=0, ttl_s=1)
+    expired = enroll(engine.with_tokens(fresh(), table), now=2)
+    assert expired.enroll_reply.error.code is ErrorCode.TOKEN_EXPIRED
 
 
-def test_expired_token():
-    table, _ = tokens.create(tokens.EMPTY, secret="short", now=0, ttl_s=1)
-    state = engine.with_tokens(fresh(), table)
-    out = send(state, topics.Kind.REGISTER, "n1", req(join_token="short"), now=2)
-    assert out.reply.error.code is ErrorCode.TOKEN_EXPIRED
+def test_the_pin_is_not_part_of_the_secret():
+    out = enroll(fresh(), token=TOKEN + "." + "A" * 43)
+    assert out.enroll_reply.ok, "a token pasted whole (with its CA pin) works"
+
+
+def test_register_needs_enrollment():
+    out = send(fresh(), topics.Kind.REGISTER, "n1", req())
+    assert out.reply.error.code is ErrorCode.NOT_ENROLLED and out.delta.is_empty()
+
+
+def test_register_refreshes_a_member():
+    state = enrolled("n1")
+    out = send(state, topics.Kind.REGISTER, "n1", req(epoch=5))
+    assert out.reply.ok and out.reply.mesh_ip == "10.2.0.1" and out.reply_to == "n1"
+    assert out.state.membership.members["n1"].epoch == 5
+    stale = send(out.state, topics.Kind.REGISTER, "n1", req(epoch=4))
+    assert stale.reply.error.code is ErrorCode.INVALID_REQUEST
+
+
+def test_register_with_a_new_key_rotates_it():
+    state = enrolled("n1", "n2")
+    out = send(state, topics.Kind.REGISTER, "n1", req(k=7, epoch=2))
+    member = out.state.membership.members["n1"]
+    assert out.reply.ok and member.public_key == key(7) and member.mesh_ip == "10.2.0.1"
+    assert out.state.membership.keys[key(7)] == "n1" and key(1) not in out.state.membership.keys
+    assert [h.event.name for h in out.change.happened] == ["KEY_ROTATED"] and out.delta.revision
+    taken = send(state, topics.Kind.REGISTER, "n1", req(k=2, epoch=2))
+    assert taken.reply.error.code is ErrorCode.KEY_CONFLICT, "not onto another member's key"
+
+
+def test_removal_revokes_the_key_until_approved():
+    state = enrolled("n1")
+    gone = engine.remove_member(state, "n1", now=3)
+    assert gone.delta.delete_members == ("n1",) and gone.accounts_remove == ("n1",)
+    assert gone.delta.upsert_revoked[0].public_key == key(1)
+    again = enroll(gone.state, now=4)
+    assert again.enroll_reply.error.code is ErrorCode.KEY_REVOKED, "a reusable token does not bring it back"
+    rotated_onto = send(enrolled("n2"), topics.Kind.REGISTER, "n2", req("n2", k=1, epoch=2))
+    assert rotated_onto.reply.ok  # (another state: key 1 is not revoked there)
+    approved = engine.approve_key(gone.state, key(1))
+    assert approved.delta.delete_revoked == (key(1),)
+    assert enroll(approved.state, now=5).enroll_reply.ok
+    assert engine.approve_key(approved.state, key(1)).ignored
+
+
+def test_rotation_onto_a_revoked_key_is_refused():
+    state = engine.remove_member(enrolled("n1", "n2"), "n1", now=3).state
+    out = send(state, topics.Kind.REGISTER, "n2", req("n2", k=1, epoch=2))
+    assert out.reply.error.code is ErrorCode.KEY_REVOKED
+
+
+def test_removal_without_revoking_lets_a_token_bring_it_back():
+    gone = engine.remove_member(enrolled("n1"), "n1", now=3, revoke_key=False)
+    assert gone.accounts_remove == ("n1",) and not gone.delta.upsert_revoked
+    assert enroll(gone.state, now=4).enroll_reply.ok
+
+
+def test_expiry_removes_the_account_not_the_key():
+    state = enrolled("n1")
+    down = engine.tick(state, now=10, config=CONFIG).state  # silent past the TTL: unreachable
+    gone = engine.tick(down, now=100, config=CONFIG)  # unreachable past expiry: removed
+    assert gone.removed and gone.accounts_remove == ("n1",) and not gone.delta.upsert_revoked
+
+
+def test_authenticate():
+    state = enrolled("n1")
+    assert engine.authenticate(state, "n1", PASSWORD)
+    assert not engine.authenticate(state, "n1", PASSWORD + "x")
+    assert not engine.authenticate(state, "n2", PASSWORD)
 
 
 def test_status_and_heartbeat_flow():
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req(epoch=5)).state
+    state = send(enrolled("n1"), topics.Kind.REGISTER, "n1", req(epoch=5)).state
     will = {"v": 1, "node_id": "n1", "state": "offline", "epoch": 4, "at": 1.0}
     out = send(state, topics.Kind.STATUS, "n1", will)
     assert out.ignored and out.delta.is_empty()
@@ -148,12 +225,14 @@ def test_status_and_heartbeat_flow():
         ("meshvpn/v1/lab/status/n1", b'{"v":1,"node_id":"n2","state":"offline","epoch":9,"at":1}'),
         ("meshvpn/v1/lab/register/n1", b"x" * 20000),
         ("meshvpn/v1/lab/register/n1", b'{"request_id": "r"}'),
+        ("meshvpn/v1/lab/register/n1", b"[" * 100000 + b"]" * 100000),  # once a RecursionError in the writer
+        ("meshvpn/v1/lab/heartbeat/n1", b'{"v":' * 3000 + b"1" + b"}" * 3000),
         ("meshvpn/v1/lab/members/n1", b"{}"),
         ("elsewhere/topic", b""),
     ],
 )
 def test_bad_input_changes_nothing(topic, payload):
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req()).state
+    state = enrolled("n1")
     out = engine.handle_message(state, topic, payload, now=2, config=CONFIG)
     assert out.state is state and out.delta.is_empty()
     assert out.rejected or out.ignored
@@ -166,20 +245,16 @@ def test_bad_register_with_request_id_gets_error_reply():
     assert out.reply.request_id == "abcdefgh1" and out.reply.error.code is ErrorCode.INVALID_REQUEST
 
 
-def test_tokens_and_admin_removal():
+def test_tokens():
     out = engine.create_token(fresh(), secret="another", now=5, reusable=False)
     assert out.delta.upsert_tokens == (out.token,)
     out2 = engine.revoke_token(out.state, out.token.id)
     assert out2.delta.delete_tokens == (out.token.id,)
     assert engine.revoke_token(out2.state, out.token.id).ignored
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req()).state
-    gone = engine.remove_member(state, "n1", now=3)
-    assert gone.delta.delete_members == ("n1",) and gone.delta.quarantine and gone.removed
 
 
 def test_tick_outcome_persists_quarantine_expiry():
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req()).state
-    state = engine.remove_member(state, "n1", now=3).state
+    state = engine.remove_member(enrolled("n1"), "n1", now=3).state
     out = engine.tick(state, now=100, config=CONFIG)
     assert out.delta.quarantine == ()
 
@@ -210,7 +285,7 @@ payloads = st.one_of(
 )
 topic_strings = st.one_of(
     st.sampled_from(
-        [topics.build(MESH, k, "n1") for k in topics.PER_NODE] + [topics.build(MESH, topics.Kind.ROSTER)]
+        [topics.build(MESH, k, "n1") for k in topics.PER_NODE] + [topics.build(MESH, topics.Kind.SNAPSHOT)]
     ),
     st.text(max_size=40),
 )
@@ -219,7 +294,7 @@ topic_strings = st.one_of(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(topic_strings, payloads)
 def test_fuzz_never_raises_and_refusals_change_nothing(topic, payload):
-    state = send(fresh(), topics.Kind.REGISTER, "n1", req()).state
+    state = enrolled("n1")
     out = engine.handle_message(state, topic, payload, now=2, config=CONFIG)
     if out.rejected:
         assert out.state is state and out.delta.is_empty()

@@ -25,7 +25,23 @@ def empty(started_at: float = 0.0) -> ms.Membership:
     return ms.Membership.create(ipam=Ipam.create("10.1.0.0/24", quarantine_s=50), started_at=started_at)
 
 
+def admit(state, node="n1", k=1, *, now=1.0, port=51820):
+    return ms.admit(
+        state,
+        node_id=node,
+        name=node,
+        public_key=key(k),
+        endpoints=(Endpoint(host="192.0.2.1", port=port),),
+        listen_port=port,
+        password_hash="$7$hash",
+        now=now,
+    )
+
+
 def reg(state, node="n1", k=1, *, epoch=1, now=1.0, name=None, port=51820):
+    """Register `node` (admitting it first, with key `k`, if it is not a member yet)."""
+    if node not in state.members:
+        state = admit(state, node, k, now=now, port=port).state
     return ms.register(
         state,
         node_id=node,
@@ -38,13 +54,21 @@ def reg(state, node="n1", k=1, *, epoch=1, now=1.0, name=None, port=51820):
     )
 
 
-def test_register_new_member():
-    change = reg(empty())
+def test_admit_new_member():
+    change = admit(empty())
     m = change.state.members["n1"]
-    assert (m.mesh_ip, m.state, m.epoch, m.revision) == ("10.1.0.1", MemberState.ACTIVE, 1, 1)
+    assert (m.mesh_ip, m.state, m.epoch, m.revision) == ("10.1.0.1", MemberState.ACTIVE, 0, 1)
     assert change.joined and change.published == (m,) and change.dirty == (m,)
     assert [h.event for h in change.happened] == [ms.Event.JOINED]
-    assert change.state.revision == 1
+    assert change.state.revision == 1 and m.password_hash == "$7$hash"
+    assert "$7$hash" not in repr(m) and "password" not in m.record().model_dump(), "never published"
+
+
+def test_register_starts_a_session_of_an_admitted_member():
+    change = reg(empty(), epoch=3)
+    m = change.state.members["n1"]
+    assert (m.mesh_ip, m.epoch, m.revision) == ("10.1.0.1", 3, 1) and not change.joined
+    assert change.dirty and not change.published, "the epoch is persisted, the record did not change"
 
 
 def test_reregistration_is_idempotent():
@@ -70,17 +94,35 @@ def test_reregistration_with_new_endpoint_bumps_revision():
 
 
 @pytest.mark.parametrize(
+    ("node", "k", "code"),
+    [
+        ("n1", 2, ErrorCode.KEY_CONFLICT),  # an enrolled id, whatever the key: a token never takes it over
+        ("n2", 1, ErrorCode.KEY_CONFLICT),  # same key, other id
+    ],
+)
+def test_admit_refusals(node, k, code):
+    state = reg(empty()).state
+    with pytest.raises(Refused) as err:
+        admit(state, node, k)
+    assert err.value.code is code
+
+
+@pytest.mark.parametrize(
     ("node", "k", "epoch", "code"),
     [
-        ("n1", 2, 1, ErrorCode.KEY_CONFLICT),  # same id, other key
-        ("n2", 1, 1, ErrorCode.KEY_CONFLICT),  # same key, other id
+        ("n2", 2, 1, ErrorCode.NOT_ENROLLED),
+        ("n1", 2, 1, ErrorCode.KEY_CONFLICT),  # rotating onto n2's key
         ("n1", 1, 0, ErrorCode.INVALID_REQUEST),  # replay of an older session
     ],
 )
 def test_register_refusals(node, k, epoch, code):
-    state = reg(empty()).state
+    state = reg(reg(empty()).state, "n2", 2).state
+    if node == "n2" and code is ErrorCode.NOT_ENROLLED:
+        state = reg(empty()).state
     with pytest.raises(Refused) as err:
-        reg(state, node, k, epoch=epoch)
+        ms.register(
+            state, node_id=node, name=node, public_key=key(k), endpoints=(), listen_port=1, epoch=epoch, now=2.0
+        )
     assert err.value.code is code
 
 
@@ -89,7 +131,7 @@ def test_pool_exhausted():
     state = reg(state, "a", 1).state
     state = reg(state, "b", 2).state
     with pytest.raises(Refused) as err:
-        reg(state, "c", 3)
+        admit(state, "c", 3)
     assert err.value.code is ErrorCode.POOL_EXHAUSTED
 
 
@@ -232,12 +274,6 @@ def test_forgive_offline_forgets_removed_members():
     state = ms.remove(state, node_ids=["n1"], now=3.0, reason="admin").state
     assert not state.offline_at
     assert not ms.forgive_offline(state, since=0.0, now=4.0).published
-
-
-def test_next_deadline():
-    state = reg(empty(), now=1.0).state
-    assert ms.next_deadline(state, POLICY) == 15  # grace floor
-    assert ms.next_deadline(empty(), POLICY) is None
 
 
 def test_policy_grace_must_cover_ttl():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from meshcontract.messages import MeshSettings, RegisterRequest
+from meshcontract.messages import EnrollRequest, MeshSettings
 from registrar import engine
 from registrar.membership import LivenessPolicy
 from registrar.store import MemoryStore, SqliteStore
@@ -36,15 +36,13 @@ def key(n: int) -> str:
     return base64.b64encode(n.to_bytes(4, "big") * 8).decode()
 
 
-def request(n: int, epoch: int = 1) -> RegisterRequest:
-    return RegisterRequest(
-        request_id=f"request-{n}",
-        node_id=f"n{n}",
-        name=f"node {n}",
-        public_key=key(n),
-        listen_port=51820,
-        epoch=epoch,
-    )
+def join(state: engine.CoreState, n: int, *, now: float) -> engine.Outcome:
+    """Enroll node n (tokens are not required in CONFIG)."""
+    request = EnrollRequest(
+        node_id=f"n{n}", name=f"node {n}", public_key=key(n), listen_port=51820,
+        token="mvj_unused-token-0000000000", password="node-password-00000",
+    )  # fmt: skip
+    return engine.enroll(state, request, now=now, config=CONFIG, password_hash=f"$7$hash-of-n{n}")
 
 
 def restore(store, now=0.0) -> engine.CoreState:
@@ -57,6 +55,7 @@ def restore(store, now=0.0) -> engine.CoreState:
         network="10.3.0.0/16",
         quarantine_s=60,
         started_at=now,
+        revoked=s.revoked,
     )
 
 
@@ -85,7 +84,7 @@ def test_round_trip_and_reopen(make_store):
     store.commit(out.delta)
     state = out.state
     for n in range(5):
-        out = engine.register(state, request(n), now=2, config=CONFIG)
+        out = join(state, n, now=2)
         store.commit(out.delta)
         state = out.state
     out = engine.remove_member(state, "n2", now=3)
@@ -97,16 +96,18 @@ def test_round_trip_and_reopen(make_store):
     assert again.membership.revision == state.membership.revision == 6
     assert dict(again.tokens) == dict(state.tokens)
     assert dict(again.membership.ipam.quarantine) == dict(state.membership.ipam.quarantine)
+    assert dict(again.revoked) == dict(state.revoked) and key(2) in again.revoked, "n2's key stays revoked"
+    assert again.membership.members["n1"].password_hash == "$7$hash-of-n1", "credential hashes survive"
     # a newcomer never gets the quarantined address of n2
-    out = engine.register(again, request(9), now=11, config=CONFIG)
-    assert out.reply.mesh_ip not in again.membership.ipam.quarantine
+    out = join(again, 9, now=11)
+    assert out.enroll_reply.mesh_ip not in again.membership.ipam.quarantine
 
 
 def test_memory_store_refuses_duplicate_ips():
     store = MemoryStore()
-    a = engine.register(restore(store), request(1), now=1, config=CONFIG)
+    a = join(restore(store), 1, now=1)
     store.commit(a.delta)
-    b = engine.register(restore(MemoryStore()), request(2), now=1, config=CONFIG)  # same IP, other node
+    b = join(restore(MemoryStore()), 2, now=1)  # same IP, other node
     from registrar.errors import StoreError
 
     with pytest.raises(StoreError):
@@ -117,7 +118,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[3])
-    from test_registrar_store import CONFIG, request, restore
+    from test_registrar_store import CONFIG, join, restore
     from registrar import engine
     from registrar.store import SqliteStore
 
@@ -125,11 +126,11 @@ WRITER = textwrap.dedent(
     state = restore(store)
     n = int(sys.argv[2])
     while True:
-        out = engine.register(state, request(n), now=float(n), config=CONFIG)
+        out = join(state, n, now=float(n))
         store.commit(out.delta)
         state = out.state
         # acknowledged only after commit returned: what the service does before publishing a reply
-        print(f"{out.reply.node_id} {out.reply.mesh_ip}", flush=True)
+        print(f"{out.enroll_reply.node_id} {out.enroll_reply.mesh_ip}", flush=True)
         n += 1
     """
 )
@@ -177,11 +178,38 @@ def test_commit_many_is_all_or_nothing(make_store):
     from registrar.errors import StoreError
 
     store = make_store()
-    a = engine.register(restore(store), request(1), now=1, config=CONFIG)
-    b = engine.register(a.state, request(2), now=1, config=CONFIG)
-    clash = engine.register(restore(MemoryStore()), request(3), now=1, config=CONFIG)  # n3 on n1's address
+    a = join(restore(store), 1, now=1)
+    b = join(a.state, 2, now=1)
+    clash = join(restore(MemoryStore()), 3, now=1)  # n3 on n1's address
     with pytest.raises(StoreError):
         store.commit_many([a.delta, b.delta, clash.delta])
     assert store.load().members == [] and store.load().revision == 0
     store.commit_many([a.delta, b.delta])
     assert [m.node_id for m in make_store().load().members] == ["n1", "n2"]
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    """Members stored before credentials moved into the registrar keep their rows; they get an empty hash (so
+    they cannot authenticate over HTTP until they enroll again) and revoked keys start empty."""
+    import sqlite3
+
+    db = tmp_path / "registrar.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema', '1'), ('revision', '4');"
+        "CREATE TABLE members (node_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL UNIQUE,"
+        " mesh_ip TEXT NOT NULL UNIQUE, endpoints TEXT NOT NULL, listen_port INTEGER NOT NULL, state TEXT NOT NULL,"
+        " epoch INTEGER NOT NULL, revision INTEGER NOT NULL, joined_at REAL NOT NULL, updated_at REAL NOT NULL,"
+        " last_seen REAL NOT NULL, unreachable_since REAL);"
+        f"INSERT INTO members VALUES ('n1', 'old', '{key(1)}', '10.3.0.1', '[]', 51820, 'active', 3, 4, 1, 1, 1, NULL);"
+    )
+    conn.commit()
+    conn.close()
+    store = SqliteStore(db)
+    try:
+        loaded = store.load()
+        assert [(m.node_id, m.password_hash) for m in loaded.members] == [("n1", "")]
+        assert loaded.revision == 4 and loaded.revoked == []
+    finally:
+        store.close()

@@ -12,8 +12,8 @@ from meshcontract.stopping import StopSignals
 
 def test_sigterm_ends_the_wait_and_is_recorded():
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = StopSignals().install()
     try:
-        signals = StopSignals().install()
         assert not signals.wait(timeout=0.05)  # nothing yet: times out
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.wait(timeout=5)
@@ -21,9 +21,8 @@ def test_sigterm_ends_the_wait_and_is_recorded():
         started = time.monotonic()
         assert signals.wait(timeout=5) and time.monotonic() - started < 0.5  # stays requested
     finally:
-        signal.set_wakeup_fd(-1)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.uninstall()
+    assert {sig: signal.getsignal(sig) for sig in previous} == previous
 
 
 def test_the_stop_event_ends_the_wait_too():

@@ -1,7 +1,9 @@
-"""Delivery latency on loopback: `python -m desktop_chat.loopbench [--messages N] [--history memory|sqlite]`.
+"""Delivery latency of the chat on loopback, without WireGuard, to compare with the lab.
+
+    python bench/bench_chat_loopback.py [--messages 200] [--history memory|sqlite]
 
 Two ChatSessions on 127.0.0.2 and 127.0.0.3 (Linux loopback); each message is a full exchange (connect, send,
-store, ack), timed from the sender. Measures the chat's own cost, without WireGuard, to compare with the lab.
+store, ack), timed from the sender. Prints one line: median, p95 and max in milliseconds.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from desktop_chat.history import HistoryStore, MemoryHistory, SqliteHistory
-from desktop_chat.peers import MemoryPeerSource, PeerDirectory, static_status
-from desktop_chat.session import ChatSession
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from desktop_chat.history import HistoryStore, MemoryHistory, SqliteHistory  # noqa: E402
+from desktop_chat.peers import MemoryPeerSource, PeerDirectory, static_status  # noqa: E402
+from desktop_chat.session import ChatSession  # noqa: E402
 
 
 def _session(ip: str, peer: str, port: int, history: HistoryStore) -> ChatSession:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from broker.mosquitto_config import ACL_FILE, render
+from broker.mosquitto_config import render
 from meshlab.chat import ReceivedMessage, parse_events, received_messages
 from meshlab.controlplane import lab_mosquitto_config
 from meshlab.plan import LabPlan
@@ -39,9 +39,11 @@ def test_received_messages_keep_order_and_exact_text():
 
 def test_lab_mosquitto_config_is_the_shipped_one_on_the_underlay():
     plan = LabPlan("ab1")
-    text = render(lab_mosquitto_config(plan, control_dir="/lab/control"))
+    text = render(lab_mosquitto_config(plan, control_dir="/lab/control", plugin="/plugin.so"))
     lines = set(text.splitlines())
-    assert {f"listener 1883 {plan.control_ip}", "password_file /lab/control/passwords", f"acl_file {ACL_FILE}",
+    assert {f"listener 1883 {plan.control_ip}", "certfile /lab/control/mosquitto/server.pem",
+            "plugin /plugin.so", "plugin_opt_config_file /lab/control/mosquitto/dynamic-security.json",
             "user root", "log_dest file /lab/control/mosquitto.log", "allow_anonymous false"} <= lines
-    # The limits the benchmarks showed a mesh needs, which the lab's hand-written config once lacked.
-    assert {"max_queued_messages 100000", "max_queued_bytes 67108864", "persistence false"} <= lines
+    # The limits the shipped config sets, which the lab's hand-written config once lacked.
+    assert {"max_queued_messages 1000", "max_queued_bytes 67108864", "max_packet_size 4194304",
+            "persistence false"} <= lines
