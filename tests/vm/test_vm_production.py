@@ -23,7 +23,8 @@ too little disk space, or MESHVPN_VM_TESTS=0. Logs of the guest (console, journa
 written to the test's temporary directory, or to MESHVPN_VM_LOGS if set; their path is printed.
 
 Cost on a 2-core machine without KVM: image build ~1 min (cached in /var/cache/meshvpn-vm afterwards),
-wheels ~15 s, boot ~25 s (TCG), the scenario a few minutes. MESHVPN_VM_BENCH_RUNS=N measures agent start ->
+wheels ~10 s, boot ~25 s (TCG), install ~2 min, the scenario ~3 min; all of it slower with the host's load
+(docs/deploy.md has the measurements). MESHVPN_VM_BENCH_RUNS=N measures agent start ->
 reachable N times with the kernel and N times with wireguard-go (default: once, kernel only).
 """
 
@@ -358,7 +359,7 @@ def test_units_pass_their_hardening_and_scores_are_recorded(guest: qemu.Guest, m
         scores[unit] = (float(match.group(1)), match.group(2))
         # The settings that cost the most, for docs/deploy.md.
         costly = sorted(
-            (float(m.group(2)), m.group(1).strip())
+            (float(m.group(2)), re.sub(r"\s{2,}", ": ", m.group(1).strip()))
             for m in re.finditer(r"^✗ (.+?)\s+([0-9.]+)$", out, re.M)
         )[-6:]
         _log(f"vm: systemd-analyze security {unit}: {match.group(1)} {match.group(2)}; costliest: "
