@@ -1,5 +1,5 @@
-"""Shell completion: what the renderer (meshcontract.completionscript) reads from a parser, the script text and the
-options every command gets (meshcontract.completion)."""
+"""Shell completion: what the renderer (meshcontract.completionscript) reads from a parser, the script text, the
+options every command gets (meshcontract.completion), and meshctl's peer candidates."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from meshcontract.completionscript import (
     render_bash,
     render_zsh,
 )
+from meshcontract.localapi import AgentStatus, PeerView
+from nodeagent.meshctl import peer_candidates
 
 
 def _parser(*args: str, **kwargs: object) -> argparse.ArgumentParser:
@@ -229,3 +231,23 @@ def test_complete_values_prints_a_source_with_the_options_given_before_it(capsys
     assert capsys.readouterr().out.splitlines() == ["from-c.toml", "10.0.0.2"]
     assert "--complete-values" not in parser.format_help(), "the scripts' own option stays out of --help"
 
+
+def _status(*peers: tuple[str, str]) -> AgentStatus:
+    views = [PeerView(node_id=f"id-{i}", name=name, mesh_ip=ip, public_key="k", state="active", configured=True)
+             for i, (name, ip) in enumerate(peers)]
+    return AgentStatus(node_id="self", name="self", mesh_ip="100.96.0.1", prefix_len=16, interface="mv0",
+                       broker_connected=True, registrar_online=True, membership_revision=1,
+                       membership_complete=True, peers=views, now=0.0)
+
+
+@pytest.mark.parametrize(
+    ("peers", "candidates"),
+    [
+        ((), []),
+        ((("beta", "100.96.0.2"),), ["beta", "100.96.0.2"]),
+        ((("beta", "100.96.0.2"), ("beta", "100.96.0.3")), ["beta", "100.96.0.2", "100.96.0.3"]),  # once each
+        ((("", "100.96.0.7"),), ["100.96.0.7"]),
+    ],
+)
+def test_meshctl_ping_candidates(peers, candidates):
+    assert peer_candidates(_status(*peers)) == candidates
