@@ -15,7 +15,6 @@ OpenAPI: /docs, /openapi.json.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import threading
 import time
@@ -109,7 +108,8 @@ class Access:
             return None
         try:
             user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        # ValueError, not only binascii.Error: a header that is not ASCII ("Basic é") raised it and answered 500.
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
             user, password = "", ""
         if user and self._service.authenticate(user, password):
             return user

@@ -127,6 +127,18 @@ def test_reads_need_credentials(client, path):
     assert client.get(path, headers=basic("n1", "wrong-password-000000")).status_code == 401
 
 
+@pytest.mark.parametrize(
+    "header",
+    [b"Basic \xe9\xe9\xe9\xe9", b"Basic not base64!", b"Basic " + base64.b64encode(b"n1\xff:password-0123456789")],
+)
+def test_malformed_node_credentials_are_refused_not_500(service, header):
+    """Found by fuzzing: a Basic header that was not ASCII ("Basic é") failed to decode with a ValueError: a 500."""
+    with TestClient(app(service), raise_server_exceptions=False) as client:
+        for method, path in (("GET", "/v1/nodes"), ("POST", "/v1/register")):
+            r = client.request(method, path, headers={"Authorization": header}, json=registration())
+            assert r.status_code == 401, (method, path, r.text)
+
+
 def test_an_epoch_hijack_over_http_is_refused(client):
     """Issue 11: anyone could POST /v1/register with a member's key and a huge epoch, making the real node's
     heartbeats stale. Without the node's credential it is refused and changes nothing."""
