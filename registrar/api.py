@@ -238,7 +238,7 @@ def create_app(
     def node(node_id: str) -> MemberView:
         member = service.state.membership.members.get(node_id)
         if member is None:
-            raise HTTPException(status_code=404, detail=f"no member {node_id}")
+            raise HTTPException(status_code=404, detail=api_admin.no_member(node_id))
         return MemberView.of(member)
 
     @app.get("/v1/mesh", response_model=MeshView, dependencies=[Depends(reader)],

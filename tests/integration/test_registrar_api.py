@@ -139,6 +139,24 @@ def test_malformed_node_credentials_are_refused_not_500(service, header):
             assert r.status_code == 401, (method, path, r.text)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "named"),
+    [
+        ("GET", "/v1/nodes/n9", "no member n9"),
+        ("GET", "/v1/nodes/%E2%80%AEevil%0A", None),
+        ("DELETE", "/v1/nodes/%3Cscript%3E", None),
+        ("DELETE", "/v1/tokens/0123456789ab", "no token 0123456789ab"),
+        ("DELETE", "/v1/tokens/%00%1B%5B31m", None),
+    ],
+)
+def test_not_found_never_echoes_arbitrary_input(client, method, path, named):
+    """Found by fuzzing: a 404 repeated the path segment verbatim (bidi overrides, control characters)."""
+    r = client.request(method, path, headers=AUTH)
+    assert r.status_code == 404
+    detail = r.json()["detail"]
+    assert detail == named if named else detail.startswith("no such "), detail
+
+
 def test_an_epoch_hijack_over_http_is_refused(client):
     """Issue 11: anyone could POST /v1/register with a member's key and a huge epoch, making the real node's
     heartbeats stale. Without the node's credential it is refused and changes nothing."""
