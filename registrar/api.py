@@ -37,6 +37,7 @@ from meshcontract.messages import (
     RegisterRequest,
     RegistrarInfo,
     decode,
+    error_location,
 )
 from meshcontract.ratelimit import RateLimiter, RatePolicy
 from registrar import api_admin
@@ -146,7 +147,10 @@ def create_app(
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own answer echoes the input, and an input such as NaN cannot be rendered as JSON: that turned a
         # bad request into a 500. Say where and why, never echo.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        errors = [
+            {"loc": error_location(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
     def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:

@@ -157,6 +157,20 @@ def test_not_found_never_echoes_arbitrary_input(client, method, path, named):
     assert detail == named if named else detail.startswith("no such "), detail
 
 
+@pytest.mark.parametrize(
+    ("path", "data", "status"),
+    [
+        ("/v1/tokens", {"reusable": True, "\u202eevil\n": 1}, 422),
+        ("/v1/enroll", {**enrollment(), "\u202eevil\n": 1}, 400),
+    ],
+)
+def test_validation_errors_never_echo_a_made_up_field(client, path, data, status):
+    """Found by fuzzing: an unknown key (bidi overrides, new lines, any length) came back verbatim as the loc."""
+    r = client.post(path, json=data, headers=AUTH)
+    assert r.status_code == status and "(unknown field)" in r.text
+    assert "evil" not in r.text and "\\u202e" not in r.text
+
+
 def test_an_epoch_hijack_over_http_is_refused(client):
     """Issue 11: anyone could POST /v1/register with a member's key and a huge epoch, making the real node's
     heartbeats stale. Without the node's credential it is refused and changes nothing."""

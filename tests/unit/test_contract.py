@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 from pydantic import BaseModel
@@ -114,6 +115,16 @@ def test_register_request_round_trip_and_canonical_form():
 def test_decode_rejects_with_a_reason(payload, reason):
     with pytest.raises(PayloadError, match=reason):
         m.decode(m.RegisterRequest, payload)
+
+
+@pytest.mark.parametrize("name", ["\u202eevil", "a\nINFO forged log line", "x" * 8000, "n\x00", "<b>"])
+def test_a_reason_never_repeats_a_made_up_field_name(name):
+    """Found by fuzzing: an unknown key came back verbatim in the reason (to the sender over HTTP, into logs)."""
+    body = {**_request(), name: 1}
+    with pytest.raises(PayloadError) as caught:
+        m.decode(m.RegisterRequest, json.dumps(body).encode())
+    assert name not in str(caught.value) and "(unknown field): Extra inputs" in str(caught.value)
+    assert m.error_location(["endpoints", 0, "host", "extra_1"]) == ["endpoints", 0, "host", "extra_1"]
 
 
 @pytest.mark.parametrize(
