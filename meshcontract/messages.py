@@ -352,7 +352,9 @@ def decode(model: type[M], payload: bytes, *, max_size: int = MAX_PAYLOAD) -> M:
     if not isinstance(data, dict):
         raise PayloadError(f"{model.__name__}: expected a JSON object, got {type(data).__name__}")
     if data.get("v") not in (None, SCHEMA_VERSION) and "v" in model.model_fields:
-        raise PayloadError(f"{model.__name__}: unsupported schema version {data.get('v')!r}")
+        # The version is named only when it is one (a number): any other `v` is the sender's text, never repeated.
+        version = data["v"] if type(data["v"]) is int and 0 <= data["v"] < 2**31 else "(not a version number)"
+        raise PayloadError(f"{model.__name__}: unsupported schema version {version}, this side speaks {SCHEMA_VERSION}")
     try:
         # JSON mode: strict models still accept JSON numbers/strings for their declared types.
         return model.model_validate_json(payload)

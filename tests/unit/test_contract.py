@@ -104,7 +104,8 @@ def test_register_request_round_trip_and_canonical_form():
         (b"not json", "not JSON"),
         (b"[1,2]", "expected a JSON object"),
         (b"\xff\xfe", "not JSON"),
-        (b'{"v": 2}', "unsupported schema version"),
+        (b'{"v": 2}', "unsupported schema version 2, this side speaks 1"),
+        (b'{"v": "${jndi:ldap://x/a}\\u202e"}', r"unsupported schema version \(not a version number\)"),  # never echoed
         (m.encode(m.RegisterRequest.model_validate(_request())).replace(b'"epoch":7', b'"epoch":"7"'), "epoch"),
         (m.encode(m.RegisterRequest.model_validate(_request())).replace(b'"n1"', b'"N1"'), "node_id"),
         (b" " * (m.MAX_PAYLOAD + 1), "exceeds"),
