@@ -53,6 +53,8 @@ def test_build_and_parse_round_trip(kind, node, expected):
         "meshvpn/v1/home/roster/x",
         "meshvpn/v1/home/status/" + "a" * 64,
         "meshvpn/v1/home/status/n\x00",
+        "meshvpn/v1/home/status/n1\n",  # `$` matches before a final new line: once a valid node id
+        "meshvpn/v1/home\n/status/n1",
     ],
 )
 def test_parse_rejects_topics_outside_the_contract(topic):
@@ -62,7 +64,8 @@ def test_parse_rejects_topics_outside_the_contract(topic):
 
 @pytest.mark.parametrize(
     ("mesh", "kind", "node"),
-    [("home", Kind.STATUS, None), ("home", Kind.SNAPSHOT, "n1"), ("ho/me", Kind.SNAPSHOT, None), ("home", Kind.STATUS, "+")],
+    [("home", Kind.STATUS, None), ("home", Kind.SNAPSHOT, "n1"), ("ho/me", Kind.SNAPSHOT, None), ("home", Kind.STATUS, "+"),
+     ("home", Kind.STATUS, "n1\n"), ("home\n", Kind.SNAPSHOT, None)],  # fmt: skip
 )
 def test_build_rejects_bad_arguments(mesh, kind, node):
     with pytest.raises(TopicError):
