@@ -93,6 +93,7 @@ BOUNDARY_INTS = [
 ]
 BOUNDARY_FLOATS = [-0.0, 1e308, 5e-324, float("nan"), float("inf"), float("-inf"), 0.5, 86400.5]
 
+
 def pick(*options: st.SearchStrategy | tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
     """One of `options`, each a strategy or (weight, strategy). Unlike st.one_of, which flattens nested one_ofs
     into one list of equally likely branches (a plausible value among five hostile kinds came up one time in six),
@@ -252,7 +253,8 @@ def either(plausible: st.SearchStrategy, hostile: st.SearchStrategy = scalars) -
 MEMBERS = ("n1", "n2", "n3")  # active at epoch 3, unreachable at epoch 2, just enrolled (epoch 0)
 REMOVED = "n4"  # removed by an admin: its key 4 is revoked and its IP quarantined
 NODE_IDS = [*MEMBERS, REMOVED, "n9", "me"]
-ODD_IDS = ["observer", "registrar", "admin", "meshvpn", "N1", "n1-", "_n", "a" * 63, "a" * 64]  # reserved or not ids
+# Reserved names, ids that are not ids, and ids with what a careless regex lets through.
+ODD_IDS = ["observer", "registrar", "admin", "meshvpn", "N1", "n1-", "_n", "a" * 63, "a" * 64, "n1\n", "n1\x00", "n1 "]
 
 
 def _enrolled(state: engine.CoreState, node: str, k: int) -> engine.CoreState:
@@ -761,6 +763,12 @@ class Target:
     inputs: st.SearchStrategy
     check: Callable[[object], None]
     inputs_per_example: float = 1.0  # a sequence holds several inputs (the mean of its length distribution)
+
+    def count(self, example: object) -> int:
+        """How many inputs `example` is (a sequence's messages; its clock ticks are not inputs)."""
+        if self.inputs_per_example == 1.0:
+            return 1
+        return sum(1 for step in example if step[0] != "tick")  # type: ignore[union-attr]
 
 
 def _registrar_message(item) -> None:
