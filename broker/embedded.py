@@ -26,6 +26,10 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
    amqtt ends its sessions, and a connection still reading its CONNECT is no session yet. On Python < 3.12 each
    cancelled connection task makes asyncio log a traceback. `MeshBroker.close` stops listening first, runs
    amqtt's shutdown, then closes the connections left.
+7. A refused CONNECT over TLS logs a traceback: the client hangs up on reading the refusing CONNACK, amqtt's
+   writer close then raises ConnectionResetError (as in its predecessor, https://github.com/njouanin/hbmqtt/issues/19)
+   and nothing catches it, so asyncio logs "Unhandled exception in client_connected_cb" and the listener keeps
+   counting the connection. `_close_refused` treats a peer that already hung up as closed.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
@@ -174,6 +178,20 @@ class _MeshHandler(BrokerProtocolHandler):
         await super().stop()
 
 
+async def _close_refused(writer: WriterAdapter, address: str, port: int) -> None:
+    """Close a connection refused at CONNECT, when its client may already have hung up (fix 7).
+
+    A client hangs up as soon as it reads the refusing CONNACK; over TLS amqtt's close then waits for the close
+    of a socket the peer has reset and raises ConnectionResetError, which nothing in amqtt catches: asyncio
+    logged "Unhandled exception in client_connected_cb" with a traceback for every refused login (a removed node
+    retrying every few seconds), and the listener never released the connection. The refusal is already logged.
+    """
+    try:
+        await writer.close()
+    except ConnectionError as exc:
+        log.debug("refused connection from %s:%s was already closed by the client: %r", address, port, exc)
+
+
 @dataclass(eq=False)
 class _Live:
     """One accepted connection, from admission until its message loop has ended."""
@@ -286,7 +304,7 @@ class MeshBroker(Broker):
         try:
             _, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
-            await writer.close()
+            await _close_refused(writer, remote_address, remote_port)
             raise
         client_id = incoming.client_id or ""
         if not self.open_access:
@@ -307,7 +325,7 @@ class MeshBroker(Broker):
             if reason is not None:
                 log.warning("refused connection from %s:%s: %s", remote_address, remote_port, reason)
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-                await writer.close()
+                await _close_refused(writer, remote_address, remote_port)
                 raise MQTTError(f"connection refused: {reason}")
 
         if client_id in self._live:
