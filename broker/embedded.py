@@ -60,6 +60,7 @@ from amqtt.utils import gen_client_id
 
 from broker import admission
 from broker.errors import BrokerStartError
+from broker.passwords import PasswordFile
 from broker.settings import BrokerServerSettings
 from meshcontract import access
 from meshcontract.ratelimit import RateLimiter, RatePolicy
@@ -72,43 +73,6 @@ _ACCOUNT_CHECK_S = 1.0  # how soon a session whose account was deleted from the 
 _CANCEL_AGAIN_S = 0.1  # a reader still running this long after its cancellation has lost it (see _MeshHandler.stop)
 _CONNECT_WAIT_S = 1.0  # at shutdown, how long connections that were still logging in get to end
 _START_TIMEOUT_S = 15.0
-
-
-class PasswordFile:
-    """A Mosquitto-format password file, read again at every check.
-
-    The file is small and logins are rare, so it is simply read each time: a stat-based cache can miss a
-    same-size rewrite within one mtime tick (ext4 stamps are jiffy-granular), and a password issued by the
-    registrar must work at once.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._text: str | None = None
-        self._entries: dict[str, str] = {}
-
-    def _refresh(self) -> None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            if self._text:
-                log.warning("password file %s is missing: nobody can log in with a password", self.path)
-            text = ""
-        if text != self._text:
-            self._entries = access.parse_password_file(text)
-            self._text = text
-            log.info("loaded %d broker users from %s", len(self._entries), self.path)
-
-    def users(self) -> set[str]:
-        """Every username the file holds now."""
-        self._refresh()
-        return set(self._entries)
-
-    def check(self, username: str, password: str) -> bool:
-        """True if the file holds `username` with `password`."""
-        self._refresh()
-        hashed = self._entries.get(username)
-        return hashed is not None and access.verify_password(password, hashed)
 
 
 class PacketTooLarge(Exception):

@@ -26,7 +26,8 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from brokers import ProbeClient, free_port, start_embedded, start_mosquitto
 from polling import wait_for
 
-from broker.embedded import EmbeddedBroker, PasswordFile, _MeshHandler
+from broker.embedded import EmbeddedBroker, _MeshHandler
+from broker.passwords import PasswordFile
 from broker.settings import BrokerServerSettings
 from meshcontract import access, topics
 from meshcontract.access import hash_password, render_password_file
