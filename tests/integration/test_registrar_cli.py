@@ -1,24 +1,28 @@
 """`meshvpn-registrar` end to end: `run --embedded-broker` with TLS, nodes that enroll over HTTPS with a join token
 and then log in with their own credential, the admin commands reaching the running registrar through its admin
-socket (tokens, removal that cuts a session and revokes the key, approval, the observer's password), and a SIGTERM
-that stops the registrar with its embedded broker quickly and cleanly."""
+socket (tokens, removal that cuts a session and revokes the key, approval, the observer's password), a SIGTERM
+that stops the registrar with its embedded broker quickly and cleanly, and on Mosquitto the deletion at start of
+a node account that has no member."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from brokers import free_port
+from brokers import ProbeClient, free_port, start_mosquitto
 from polling import wait_for
 
 from meshcontract import jointoken, messages, topics
@@ -27,6 +31,7 @@ from meshcontract.settings import load_settings
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, make_client, release
 from registrar import cli, runner
+from registrar.accounts import DynsecAccounts
 from registrar.settings import RegistrarSettings
 
 MESH = "clilab"
@@ -99,17 +104,17 @@ def enroll(base: str, state: Path, node: str, n: int, token: str, password: str)
     return httpx.post(f"{base}/v1/enroll", content=request.model_dump_json(), verify=trust(state), timeout=10)
 
 
-@pytest.fixture
-def running(tmp_path, capsys):
-    state = tmp_path / "state"
-    broker_port, http_port = free_port(), free_port()
+@contextmanager
+def serving(state: Path, **overrides: object) -> Iterator[tuple[str, threading.Event]]:
+    """`runner.run` in a thread with these settings, until the block ends; yields its HTTPS base URL (once
+    /healthz says ready) and the event that stops it."""
+    http_port = free_port()
     settings = load_settings(
         RegistrarSettings,
         environ={},
         overrides={
-            "state_dir": str(state), "embedded_broker": True, "broker_listen": f"127.0.0.1:{broker_port}",
-            "http_listen": f"127.0.0.1:{http_port}", "mesh": MESH, "network": "10.66.0.0/24",
-            "heartbeat_interval_s": 0.3, "heartbeat_ttl_s": 1.0,
+            "state_dir": str(state), "http_listen": f"127.0.0.1:{http_port}", "mesh": MESH,
+            "network": "10.66.0.0/24", "heartbeat_interval_s": 0.3, "heartbeat_ttl_s": 1.0, **overrides,
         },
     )  # fmt: skip
     stop = threading.Event()
@@ -135,14 +140,22 @@ def running(tmp_path, capsys):
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, what="registrar serving")
     try:
-        yield {"broker_port": broker_port, "base": base, "state": state, "stop": stop}
+        wait_for(healthy, what="registrar serving")
+        yield base, stop
     finally:
         stop.set()
         thread.join(15)
         assert not thread.is_alive(), "registrar did not stop"
         assert not errors, errors
+
+
+@pytest.fixture
+def running(tmp_path, capsys):
+    state = tmp_path / "state"
+    broker_port = free_port()
+    with serving(state, embedded_broker=True, broker_listen=f"127.0.0.1:{broker_port}") as (base, stop):
+        yield {"broker_port": broker_port, "base": base, "state": state, "stop": stop}
 
 
 def test_admin_commands_need_a_running_registrar(tmp_path, capsys):
@@ -274,3 +287,42 @@ def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
     assert code == 0, output
     assert "Traceback" not in output, output
     assert stop_s < 5.0, output
+
+
+def logs_in(broker, user: str, password: str) -> bool:
+    """Whether `broker` accepts a login of `user` (client id = username) with `password`; disconnects again."""
+    client = ProbeClient(broker, client_id=user, username=user, password=password)
+    accepted = client.rc == 0
+    if accepted:
+        client.close()
+    else:
+        release(client.client)
+    return accepted
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+def test_orphan_accounts_in_mosquitto_are_deleted_at_start(tmp_path, capsys):
+    """A node account without a member (left by a crash between creating it and committing the enrollment) is
+    deleted when the registrar starts. The check used to run before the dynamic security admin had connected
+    ("could not check the broker's accounts"), so on Mosquitto the orphan kept its login until some later start."""
+    state = tmp_path / "state"
+    broker = start_mosquitto(tmp_path, users={"registrar": "registrar-pw"}, mesh=MESH)
+    dynsec = {
+        "broker.url": broker.url, "broker.password": "registrar-pw", "broker_admin_password": broker.admin_password,
+        "broker_accounts": "dynsec",
+    }  # fmt: skip
+    try:
+        with serving(state, **dynsec) as (base, _):
+            reply = enroll(base, state, "n1", 1, new_token(capsys, state), "n1-own-password-0000")
+            assert reply.status_code == 200, reply.text
+        # While the registrar is down (the test's admin shares its account, and so its client id):
+        broker.add_user("orphan", "orphan-password")  # as the registrar makes an enrolling node's account
+        assert DynsecAccounts(broker.admin(), mesh=MESH).names() == {"n1", "orphan"}
+        assert logs_in(broker, "orphan", "orphan-password")
+        broker.close_admin()
+        with serving(state, **dynsec):
+            wait_for(lambda: not logs_in(broker, "orphan", "orphan-password"), timeout=10, what="orphan refused")
+            assert logs_in(broker, "n1", "n1-own-password-0000"), "a member's account stays"
+        assert DynsecAccounts(broker.admin(), mesh=MESH).names() == {"n1"}
+    finally:
+        broker.stop()
