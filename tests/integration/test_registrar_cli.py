@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -140,8 +141,17 @@ def serving(state: Path, **overrides: object) -> Iterator[tuple[str, threading.E
         except httpx.HTTPError:
             return False
 
+    def admin_socket_listens() -> bool:
+        # /healthz can say ready before runner.run has started the admin socket the CLI commands use.
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(state / "admin.sock"))
+            except OSError:
+                return False
+        return True
+
     try:
-        wait_for(healthy, what="registrar serving")
+        wait_for(lambda: healthy() and admin_socket_listens(), what="registrar serving, admin socket included")
         yield base, stop
     finally:
         stop.set()
@@ -188,7 +198,7 @@ def test_enroll_then_own_credentials_then_removal(running, capsys):
     assert node.accepted
     token_login = Client(port, "n2", "join:" + jointoken.parse(single).secret, state=state)
     assert not token_login.accepted
-    token_login.client.loop_stop()
+    release(token_login.client)
     # a valid reusable token never takes over an enrolled node
     reusable = new_token(capsys, state, "--reusable")
     impostor = enroll(base, state, "n1", 9, reusable, "impostor-password-00")
@@ -199,14 +209,14 @@ def test_enroll_then_own_credentials_then_removal(running, capsys):
     assert node.disconnected.wait(10), "a removed node's session is dropped"
     again = Client(port, "n1", "n1-own-password-0000", state=state)
     assert not again.accepted
-    again.client.loop_stop()
+    release(again.client)
     refused = enroll(base, state, "n1", 1, reusable, "n1-own-password-0000")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "key_revoked"
     code, listing = run_cli(capsys, "nodes", "revoked", "--state-dir", d)
     assert key(1) in listing
     assert run_cli(capsys, "nodes", "approve", key(1), "--state-dir", d)[0] == 0
     assert enroll(base, state, "n1", 1, reusable, "n1-own-password-0000").status_code == 200
-    node.client.loop_stop()
+    release(node.client)
 
 
 def test_observer_credentials_and_graceful_stop(running, capsys):
@@ -226,7 +236,7 @@ def test_observer_credentials_and_graceful_stop(running, capsys):
     wait_for(lambda: last_state() == "offline" or not obs.client.is_connected(), what="offline or broker gone")
     # the embedded broker stops with the registrar; the offline status was published before it did
     assert last_state() == "offline"
-    obs.client.loop_stop()
+    release(obs.client)
 
 
 def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
@@ -280,7 +290,7 @@ def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
             proc.kill()
             proc.wait()
         for client in clients:
-            client.client.loop_stop()
+            release(client.client)
     output = log_path.read_text()
     with capsys.disabled():
         print(f"\nregistrar with embedded broker: SIGTERM to exit {stop_s:.2f} s")
