@@ -1,7 +1,7 @@
 """How the registrar copes with a big mesh: N enrolled nodes register at once and must all follow the membership.
 
     python bench/bench_registrar.py [--nodes 1000] [--broker mosquitto|amqtt|both] [--workers 4]
-                                    [--heartbeat-interval 1] [--heartbeat-window 20] [--heartbeat-ttl 60]
+                                    [--heartbeat-interval 1] [--heartbeat-window 20] [--heartbeat-ttl 60] [--keep]
 
 For each broker: start it with access control as shipped, on a random 127.0.0.1 port in plain TCP (Mosquitto
 with the dynamic security plugin, whose node accounts the registrar creates through its admin; or the embedded
@@ -40,6 +40,7 @@ import json
 import multiprocessing as mp
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -437,6 +438,10 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
         except subprocess.TimeoutExpired:
             registrar.kill()
         broker.stop()
+        if args.keep:
+            print(f"kept {tmp} (broker log and config, registrar state)", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -448,6 +453,7 @@ def main() -> int:
     p.add_argument("--heartbeat-ttl", type=float, default=60.0)
     p.add_argument("--heartbeat-window", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (broker log, registrar state)")
     args = p.parse_args()
     # SIGTERM runs the finally blocks: brokers and the registrar subprocess are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
