@@ -97,7 +97,8 @@ def test_meshctl_status_and_ping(
             assert meshctl.main(["--socket", str(sock), "status"]) == 0
             text = capsys.readouterr().out
             assert f"alpha ({alpha.node_id})" in text and f"{alpha.mesh_ip}/16 on meshvpn0" in text
-            assert "broker    connected" in text and "registrar online" in text
+            assert "broker     connected" in text and "registrar  online" in text
+            assert f"membership revision {alpha.status().membership_revision}, complete" in text
             row = next(line for line in text.splitlines() if line.startswith("beta"))
             assert row.split()[:5] == ["beta", beta.mesh_ip, "active", "3s", "ago"]
             assert "127.0.0.1:51000" in row and "4.0 KiB" in row
