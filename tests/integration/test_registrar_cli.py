@@ -336,3 +336,32 @@ def test_orphan_accounts_in_mosquitto_are_deleted_at_start(tmp_path, capsys):
         assert DynsecAccounts(broker.admin(), mesh=MESH).names() == {"n1"}
     finally:
         broker.stop()
+
+
+def test_mosquitto_init_force_keeps_enrolled_nodes_unless_told_to_drop_their_accounts(tmp_path, capsys):
+    """`mosquitto init --force` writes a dynamic security file without node accounts: with members enrolled, none
+    of them could log in afterwards. It refuses then, changing nothing, unless --drop-node-accounts is given too."""
+    state, mosq = tmp_path / "state", tmp_path / "mosquitto"
+    dynsec_file = mosq / "dynamic-security.json"
+
+    def init(*flags: str) -> tuple[int, str]:
+        return run_cli(capsys, "mosquitto", "init", "--dir", str(mosq), "--state-dir", str(state), *flags)
+
+    assert init()[0] == 0
+    assert init("--force")[0] == 0, "no member yet: replacing the setup strands nobody"
+    broker_port = free_port()
+    with serving(state, embedded_broker=True, broker_listen=f"127.0.0.1:{broker_port}") as (base, _):
+        reply = enroll(base, state, "n1", 1, new_token(capsys, state), "n1-own-password-0000")
+        assert reply.status_code == 200, reply.text
+    before = {path: path.read_bytes() for path in (dynsec_file, state / runner.REGISTRAR_PASSWORD_FILE)}
+
+    code, message = init("--force")
+    assert code == 2
+    assert "1 node is enrolled with this registrar (n1)" in message and "none of them could log in" in message
+    assert "delete enrollment.json" in message and "--drop-node-accounts" in message
+    assert {path: path.read_bytes() for path in before} == before, "a refusal changes nothing"
+
+    assert init("--force", "--drop-node-accounts")[0] == 0
+    config = json.loads(dynsec_file.read_text())
+    assert "n1" not in {client["username"] for client in config["clients"]}
+    assert dynsec_file.read_bytes() != before[dynsec_file]
