@@ -52,23 +52,34 @@ class Node:
         self.agent = StubAgent(tmp_path / "agent.sock", status([peer(BOB, "bob"), peer(CAROL, "carol", handshake_age=None)]))
         self.agent.start()
         self.windows: list[ChatWindow] = []
-        self.bob = self._bob()
+        self._reservation: socket.socket | None = None
+        try:
+            self.bob = self._bob()
+        except BaseException:
+            self.agent.stop()
+            raise
 
     def _bob(self) -> ChatSession:
         for _ in range(20):
-            with socket.socket() as s:
-                s.bind((ME, 0))
-                port = s.getsockname()[1]
+            # Every window listens on ME at Bob's port, once its first agent poll is in: a socket bound there (never
+            # listening) keeps any other program from taking the port meanwhile, and still lets a window's listener
+            # in, since both set SO_REUSEADDR. Probing and closing would leave the port free for anyone until then.
+            reservation = socket.socket()
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reservation.bind((ME, 0))
+            port = reservation.getsockname()[1]
             directory = PeerDirectory()
             directory.update(MemoryPeerSource(static_status(self_ip=BOB, name="bob", member_ips=[ME],
                                                             now=time.time())).snapshot(now=time.time()))
             bob = ChatSession(history=MemoryHistory(), directory=directory, port=port, timeout=2.0, name="bob")
             try:
                 bob.ensure_listening()
-                return bob
             except ListenError:
+                reservation.close()
                 continue
-        raise AssertionError("no free port on 127.0.0.3")
+            self._reservation = reservation
+            return bob
+        raise AssertionError("no port free on both 127.0.0.2 and 127.0.0.3")
 
     def open(self, history=None) -> ChatWindow:
         session = ChatSession(history=history or MemoryHistory(), directory=PeerDirectory(), port=self.bob.port,
@@ -87,6 +98,8 @@ class Node:
             window.close()
         self.bob.close(wait=1)
         self.agent.stop()
+        if self._reservation is not None:
+            self._reservation.close()
 
 
 @pytest.fixture
