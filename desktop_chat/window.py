@@ -18,6 +18,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QPoint, Qt, Signal
 from PySide6.QtGui import QAction, QBrush, QColor, QIcon, QPainter, QPixmap
 from PySide6.QtWidgets import (
+    QAbstractItemView,
     QApplication,
     QHBoxLayout,
     QLabel,
@@ -115,7 +116,12 @@ class ChatWindow(QMainWindow):
         self.peer_list.setObjectName("peers")
         self.peer_list.setIconSize(self._icons["online"].availableSizes()[0])
         self.peer_list.setSpacing(2)
-        self.peer_list.currentItemChanged.connect(self._on_peer_selected)
+        self.peer_list.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        # A conversation opens on a selection (click, arrow keys, select_peer), never on a change of the current
+        # item alone: whenever the list gets keyboard focus with no current item, Qt makes the first one current
+        # without selecting it, e.g. when the window is activated after the first peers arrived. Following that
+        # would open, and mark read, a conversation the user never chose.
+        self.peer_list.itemSelectionChanged.connect(self._on_peer_selected)
         peers_title = QLabel("<b>Peers</b> <span style='color:#666'>(mesh members)</span>")
         left = QWidget()
         left_layout = QVBoxLayout(left)
@@ -285,10 +291,11 @@ class ChatWindow(QMainWindow):
             raise ChatError(f"{mesh_ip} is not in the peer list")
         self.peer_list.setCurrentItem(item)
 
-    def _on_peer_selected(self, current: QListWidgetItem | None, _previous) -> None:
-        if current is None:
-            return  # the selected peer left the list: keep its conversation open, marked as gone
-        ip = current.data(IP_ROLE)
+    def _on_peer_selected(self) -> None:
+        selected = self.peer_list.selectedItems()
+        if not selected:
+            return  # nothing selected any more (e.g. ctrl+click): keep the open conversation
+        ip = selected[0].data(IP_ROLE)
         if ip != self._current_ip:
             self._current_ip = ip
             self._load_conversation(ip)

@@ -52,23 +52,34 @@ class Node:
         self.agent = StubAgent(tmp_path / "agent.sock", status([peer(BOB, "bob"), peer(CAROL, "carol", handshake_age=None)]))
         self.agent.start()
         self.windows: list[ChatWindow] = []
-        self.bob = self._bob()
+        self._reservation: socket.socket | None = None
+        try:
+            self.bob = self._bob()
+        except BaseException:
+            self.agent.stop()
+            raise
 
     def _bob(self) -> ChatSession:
         for _ in range(20):
-            with socket.socket() as s:
-                s.bind((ME, 0))
-                port = s.getsockname()[1]
+            # Every window listens on ME at Bob's port, once its first agent poll is in: a socket bound there (never
+            # listening) keeps any other program from taking the port meanwhile, and still lets a window's listener
+            # in, since both set SO_REUSEADDR. Probing and closing would leave the port free for anyone until then.
+            reservation = socket.socket()
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reservation.bind((ME, 0))
+            port = reservation.getsockname()[1]
             directory = PeerDirectory()
             directory.update(MemoryPeerSource(static_status(self_ip=BOB, name="bob", member_ips=[ME],
                                                             now=time.time())).snapshot(now=time.time()))
             bob = ChatSession(history=MemoryHistory(), directory=directory, port=port, timeout=2.0, name="bob")
             try:
                 bob.ensure_listening()
-                return bob
             except ListenError:
+                reservation.close()
                 continue
-        raise AssertionError("no free port on 127.0.0.3")
+            self._reservation = reservation
+            return bob
+        raise AssertionError("no port free on both 127.0.0.2 and 127.0.0.3")
 
     def open(self, history=None) -> ChatWindow:
         session = ChatSession(history=history or MemoryHistory(), directory=PeerDirectory(), port=self.bob.port,
@@ -87,6 +98,8 @@ class Node:
             window.close()
         self.bob.close(wait=1)
         self.agent.stop()
+        if self._reservation is not None:
+            self._reservation.close()
 
 
 @pytest.fixture
@@ -124,13 +137,37 @@ def test_peer_list_follows_the_agent(node, qtbot):
     assert window.peer_ips() == [BOB, DAVE]
     # Carol left while her conversation was open: it stays open, marked, and no other peer got opened.
     assert "not a mesh member now" in window.conversation_title.text()
-    assert window.peer_list.currentItem() is None
+    assert window.peer_list.selectedItems() == []
     assert window.unread(BOB) == 1
 
     node.agent.set_status(status([peer(BOB, "bob"), peer(CAROL, "carol"), peer(DAVE, "dave")]))
     qtbot.waitUntil(lambda: presences(window).get(CAROL) == "online", timeout=WAIT_MS)
-    assert window.peer_list.currentItem() is window.peer_item(CAROL)  # back, and still the open conversation
+    assert window.peer_list.selectedItems() == [window.peer_item(CAROL)]  # back, and still the open conversation
     assert "carol" in window.conversation_title.text()
+
+
+def test_focus_on_the_peer_list_opens_no_conversation(node, qtbot):
+    """Qt makes the first peer current when the list gets focus, as when the window is activated after the
+    peers arrived; only a selection opens a conversation (and marks it read)."""
+    history = MemoryHistory()
+    history.add(Record(BOB, uuid.uuid4().hex, "in", "bob", "unread", time.time(), "received", read=False))
+    window = node.open(history)
+    qtbot.waitUntil(lambda: "1 new" in window.peer_item(BOB).text(), timeout=WAIT_MS)
+    qtbot.waitUntil(window.isActiveWindow, timeout=WAIT_MS)  # only a widget in the active window gets focus
+    window.peer_list.clearFocus()
+    window.peer_list.setFocus(Qt.FocusReason.ActiveWindowFocusReason)
+    assert window.conversation_title.text() == "Select a peer to chat with"
+    assert window.peer_list.selectedItems() == []
+    assert "1 new" in window.peer_item(BOB).text()
+    assert window.peer_list.hasFocus()
+    assert window.peer_list.currentItem() is window.peer_item(BOB)  # what Qt did on focus-in
+
+    # A click on that current but unselected peer selects it: now its conversation opens.
+    rect = window.peer_list.visualItemRect(window.peer_item(BOB))
+    qtbot.mouseClick(window.peer_list.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert "bob" in window.conversation_title.text()
+    qtbot.waitUntil(lambda: "unread" in item_text(window), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.peer_item(BOB).text() == f"bob\n{BOB}", timeout=WAIT_MS)
 
 
 def test_status_bar_tells_control_plane_and_agent_trouble(node, qtbot):
