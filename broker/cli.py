@@ -32,6 +32,7 @@ from broker.mosquitto_config import (
 )
 from broker.settings import BrokerServerSettings
 from meshcontract import access, logs
+from meshcontract.completion import add_completion_options
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
 from meshcontract.stopping import StopSignals
@@ -48,6 +49,7 @@ def _file_options(parser: argparse.ArgumentParser, *, default: object) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshvpn-broker", description="meshvpn's embedded MQTT broker (amqtt)")
     _file_options(parser, default=None)
+    add_completion_options(parser)
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 1883)")
     parser.add_argument("--allow-anonymous", action="store_true", default=None, help="let clients in without a username")

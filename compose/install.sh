@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs meshvpn on a Debian/Ubuntu host: a venv in /opt/meshvpn with the wheel and its dependencies, the
-# commands in /usr/local/bin, the systemd units, example configs in /etc/meshvpn and a `meshvpn` system user
-# for the registrar. Idempotent: a second run changes nothing (and says so); configs that exist are never
+# commands in /usr/local/bin (and their bash completion, where bash-completion is installed), the systemd units,
+# example configs in /etc/meshvpn and a `meshvpn` system user for the registrar. Idempotent: a second run changes nothing (and says so); configs that exist are never
 # overwritten. It enables and starts nothing: see the next steps it prints, and docs/deploy.md.
 #
 # Usage (root):
@@ -136,6 +136,20 @@ for cmd in "${COMMANDS[@]}"; do
     changed=1
   fi
 done
+
+# --- bash completion -------------------------------------------------------------------------------------
+# Only where bash-completion is installed: it loads completions/NAME the first time NAME is completed. The
+# scripts come from the installed commands themselves (not from a checkout on PYTHONPATH).
+COMPLETIONS=$ROOT/usr/share/bash-completion/completions
+if [ -d "$COMPLETIONS" ]; then
+  for cmd in "${COMMANDS[@]}"; do
+    if env -u PYTHONPATH "$VENV/bin/$cmd" --print-completion bash >"$workdir/$cmd.bash"; then
+      put "$workdir/$cmd.bash" "$COMPLETIONS/$cmd" 0644
+    else
+      echo "install: warning: no bash completion for $cmd ($cmd --print-completion bash failed)" >&2
+    fi
+  done
+fi
 
 # --- user, units, configs, docs --------------------------------------------------------------------------
 if [ -z "$ROOT" ] && ! getent passwd meshvpn >/dev/null; then

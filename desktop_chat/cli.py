@@ -25,6 +25,7 @@ from desktop_chat.peers import AgentPeerSource, MemoryPeerSource, PeerDirectory,
 from desktop_chat.session import ChatSession, PeerPoller
 from desktop_chat.settings import ChatSettings, default_state_dir
 from meshcontract import logs
+from meshcontract.completion import add_completion_options, completes
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
 
@@ -50,22 +51,35 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-json", action="store_true", default=hide, help="log one JSON object per line")
 
 
+def _complete_peer_ips(args: argparse.Namespace) -> list[str]:
+    # Runs at every TAB (completion): the shared options were declared with SUPPRESS, so they may be absent; no
+    # agent, or no readable settings, offers nothing.
+    try:
+        settings = load_settings(ChatSettings, path=getattr(args, "config", None),
+                                 overrides={"socket": getattr(args, "socket", None)})
+        return [peer.mesh_ip for peer in AgentPeerSource(settings.socket, timeout=2.0).status().peers]
+    except (ContractError, PeerSourceError):
+        return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshchat", description="Chat directly over mesh IPs (meshvpn demo).",
                                      epilog="Without a command: gui.")
     _common(parser)
+    add_completion_options(parser, sources={"peer-ips": _complete_peer_ips})
     sub = parser.add_subparsers(dest="command")
     gui = sub.add_parser("gui", help="open the chat window (default)")
     _common(gui)
     send = sub.add_parser("send", help="send one message and wait for the ack")
     _common(send)
-    send.add_argument("--to", required=True, help="the peer's mesh IP (names are display only)")
+    completes(send.add_argument("--to", required=True, help="the peer's mesh IP (names are display only)"), "peer-ips")
     send.add_argument("--timeout", type=float, help="seconds for connect + send + ack (default 5)")
     send.add_argument("text", nargs="+", help="the message")
     listen = sub.add_parser("listen", help="receive messages and print them, one line each")
     _common(listen)
-    listen.add_argument("--allow", action="append", metavar="IP",
-                        help="accept messages from this IP (repeat); replaces the agent's member list; needs --bind")
+    completes(listen.add_argument("--allow", action="append", metavar="IP",
+                                  help="accept messages from this IP (repeat); replaces the agent's member list; "
+                                       "needs --bind"), "peer-ips")
     listen.add_argument("--count", type=int, help="exit after N messages")
     listen.add_argument("--json", action="store_true",
                         help="one JSON object per event on stdout (listening, message; see desktop_chat/output.py)")

@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 
+from meshcontract.completion import add_completion_options, completes
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
 from meshlab.errors import LabError
 from meshlab.lab import Lab
 from meshlab.report import format_matrix, format_status
 from meshlab.settings import LabSettings
+from meshlab.store import LabStore
 from meshlab.topology import PUBLIC_PLACEMENT, Placement, layout, parse_group, parse_node_list, parse_target
 
 
@@ -25,10 +27,28 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _lab_names(args: argparse.Namespace, *extra: str) -> list[str]:
+    # Runs at every TAB (completion): no lab, or no readable settings, simply offers nothing.
+    try:
+        state = LabStore(_settings(args).lab_dir).load()
+    except (LabError, ContractError):
+        return []
+    return [node.name for node in state.ordered_nodes()] + list(extra)
+
+
+# Values of node arguments for the completion script (meshcontract.completion).
+COMPLETION_SOURCES = {
+    "nodes": _lab_names,
+    "exec-targets": lambda args: _lab_names(args, "ctl"),
+    "log-sources": lambda args: _lab_names(args, "registrar", "mosquitto"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshlab", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML settings file (LabSettings)")
     parser.add_argument("--lab-dir", help="lab directory (default /var/lib/meshlab, env MESHVPN_LAB_DIR)")
+    add_completion_options(parser, sources=COMPLETION_SOURCES)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="build a lab of N nodes")
@@ -56,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--behind", metavar="ROUTER", help="behind an existing router (its name or NAT group)")
 
     p = sub.add_parser("roam", help="change a node's underlay address under its running agent (Wi-Fi -> mobile)")
-    p.add_argument("node")
+    completes(p.add_argument("node"), "nodes")
     p.add_argument("--to", metavar="WHERE", help="public (a new LAN address), nat (a new router of its own) or a "
                                                  "router / NAT group name; default: the same kind of network as now")
     for name, text in [("kill", "SIGKILL the node's agent (agent crash; wireguard-go stays)"),
@@ -67,17 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("start", "start the node's agent again"),
                        ("partition", "cut the node's underlay link"),
                        ("heal", "restore the node's underlay link")]:
-        sub.add_parser(name, help=text).add_argument("node")
+        completes(sub.add_parser(name, help=text).add_argument("node"), "nodes")
     for name, text in [("cut-control", "drop the node's traffic to and from the control plane (peers still reach it)"),
                        ("restore-control", "undo cut-control"),
                        ("reinstall", "machine reinstalled: crash, state dir deleted, member removed by admin, "
                                      "agent started with a new key")]:
-        sub.add_parser(name, help=text).add_argument("node")
+        completes(sub.add_parser(name, help=text).add_argument("node"), "nodes")
     for name, text in [("isolate", "the nodes reach only each other: not the control plane, not other nodes"),
                        ("rejoin", "undo isolate")]:
-        sub.add_parser(name, help=text).add_argument("nodes", nargs="+")
+        completes(sub.add_parser(name, help=text).add_argument("nodes", nargs="+"), "nodes")
     p = sub.add_parser("loss", help="drop PERCENT %% of the packets on the node's link, each way (0: none)")
-    p.add_argument("node")
+    completes(p.add_argument("node"), "nodes")
     p.add_argument("percent", type=int, choices=range(0, 101), metavar="PERCENT")
     sub.add_parser("broker", help="stop or start the broker").add_argument("action", choices=["stop", "start"])
     sub.add_parser("registrar", help="stop (SIGTERM), kill (SIGKILL) or start the registrar").add_argument(
@@ -85,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exec", help="run a command on a node: in its namespace, MESHVPN_SOCKET = its agent "
                                     "(ctl = control namespace)")
-    p.add_argument("node")
+    completes(p.add_argument("node"), "exec-targets")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     p = sub.add_parser("logs", help="show logs (a node, registrar, mosquitto, or all)")
-    p.add_argument("node", nargs="?")
+    completes(p.add_argument("node", nargs="?"), "log-sources")
     p.add_argument("-n", "--lines", type=int, default=40)
 
     p = sub.add_parser("ping", help="ping matrix over mesh IPs between running nodes")

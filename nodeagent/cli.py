@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from meshcontract import logs
+from meshcontract.completion import add_completion_options
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
 from meshcontract.stopping import StopSignals
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="TOML settings file (e.g. /etc/meshvpn/agent.toml)")
+    add_completion_options(parser)
     parser.add_argument(
         "command", nargs="?", default="run", choices=["run"], help="what to do (default: run)"
     )

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from meshcontract.completion import add_completion_options, completes
 from meshcontract.errors import ContractError
 from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, PingResult, RotateResult, query
 
@@ -131,6 +132,23 @@ def resolve_socket(flag: str | None, environ: Mapping[str, str]) -> str:
     return flag or environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
+def peer_candidates(status: AgentStatus) -> list[str]:
+    """What `meshctl ping <TAB>` offers: every peer's name and mesh IP, once each. Pure.
+
+    (Names the shell would split or expand are dropped by meshcontract.completion before they reach it.)
+    """
+    return list(dict.fromkeys(value for peer in status.peers for value in (peer.name, peer.mesh_ip) if value))
+
+
+def _complete_peers(args: argparse.Namespace) -> list[str]:
+    # Runs at every TAB: a short timeout, and no values (never an error) when the agent does not answer.
+    try:
+        response = query(LocalRequest(op="status"), socket_path=resolve_socket(args.socket, os.environ), timeout=2)
+    except ContractError:
+        return []
+    return peer_candidates(response.status) if response.status is not None else []
+
+
 def _socket_option(parser: argparse.ArgumentParser, *, default: object) -> None:
     parser.add_argument("--socket", default=default,
                         help=f"agent socket (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
@@ -139,11 +157,12 @@ def _socket_option(parser: argparse.ArgumentParser, *, default: object) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Inspect the local meshvpn agent.")
     _socket_option(parser, default=None)
+    add_completion_options(parser, sources={"peers": _complete_peers})
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="this node and its peers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     ping = sub.add_parser("ping", help="ping a peer's mesh IP through the tunnel")
-    ping.add_argument("target", help="node name, node id or mesh IP")
+    completes(ping.add_argument("target", help="node name, node id or mesh IP"), "peers")
     ping.add_argument("-c", "--count", type=int, default=3, help="probes to send (1-20)")
     ping.add_argument("--json", action="store_true", help="machine-readable output")
     rotate = sub.add_parser(

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from meshcontract import logs
+from meshcontract.completion import add_completion_options
 from meshcontract.errors import ContractError
 from meshcontract.settings import load_settings
 from registrar.admin_client import AdminClient
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="TOML settings file (e.g. /etc/meshvpn/registrar.toml)")
+    add_completion_options(p)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", help="the registrar's state directory (default /var/lib/meshvpn-registrar)")
     sub = p.add_subparsers(dest="command", required=True)

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "compose" / "install.sh"
 SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+COMPLETIONS = "usr/share/bash-completion/completions"
 # What a source checkout may hold that must never reach the wheel build (stale modules in build/, the dev venv).
 _IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
@@ -59,6 +60,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def staging_root(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A staging root filled by compose/install.sh: /opt/meshvpn venv, links, units, configs."""
     root = tmp_path_factory.mktemp("root")
+    # As on a host with bash-completion installed: install.sh fills the directory only where it exists.
+    (root / COMPLETIONS).mkdir(parents=True)
     proc = _run([str(INSTALL), "--root", str(root), "--wheel", str(wheel)], timeout=240)
     assert proc.returncode == 0, f"install.sh failed:\n{proc.stdout}\n{proc.stderr}"
     return root
@@ -135,3 +138,29 @@ def test_install_script_links_units_and_configs_and_is_idempotent(staging_root: 
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout, again.stdout
     assert config.read_text().endswith("# edited\n")
+
+
+def test_install_script_installs_bash_completion_only_where_bash_completion_is(staging_root: Path,
+                                                                              wheel: Path) -> None:
+    completions = staging_root / COMPLETIONS
+    for script in SCRIPTS:
+        installed = completions / script
+        assert installed.stat().st_mode & 0o777 == 0o644
+        printed = _run([str(staging_root / "opt/meshvpn/bin" / script), "--print-completion", "bash"], timeout=60,
+                       env=_clean_env())
+        assert installed.read_text() == printed.stdout, f"{installed} is not what {script} prints"
+        check = _run(["bash", "-n", str(installed)], timeout=30)
+        assert check.returncode == 0, check.stderr
+    # Without bash-completion nothing is created, and that is no change.
+    shutil.rmtree(completions)
+    again = _run([str(INSTALL), "--root", str(staging_root), "--wheel", str(wheel)], timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout, again.stdout
+    assert not completions.exists()
+    # Back with the directory: the scripts come back, and only they are written.
+    completions.mkdir()
+    back = _run([str(INSTALL), "--root", str(staging_root), "--wheel", str(wheel)], timeout=120)
+    assert back.returncode == 0, back.stderr
+    assert sorted(p.name for p in completions.iterdir()) == sorted(SCRIPTS)
+    assert sorted(line for line in back.stdout.splitlines() if line.startswith("install: wrote")) == sorted(
+        f"install: wrote {completions / script}" for script in SCRIPTS)
