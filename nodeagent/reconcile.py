@@ -1,7 +1,7 @@
 """Desired WireGuard peers from membership, and the plan that gets the interface there. No I/O here.
 
 Desired state is a pure function of (complete membership, own node id, keepalive): one peer per ACTIVE member
-other than ourselves, AllowedIPs exactly its mesh IP as a host route, endpoint its first advertised endpoint.
+other than ourselves (active, or lost by the control plane but not yet judged unreachable), AllowedIPs exactly its mesh IP as a host route, endpoint its first advertised endpoint.
 The plan is `wgctl.diff.plan(desired, actual)`: only the difference, never a peer that is already right.
 """
 
@@ -45,7 +45,7 @@ def desired_peers(
 ) -> dict[str, PeerConfig]:
     """Public key -> desired peer for every active member except ourselves (by node id or by key)."""
     desired: dict[str, PeerConfig] = {}
-    for record in membership.active():
+    for record in membership.tunnelled():
         if record.node_id == self_id or record.public_key == self_public_key:
             continue
         # The registrar refuses a second node with the same key; should one slip through, the lower node id
