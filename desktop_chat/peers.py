@@ -21,6 +21,8 @@ from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, Pee
 HANDSHAKE_WINDOW = 180.0
 
 Presence = Literal["online", "idle", "offline"]
+# What the control plane says of a member it lost, shown next to the data plane's word.
+CONTROL_NOTE = {"suspect": "; control plane lost it, peers probing", "control_lost": "; control plane lost, tunnel alive"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,21 +51,23 @@ class PeerSnapshot:
 def presence(peer: PeerView, *, now: float, window: float = HANDSHAKE_WINDOW) -> tuple[Presence, str]:
     """Whether `peer` is reachable now, following both membership and the tunnel. Pure.
 
-    online: an active member with a configured tunnel that completed a handshake within `window` seconds.
-    idle: an active member with a tunnel but no recent handshake; WireGuard only handshakes when there is
-    traffic (unless keepalive is on), so a message may well get through and will bring it online.
-    offline: the registrar marked it unreachable, or no tunnel to it is configured.
+    online: a member with a configured tunnel that completed a handshake within `window` seconds — also one the
+    control plane lost while its tunnel still works ("control plane lost, tunnel alive" is not offline).
+    idle: a member with a tunnel but no recent handshake; WireGuard only handshakes when there is traffic
+    (unless keepalive is on), so a message may well get through and will bring it online.
+    offline: the registrar marked it unreachable (lost on both planes, or it left), or no tunnel is configured.
     """
-    if peer.state != "active":
-        return "offline", f"membership {peer.state}"
+    if peer.state == "unreachable":
+        return "offline", "membership unreachable"
     if not peer.configured:
         return "offline", "no tunnel configured"
+    control = CONTROL_NOTE.get(peer.state, "")
     if peer.latest_handshake is None:
-        return "idle", "tunnel configured, no handshake yet"
+        return "idle", "tunnel configured, no handshake yet" + control
     age = now - peer.latest_handshake
     if age <= window:
-        return "online", f"handshake {max(age, 0):.0f}s ago"
-    return "idle", f"last handshake {age:.0f}s ago"
+        return "online", f"handshake {max(age, 0):.0f}s ago" + control
+    return "idle", f"last handshake {age:.0f}s ago" + control
 
 
 def snapshot_from_status(status: AgentStatus, *, now: float, window: float = HANDSHAKE_WINDOW) -> PeerSnapshot:

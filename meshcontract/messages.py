@@ -109,7 +109,8 @@ class Endpoint(_Model):
 
     host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
     port: Port
-    kind: EndpointKind = EndpointKind.LOCAL
+    # Not strict: stored and API copies give the kind as its string, like JSON does.
+    kind: EndpointKind = Field(default=EndpointKind.LOCAL, strict=False)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -166,9 +167,6 @@ class MeshSettings(_Model):
     heartbeat_ttl_s: float = Field(gt=0, le=86400)
     persistent_keepalive_s: int = Field(ge=0, le=65535)
     mtu: int = Field(ge=576, le=9000)
-    # How long a suspect member waits for a peer's vouch before it is unreachable; 0: no vouching (the control
-    # plane alone decides, as before). Agents probe suspects at once and vouch in their next heartbeat.
-    vouch_wait_s: float = Field(default=0.0, ge=0, le=300)
 
     @field_validator("network")
     @classmethod

@@ -33,6 +33,7 @@ from nodeagent.identity import Identity, load_identity
 from nodeagent.membership import MemberTable
 from nodeagent.meshstate import MeshState
 from nodeagent.ping import Pinger, SystemPinger
+from nodeagent.presence import Presence
 from nodeagent.reconciler import Reconciler
 from nodeagent.session import (
     ClientFactory,
@@ -93,6 +94,8 @@ class Agent:
         self._reconciler: Reconciler | None = None
         self._reconcile_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self._presence: Presence | None = None
+        self._heartbeat_interval_s = 5.0
         self._api = None
         self.enrollment: Enrollment | None = None
         self._rotating = threading.Lock()
@@ -156,6 +159,7 @@ class Agent:
         )
         self._reconciler.reconcile_once("startup")
 
+        self._presence = Presence(self._pinger, clock=self._clock, send_now=self._send_vouches)
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(
             self._reconciler.wake,
@@ -222,6 +226,8 @@ class Agent:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        if self._presence is not None:
+            self._presence.close()
         if self._api is not None:
             self._api.stop()
             self._api = None
@@ -234,10 +240,15 @@ class Agent:
     def _on_session_event(self, event: SessionEvent) -> None:
         if isinstance(event, Registered):
             self.counters["registrations"] += 1
+            if self._presence is not None:
+                self._presence.forget_report()  # a new session: the registrar may not have our paths
             self._schedule_heartbeats(event.registration.settings.heartbeat_interval_s)
             self._wake_reconcile()
         elif isinstance(event, MembershipChanged):
             self._wake_reconcile()
+            if self._scheduler is not None:
+                # Off paho's thread: reading WireGuard and starting probes of members just lost.
+                self._scheduler.add_job(self._probe_lost, id="probe-lost", replace_existing=True)
         elif isinstance(event, Refused):
             self.failure = event.error
             self.exit_code = EXIT_REFUSED
@@ -247,10 +258,44 @@ class Agent:
         if self._reconciler is not None:
             self._reconciler.wake()
 
+    # -- heartbeats and presence (the scheduler's threads) ------------------------------------------------
+    def _tunnels(self) -> dict:
+        try:
+            return self.wireguard.read(self.settings.interface).peers
+        except WireGuardError:
+            return {}
+
+    def _probe_lost(self) -> dict:
+        """Probe the members the control plane lost that we hold a tunnel to; the peers as WireGuard has them."""
+        peers = self._tunnels()
+        if self._presence is not None:
+            self._presence.probe(self.mesh.current(), tunnelled=peers, self_id=self.identity.node_id)
+        return peers
+
+    def _vouch_window_s(self) -> float:
+        return 2 * self._heartbeat_interval_s + 1.0
+
+    def _heartbeat(self) -> None:
+        """One heartbeat: probe lost members again, then send with our vouches and (if due) the path report."""
+        session, presence = self._session, self._presence
+        if session is None or presence is None:
+            return
+        peers = self._probe_lost()
+        membership = self.mesh.current()
+        node_of = {r.public_key: r.node_id for r in membership.members.values()} if membership else {}
+        session.heartbeat(alive=presence.vouches(within_s=self._vouch_window_s()),
+                          paths=presence.report(peers, node_of=node_of))  # fmt: skip
+
+    def _send_vouches(self) -> None:
+        """A probe of a suspect just got an answer: tell the registrar now, within its vouch wait."""
+        if self._session is not None and self._presence is not None:
+            self._session.heartbeat(alive=self._presence.vouches(within_s=self._vouch_window_s()))
+
     def _schedule_heartbeats(self, interval_s: float) -> None:
+        self._heartbeat_interval_s = interval_s
         if self._scheduler is not None and self._session is not None:
             self._scheduler.add_job(
-                self._session.heartbeat,
+                self._heartbeat,
                 "interval",
                 seconds=interval_s,
                 id="heartbeat",

@@ -20,7 +20,12 @@ from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, Pin
 EXIT_NOT_RUNNING = 2
 EXIT_FAILED = 1
 SOCKET_ENV = "MESHVPN_SOCKET"
-AGENT_GROUP = "meshvpn"  # the group docs/agent.md gives the socket (socket_group) for non-root users
+AGENT_GROUP = "meshvpn"
+# Member states as people read them: the control plane's word; the HANDSHAKE column is the data plane's.
+STATE_LABELS = {
+    "suspect": "suspect (control plane lost it; probing)",
+    "control_lost": "control plane lost, tunnel alive",
+}  # the group docs/agent.md gives the socket (socket_group) for non-root users
 
 
 def format_age(then: float | None, *, now: float) -> str:
@@ -62,7 +67,9 @@ def render_status(status: AgentStatus) -> str:
     header = ("NAME", "MESH IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX")
     rows = [header]
     for peer in status.peers:
-        state = "active (no tunnel yet)" if peer.state == "active" and not peer.configured else peer.state
+        state = STATE_LABELS.get(peer.state, peer.state)
+        if peer.state != "unreachable" and not peer.configured:
+            state += " (no tunnel yet)"
         rows.append(
             (
                 peer.name,

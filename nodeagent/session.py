@@ -33,6 +33,7 @@ from meshcontract.messages import (
     MembershipDelta,
     MembershipSnapshot,
     NodeStatus,
+    PathReport,
     RegisterReply,
     RegisterRequest,
     RegistrarStatus,
@@ -178,15 +179,18 @@ class ControlSession:
         return topics.build(self._settings.mesh, kind, node)
 
     # -- heartbeats -------------------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        """Publish one heartbeat on the current connection (nothing while disconnected)."""
+    def heartbeat(self, *, alive: list[str] | None = None, paths: PathReport | None = None) -> None:
+        """Publish one heartbeat on the current connection (nothing while disconnected), with the members we
+        vouch for (`alive`) and a path report if given (nodeagent.presence)."""
         with self._lock:
             conn = self._conn
             seq = self._heartbeat_seq
             self._heartbeat_seq += 1
         if conn is None or conn.lost.is_set():
             return
-        beat = Heartbeat(node_id=self._me.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock())
+        beat = Heartbeat(
+            node_id=self._me.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock(), alive=alive or [], paths=paths
+        )
         conn.client.publish(self._topic(Kind.HEARTBEAT, self._me.node_id), messages.encode(beat), qos=0)
 
     # -- the session loop -------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ from meshcontract.messages import (
     decode,
 )
 from meshcontract.ratelimit import RateLimiter, RatePolicy
-from registrar import api_admin
+from registrar import api_admin, paths
 from registrar.httpserver import MAX_BODY, BodyLimit
 from registrar.metrics import render_metrics
 from registrar.service import RegistrarService
-from registrar.views import Health, MemberView, MeshView
+from registrar.views import Health, MemberView, MeshView, PathsView, PathView
 
 STATUS_OF = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -250,10 +250,25 @@ def create_app(
             revision=ms.revision,
             members=len(ms.members),
             active=ms.count(MemberState.ACTIVE),
+            suspect=ms.count(MemberState.SUSPECT),
+            control_lost=ms.count(MemberState.CONTROL_LOST),
             unreachable=ms.count(MemberState.UNREACHABLE),
             registrar_instance=service.instance,
             broker_connected=service.connected,
         )
+
+    @app.get("/v1/paths", response_model=PathsView, dependencies=[Depends(reader)],
+             summary="Per-pair reachability: tunnels without a fresh handshake, from the members' reports")  # fmt: skip
+    def paths_view() -> PathsView:
+        state = service.state
+        current = paths.current(state.paths, state.membership)
+        broken = paths.broken_pairs(state.paths, state.membership)
+        return PathsView(
+            reporting=len(current),
+            fresh=sum(r.report.fresh for r in current.values()),
+            broken=[PathView(source=p.source, target=p.target, handshake_age_s=p.handshake_age_s,
+                             reported_at=p.reported_at, both_active=p.both_active) for p in broken],
+        )  # fmt: skip
 
     @app.get("/healthz", response_model=Health, summary="Liveness and readiness of the registrar (public)")
     def healthz() -> Health:

@@ -32,10 +32,12 @@ from meshcontract.messages import (
     json_depth,
 )
 from meshcontract.topics import Kind
-from registrar import membership, tokens
+from registrar import liveness, membership, tokens
+from registrar import paths as paths_mod
 from registrar.errors import Refused
 from registrar.ipam import Ipam, Quarantined
-from registrar.membership import Change, LivenessPolicy, Member, Membership
+from registrar.liveness import LivenessPolicy
+from registrar.membership import Change, Member, Membership
 from registrar.tokens import JoinToken, Tokens
 
 
@@ -59,11 +61,13 @@ class RevokedKey:
 
 @dataclass(frozen=True, slots=True)
 class CoreState:
-    """Everything the registrar decides on: membership (with IPAM and revision), join tokens, revoked keys."""
+    """Everything the registrar decides on: membership (with IPAM and revision), join tokens, revoked keys, and
+    the members' newest path reports (in memory only: registrar.paths)."""
 
     membership: Membership
     tokens: Tokens
     revoked: Mapping[str, RevokedKey] = field(default_factory=lambda: MappingProxyType({}))
+    paths: paths_mod.Paths = field(default_factory=lambda: paths_mod.EMPTY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,13 +353,14 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
             return _nothing(
                 state, rejected=f"status node_id {msg.node_id!r} is not the topic's", node_id=node
             )
-        change = membership.status(
+        change = liveness.status(
             state.membership,
             node_id=node,
             online=msg.state == "online",
             epoch=msg.epoch,
             now=now,
             last_will=msg.last_will,
+            vouch_wait_s=config.policy.vouch_wait_s,
         )
         return _apply(state, change, node_id=node)
     if parsed.kind is Kind.HEARTBEAT:
@@ -367,20 +372,23 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
             return _nothing(
                 state, rejected=f"heartbeat node_id {hb.node_id!r} is not the topic's", node_id=node
             )
-        return _apply(
-            state, membership.heartbeat(state.membership, node_id=node, epoch=hb.epoch, now=now), node_id=node
-        )
+        change = liveness.heartbeat(state.membership, node_id=node, epoch=hb.epoch, now=now, alive=hb.alive)
+        outcome = _apply(state, change, node_id=node)
+        if hb.paths is None or change.ignored is not None:
+            return outcome
+        reported = paths_mod.update(outcome.state.paths, node_id=node, epoch=hb.epoch, report=hb.paths, now=now)
+        return replace(outcome, state=replace(outcome.state, paths=reported))
     return _nothing(state, ignored=f"not a topic the registrar consumes: {parsed.kind}", node_id=node)
 
 
 def tick(state: CoreState, *, now: float, config: Config) -> Outcome:
     """Apply the clock (liveness, expiry, quarantine)."""
-    return _apply(state, membership.tick(state.membership, now=now, policy=config.policy))
+    return _apply(state, liveness.tick(state.membership, now=now, policy=config.policy))
 
 
 def forgive_offline(state: CoreState, *, since: float, now: float) -> Outcome:
     """On reconnection to the broker: revive members whose last will arrived at or after `since`."""
-    return _apply(state, membership.forgive_offline(state.membership, since=since, now=now))
+    return _apply(state, liveness.forgive_offline(state.membership, since=since, now=now))
 
 
 def remove_member(

@@ -184,7 +184,10 @@ class Registrar:
 
 @dataclass
 class Node:
-    """One machine: its agent (replaced on restart), its 'kernel' (in-memory WireGuard) and its state dir."""
+    """One machine: its agent (replaced on restart), its 'kernel' (in-memory WireGuard) and its state dir.
+
+    `dark`: its data plane is cut (nothing reaches it over the mesh) while its agent may still run.
+    """
 
     name: str
     settings: AgentSettings
@@ -192,6 +195,7 @@ class Node:
     routes: InMemoryRoutes
     agent: Agent | None = None
     faults: Faults = field(default_factory=Faults)
+    dark: bool = False
 
     def peers(self) -> dict[str, tuple[str, ...]]:
         """public key -> allowed IPs on this machine's interface now."""
@@ -203,6 +207,20 @@ class Node:
         return self.agent
 
 
+class MeshPinger:
+    """The agents' pinger: a mesh IP answers while its node's agent runs and its data plane is not `dark` (a
+    crashed agent's node does not answer: the in-memory 'kernel' has no real tunnel behind it)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    def ping(self, ip: str, *, count: int) -> list[float | None]:
+        alive = any(
+            n.agent is not None and not n.dark and n.agent.mesh_ip == ip for n in list(self._mesh.nodes.values())
+        )
+        return [0.1 if alive else None] * count
+
+
 class Mesh:
     """Start, stop, crash and restart agents that enroll with `registrar`; check the mesh as a whole."""
 
@@ -212,6 +230,7 @@ class Mesh:
         self.broker_url = registrar.broker_url
         self.token = token if token is not None else registrar.create_token()
         self.nodes: dict[str, Node] = {}
+        self.pinger = MeshPinger(self)
 
     def node(self, name: str) -> Node:
         return self.nodes[name]
@@ -242,6 +261,7 @@ class Mesh:
             node.settings,
             wireguard=node.wireguard,
             routes=node.routes,
+            pinger=self.pinger,
             local_api=False,
             client_factory=node.faults.factory,
         )

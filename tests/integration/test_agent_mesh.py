@@ -72,8 +72,9 @@ def test_leave_join_crash_restart(mesh: Mesh) -> None:
 
 
 def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
-    """A node that stays connected but stops heartbeating (frozen, partitioned) fires no will: the
-    registrar's TTL takes it out; its next heartbeat (same epoch) brings it back."""
+    """A node that stays connected but stops heartbeating and answering over the mesh (frozen, partitioned)
+    fires no will: the registrar's TTL makes it suspect, nobody vouches, it is taken out; its next heartbeat
+    (same epoch) brings it back."""
     for name in ("alpha", "beta", "gamma"):
         mesh.add(name)
     mesh.wait_complete()
@@ -81,6 +82,7 @@ def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
     alpha, gamma = mesh.nodes["alpha"], mesh.nodes["gamma"]
     beta_key = beta.agent.public_key  # type: ignore[union-attr]
     started = time.monotonic()
+    beta.dark = True
     beta.faults.pause_heartbeats()
     wait_for(
         lambda: beta_key not in alpha.peers() and beta_key not in gamma.peers(),
@@ -89,6 +91,7 @@ def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
     )
     assert time.monotonic() - started >= TTL_S * 0.5, "removed by the TTL, not by something faster"
     assert len(beta.peers()) == 2, "beta itself keeps its tunnels to the live members"
+    beta.dark = False
     beta.faults.pause_heartbeats(False)
     mesh.wait_complete(timeout=10)
 
@@ -365,3 +368,60 @@ def test_rotate_key_refused_while_the_control_plane_is_away_changes_nothing(mesh
     assert alpha.running.public_key == before
     assert keys.public_key(keys.read_private_key(alpha.settings.state_dir / "private.key")) == before
     assert alpha.wireguard.read(IFNAME).public_key == before
+
+
+def test_a_node_that_lost_the_control_plane_but_answers_over_the_mesh_keeps_its_tunnels(mesh: Mesh) -> None:
+    """Liveness on both planes: beta stops heartbeating (its broker path is gone) but its tunnels still carry
+    traffic, so alpha and gamma vouch for it and keep their tunnels (control_lost), renewing the vouch every TTL;
+    once nothing reaches it over the mesh either, it is unreachable and removed; it comes back by itself."""
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    beta = mesh.nodes["beta"]
+    beta_key = beta.running.public_key
+
+    def registrar_state() -> str:
+        return {n["node_id"]: n["state"] for n in mesh.registrar.nodes()}[beta.running.node_id]
+
+    beta.faults.pause_heartbeats()
+    wait_for(lambda: registrar_state() == "control_lost", timeout=TTL_S + 10, what="beta control_lost")
+    # The scenario is the window: three more TTLs in which vouches must be renewed, beta kept everywhere.
+    until = time.monotonic() + 3 * TTL_S
+    while time.monotonic() < until:
+        assert registrar_state() == "control_lost"
+        assert all(beta_key in mesh.nodes[n].peers() for n in ("alpha", "gamma")), "a vouched tunnel was removed"
+        time.sleep(0.2)
+    alpha_view = {p.node_id: p.state for p in mesh.nodes["alpha"].running.status().peers}
+    assert alpha_view[beta.running.node_id] == "control_lost"
+
+    beta.dark = True  # now the data plane is gone too
+    wait_for(lambda: all(beta_key not in mesh.nodes[n].peers() for n in ("alpha", "gamma")), timeout=TTL_S + 10,
+             what="beta removed once nobody reaches it")  # fmt: skip
+    assert registrar_state() == "unreachable"
+
+    beta.dark = False
+    beta.faults.pause_heartbeats(False)
+    mesh.wait_complete(timeout=15)
+
+
+def test_a_path_broken_while_both_ends_reach_the_registrar_is_visible_there(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha, beta, gamma = (mesh.nodes[n].running for n in ("alpha", "beta", "gamma"))
+    now = time.time()
+    wg = mesh.nodes["alpha"].wireguard
+    wg.simulate_handshake(IFNAME, beta.public_key, at=now)  # alive
+    wg.simulate_handshake(IFNAME, gamma.public_key, at=now - 300)  # nothing got through for 5 minutes
+
+    def broken() -> list[tuple[str, str, bool]]:
+        view = mesh.registrar.api("GET", "/v1/paths").json()
+        return [(p["source"], p["target"], p["both_active"]) for p in view["broken"] if p["source"] == alpha.node_id]
+
+    wait_for(lambda: broken() == [(alpha.node_id, gamma.node_id, True)], timeout=10,
+             what="alpha's report of its broken path to gamma")  # fmt: skip
+    metrics = mesh.registrar.api("GET", "/metrics").text
+    assert "meshvpn_registrar_paths_broken_both_active" in metrics
+    # the path heals: the next report says so
+    wg.simulate_handshake(IFNAME, gamma.public_key, at=time.time())
+    wait_for(lambda: broken() == [], timeout=10, what="the healed path gone from the registrar's view")

@@ -24,7 +24,7 @@ from registrar import engine, pki, tokens
 from registrar.accounts import MemoryAccounts
 from registrar.api import create_app
 from registrar.httpserver import MAX_BODY, HttpServer
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.metrics import COUNTERS
 from registrar.service import RegistrarService
 from registrar.store import MemoryStore

@@ -44,7 +44,7 @@ from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, make_client
 from registrar import engine, tokens
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.service import RegistrarService
 from registrar.store import SqliteStore
 

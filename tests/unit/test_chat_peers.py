@@ -25,10 +25,21 @@ def view(ip="100.96.0.2", name="bob", *, state="active", configured=True, handsh
         (view(handshake=None), "idle"),
         (view(state="unreachable", handshake=NOW - 5), "offline"),
         (view(configured=False, handshake=NOW - 5), "offline"),
+        # the control plane lost it but its tunnel works: not offline
+        (view(state="control_lost", handshake=NOW - 5), "online"),
+        (view(state="suspect", handshake=NOW - 5), "online"),
+        (view(state="control_lost", handshake=NOW - 500), "idle"),
     ],
 )
 def test_presence(peer, expected):
     assert presence(peer, now=NOW)[0] == expected
+
+
+def test_presence_says_which_plane_is_lost():
+    assert presence(view(state="control_lost", handshake=NOW - 5), now=NOW)[1] == (
+        "handshake 5s ago; control plane lost, tunnel alive"
+    )
+    assert "control plane" not in presence(view(handshake=NOW - 5), now=NOW)[1]
 
 
 def test_presence_window_is_configurable():

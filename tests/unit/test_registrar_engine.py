@@ -13,7 +13,8 @@ from meshcontract import access, topics
 from meshcontract.messages import EnrollRequest, ErrorCode, MemberState, MeshSettings, decode
 from registrar import engine, tokens
 from registrar.ipam import Ipam
-from registrar.membership import LivenessPolicy, Membership
+from registrar.liveness import LivenessPolicy
+from registrar.membership import Membership
 
 MESH = "lab"
 CONFIG = engine.Config(

@@ -13,7 +13,7 @@ import pytest
 
 from meshcontract.messages import EnrollRequest, MeshSettings
 from registrar import engine
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.store import MemoryStore, SqliteStore
 
 CONFIG = engine.Config(
