@@ -145,6 +145,9 @@ class ErrorCode(StrEnum):
     KEY_CONFLICT = "key_conflict"
     KEY_REVOKED = "key_revoked"
     NOT_ENROLLED = "not_enrolled"
+    # A new WireGuard key arrived through the broker: it must come over HTTPS with the node's own credential
+    # (a broker admin could publish as any node, but cannot log in to the registrar as one).
+    REKEY_OVER_HTTPS = "rekey_over_https"
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     POOL_EXHAUSTED = "pool_exhausted"
@@ -200,7 +203,8 @@ class RegisterRequest(Message):
 
 
 class RegisterReply(Message):
-    """Published by the registrar on reply/<node> (QoS 1, not retained), answering one RegisterRequest."""
+    """Published by the registrar on reply/<node> (QoS 1, not retained), signed, answering one RegisterRequest;
+    also the body of the answer to POST /v1/register."""
 
     request_id: RequestId
     ok: bool
@@ -209,6 +213,9 @@ class RegisterReply(Message):
     prefix_len: int | None = Field(default=None, ge=0, le=128)
     settings: MeshSettings | None = None
     error: ErrorInfo | None = None
+    # Signed by the registrar over MQTT (meshcontract.signing, kind "reply"): a broker cannot hand a node a
+    # made-up address or settings. Replies over HTTPS come from the registrar itself and need no signature.
+    sig: Signature = ""
 
 
 class EnrollRequest(Message):

@@ -26,6 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult, RotateResult
 from meshcontract.signing import Verifier
 from meshcontract.transport import BrokerSettings, make_client
+from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
 from nodeagent.enrollment import Waiter, enroll
 from nodeagent.errors import AgentError, SettingsError
@@ -35,6 +36,7 @@ from nodeagent.meshstate import MeshState
 from nodeagent.ping import Pinger, SystemPinger
 from nodeagent.presence import Presence
 from nodeagent.reconciler import Reconciler
+from nodeagent.registrar_client import RegistrarClient
 from nodeagent.session import (
     ClientFactory,
     ControlSession,
@@ -52,6 +54,9 @@ from wgctl.model import RouteBackend, WireGuardBackend
 log = logging.getLogger(__name__)
 
 EXIT_REFUSED = 3
+# The registrar no longer knows this node (removed, key revoked, away longer than its reservation): it must
+# enroll again with a new join token. The enrollment is forgotten, so the next start does exactly that.
+EXIT_IDENTITY_GONE = 4
 
 
 class Agent:
@@ -138,6 +143,7 @@ class Agent:
             mesh=self.mesh,
             verifier=Verifier(enrollment.signing_key),
             registration=registration,
+            registrar=self._registrar_client(enrollment),
             on_event=self._on_session_event,
             clock=self._clock,
             client_factory=self._client_factory,
@@ -192,6 +198,14 @@ class Agent:
         )
         self._reconcile_thread.start()
         self._session.start()
+
+    def _registrar_client(self, enrollment: Enrollment) -> RegistrarClient | None:
+        """The HTTPS door to the registrar (key rotation, identity checks), with the CA saved at enrollment."""
+        url = self.settings.registrar_url or enrollment.registrar_url
+        if not url or not self.store.ca_file.exists():
+            return None
+        return RegistrarClient(url, ca_pem=self.store.ca_file.read_text(), node_id=self.identity.node_id,
+                               password=self.store.own_broker_password())  # fmt: skip
 
     def _broker_settings(self, enrollment: Enrollment) -> BrokerSettings:
         """The configured broker, else the one enrollment named; TLS verified against the mesh's CA."""
@@ -252,6 +266,9 @@ class Agent:
         elif isinstance(event, Refused):
             self.failure = event.error
             self.exit_code = EXIT_REFUSED
+            if policy.identity_gone(event.error.code):
+                self.exit_code = EXIT_IDENTITY_GONE
+                self.store.forget_enrollment()
             self._finished.set()
 
     def _wake_reconcile(self) -> None:

@@ -34,7 +34,10 @@ examples:
   meshvpn-agent --config /etc/meshvpn/agent.toml                                # as the systemd unit runs it
   meshvpn-agent --endpoint 203.0.113.7:51820 ...                                # advertise a public address
 
-exit status: 0 stopped, 1 configuration or start-up error, 3 refused by the registrar (see the message)
+exit status: 0 stopped, 1 configuration or start-up error, 3 refused by the registrar (a bad, used or
+expired join token, see the message), 4 this node's identity is gone (removed, revoked, or away longer than
+its reservation: enroll again with a new join token). Anything that can heal by itself is retried, never
+an exit; the systemd unit does not restart on 1, 3 or 4.
 """
 
 

@@ -80,7 +80,9 @@ class _Url:
         return cls(parts.hostname, parts.port or (8443 if tls else 8080), tls)
 
 
-def _request(url: _Url, method: str, path: str, body: bytes | None, ca_pem: str | None) -> tuple[int, bytes]:
+def _request(
+    url: _Url, method: str, path: str, body: bytes | None, ca_pem: str | None, *, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     if url.tls:
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             url.host, url.port, timeout=_TIMEOUT_S, context=client_context(ca_pem)
@@ -88,7 +90,8 @@ def _request(url: _Url, method: str, path: str, body: bytes | None, ca_pem: str 
     else:
         conn = http.client.HTTPConnection(url.host, url.port, timeout=_TIMEOUT_S)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        sent = {"Content-Type": "application/json"} if body else {}
+        conn.request(method, path, body=body, headers={**sent, **(headers or {})})
         response = conn.getresponse()
         data = response.read(_MAX_REPLY + 1)
     except (OSError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError

@@ -13,7 +13,8 @@ from enum import Enum
 
 from meshcontract.messages import EnrollReply, ErrorCode, RegisterReply
 
-# Refusals that no retry can fix; anything else (e.g. "internal") is retried with backoff.
+# Refusals that no retry can fix; anything else (e.g. "internal", "pool_exhausted": addresses get freed) is
+# retried with backoff: the agent never stops on a condition that can heal by itself.
 FATAL_CODES = frozenset(
     {
         ErrorCode.INVALID_REQUEST,
@@ -25,9 +26,12 @@ FATAL_CODES = frozenset(
         ErrorCode.KEY_REVOKED,
         ErrorCode.NOT_ENROLLED,
         ErrorCode.UNAUTHORIZED,
-        ErrorCode.POOL_EXHAUSTED,
     }
 )
+# Of those, the ones that mean this node's identity is gone (removed by an admin, expired after the
+# reservation, key revoked): the agent forgets its enrollment and exits with EXIT_IDENTITY_GONE.
+IDENTITY_GONE_CODES = frozenset({ErrorCode.KEY_REVOKED, ErrorCode.NOT_ENROLLED, ErrorCode.UNAUTHORIZED})
+IDENTITY_GONE = "identity_gone"  # the code the agent uses when the registrar no longer knows its credential
 
 # Registration retries back off up to this; a registrar coming online cuts the wait short.
 REGISTER_RETRY_BASE_S = 1.0
@@ -101,7 +105,7 @@ def login_order(*, configured: bool, own_accepted: bool, has_token: bool) -> tup
 class Verdict:
     """What to do with the answer (or silence) after a RegisterRequest."""
 
-    action: str  # "registered" | "fatal" | "retry"
+    action: str  # "registered" | "fatal" | "retry" | "rekey" (register the new key over HTTPS, then again)
     code: str | None = None
     reason: str = ""
 
@@ -114,9 +118,16 @@ def judge_reply(reply: RegisterReply | None, *, timeout_s: float) -> Verdict:
         return Verdict("registered")
     code = reply.error.code if reply.error else ErrorCode.INTERNAL
     message = reply.error.message if reply.error else "no reason given"
+    if code is ErrorCode.REKEY_OVER_HTTPS:
+        return Verdict("rekey", str(code), message)
     if code in FATAL_CODES:
         return Verdict("fatal", str(code), message)
     return Verdict("retry", str(code), f"refused for now ({code}: {message})")
+
+
+def identity_gone(code: str | None) -> bool:
+    """A refusal that means this node is no member any more (it must enroll again with a new join token)."""
+    return code == IDENTITY_GONE or code in {str(c) for c in IDENTITY_GONE_CODES}
 
 
 def judge_enrollment(status: int, reply: EnrollReply) -> Verdict:

@@ -163,9 +163,11 @@ def error_reply(request_id: str, node_id: str, code: ErrorCode, message: str) ->
     )
 
 
-def register(state: CoreState, request: RegisterRequest, *, now: float, config: Config) -> Outcome:
+def register(
+    state: CoreState, request: RegisterRequest, *, now: float, config: Config, may_rekey: bool = False
+) -> Outcome:
     """Refresh the member of `request` at the start of a session (its sender is authenticated as that node);
-    the Outcome's reply says ok (with IP and settings) or why not."""
+    the Outcome's reply says ok (with IP and settings) or why not. A new key only with `may_rekey` (HTTPS)."""
     node = request.node_id
     try:
         change = membership.register(
@@ -178,6 +180,7 @@ def register(state: CoreState, request: RegisterRequest, *, now: float, config: 
             epoch=request.epoch,
             now=now,
             revoked=state.revoked,
+            may_rekey=may_rekey,
         )
     except Refused as exc:
         return _nothing(
@@ -322,8 +325,11 @@ def _reject_register(state: CoreState, node: str, payload: bytes, reason: str) -
     )
 
 
-def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, config: Config) -> Outcome:
-    """One MQTT message from the broker: parse, check, apply. Never raises for bad input."""
+def handle_message(
+    state: CoreState, topic: str, payload: bytes, *, now: float, config: Config, may_rekey: bool = False
+) -> Outcome:
+    """One MQTT message from the broker: parse, check, apply. Never raises for bad input. A registration may
+    change the node's key only with `may_rekey` (it came over HTTPS, not through the broker)."""
     try:
         parsed = topics.parse(topic)
     except ContractError as exc:
@@ -340,7 +346,7 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
             return _reject_register(
                 state, node, payload, f"payload node_id {request.node_id!r} is not the topic's"
             )
-        return register(state, request, now=now, config=config)
+        return register(state, request, now=now, config=config, may_rekey=may_rekey)
     if parsed.kind is Kind.STATUS:
         if not payload:
             # Our own clean-up of a removed member's retained status echoes back as an empty message.
@@ -480,8 +486,9 @@ def restore(
 
 
 def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config, node_id: str) -> Outcome:
-    """A RegisterRequest over the HTTP API from the node the API authenticated as `node_id`: the same rules as on
-    register/<node_id>, where the broker has authenticated the sender the same way."""
+    """A RegisterRequest over the HTTP API from the node the API authenticated as `node_id` with its own
+    credential: the rules of register/<node_id>, and it may also register a new key (rotation)."""
     return handle_message(
-        state, topics.build(config.mesh.mesh, Kind.REGISTER, node_id), payload, now=now, config=config
-    )
+        state, topics.build(config.mesh.mesh, Kind.REGISTER, node_id), payload, now=now, config=config,
+        may_rekey=True,
+    )  # fmt: skip

@@ -176,14 +176,16 @@ def register(
     epoch: int,
     now: float,
     revoked: Mapping[str, float] = MappingProxyType({}),
+    may_rekey: bool = True,
 ) -> Change:
     """Refresh an existing member at the start of one of its sessions. Idempotent: same IP, same record.
 
     The caller has authenticated the sender as `node_id` (the broker admitted it with that node's credential,
     or the HTTP API checked it). A `public_key` other than the member's is a key rotation: the mesh IP stays,
     peers swap the key. Refused NOT_ENROLLED for an unknown node (it must enroll with a join token),
-    KEY_CONFLICT if the new key belongs to another member, KEY_REVOKED if an admin revoked it, INVALID_REQUEST for
-    an epoch older than the member's current one (a replayed request).
+    KEY_CONFLICT if the new key belongs to another member, KEY_REVOKED if an admin revoked it, REKEY_OVER_HTTPS for a
+    new key when not `may_rekey` (it came through the broker), INVALID_REQUEST for an epoch older than the
+    member's current one (a replayed request).
     """
     existing = state.members.get(node_id)
     if existing is None:
@@ -192,6 +194,11 @@ def register(
         raise Refused(ErrorCode.INVALID_REQUEST, f"stale epoch {epoch}: the current session is {existing.epoch}")
     rotating = public_key != existing.public_key
     keys = state.keys
+    if rotating and not may_rekey:
+        raise Refused(
+            ErrorCode.REKEY_OVER_HTTPS,
+            "a new WireGuard key is registered over HTTPS with the node's own credential, not through the broker",
+        )
     if rotating:
         owner = state.keys.get(public_key)
         if owner is not None:

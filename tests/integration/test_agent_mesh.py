@@ -18,11 +18,12 @@ from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.localapi import LocalRequest
-from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot
+from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot, RegisterRequest
 from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from nodeagent.errors import EnrollmentRefused
 from nodeagent.statestore import StateStore
+from registrar import dynsec
 from wgctl import keys
 from wgctl.model import PeerChanges
 
@@ -425,3 +426,70 @@ def test_a_path_broken_while_both_ends_reach_the_registrar_is_visible_there(mesh
     # the path heals: the next report says so
     wg.simulate_handshake(IFNAME, gamma.public_key, at=time.time())
     wait_for(lambda: broken() == [], timeout=10, what="the healed path gone from the registrar's view")
+
+
+def test_a_broker_admin_cannot_give_a_node_another_key(mesh: Mesh, broker: RunningBroker) -> None:
+    """Whoever can publish as any node on the broker (its admin, a misconfigured ACL) sends alpha's registration
+    with a key of its own and a huge epoch: the registrar refuses it (a key changes only over HTTPS with the
+    node's credential) and no peer's tunnel to alpha changes."""
+    if broker.kind != "mosquitto":
+        pytest.skip("only Mosquitto has a broker admin (dynamic security); the embedded broker has none")
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    converged = mesh.snapshot()
+    alpha = mesh.node("alpha").running
+    role = dynsec.Role("mallory", (dynsec.acl("publishClientSend", "meshvpn/#"),))
+    broker.admin().run([dynsec.create_role(role), dynsec.create_client("mallory", "mallory-password-00", ["mallory"])])
+
+    def refused() -> float:
+        text = mesh.registrar.api("GET", "/metrics").text
+        line = next(ln for ln in text.splitlines() if ln.startswith("meshvpn_registrar_registrations_refused_total"))
+        return float(line.split()[-1])
+
+    before = refused()
+    forged = RegisterRequest(request_id="forged-rekey-1", node_id=alpha.node_id, name="alpha",
+                             public_key=keys.public_key(keys.generate_private_key()), listen_port=51820, epoch=2**60)  # fmt: skip
+    with ProbeClient(broker, client_id="mallory", username="mallory", password="mallory-password-00") as probe:
+        probe.publish(topics.build(MESH, Kind.REGISTER, alpha.node_id), messages.encode(forged))
+        wait_for(lambda: refused() > before, timeout=10, what="the registrar refusing the forged registration")
+    wait_for(mesh.reconciled_more(), timeout=10, what="reconcile passes after the forgery")
+    assert mesh.snapshot() == converged
+    assert {n["node_id"]: n["public_key"] for n in mesh.registrar.nodes()}[alpha.node_id] == alpha.public_key
+
+
+def test_a_key_the_registrar_does_not_hold_yet_is_registered_over_https(mesh: Mesh) -> None:
+    """A rotation a crash interrupted: the key file holds a key the registrar never got. Over MQTT the registrar
+    refuses it (rekey_over_https); the agent registers it over HTTPS and the mesh follows, same IP."""
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    node = mesh.node("alpha")
+    ip = node.running.mesh_ip
+    mesh.stop("alpha")
+    StateStore(node.settings.state_dir).replace_private_key(keys.generate_private_key())
+    agent = mesh.start("alpha")
+    wait_for(lambda: agent.registered.is_set(), timeout=20, what="alpha registered with its new key")
+    assert agent.mesh_ip == ip
+    assert {n["node_id"]: n["public_key"] for n in mesh.registrar.nodes()}[agent.node_id] == agent.public_key
+    mesh.wait_complete()
+
+
+def test_a_removed_node_stops_with_exit_4_and_forgets_its_enrollment(mesh: Mesh) -> None:
+    """An admin removes alpha: its broker account goes, the broker refuses it, the registrar (asked over HTTPS)
+    no longer knows it: the agent stops for good with exit status 4 instead of retrying forever, and its next
+    start enrolls again (here: refused, the key is revoked)."""
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.node("alpha")
+    agent = alpha.running
+    assert mesh.registrar.api("DELETE", f"/v1/nodes/{agent.node_id}").status_code == 204
+    assert agent.wait(timeout=30), "the agent did not stop"
+    assert agent.exit_code == 4 and "enroll it again with a new join token" in str(agent.failure)
+    store = StateStore(alpha.settings.state_dir)
+    assert store.enrollment() is None, "the next start enrolls again"
+    agent.stop()
+    alpha.agent = None
+    with pytest.raises(EnrollmentRefused, match="key_revoked"):
+        mesh.start("alpha")
