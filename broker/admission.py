@@ -1,6 +1,6 @@
 """Whether the embedded broker lets a CONNECT in, given what was checked about it. No I/O here.
 
-Credentials are checked elsewhere (password file, join token); this module adds the rules that make the
+Credentials are checked elsewhere (the password file); this module adds the rules that make the
 embedded broker behave like Mosquitto configured with broker/mosquitto/: a node's client id is its username
 (Mosquitto forces it with use_username_as_clientid; we refuse a different one, so no client can occupy or take
 over another node's session), and a will is a publish like any other, so it must be allowed by the ACL.

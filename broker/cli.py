@@ -1,9 +1,11 @@
 """`meshvpn-broker`: run the embedded broker, manage its (Mosquitto-format) password file, print a Mosquitto config.
 
-    meshvpn-broker [--config FILE] [--host H] [--port P] [--password-file F] [--allow-anonymous] [--log-json]
+    meshvpn-broker [--config FILE] [--host H] [--port P] [--password-file F] [--allow-anonymous] [--mesh M]
+                   [--certfile F --keyfile F] [--log-json]
     meshvpn-broker passwd add USER --password-file F [--password PW]   # prompts when --password is not given
     meshvpn-broker passwd remove USER --password-file F
-    meshvpn-broker mosquitto-config [--password-file F] [--acl-file F] [--listen-host H] [--listen-port P] ...
+    meshvpn-broker mosquitto-config [--dynsec-file F] [--plugin SO] [--tls-listen HOST:PORT] [--certfile F]
+                                    [--keyfile F] [--listen HOST:PORT] [--run-as USER] [--log-file F]
 
 The composition root of the broker service: settings are loaded here once (file, MESHVPN_* env, flags).
 """

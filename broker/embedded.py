@@ -29,7 +29,8 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
-Access rules are meshcontract.access, the same ones Mosquitto enforces via broker/mosquitto/acl.conf.
+Access rules are meshcontract.access, the same ones Mosquitto enforces through the dynamic security roles
+registrar.accounts builds from them.
 """
 
 from __future__ import annotations

@@ -327,8 +327,8 @@ class Heartbeat(Message):
 class MemberRecord(Message):
     """Published by the registrar on members/<node> (QoS 1, retained); an empty payload is a tombstone.
 
-    `revision` is the roster revision at which this record last changed; agents ignore a record older than
-    the one they hold.
+    `revision` is the membership revision at which this record last changed. For observers: agents read the
+    same records inside the signed MembershipSnapshot and MembershipDelta, not on this topic.
     """
 
     node_id: NodeId

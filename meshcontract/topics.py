@@ -12,8 +12,8 @@ No I/O here. Layout (MQTT 3.1.1 compatible: replies go to a per-node topic, corr
                                                             for observers: agents follow snapshot + delta
     meshvpn/v1/<mesh>/registrar         registrar (+ will)  RegistrarStatus        QoS 1, retained
 
-The broker username of a node is its node id, so broker ACLs can be written with %u patterns against the last
-topic level (see broker/mosquitto/acl.conf).
+The broker username of a node is its node id, so its rights can be written against the last topic level
+(meshcontract.access; for Mosquitto, registrar.accounts turns them into dynamic security roles).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""When member records and the roster are published: at once after a quiet spell, batched within a burst.
+"""When the membership stream is published: at once after a quiet spell, batched within a burst.
 
 Pure: no I/O here and no clock read. Every function takes `now` (the writer's monotonic clock) and returns a new
 PublishSchedule; the writer publishes when `due()` says so and otherwise waits for its queue until `due_at`.
@@ -12,8 +12,8 @@ The rules (docs/registrar.md, "Batching"):
 - Changes that come while such a first publish is pending ride along with it.
 - Otherwise changes are debounced: published `window_s` after the last one, but at most
   `max(max_delay_s, window_s)` after the first one of the burst. A burst (a fleet registering, a tick marking
-  many members unreachable) becomes one roster publish, which matters because every roster goes to every
-  member: its fan-out grows with the square of the mesh.
+  many members unreachable) becomes one delta (and one snapshot), which matters because every delta goes to
+  every member: its fan-out grows with the square of the mesh.
 """
 
 from __future__ import annotations

@@ -230,22 +230,24 @@ def run(settings: RegistrarSettings, *, stop: threading.Event | None = None) -> 
         info = RegistrarInfo(mesh=settings.mesh, ca_pem=keys.ca_pem.decode(), broker_url=broker_url)
         token = admin_token(settings)
         http = None
+        http_port = lambda: http.port if http is not None else split_listen(settings.http_listen)[1]  # noqa: E731
+        if settings.http_listen:
+            join = lambda: _join_command(settings, _http_url(settings, http_port()))  # noqa: E731
+        else:
+            join = lambda: _join_command(settings, settings.public_url or "URL")  # noqa: E731
+        # The admin socket first: once the public API answers (/healthz ready), the admin commands work too.
+        local_app = create_app(service, admin_token=token, info=info, pin=keys.pin, local_admin=True, join_command=join)
+        local = HttpServer(local_app, uds=settings.admin_socket)
+        parts.servers.append(local)
+        local.start()
         if settings.http_listen:
             host, port = split_listen(settings.http_listen)
             tls = {"certfile": keys.files.server_cert, "keyfile": keys.files.server_key} if settings.tls else {}
-            http_port = lambda: http.port if http is not None else port  # noqa: E731  (bound port: 0 in tests)
-            join = lambda: _join_command(settings, _http_url(settings, http_port()))  # noqa: E731
             app = create_app(service, admin_token=token, info=info, pin=keys.pin, join_command=join)
             http = HttpServer(app, host=host, port=port, **tls)
             parts.servers.append(http)
             http.start()
             log.info("HTTP API on %s://%s:%d (OpenAPI at /docs)", "https" if settings.tls else "http", host, http.port)
-        else:
-            join = lambda: _join_command(settings, settings.public_url or "URL")  # noqa: E731
-        local_app = create_app(service, admin_token=token, info=info, pin=keys.pin, local_admin=True, join_command=join)
-        local = HttpServer(local_app, uds=settings.admin_socket)
-        parts.servers.append(local)
-        local.start()
         signals = StopSignals(stop)
         if threading.current_thread() is threading.main_thread():
             signals.install()

@@ -102,7 +102,7 @@ class RegistrarSettings(BaseModel):
     )
     admin_token: str | None = Field(default=None, repr=False, description="bearer token for admin endpoints")
     publish_window_s: float = Field(
-        default=0.2, ge=0, le=10, description="member/roster publishes are batched over this"
+        default=0.2, ge=0, le=10, description="membership publishes (delta, snapshot, records) are batched over this"
     )
     publish_max_delay_s: float = Field(
         default=1.0,

@@ -2,8 +2,8 @@
 
 Only a SHA-256 hash of a token is kept; its id is the first 12 hex digits of that hash, so `tokens list`
 and `tokens revoke ID` never need the secret. A token is single-use unless created reusable; a reusable
-token may still carry a use limit. Tokens gate only the first registration of a node: a node that is already
-a member and re-registers with the same key is recognised by its key and needs no valid token.
+token may still carry a use limit. Tokens gate only enrollment: a member re-registers authenticated by its own
+broker credential and needs no token.
 """
 
 from __future__ import annotations

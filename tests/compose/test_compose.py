@@ -256,7 +256,7 @@ def test_scaled_nodes_form_a_mesh_and_recover_from_a_crash(topology: Topology) -
 
     def observed() -> bool:
         proc = topology.compose("exec", "-T", "registrar", "mosquitto_sub", "-h", topology.broker_host, "-p", "8883",
-                                "--cafile", CA, "--insecure", "-v", "-t", "meshvpn/#", "-u", "observer",
+                                "--cafile", CA, "--insecure", "-v", "-t", "meshvpn/#", "-i", "observer", "-u", "observer",
                                 "-P", password, "-C", "1", "-W", "3", timeout=60, check=False)  # fmt: skip
         return proc.returncode == 0 and proc.stdout.startswith("meshvpn/v1/")
 
