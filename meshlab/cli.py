@@ -18,6 +18,7 @@ from meshlab.errors import LabError
 from meshlab.lab import Lab
 from meshlab.report import format_matrix, format_status
 from meshlab.settings import LabSettings
+from meshlab.topology import PUBLIC_PLACEMENT, Placement, layout, parse_group, parse_node_list, parse_target
 
 
 def _say(line: str) -> None:
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="lab id (2-5 of [a-z0-9]); random by default")
     p.add_argument("--heartbeat-interval", type=float)
     p.add_argument("--heartbeat-ttl", type=float)
+    p.add_argument("--expiry-s", type=float, help="the registrar's expiry_s: how long an unreachable member keeps "
+                                                  "its identity and IP (short values for tests)")
+    p.add_argument("--nat", action="append", default=[], metavar="NODE[,NODE...]",
+                   help="put each named node behind a NAT router of its own (repeatable)")
+    p.add_argument("--nat-group", action="append", default=[], metavar="NAME:NODE[,NODE...]",
+                   help="put the named nodes behind one shared NAT router called NAME (repeatable, one group each)")
 
     p = sub.add_parser("down", help="remove everything the lab made (safe to repeat)")
     p.add_argument("--id", help="also clean up namespaces of this lab id (when the state is lost)")
@@ -43,7 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="nodes, mesh IPs, agent states, peers and handshakes")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("add", help="add one node")
+    p = sub.add_parser("add", help="add one node (public unless --nat or --behind)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--nat", action="store_true", help="behind a NAT router of its own")
+    where.add_argument("--behind", metavar="ROUTER", help="behind an existing router (its name or NAT group)")
+
+    p = sub.add_parser("roam", help="change a node's underlay address under its running agent (Wi-Fi -> mobile)")
+    p.add_argument("node")
+    p.add_argument("--to", metavar="WHERE", help="public (a new LAN address), nat (a new router of its own) or a "
+                                                 "router / NAT group name; default: the same kind of network as now")
     for name, text in [("kill", "SIGKILL the node's agent (agent crash; wireguard-go stays)"),
                        ("crash", "SIGKILL every process of the node (machine crash)"),
                        ("freeze", "SIGSTOP every process of the node"),
@@ -67,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ping", help="ping matrix over mesh IPs between running nodes")
     p.add_argument("--tcp", action="store_true", help="also a TCP connect to each node's echo probe")
+    p.add_argument("--within", type=float, default=0.0, metavar="S",
+                   help="retry pairs that do not answer for up to S seconds (default: one try each)")
 
     p = sub.add_parser("wait", help="wait until the mesh of running nodes is complete")
     p.add_argument("--timeout", type=float, default=30)
@@ -82,6 +99,7 @@ def _settings(args: argparse.Namespace) -> LabSettings:
         "broker": getattr(args, "broker", None),
         "heartbeat_interval_s": getattr(args, "heartbeat_interval", None),
         "heartbeat_ttl_s": getattr(args, "heartbeat_ttl", None),
+        "expiry_s": getattr(args, "expiry_s", None),
     }
     return load_settings(LabSettings, path=args.config, overrides=overrides)
 
@@ -105,17 +123,15 @@ def _logs(lab: Lab, node: str | None, lines: int) -> int:
     return 0
 
 
-def _ping_matrix(lab: Lab, *, tcp: bool) -> int:
-    names = lab.running_nodes()
-    results = {(a, b): lab.ping(a, b) for a in names for b in names if a != b}
-    print(format_matrix(names, results))
-    ok = all(results.values())
+def _ping_matrix(lab: Lab, *, tcp: bool, within: float) -> int:
+    matrix = lab.reachability(tcp=tcp, timeout_s=within)
+    print(format_matrix(matrix.names, matrix.answered("ping")))
     if tcp:
-        tcp_results = {(a, b): lab.tcp(a, b) for a in names for b in names if a != b}
         print("tcp:")
-        print(format_matrix(names, tcp_results))
-        ok = ok and all(tcp_results.values())
-    return 0 if ok else 1
+        print(format_matrix(matrix.names, matrix.answered("tcp")))
+    if within and matrix.ok():
+        print(f"every pair answered within {matrix.slowest_s() or 0:.1f} s")
+    return 0 if matrix.ok() else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,8 +141,11 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "up":
         if os.geteuid() != 0:
             raise LabError("meshlab up needs root (network namespaces, wireguard-go)")
+        nat = [name for text in args.nat for name in parse_node_list(text)]
+        groups = [parse_group(text) for text in args.nat_group]
+        layout(args.nodes, nat=nat, groups=groups)  # a mistake in the topology is refused before anything is made
         try:
-            lab.up(args.nodes, lab_id=args.id)
+            lab.up(args.nodes, lab_id=args.id, nat=nat, nat_groups=groups)
         except (LabError, ContractError):
             _say(f"up failed; the lab is left for inspection (meshlab logs), remove it with: "
                  f"meshlab --lab-dir {settings.lab_dir} down")
@@ -137,14 +156,19 @@ def run(args: argparse.Namespace) -> int:
         lab.down(lab_id=args.id)
         return 0
     if cmd == "status":
-        rows = lab.rows()
+        rows, routers = lab.rows(), lab.router_rows()
         if args.json:
-            print(json.dumps({"services": lab.services(), "nodes": [r.as_dict() for r in rows]}, indent=2))
+            print(json.dumps({"services": lab.services(), "nodes": [r.as_dict() for r in rows],
+                              "routers": [r.as_dict() for r in routers]}, indent=2))
         else:
-            print(format_status(rows, services=lab.services()))
+            print(format_status(rows, services=lab.services(), routers=routers))
         return 0
     if cmd == "add":
-        lab.add()
+        lab.add(Placement("nat") if args.nat else parse_target(lab.state(), args.behind) if args.behind
+                else PUBLIC_PLACEMENT)
+        return 0
+    if cmd == "roam":
+        lab.roam(args.node, args.to)
         return 0
     if cmd in ("kill", "crash", "freeze", "thaw", "stop", "start", "partition", "heal"):
         getattr(lab, cmd)(args.node)
@@ -161,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "logs":
         return _logs(lab, args.node, args.lines)
     if cmd == "ping":
-        return _ping_matrix(lab, tcp=args.tcp)
+        return _ping_matrix(lab, tcp=args.tcp, within=args.within)
     if cmd == "wait":
         took = lab.wait_mesh(timeout=args.timeout)
         _say(f"mesh of {', '.join(lab.running_nodes())} complete ({took:.1f} s)")

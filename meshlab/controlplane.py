@@ -139,6 +139,7 @@ class ControlPlane:
             "--mesh", st.mesh,
             "--heartbeat-interval", str(st.heartbeat_interval_s),
             "--heartbeat-ttl", str(st.heartbeat_ttl_s),
+            *(["--expiry", str(st.expiry_s)] if st.expiry_s is not None else []),
             # First name in the certificate and the host nodes are told to use (broker URL, join command).
             "--tls-name", plan.control_ip,
         ]

@@ -3,7 +3,8 @@
 Every operation reads the state file, acts, and writes it back under the lab lock, so any shell (or a test
 in-process) can drive a lab that another one built. The control namespace holds the underlay bridge, the
 broker and the registrar; each node namespace holds one veth into that bridge, the agent, wireguard-go and
-whatever test traffic runs on the node. Nothing is added to the host's own network namespace.
+whatever test traffic runs on the node. A node behind NAT has its veth into a router namespace instead, which
+masquerades it onto the bridge (meshlab.underlay). Nothing is added to the host's own network namespace.
 
 `Lab` builds and removes the lab and hands every other call to the part whose job it is: the control plane
 (meshlab.controlplane), the nodes and their failures (meshlab.nodes), observation (meshlab.observation),
@@ -20,6 +21,7 @@ import string
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from meshcontract.localapi import AgentStatus
@@ -32,11 +34,14 @@ from meshlab.meshview import NodeTunnels
 from meshlab.nodes import Nodes
 from meshlab.observation import Observer
 from meshlab.plan import MAX_NODES, LabPlan, check_lab_id
-from meshlab.report import NodeRow
+from meshlab.reachability import ReachMatrix, measure
+from meshlab.report import NodeRow, RouterRow
 from meshlab.settings import LabSettings
 from meshlab.state import ControlRecord, LabState, NodeRecord, ProcessRecord
 from meshlab.store import LabStore
+from meshlab.topology import PUBLIC_PLACEMENT, Placement, layout
 from meshlab.traffic import ContinuousPing, Traffic
+from meshlab.underlay import remove_router_tables
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
@@ -81,10 +86,16 @@ class Lab:
 
     # --- up / down ---------------------------------------------------------------------------------------
 
-    def up(self, nodes: int, *, lab_id: str | None = None) -> LabState:
-        """Build the underlay, start broker and registrar, create a join token and start `nodes` agents."""
+    def up(self, nodes: int, *, lab_id: str | None = None, nat: Sequence[str] = (),
+           nat_groups: Sequence[tuple[str, Sequence[str]]] = ()) -> LabState:
+        """Build the underlay, start broker and registrar, create a join token and start `nodes` agents.
+
+        Each node named in `nat` sits behind a NAT router of its own; each (name, members) of `nat_groups` puts
+        its members behind one shared router; the others are public (meshlab.topology).
+        """
         if nodes < 1:
             raise LabError("a lab needs at least one node")
+        placements = layout(nodes, nat=nat, groups=nat_groups)
         longest = self.store.agent_socket(f"n{MAX_NODES}")
         if len(os.fsencode(longest.resolve())) > UNIX_PATH_MAX:
             raise LabError(f"lab directory {self.store.root} is too long: agent sockets such as {longest} "
@@ -102,7 +113,7 @@ class Lab:
             st = LabState(
                 lab_id=plan.lab_id, created_at=time.time(), broker=self.settings.broker, mesh=self.settings.mesh,
                 heartbeat_interval_s=self.settings.heartbeat_interval_s,
-                heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+                heartbeat_ttl_s=self.settings.heartbeat_ttl_s, expiry_s=self.settings.expiry_s,
                 control=ControlRecord(namespace=plan.control_ns),
             )
             self.store.save(st)
@@ -113,8 +124,8 @@ class Lab:
             finally:
                 # Whatever was started is recorded, so `down` finds it also when the start-up failed.
                 self.store.save(st)
-        for _ in range(nodes):
-            self.nodes.add()
+        for placement in placements:
+            self.nodes.add(placement)
         return self.state()
 
     def down(self, *, lab_id: str | None = None) -> list[str]:
@@ -134,6 +145,8 @@ class Lab:
                 for record in records:
                     if system.signal_record(record, signal.SIGKILL):
                         removed.append(f"pid {record.pid}")
+                # Namespaces take their tables with them; the recorded ones go first by name all the same.
+                removed += remove_router_tables(st)
             for one in sorted(ids):
                 plan = LabPlan(one)
                 for ns in system.list_namespaces():
@@ -166,9 +179,10 @@ class Lab:
 
     # --- nodes and failures (meshlab.nodes) --------------------------------------------------------------
 
-    def add(self) -> NodeRecord:
-        """Create one more node and start its agent; returns once it has a mesh IP."""
-        return self.nodes.add()
+    def add(self, placement: Placement = PUBLIC_PLACEMENT) -> NodeRecord:
+        """Create one more node (public, or behind NAT: meshlab.topology) and start its agent; returns once it has
+        a mesh IP."""
+        return self.nodes.add(placement)
 
     def start(self, name: str, *, wait: bool = True) -> None:
         """Start a stopped, killed or crashed node's agent again (same state dir: same key, same mesh IP)."""
@@ -202,6 +216,11 @@ class Lab:
         """Restore the node's underlay link."""
         self.nodes.heal(name)
 
+    def roam(self, name: str, to: str | None = None) -> NodeRecord:
+        """Change the node's underlay address under its running agent; `to`: public, nat (a new router of its
+        own) or a router / NAT group name; default: a new LAN address if public, a new router if behind NAT."""
+        return self.nodes.roam(name, to)
+
     # --- observation (meshlab.observation) ---------------------------------------------------------------
 
     def agent_status(self, name: str, *, timeout: float = 2.0) -> AgentStatus | None:
@@ -232,6 +251,14 @@ class Lab:
         """One `meshlab status` row per node."""
         return self.observer.rows()
 
+    def router_rows(self) -> list[RouterRow]:
+        """One `meshlab status` row per NAT router."""
+        return self.observer.router_rows()
+
+    def masqueraded(self, router: str) -> int:
+        """Connections (first packets) router `router` has masqueraded so far, from its nftables counter."""
+        return self.nodes.underlay.masqueraded(router)
+
     # --- traffic (meshlab.traffic) and chat (meshlab.chat) -----------------------------------------------
 
     def exec(self, name: str, argv: Sequence[str], *, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
@@ -249,6 +276,18 @@ class Lab:
     def tcp(self, src: str, dst: str, *, timeout_s: float = 2.0) -> bool:
         """A TCP connection from `src` to `dst`'s echo probe on its mesh IP, one line echoed back."""
         return self.traffic.tcp(src, dst, timeout_s=timeout_s)
+
+    def reachability(self, names: Sequence[str] | None = None, *, tcp: bool = True, timeout_s: float = 10.0,
+                     workers: int = 8) -> ReachMatrix:
+        """Ping (and TCP echo) between every ordered pair of `names` (default: running nodes) over mesh IPs, each
+        pair retried until it answers or `timeout_s` passes; how long each took (meshlab.reachability)."""
+        chosen = list(names) if names is not None else self.running_nodes()
+        probes = {"ping": self.ping}
+        if tcp:
+            probes["tcp"] = self.tcp
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return measure(chosen, probes=probes, timeout_s=timeout_s, now=time.monotonic, sleep=time.sleep,
+                           run_all=lambda calls: list(pool.map(lambda call: call(), calls)))
 
     def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2) -> ContinuousPing:
         """Continuous ping from `src` to `dst` until `.stop()`, which returns (sent, received)."""

@@ -16,9 +16,11 @@ from meshlab.context import PACKAGE_ROOT, LabContext, child_env, tail, tool
 from meshlab.controlplane import ControlPlane
 from meshlab.errors import LabError
 from meshlab.observation import Observer
-from meshlab.plan import UNDERLAY_IF, NodePlan, next_index
+from meshlab.plan import UNDERLAY_IF, UNDERLAY_PREFIX, NodePlan, next_index
 from meshlab.state import LabState, NodeRecord
+from meshlab.topology import PUBLIC_PLACEMENT, Placement, parse_target, roam_target
 from meshlab.traffic import PROBE_PORT
+from meshlab.underlay import Underlay
 from meshlab.waiting import wait_for
 
 
@@ -30,9 +32,11 @@ class Nodes:
         self.store = ctx.store
         self.control = control
         self.observer = observer
+        self.underlay = Underlay(ctx)
 
-    def add(self) -> NodeRecord:
-        """Create one more node (namespace, underlay link) and start its agent; returns once it has a mesh IP."""
+    def add(self, placement: Placement = PUBLIC_PLACEMENT) -> NodeRecord:
+        """Create one more node (namespace, underlay link where `placement` says: public or behind a NAT router)
+        and start its agent; returns once it has a mesh IP."""
         with self.store.locked():
             st = self.ctx.state()
             plan = self.ctx.plan(st)
@@ -44,11 +48,7 @@ class Nodes:
             st.nodes[node.name] = record
             self.store.save(st)
             system.add_namespace(node.namespace)
-            system.add_node_link(node_ns=node.namespace, ifname=UNDERLAY_IF,
-                                 address=f"{node.underlay_ip}/{node.underlay_prefix}",
-                                 bridge_ns=plan.control_ns, bridge=plan.bridge, port=node.bridge_port)
-            self.ctx.report(f"{node.name}: namespace {node.namespace}, underlay {node.underlay_ip}, "
-                            f"interface {node.interface}")
+            self.underlay.attach(st, record, placement)
             self._start_agent(st, record, node)
             self.store.save(st)
         self._await_join(node.name)
@@ -134,12 +134,25 @@ class Nodes:
             record = self.ctx.node(name, st)
             system.set_link(record.namespace, UNDERLAY_IF, up=not cut)
             if not cut:
-                # Link down drops the connected route; it comes back with the link, the address never left.
+                # Link down drops the connected and the default route; the connected one comes back with the
+                # link (the address never left), the default one does not.
                 system.run(["ip", "-n", record.namespace, "addr", "replace",
-                            f"{record.underlay_ip}/{self.ctx.plan(st).subnet.prefixlen}", "dev", UNDERLAY_IF])
+                            f"{record.underlay_ip}/{UNDERLAY_PREFIX}", "dev", UNDERLAY_IF])
+                self.underlay.restore_route(record)
             record.partitioned = cut
             self.store.save(st)
         self.ctx.report(f"{name}: " + ("partitioned (underlay link down)" if cut else "healed (underlay link up)"))
+
+    def roam(self, name: str, to: str | None = None) -> NodeRecord:
+        """Change the node's underlay address under its running agent (meshlab.topology.roam_target: by default a
+        public node gets a new LAN address and a node behind NAT moves behind a new router of its own)."""
+        with self.store.locked():
+            st = self.ctx.state()
+            record = self.ctx.node(name, st)
+            target = roam_target(record, parse_target(st, to) if to else None)
+            self.underlay.move(st, record, target)
+            self.store.save(st)
+        return self.ctx.node(name)
 
     # --- agents ----------------------------------------------------------------------------------------------
 
@@ -154,11 +167,13 @@ class Nodes:
             "--name", record.name,
             "--interface", node.interface,
             "--listen-port", str(node.listen_port),
-            "--endpoint", node.endpoint,
+            # No --endpoint: like a laptop, the agent derives its address from its default route (meshlab.underlay).
             "--state-dir", str(node_dir / "state"),
             "--backend", "userspace",
             "--socket", str(self.store.agent_socket(record.name)),
         ]
+        if record.gateway is None:  # a node of a lab made before nodes had a default route to derive it from
+            argv += ["--endpoint", f"{record.underlay_ip}:{node.listen_port}"]
         if record.node_id:
             argv += ["--node-id", record.node_id]
         if st.join_token:

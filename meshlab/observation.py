@@ -6,6 +6,7 @@ namespace. Judging what was read is meshlab.meshview's job.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from meshcontract.errors import ContractError
@@ -14,7 +15,7 @@ from meshlab import system
 from meshlab.context import LabContext
 from meshlab.errors import NotReadyError
 from meshlab.meshview import NodeTunnels, mesh_problems, parse_wg_allowed_ips
-from meshlab.report import NodeRow
+from meshlab.report import NodeRow, RouterRow
 from meshlab.waiting import wait_for
 
 
@@ -82,13 +83,14 @@ class Observer:
         names_by_ip = {n.mesh_ip: n.name for n in st.nodes.values() if n.mesh_ip}
         for record in st.ordered_nodes():
             agent = system.record_state(record.agent)
+            router = st.routers.get(record.router) if record.router else None
             row = NodeRow(name=record.name, agent=agent, mesh_ip=record.mesh_ip, node_id=record.node_id,
-                          underlay_ip=record.underlay_ip, partitioned=record.partitioned)
+                          underlay_ip=record.underlay_ip, partitioned=record.partitioned, router=record.router,
+                          router_ip=router.lan_ip if router else None)
             status = self.agent_status(record.name, timeout=1.0) if agent == "running" else None
             if status is not None:
-                row = NodeRow(
-                    name=record.name, agent=agent, mesh_ip=status.mesh_ip, node_id=status.node_id,
-                    underlay_ip=record.underlay_ip, partitioned=record.partitioned,
+                row = dataclasses.replace(
+                    row, mesh_ip=status.mesh_ip, node_id=status.node_id,
                     peers_configured=sum(1 for p in status.peers if p.configured), peers_known=len(status.peers),
                     handshakes={
                         names_by_ip.get(p.mesh_ip, p.name): (None if p.latest_handshake is None
@@ -97,8 +99,12 @@ class Observer:
                     },
                 )
             elif agent == "running":
-                row = NodeRow(name=record.name, agent=agent, mesh_ip=record.mesh_ip, node_id=record.node_id,
-                              underlay_ip=record.underlay_ip, partitioned=record.partitioned,
-                              error="agent not answering on its socket")
+                row = dataclasses.replace(row, error="agent not answering on its socket")
             rows.append(row)
         return rows
+
+    def router_rows(self) -> list[RouterRow]:
+        """One status row per NAT router, with the nodes behind it."""
+        st = self.ctx.state()
+        return [RouterRow(name=r.name, lan_ip=r.lan_ip, private_subnet=r.private_subnet, group=r.group,
+                          nodes=tuple(n.name for n in st.behind(r.name))) for r in st.ordered_routers()]

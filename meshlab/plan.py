@@ -8,7 +8,11 @@ can find leftovers by prefix after a crash:
     node veth       ul0 inside the node namespace, its peer ulp<i> on the bridge
     wireguard       mv-<id>-<i>: wireguard-go's UAPI socket (/var/run/wireguard/<if>.sock) is shared by
                     all namespaces, so interface names must be unique on the machine
-    underlay        10.77.<octet>.0/24, only inside the lab's namespaces; control .1, node i .(10+i)
+    underlay        10.77.<octet>.0/24 (the lab's LAN, its "internet"), only inside the lab's namespaces;
+                    control .1, node i .(10+i), and .211-.254 a pool for NAT routers' upstream sides and
+                    public nodes that roamed (meshlab.topology hands them out)
+    NAT router k    ml<id>-r<k>: wan0 on the LAN (peer ulr<k> on the bridge), bridge lan0 192.168.<k>.1/24 for
+                    the private LAN behind it; node i behind it: ul0 192.168.<k>.(10+i), peer np<i> on lan0
 """
 
 from __future__ import annotations
@@ -22,9 +26,14 @@ from meshlab.errors import LabError
 
 ID_RE = re.compile(r"^[a-z0-9]{2,5}$")
 IFNAME_MAX = 15
-MAX_NODES = 240  # underlay host numbers 11..250
+MAX_NODES = 200  # underlay host numbers 11..210
+POOL_HOSTS = range(211, 255)  # LAN addresses handed out by meshlab.topology (routers, roamed public nodes)
+MAX_ROUTERS = 254  # private subnets 192.168.1.0/24 .. 192.168.254.0/24
 CONTROL = "ctl"
 UNDERLAY_IF = "ul0"
+UNDERLAY_PREFIX = 24  # the LAN and every private LAN behind a router are /24s
+ROUTER_WAN_IF = "wan0"
+ROUTER_LAN_BRIDGE = "lan0"
 BROKER_PORT = 1883
 HTTP_PORT = 8080
 WG_PORT = 51820
@@ -85,6 +94,11 @@ class LabPlan:
     def http_url(self) -> str:
         return f"https://{self.control_ip}:{HTTP_PORT}"
 
+    @property
+    def lan_pool(self) -> list[str]:
+        """LAN addresses for routers' upstream sides and roamed public nodes, lowest first."""
+        return [str(self.subnet.network_address + host) for host in POOL_HOSTS]
+
     def node(self, index: int) -> NodePlan:
         """The plan of node number `index` (1-based)."""
         if not 1 <= index <= MAX_NODES:
@@ -98,6 +112,18 @@ class LabPlan:
             bridge_port=f"ulp{index}",
             interface=f"{self.wg_prefix}{index}",
             listen_port=WG_PORT,
+        )
+
+    def router(self, index: int) -> RouterPlan:
+        """The plan of NAT router number `index` (1-based; never reused within a lab, like node numbers)."""
+        if not 1 <= index <= MAX_ROUTERS:
+            raise LabError(f"router index {index} outside 1..{MAX_ROUTERS}")
+        return RouterPlan(
+            index=index,
+            name=f"r{index}",
+            namespace=f"{self.prefix}r{index}",
+            wan_port=f"ulr{index}",
+            private_subnet=ipaddress.IPv4Network(f"192.168.{index}.0/{UNDERLAY_PREFIX}"),
         )
 
     def owns_namespace(self, name: str) -> bool:
@@ -121,6 +147,33 @@ class NodePlan:
     @property
     def endpoint(self) -> str:
         return f"{self.underlay_ip}:{self.listen_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterPlan:
+    """Names and private addresses of one NAT router; its LAN (upstream) address comes from the lab's pool."""
+
+    index: int
+    name: str
+    namespace: str
+    wan_port: str  # the bridge port in the control namespace, peer of the router's wan0
+    private_subnet: ipaddress.IPv4Network
+
+    @property
+    def gateway(self) -> str:
+        """The router's address on its private LAN: the default gateway of the nodes behind it."""
+        return str(self.private_subnet.network_address + 1)
+
+    def node_address(self, node_index: int) -> str:
+        """The private address of node `node_index` behind this router (192.168.<k>.(10+i))."""
+        if not 1 <= node_index <= MAX_NODES:
+            raise LabError(f"node index {node_index} outside 1..{MAX_NODES}")
+        return str(self.private_subnet.network_address + 10 + node_index)
+
+    @staticmethod
+    def node_port(node_index: int) -> str:
+        """The port of the router's lan0 bridge that node `node_index`'s link plugs into."""
+        return f"np{node_index}"
 
 
 def node_index(name: str) -> int:

@@ -20,5 +20,7 @@ class LabSettings(BaseModel):
     mesh: str = "lab"
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     heartbeat_ttl_s: float = Field(default=3.0, gt=0, le=600)
+    # The registrar's expiry_s (how long an unreachable member keeps its identity and IP); None: its default.
+    expiry_s: float | None = Field(default=None, gt=0)
     join_timeout_s: float = Field(default=30.0, gt=0, le=600)
     start_timeout_s: float = Field(default=20.0, gt=0, le=600)

@@ -28,7 +28,12 @@ class ProcessRecord(_Model):
 
 
 class NodeRecord(_Model):
-    """One node of the lab. `agent` is None while the node is stopped; `mesh_ip` is the last one observed."""
+    """One node of the lab. `agent` is None while the node is stopped; `mesh_ip` is the last one observed.
+
+    `underlay_ip` is the node's own address: on the lab's LAN for a public node, on its router's private LAN
+    for a node behind NAT (`router` names the router). `gateway` is its default route (None in labs made before
+    nodes had one).
+    """
 
     index: int
     name: str
@@ -39,6 +44,25 @@ class NodeRecord(_Model):
     node_id: str | None = None
     mesh_ip: str | None = None
     partitioned: bool = False
+    router: str | None = None
+    gateway: str | None = None
+
+
+class RouterRecord(_Model):
+    """A NAT router namespace between nodes and the lab's LAN: masquerade out of `lan_ip`, forwarding only there.
+
+    `group` is the --nat-group name of a shared router (None for a node's own router). `nft_table` is the
+    nftables table in its namespace (family ip), deleted by `down` before the namespace goes.
+    """
+
+    index: int
+    name: str
+    namespace: str
+    lan_ip: str
+    private_subnet: str
+    gateway: str
+    nft_table: str
+    group: str | None = None
 
 
 class ControlRecord(_Model):
@@ -59,10 +83,13 @@ class LabState(_Model):
     mesh: str = "lab"
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 3.0
+    expiry_s: float | None = None  # the registrar's expiry_s (--expiry); None: its own default
     join_token: str | None = None
     control: ControlRecord
     nodes: dict[str, NodeRecord] = Field(default_factory=dict)
     used_indices: list[int] = Field(default_factory=list)
+    routers: dict[str, RouterRecord] = Field(default_factory=dict)
+    used_router_indices: list[int] = Field(default_factory=list)
 
     def node(self, name: str) -> NodeRecord:
         """The record of node `name`; KeyError if the lab has none."""
@@ -71,6 +98,14 @@ class LabState(_Model):
     def ordered_nodes(self) -> list[NodeRecord]:
         """Nodes in index order (n1, n2, ... rather than n1, n10, n2)."""
         return sorted(self.nodes.values(), key=lambda n: n.index)
+
+    def ordered_routers(self) -> list[RouterRecord]:
+        """Routers in index order."""
+        return sorted(self.routers.values(), key=lambda r: r.index)
+
+    def behind(self, router: str) -> list[NodeRecord]:
+        """The nodes behind router `router`, in index order."""
+        return [n for n in self.ordered_nodes() if n.router == router]
 
 
 def dump(state: LabState) -> str:

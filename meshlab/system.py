@@ -120,6 +120,45 @@ def set_link(namespace: str, ifname: str, *, up: bool) -> None:
     run(["ip", "-n", namespace, "link", "set", ifname, "up" if up else "down"])
 
 
+def delete_link(namespace: str, ifname: str) -> None:
+    """Delete `ifname` in `namespace` (a veth takes its peer with it); nothing to do if it is gone."""
+    run(["ip", "-n", namespace, "link", "del", ifname], check=False)
+
+
+def readdress(namespace: str, ifname: str, address: str) -> None:
+    """Make `address` (CIDR) the only address of `ifname`: the old one goes, as when a DHCP lease changes."""
+    run(["ip", "-n", namespace, "addr", "flush", "dev", ifname])
+    run(["ip", "-n", namespace, "addr", "add", address, "dev", ifname])
+
+
+def set_default_route(namespace: str, ifname: str, gateway: str) -> None:
+    """Route everything not on a connected subnet via `gateway` (gone whenever the link goes down)."""
+    run(["ip", "-n", namespace, "route", "replace", "default", "via", gateway, "dev", ifname])
+
+
+def enable_forwarding(namespace: str) -> None:
+    """Let `namespace` route IPv4 between its interfaces (the sysctl is per namespace: the host's is untouched)."""
+    run(["ip", "netns", "exec", namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+
+def nft_apply(namespace: str, script: str) -> None:
+    """Load an `nft -f` script inside `namespace`."""
+    run(["ip", "netns", "exec", namespace, "nft", "-f", "-"], input_text=script)
+
+
+def nft_list_table(namespace: str, family: str, table: str) -> str:
+    """`nft list table` inside `namespace` (with counters); empty if the table or the namespace is gone."""
+    return run(["ip", "netns", "exec", namespace, "nft", "list", "table", family, table], check=False).stdout
+
+
+def nft_delete_table(namespace: str, family: str, table: str) -> bool:
+    """Delete an nftables table inside `namespace`; False if it (or the namespace) was already gone."""
+    if namespace not in list_namespaces():
+        return False
+    return run(["ip", "netns", "exec", namespace, "nft", "delete", "table", family, table],
+               check=False).returncode == 0
+
+
 def link_up(namespace: str, ifname: str) -> bool:
     """True if `ifname` in `namespace` is administratively up."""
     out = run(["ip", "-n", namespace, "-o", "link", "show", ifname], check=False).stdout

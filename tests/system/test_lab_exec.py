@@ -139,3 +139,46 @@ def test_signals_reach_the_command(lab, sig):
             proc.wait(10)
     expected = {signal.SIGTERM: (3, "got TERM"), signal.SIGINT: (4, "got INT")}[sig]
     assert (proc.returncode, out.strip()) == expected, err
+
+
+def read_events(proc: subprocess.Popen, *, until: str, timeout: float) -> list[dict]:
+    """JSON events `proc` printed on stdout, up to and including the first whose "event" is `until`."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buffer, events = b"", []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line.strip().startswith(b"{"):
+                    events.append(json.loads(line))
+                    if events[-1].get("event") == until:
+                        return events
+    raise AssertionError(f"no {until!r} event within {timeout} s: {events} {buffer!r}")
+
+
+def test_meshchat_talks_to_the_nodes_own_agent(lab):
+    # listen binds to the mesh IP its agent reports and accepts only members its agent knows; send names
+    # itself with its agent's identity: neither works with another node's agent or none.
+    with subprocess.Popen(meshlab(lab, "exec", "n2", "--", "meshchat", "listen", "--json", "--count", "1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO) as listener:
+        try:
+            listening = read_events(listener, until="listening", timeout=30)[-1]
+            assert listening["ip"] == lab.mesh_ip("n2"), listening
+            sent = run_meshlab(lab, "exec", "n1", "--", "meshchat", "send", "--to", lab.mesh_ip("n2"),
+                               "--timeout", "10", "hello n2 via meshlab exec")
+            assert sent.returncode == 0, sent.stderr
+            message = read_events(listener, until="message", timeout=15)[-1]
+            assert (message["from_ip"], message["text"]) == (lab.mesh_ip("n1"), "hello n2 via meshlab exec")
+            assert listener.wait(timeout=15) == 0
+        finally:
+            if listener.poll() is None:
+                listener.kill()

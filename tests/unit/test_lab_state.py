@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from meshlab import state as state_mod
-from meshlab.state import ControlRecord, LabState, NodeRecord, ProcessRecord
+from meshlab.state import ControlRecord, LabState, NodeRecord, ProcessRecord, RouterRecord
 
 
 def _state():
@@ -34,3 +34,25 @@ def test_nodes_in_index_order():
 def test_bad_files_rejected(text):
     with pytest.raises((ValidationError, ValueError)):
         state_mod.load(text)
+
+
+def test_round_trip_with_routers_and_expiry():
+    st = _state()
+    st.expiry_s = 20.0
+    st.routers["r1"] = RouterRecord(index=1, name="r1", namespace="mlab1-r1", lan_ip="10.77.1.211",
+                                    private_subnet="192.168.1.0/24", gateway="192.168.1.1", nft_table="meshlab_nat",
+                                    group="home")
+    st.used_router_indices = [1]
+    st.nodes["n2"].router, st.nodes["n2"].gateway, st.nodes["n2"].underlay_ip = "r1", "192.168.1.1", "192.168.1.12"
+    back = state_mod.load(state_mod.dump(st))
+    assert back == st
+    assert [n.name for n in back.behind("r1")] == ["n2"] and back.behind("r9") == []
+
+
+def test_a_state_file_from_before_routers_still_loads():
+    text = ('{"version": 1, "lab_id": "ab", "created_at": 0, "control": {"namespace": "mlab-ctl"}, "nodes": '
+            '{"n1": {"index": 1, "name": "n1", "namespace": "mlab-n1", "interface": "mv-ab-1", '
+            '"underlay_ip": "10.77.1.11"}}}')
+    st = state_mod.load(text)
+    assert st.routers == {} and st.expiry_s is None
+    assert (st.nodes["n1"].router, st.nodes["n1"].gateway) == (None, None)

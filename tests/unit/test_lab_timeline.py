@@ -2,7 +2,7 @@
 
 import pytest
 
-from meshlab.report import NodeRow, format_matrix, format_status
+from meshlab.report import NodeRow, RouterRow, format_matrix, format_status
 from meshlab.timeline import Timeline, format_duration, format_event
 
 
@@ -43,3 +43,15 @@ def test_status_table_marks_partitions_and_handshakes():
     assert "registrar=running" in out
     assert "n2:3s" in out
     assert "frozen*" in out and "partitioned" in out
+
+
+def test_status_table_shows_the_nat_router_of_each_node():
+    rows = [NodeRow("n1", "running", "100.96.0.1", underlay_ip="10.77.1.11"),
+            NodeRow("n2", "running", "100.96.0.2", underlay_ip="192.168.1.12", router="r1", router_ip="10.77.1.211")]
+    routers = [RouterRow("r1", "10.77.1.211", "192.168.1.0/24", group="home", nodes=("n2",))]
+    lines = format_status(rows, services={"registrar": "running"}, routers=routers).splitlines()
+    assert lines[1].split()[:6] == ["node", "agent", "mesh", "ip", "underlay", "nat"]
+    assert lines[2].split()[4] == "-" and lines[3].split()[3:5] == ["192.168.1.12", "r1"]
+    assert lines[-1] == "router r1 (group home): 192.168.1.0/24 masqueraded to 10.77.1.211; behind it: n2"
+    assert rows[1].as_dict()["router"] == "r1" and rows[1].as_dict()["router_ip"] == "10.77.1.211"
+    assert routers[0].as_dict()["nodes"] == ["n2"]
