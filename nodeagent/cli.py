@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     agent.stop()
     if agent.failure is not None:
         print(f"meshvpn-agent: {agent.failure}", file=sys.stderr)
+    if agent.exit_code:
+        log.error("exiting with status %d", agent.exit_code)
     return agent.exit_code
 
 
