@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -73,11 +74,13 @@ def presence(peer: PeerView, *, now: float, window: float = HANDSHAKE_WINDOW) ->
 def snapshot_from_status(status: AgentStatus, *, now: float, window: float = HANDSHAKE_WINDOW) -> PeerSnapshot:
     """The chat's view of an AgentStatus: peers with their presence, sorted by name then IP. Pure."""
     peers = []
-    for view in status.peers:
-        if view.mesh_ip == status.mesh_ip:
-            continue  # we are not our own peer, whatever the agent lists
+    others = [v for v in status.peers if v.mesh_ip != status.mesh_ip]  # we are not our own peer
+    names = Counter([status.name, *(v.name for v in others)])
+    for view in others:
         state, detail = presence(view, now=now, window=window)
-        peers.append(ChatPeer(view.mesh_ip, view.name, view.node_id, state, detail, view.latest_handshake))
+        # Names are display aliases and may repeat: a shared one is shown with the node id, never guessed.
+        name = f"{view.name} ({view.node_id})" if names[view.name] > 1 else view.name
+        peers.append(ChatPeer(view.mesh_ip, name, view.node_id, state, detail, view.latest_handshake))
     peers.sort(key=lambda p: (p.name.lower(), ipaddress.ip_address(p.mesh_ip)))
     return PeerSnapshot(
         self_ip=status.mesh_ip,

@@ -47,7 +47,7 @@ from nodeagent.session import (
 )
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Enrollment, StateStore
-from nodeagent.status import agent_status
+from nodeagent.status import agent_status, resolve_target
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
 
@@ -101,6 +101,7 @@ class Agent:
         self._scheduler: BackgroundScheduler | None = None
         self._presence: Presence | None = None
         self._heartbeat_interval_s = 5.0
+        self._name_warned: set[str] = set()
         self._api = None
         self.enrollment: Enrollment | None = None
         self._rotating = threading.Lock()
@@ -284,10 +285,23 @@ class Agent:
 
     def _probe_lost(self) -> dict:
         """Probe the members the control plane lost that we hold a tunnel to; the peers as WireGuard has them."""
+        self._warn_shared_name()
         peers = self._tunnels()
         if self._presence is not None:
             self._presence.probe(self.mesh.current(), tunnelled=peers, self_id=self.identity.node_id)
         return peers
+
+    def _warn_shared_name(self) -> None:
+        """Say once per member that another node has our name: allowed (names are aliases), but confusing."""
+        membership = self.mesh.current()
+        if membership is None:
+            return
+        me = self.identity
+        for record in membership.members.values():
+            if record.name == me.name and record.node_id != me.node_id and record.node_id not in self._name_warned:
+                self._name_warned.add(record.node_id)
+                log.warning("node %s (%s) has this node's name %r too; people see both as NAME (node id)",
+                            record.node_id, record.mesh_ip, me.name, extra=self._fields())  # fmt: skip
 
     def _vouch_window_s(self) -> float:
         return 2 * self._heartbeat_interval_s + 1.0
@@ -440,9 +454,7 @@ class Agent:
 
     def ping(self, target: str, *, count: int = 3) -> PingResult:
         """Ping a member by name or mesh IP over the mesh; AgentError if no such member."""
-        records = self.mesh.display_records()
-        match = next((r for r in records if target in (r.mesh_ip, r.name, r.node_id)), None)
-        if match is None:
-            raise AgentError(f"no mesh member named or addressed {target!r}")
+        records = [r for r in self.mesh.display_records() if r.node_id != self.identity.node_id]
+        match = resolve_target(records, target)
         rtts = self._pinger.ping(match.mesh_ip, count=count)
         return PingResult(target=target, mesh_ip=match.mesh_ip, rtts_ms=rtts)

@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import sys
+from collections import Counter
 from collections.abc import Mapping
 
 from meshcontract.errors import ContractError
@@ -66,13 +67,14 @@ def render_status(status: AgentStatus) -> str:
     ]
     header = ("NAME", "MESH IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX")
     rows = [header]
+    names = Counter([status.name, *(p.name for p in status.peers)])
     for peer in status.peers:
         state = STATE_LABELS.get(peer.state, peer.state)
         if peer.state != "unreachable" and not peer.configured:
             state += " (no tunnel yet)"
         rows.append(
             (
-                peer.name,
+                f"{peer.name} ({peer.node_id})" if names[peer.name] > 1 else peer.name,  # a shared name: disambiguate
                 peer.mesh_ip,
                 state,
                 format_age(peer.latest_handshake, now=status.now) if peer.configured else "-",

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from meshcontract.localapi import AgentStatus, PeerView
 from meshcontract.messages import MemberRecord
+from nodeagent.errors import AgentError
 from nodeagent.identity import Identity
 from nodeagent.statestore import Registration
 from wgctl.model import PeerState
@@ -68,3 +69,18 @@ def agent_status(
         counters=dict(counters),
         now=now,
     )
+
+
+def resolve_target(records: list[MemberRecord], target: str) -> MemberRecord:
+    """The member `target` names: a mesh IP or node id (unique), or a name if exactly one member has it.
+    AgentError listing the candidates when a name is shared: names are display aliases, we never guess. Pure."""
+    exact = [r for r in records if target in (r.mesh_ip, r.node_id)]
+    if exact:
+        return exact[0]
+    named = sorted((r for r in records if r.name == target), key=lambda r: r.node_id)
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        raise AgentError(f"no mesh member named or addressed {target!r}")
+    listed = ", ".join(f"{r.node_id} ({r.mesh_ip})" for r in named)
+    raise AgentError(f"{len(named)} members are named {target!r}: {listed}; give a node id or mesh IP")

@@ -242,6 +242,12 @@ def register(
     )
 
 
+def _joined_reason(state: Membership, member: Member) -> str:
+    # Names are display aliases and may repeat; say so at join, where the operator is looking.
+    same = sorted(m.node_id for m in state.members.values() if m.name == member.name)
+    return f"enrolled; its name is also used by {', '.join(same)}" if same else "enrolled"
+
+
 def admit(
     state: Membership,
     *,
@@ -291,7 +297,7 @@ def admit(
         new,
         dirty=(member,),
         published=(member,),
-        happened=(Happened(Event.JOINED, member, "enrolled"),),
+        happened=(Happened(Event.JOINED, member, _joined_reason(state, member)),),
         joined=True,
     )
 

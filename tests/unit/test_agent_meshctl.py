@@ -241,3 +241,13 @@ def test_render_rotated(confirmed, mesh_ip, says, never):
         RotateResult(previous_public_key="OLD=", public_key="NEW=", mesh_ip=mesh_ip, confirmed=confirmed)
     )
     assert all(s in text for s in says) and never not in text
+
+
+def test_render_status_disambiguates_shared_names() -> None:
+    peers = [
+        PeerView(node_id=i, name=n, mesh_ip=f"100.96.0.{k}", public_key=f"k{k}", state="active", configured=True)
+        for k, (i, n) in enumerate([("n2", "beta"), ("n3", "beta"), ("n4", "alpha"), ("n5", "gamma")], start=2)
+    ]
+    rows = render_status(_status(peers)).splitlines()
+    names = [line.split("  ")[0].strip() for line in rows[rows.index(next(r for r in rows if r.startswith("NAME"))) + 1:]]
+    assert names == ["beta (n2)", "beta (n3)", "alpha (n4)", "gamma"]
