@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from meshcontract import messages, topics
 from meshcontract.errors import ContractError
 from meshcontract.messages import (
+    Endpoint,
     ErrorCode,
     Heartbeat,
     MembershipDelta,
@@ -48,6 +49,7 @@ from nodeagent.membership import Applied
 from nodeagent.meshstate import MeshState
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
+from nodeagent.underlay import EndpointSource, FixedEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +114,13 @@ class ControlSession:
         on_event: Callable[[SessionEvent], None],
         clock: Callable[[], float] = time.time,
         client_factory: ClientFactory = make_client,
+        endpoints: EndpointSource | None = None,
     ) -> None:
         self._settings = settings
         self._me = identity
+        self._endpoints = endpoints or FixedEndpoints([identity.endpoint] if identity.endpoint else [])
+        self._registered_endpoints: list[Endpoint] | None = None  # what the registrar last confirmed
+        self._reregistering = threading.Lock()  # one re-registration on the current connection at a time
         self._store = store
         self._login = login
         self._mesh = mesh
@@ -287,10 +293,11 @@ class ControlSession:
         """
         timeout = self._settings.register_timeout_s
         attempt = 0
+        endpoints = self._endpoints.before_registration()
         while not conn.lost.is_set():
             with self._reply_cond:
                 kicks = self._registrar_kicks
-            request_id = self._send_register(conn)
+            request_id = self._send_register(conn, endpoints=endpoints)
             # A registrar that comes online after this request was sent (live, not the retained status we get
             # on subscribing) never saw it: send it again at once instead of after the timeout.
             reply = self._wait_reply(conn, request_id, timeout, kicks_before=kicks)
@@ -316,20 +323,23 @@ class ControlSession:
                 raise RegistrationRefused(verdict.code or ErrorCode.INTERNAL.value, verdict.reason)
             if verdict.action == "registered":
                 assert reply is not None
+                with self._lock:
+                    self._registered_endpoints = endpoints
                 self._registered(conn, reply)
                 return True
         return False
 
-    def _send_register(self, conn: _Connection, identity: Identity | None = None) -> str:
+    def _send_register(
+        self, conn: _Connection, identity: Identity | None = None, *, endpoints: list[Endpoint] | None = None
+    ) -> str:
         request_id = secrets.token_urlsafe(12)
         me = identity or self._me
-        assert me.endpoint is not None
         request = RegisterRequest(
             request_id=request_id,
             node_id=me.node_id,
             name=me.name,
             public_key=me.public_key,
-            endpoints=[me.endpoint],
+            endpoints=self._endpoints.current() if endpoints is None else endpoints,
             listen_port=self._settings.listen_port,
             epoch=conn.epoch,
         )
@@ -353,8 +363,9 @@ class ControlSession:
                 "not registered with an online registrar right now; the key is unchanged "
                 "(retry when `meshctl status` shows the broker connected and the registrar online)"
             )
-        request_id = self._send_register(conn, identity)
-        reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
+        with self._reregistering:
+            request_id = self._send_register(conn, identity)
+            reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
         if reply is not None and not reply.ok:
             error = reply.error
             raise AgentError(
@@ -368,6 +379,31 @@ class ControlSession:
             conn.client.disconnect()  # clean: no will; the session reconnects with a new epoch and registers
             return False
         log.info("key rotated: registered public key %s", identity.public_key, extra=self._fields(event="rotated"))
+        return True
+
+    # -- endpoint updates (the agent's timer) --------------------------------------------------------------
+    def update_endpoints(self) -> bool:
+        """Register again on the current connection if the endpoint candidates changed since the registrar last
+        confirmed them (an address came or went, the NAT's outside address changed). True if it confirmed the new
+        ones; False if nothing changed, we are not registered with an online registrar now (the next
+        registration carries them), or it did not confirm (the next call tries again)."""
+        endpoints = self._endpoints.current()
+        with self._lock:
+            conn, confirmed, online = self._conn, self._registered_endpoints, self._registrar_online
+        if endpoints == confirmed or conn is None or conn.lost.is_set() or not self.registered.is_set() or not online:
+            return False
+        with self._reregistering:
+            request_id = self._send_register(conn, endpoints=endpoints)
+            reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
+        if reply is None or not reply.ok:
+            why = "no answer in time" if reply is None else (reply.error.message if reply.error else "refused")
+            log.warning("the registrar did not take our new endpoints (%s); trying again later", why,
+                        extra=self._fields())  # fmt: skip
+            return False
+        with self._lock:
+            self._registered_endpoints = endpoints
+        log.info("registered new endpoint candidates: %s", ", ".join(map(str, endpoints)) or "none",
+                 extra=self._fields(event="endpoints_registered"))  # fmt: skip
         return True
 
     def _wait_reply(

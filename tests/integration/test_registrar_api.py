@@ -20,6 +20,7 @@ from meshcontract.messages import MeshSettings, RegistrarInfo
 from meshcontract.ratelimit import RatePolicy
 from meshcontract.signing import Signer
 from meshcontract.transport import BrokerSettings
+from nodeagent.underlay import RegistrarReflector
 from registrar import engine, pki, tokens
 from registrar.accounts import MemoryAccounts
 from registrar.api import create_app
@@ -336,6 +337,14 @@ def test_real_server_over_tls(service, tmp_path):
         # The real server does not take X-Forwarded-For from a loopback peer either (uvicorn would by default).
         reflected = httpx.get(f"{base}/v1/reflect", headers={"X-Forwarded-For": "192.0.2.99"}, verify=trust, timeout=10)
         assert reflected.json()["address"] == "127.0.0.1"
+        # The agent's side: over TLS pinned to the mesh CA in its state directory; anything else is no answer.
+        ca_file = tmp_path / "agent-ca.pem"
+        ca_file.write_bytes(keys.ca_pem)
+        assert RegistrarReflector(base, ca_file=ca_file).reflect() == "127.0.0.1"
+        other = pki.load_or_create(tmp_path / "other", mesh="lab", server_names=["localhost"])
+        (tmp_path / "other-ca.pem").write_bytes(other.ca_pem)
+        assert RegistrarReflector(base, ca_file=tmp_path / "other-ca.pem").reflect() is None, "another mesh's CA"
+        assert RegistrarReflector(base, ca_file=tmp_path / "missing.pem").reflect() is None, "no CA: not asked"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/healthz", timeout=10)  # not trusted without the mesh CA
         with pytest.raises(httpx.HTTPError):
