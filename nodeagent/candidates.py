@@ -102,7 +102,9 @@ def advertised(
     return list(unique.values())[:MAX_ADVERTISED]
 
 
-def reflect_due(*, last_at: float | None, now: float, local_changed: bool, every_s: float = REFLECT_EVERY_S) -> bool:
-    """Whether to ask the registrar for our reflexive address now: never asked, a local address changed (a new
-    network: likely a new NAT too), or `every_s` passed since the last answer or failure."""
-    return last_at is None or local_changed or now - last_at >= every_s
+def reflect_due(
+    *, last_at: float | None, now: float, local_changed: bool, failed: bool = False, every_s: float = REFLECT_EVERY_S
+) -> bool:
+    """Whether to ask the registrar for our reflexive address now: never asked, the last attempt failed, a local
+    address changed (a new network: likely a new NAT too), or `every_s` passed since the last answer."""
+    return last_at is None or failed or local_changed or now - last_at >= every_s

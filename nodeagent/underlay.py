@@ -192,6 +192,7 @@ class Advertiser:
         self._local: list[str] = []
         self._reflected: str | None = None
         self._reflected_at: float | None = None
+        self._reflect_failed = False
         self._current: list[Endpoint] = candidates.advertised(
             public=public, local=[], reflected=None, port=listen_port
         )
@@ -220,10 +221,17 @@ class Advertiser:
             local_changed = local != self._local
             self._local = local
             now = self._clock()
-            due = candidates.reflect_due(last_at=self._reflected_at, now=now, local_changed=local_changed)
+            due = candidates.reflect_due(
+                last_at=self._reflected_at, now=now, local_changed=local_changed, failed=self._reflect_failed
+            )
             if self._reflector is not None and (reflect or (reflect is None and due)):
-                self._reflected = self._reflector.reflect()
-                self._reflected_at = now
+                answer = self._reflector.reflect()
+                # No answer before a registration or on a new network: no reflexive candidate this time. A
+                # periodic check that fails on the same network keeps the last one (no flapping while the
+                # registrar restarts) and is tried again at the next check.
+                if answer is not None or reflect or local_changed:
+                    self._reflected = answer
+                self._reflected_at, self._reflect_failed = now, answer is None
             new = candidates.advertised(public=self._public, local=local, reflected=self._reflected, port=self._port)
             changed = new != self._current
             if changed:

@@ -115,11 +115,17 @@ def test_advertised(public, local, reflected, expected) -> None:
 
 
 @pytest.mark.parametrize(
-    ("last_at", "now", "local_changed", "due"),
-    [(None, 0.0, False, True), (100.0, 130.0, False, False), (100.0, 160.0, False, True), (100.0, 101.0, True, True)],
+    ("last_at", "now", "local_changed", "failed", "due"),
+    [
+        (None, 0.0, False, False, True),
+        (100.0, 130.0, False, False, False),
+        (100.0, 160.0, False, False, True),
+        (100.0, 101.0, True, False, True),
+        (100.0, 101.0, False, True, True),
+    ],
 )
-def test_reflect_due(last_at: float | None, now: float, local_changed: bool, due: bool) -> None:
-    assert reflect_due(last_at=last_at, now=now, local_changed=local_changed) is due
+def test_reflect_due(last_at: float | None, now: float, local_changed: bool, failed: bool, due: bool) -> None:
+    assert reflect_due(last_at=last_at, now=now, local_changed=local_changed, failed=failed) is due
 
 
 class CountingReflector(StaticReflector):
@@ -153,11 +159,16 @@ def test_advertiser_follows_addresses_and_reflection() -> None:
     reflector.address = "198.51.100.4"
     assert advertiser.refresh() and reflector.asked == 2
     assert advertiser.current() == [ep("198.51.100.4", R), ep("10.7.0.3", L)]
-    # The registrar cannot be asked: no reflexive candidate this time.
+    # The registrar cannot be asked on a periodic check: the last reflection stays, asked again next time.
     reflector.address = None
     now[0] += 61
-    assert advertiser.refresh() and advertiser.current() == [ep("10.7.0.3", L)]
-    assert advertiser.reflected is None
+    assert not advertiser.refresh() and reflector.asked == 3 and advertiser.reflected == "198.51.100.4"
+    now[0] += 10
+    assert not advertiser.refresh() and reflector.asked == 4, "a failure is retried at the next check"
+    # Before a registration, no answer means no reflexive candidate this time.
+    assert advertiser.before_registration() == [ep("10.7.0.3", L)] and advertiser.reflected is None
+    reflector.address = "198.51.100.4"
+    assert advertiser.refresh() and reflector.asked == 6, "back at the next check"
 
 
 def test_advertiser_keeps_the_last_addresses_when_they_cannot_be_read() -> None:
