@@ -137,7 +137,7 @@ class Reconciler:
                     self.passes += 1
                     return  # never seen a complete membership: no opinion on peers, so touch none
                 actual = self._wireguard.read(ifname).peers
-                names = host_names(membership.tunnelled())
+                names = host_names(r for r in membership.tunnelled() if r.node_id != me.node_id)
                 resolutions = self._resolver.lookup(names) if self._resolver and names else Resolutions()
                 desired = desired_state(
                     membership,
