@@ -6,7 +6,9 @@ starts and stops them in the right order and turns the session's events into wor
   - Registered        -> heartbeats at the mesh's interval, a reconcile pass (address, route, peers)
   - MembershipChanged -> a reconcile pass
   - Refused           -> stop, exit status 3
-APScheduler runs the periodic jobs (heartbeats, the drift-repair wake-up of the reconcile loop).
+APScheduler runs the periodic jobs (heartbeats, the drift-repair wake-up of the reconcile loop, the check of
+this node's endpoint candidates: nodeagent.underlay). Peers' host names resolve in the background
+(nodeagent.resolver), which wakes the reconcile loop when an answer changes.
 
 The agent's view of the mesh only ever shrinks the peer set from a *complete* membership, so a broker restart,
 a registrar outage or a half-delivered retained state never tears down a working tunnel.
@@ -37,6 +39,7 @@ from nodeagent.ping import Pinger, SystemPinger
 from nodeagent.presence import Presence
 from nodeagent.reconciler import Reconciler
 from nodeagent.registrar_client import RegistrarClient
+from nodeagent.resolver import Lookup, NameResolver, system_lookup
 from nodeagent.session import (
     ClientFactory,
     ControlSession,
@@ -48,6 +51,7 @@ from nodeagent.session import (
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Enrollment, StateStore
 from nodeagent.status import agent_status, resolve_target
+from nodeagent.underlay import AddressSource, Advertiser, NetlinkAddresses, Reflector, RegistrarReflector
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
 
@@ -64,7 +68,9 @@ class Agent:
 
     Backends are injected so tests can run several agents in one process on in-memory WireGuard:
     `Agent(settings, wireguard=InMemoryWireGuard(), routes=InMemoryRoutes(wg))`. `client_factory` makes the
-    paho client of each broker connection (tests inject faults through it).
+    paho client of each broker connection (tests inject faults through it). The underlay is injected the same
+    way: `addresses` (default: the kernel's interface addresses), `reflector` (default: the registrar's
+    GET /v1/reflect), `lookup` (default: the system resolver).
     """
 
     def __init__(
@@ -78,6 +84,9 @@ class Agent:
         local_api: bool = True,
         hostname: str | None = None,
         client_factory: ClientFactory = make_client,
+        addresses: AddressSource | None = None,
+        reflector: Reflector | None = None,
+        lookup: Lookup = system_lookup,
     ) -> None:
         self.settings = settings
         self.wireguard = wireguard
@@ -87,6 +96,11 @@ class Agent:
         self._local_api_enabled = local_api
         self._hostname = hostname
         self._client_factory = client_factory
+        self._addresses = addresses or NetlinkAddresses()
+        self._reflector = reflector
+        self._lookup = lookup
+        self._advertiser: Advertiser | None = None
+        self._resolver: NameResolver | None = None
         self.store = StateStore(settings.state_dir)
         self.identity = Identity(node_id="", name="")
         self.mesh = MeshState()
@@ -119,9 +133,20 @@ class Agent:
             settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
         self.identity = me = load_identity(settings, self.store, hostname=self._hostname)
         enrollment = self.store.enrollment()
+        registrar_url = settings.registrar_url or (enrollment.registrar_url if enrollment else None)
+        reflector = self._reflector
+        if reflector is None and registrar_url:
+            reflector = RegistrarReflector(registrar_url, ca_file=self.store.ca_file)
+        self._advertiser = advertiser = Advertiser(
+            public=me.endpoint, listen_port=settings.listen_port, interface=settings.interface,
+            addresses=self._addresses, reflector=reflector,
+        )  # fmt: skip
+        advertiser.refresh(reflect=False)  # the registrar is asked before each registration (its CA is known then)
         if enrollment is None or enrollment.node_id != me.node_id or enrollment.mesh != settings.mesh:
             # Before anything exists on this machine: a refused join leaves no interface and no process behind.
-            enrollment = enroll(settings, me, store=self.store, stop=stop or self._finished)
+            enrollment = enroll(
+                settings, me, store=self.store, stop=stop or self._finished, endpoints=advertiser.current()
+            )
             if enrollment is None:
                 return  # asked to stop while enrolling
         self.enrollment = enrollment
@@ -130,9 +155,9 @@ class Agent:
         persisted = self.store.membership()
         self.mesh = MeshState(persisted)
         log.info(
-            "agent starting: interface %s, endpoint %s, %s persisted members",
+            "agent starting: interface %s, endpoint candidates %s, %s persisted members",
             settings.interface,
-            me.endpoint,
+            ", ".join(map(str, advertiser.current())) or "none yet",
             len(persisted.members) if persisted else "no",
             extra=me.log_fields(registration.mesh_ip if registration else None),
         )
@@ -148,7 +173,9 @@ class Agent:
             on_event=self._on_session_event,
             clock=self._clock,
             client_factory=self._client_factory,
+            endpoints=advertiser,
         )
+        self._resolver = NameResolver(lookup=self._lookup, on_change=self._wake_reconcile)
         self._reconciler = Reconciler(
             settings,
             identity=me,
@@ -157,6 +184,9 @@ class Agent:
             mesh=self.mesh,
             store=self.store,
             registration=lambda: self._session.registration if self._session else None,
+            resolver=self._resolver,
+            own_reflexive=lambda: advertiser.reflected,
+            clock=self._clock,
         )
         # The interface itself must be usable (a permanent backend error ends start-up with a clear message),
         # and it is restored before the broker is reachable: an agent restarted during a control-plane outage
@@ -173,6 +203,14 @@ class Agent:
             "interval",
             seconds=settings.reconcile_interval_s,
             id="drift-repair",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._check_endpoints,
+            "interval",
+            seconds=settings.reconcile_interval_s,
+            id="endpoints",
             max_instances=1,
             coalesce=True,
         )
@@ -243,6 +281,8 @@ class Agent:
             self._scheduler = None
         if self._presence is not None:
             self._presence.close()
+        if self._resolver is not None:
+            self._resolver.close()
         if self._api is not None:
             self._api.stop()
             self._api = None
@@ -271,6 +311,14 @@ class Agent:
                 self.exit_code = EXIT_IDENTITY_GONE
                 self.store.forget_enrollment()
             self._finished.set()
+
+    def _check_endpoints(self) -> None:
+        """The timer's check of our endpoint candidates: re-register on the current connection if they changed
+        (a new address, a new NAT) or the registrar has not confirmed them yet."""
+        if self._advertiser is None or self._session is None:
+            return
+        self._advertiser.refresh()
+        self._session.update_endpoints()
 
     def _wake_reconcile(self) -> None:
         if self._reconciler is not None:
@@ -450,6 +498,7 @@ class Agent:
             complete=complete,
             counters=counters,
             now=self._clock(),
+            problems=self._reconciler.problems() if self._reconciler else {},
         )
 
     def ping(self, target: str, *, count: int = 3) -> PingResult:

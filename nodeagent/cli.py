@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--node-id", help="node id (default: generated once, kept in the state dir)")
     parser.add_argument("--interface", help="WireGuard interface name (default meshvpn0)")
     parser.add_argument("--listen-port", type=int, help="WireGuard UDP port (default 51820)")
-    parser.add_argument("--endpoint", help="advertised HOST[:PORT] (default: IPv4 of the default route)")
+    parser.add_argument("--endpoint", help="a public HOST[:PORT] to advertise besides the interface addresses and the reflexive one")
     parser.add_argument("--state-dir", help="state directory (default /var/lib/meshvpn)")
     parser.add_argument(
         "--backend", choices=["auto", "kernel", "userspace", "memory"], help="WireGuard backend"

@@ -65,24 +65,26 @@ def render_status(status: AgentStatus) -> str:
         + ("complete" if status.membership_complete else "INCOMPLETE (no peer is removed until complete)"),
         "",
     ]
-    header = ("NAME", "MESH IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX")
+    # The PROBLEM column only when there is one (a skipped record, a name that does not resolve).
+    problems = any(peer.problem for peer in status.peers)
+    header: tuple[str, ...] = ("NAME", "MESH IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX")
+    header += ("PROBLEM",) if problems else ()
     rows = [header]
     names = Counter([status.name, *(p.name for p in status.peers)])
     for peer in status.peers:
         state = STATE_LABELS.get(peer.state, peer.state)
         if peer.state != "unreachable" and not peer.configured:
             state += " (no tunnel yet)"
-        rows.append(
-            (
-                f"{peer.name} ({peer.node_id})" if names[peer.name] > 1 else peer.name,  # a shared name: disambiguate
-                peer.mesh_ip,
-                state,
-                format_age(peer.latest_handshake, now=status.now) if peer.configured else "-",
-                peer.endpoint or "-",
-                format_bytes(peer.rx_bytes),
-                format_bytes(peer.tx_bytes),
-            )
+        row: tuple[str, ...] = (
+            f"{peer.name} ({peer.node_id})" if names[peer.name] > 1 else peer.name,  # a shared name: disambiguate
+            peer.mesh_ip,
+            state,
+            format_age(peer.latest_handshake, now=status.now) if peer.configured else "-",
+            peer.endpoint or "-",
+            format_bytes(peer.rx_bytes),
+            format_bytes(peer.tx_bytes),
         )
+        rows.append(row + ((peer.problem or "-",) if problems else ()))
     if len(rows) == 1:
         lines.append("no peers")
         return "\n".join(lines)

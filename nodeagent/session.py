@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from meshcontract import messages, topics
 from meshcontract.errors import ContractError
 from meshcontract.messages import (
+    Endpoint,
     ErrorCode,
     Heartbeat,
     MembershipDelta,
@@ -51,6 +52,7 @@ from nodeagent.meshstate import MeshState
 from nodeagent.registrar_client import RegistrarClient
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
+from nodeagent.underlay import EndpointSource, FixedEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +127,14 @@ class ControlSession:
         clock: Callable[[], float] = time.time,
         client_factory: ClientFactory = make_client,
         registrar: RegistrarClient | None = None,
+        endpoints: EndpointSource | None = None,
     ) -> None:
         self._settings = settings
         self._registrar = registrar
         self._me = identity
+        self._endpoints = endpoints or FixedEndpoints([identity.endpoint] if identity.endpoint else [])
+        self._registered_endpoints: list[Endpoint] | None = None  # what the registrar last confirmed
+        self._reregistering = threading.Lock()  # one re-registration on the current connection at a time
         self._store = store
         self._login = login
         self._mesh = mesh
@@ -333,10 +339,11 @@ class ControlSession:
         """
         timeout = self._settings.register_timeout_s
         attempt = 0
+        endpoints = self._endpoints.before_registration()
         while not conn.lost.is_set():
             with self._reply_cond:
                 kicks = self._registrar_kicks
-            request_id = self._send_register(conn)
+            request_id = self._send_register(conn, endpoints=endpoints)
             # A registrar that comes online after this request was sent (live, not the retained status we get
             # on subscribing) never saw it: send it again at once instead of after the timeout.
             reply = self._wait_reply(conn, request_id, timeout, kicks_before=kicks)
@@ -374,25 +381,28 @@ class ControlSession:
                 raise RegistrationRefused(verdict.code or ErrorCode.INTERNAL.value, verdict.reason)
             if verdict.action == "registered":
                 assert reply is not None
+                with self._lock:
+                    self._registered_endpoints = endpoints
                 self._registered(conn, reply)
                 return True
         return False
 
-    def _request(self, me: Identity, *, epoch: int) -> RegisterRequest:
-        assert me.endpoint is not None
+    def _request(self, me: Identity, *, epoch: int, endpoints: list[Endpoint] | None = None) -> RegisterRequest:
         return RegisterRequest(
             request_id=secrets.token_urlsafe(12),
             node_id=me.node_id,
             name=me.name,
             public_key=me.public_key,
-            endpoints=[me.endpoint],
+            endpoints=self._endpoints.current() if endpoints is None else endpoints,
             listen_port=self._settings.listen_port,
             epoch=epoch,
         )
 
-    def _send_register(self, conn: _Connection, identity: Identity | None = None) -> str:
+    def _send_register(
+        self, conn: _Connection, identity: Identity | None = None, *, endpoints: list[Endpoint] | None = None
+    ) -> str:
         me = identity or self._me
-        request = self._request(me, epoch=conn.epoch)
+        request = self._request(me, epoch=conn.epoch, endpoints=endpoints)
         conn.client.publish(self._topic(Kind.REGISTER, me.node_id), messages.encode(request), qos=1)
         log.info("registering (epoch %s)", conn.epoch, extra=self._fields(epoch=conn.epoch))
         return request.request_id
@@ -450,6 +460,31 @@ class ControlSession:
         if verdict.action == "registered":
             log.info("registered our WireGuard key over HTTPS (the registrar held another one)", extra=self._fields())
         return verdict
+
+    # -- endpoint updates (the agent's timer) --------------------------------------------------------------
+    def update_endpoints(self) -> bool:
+        """Register again on the current connection if the endpoint candidates changed since the registrar last
+        confirmed them (an address came or went, the NAT's outside address changed). True if it confirmed the new
+        ones; False if nothing changed, we are not registered with an online registrar now (the next
+        registration carries them), or it did not confirm (the next call tries again)."""
+        endpoints = self._endpoints.current()
+        with self._lock:
+            conn, confirmed, online = self._conn, self._registered_endpoints, self._registrar_online
+        if endpoints == confirmed or conn is None or conn.lost.is_set() or not self.registered.is_set() or not online:
+            return False
+        with self._reregistering:
+            request_id = self._send_register(conn, endpoints=endpoints)
+            reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
+        if reply is None or not reply.ok:
+            why = "no answer in time" if reply is None else (reply.error.message if reply.error else "refused")
+            log.warning("the registrar did not take our new endpoints (%s); trying again later", why,
+                        extra=self._fields())  # fmt: skip
+            return False
+        with self._lock:
+            self._registered_endpoints = endpoints
+        log.info("registered new endpoint candidates: %s", ", ".join(map(str, endpoints)) or "none",
+                 extra=self._fields(event="endpoints_registered"))  # fmt: skip
+        return True
 
     def _wait_reply(
         self, conn: _Connection, request_id: str, timeout: float, *, kicks_before: int | None = None

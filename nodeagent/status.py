@@ -13,9 +13,15 @@ from wgctl.model import PeerState
 
 
 def peer_views(
-    records: Iterable[MemberRecord], actual: Mapping[str, PeerState], *, self_id: str
+    records: Iterable[MemberRecord],
+    actual: Mapping[str, PeerState],
+    *,
+    self_id: str,
+    problems: Mapping[str, str] | None = None,
 ) -> list[PeerView]:
-    """Every member but ourselves, sorted by name, with what WireGuard says about its peer (if configured)."""
+    """Every member but ourselves, sorted by name, with what WireGuard says about its peer (if configured) and
+    what is wrong with it (`problems`, by node id: a skipped record, a peer without a usable endpoint)."""
+    problems = problems or {}
     peers = []
     for record in sorted(records, key=lambda r: (r.name, r.node_id)):
         if record.node_id == self_id:
@@ -33,9 +39,14 @@ def peer_views(
                 latest_handshake=state.latest_handshake if state else None,
                 rx_bytes=state.rx_bytes if state else 0,
                 tx_bytes=state.tx_bytes if state else 0,
+                problem=_short(problems.get(record.node_id)),
             )
         )
     return peers
+
+
+def _short(problem: str | None, limit: int = 300) -> str | None:
+    return problem if problem is None or len(problem) <= limit else problem[: limit - 3] + "..."
 
 
 def agent_status(
@@ -52,6 +63,7 @@ def agent_status(
     complete: bool,
     counters: Mapping[str, int],
     now: float,
+    problems: Mapping[str, str] | None = None,
 ) -> AgentStatus:
     """The AgentStatus for the local API from one consistent reading of the agent's parts."""
     return AgentStatus(
@@ -65,7 +77,7 @@ def agent_status(
         ready=registered,
         membership_revision=revision,
         membership_complete=complete,
-        peers=peer_views(records, actual, self_id=identity.node_id),
+        peers=peer_views(records, actual, self_id=identity.node_id, problems=problems),
         counters=dict(counters),
         now=now,
     )

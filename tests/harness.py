@@ -33,6 +33,7 @@ from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Enrollment, StateStore
+from nodeagent.underlay import InMemoryAddresses, Reflector
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
 MESH = "itmesh"
@@ -196,6 +197,10 @@ class Node:
     agent: Agent | None = None
     faults: Faults = field(default_factory=Faults)
     dark: bool = False
+    # Its interface addresses: none by default (the configured endpoint is all it advertises), not the addresses
+    # of the machine the tests run on.
+    addresses: InMemoryAddresses = field(default_factory=InMemoryAddresses)
+    reflector: Reflector | None = None  # None: the registrar's GET /v1/reflect (127.0.0.1: never advertised)
 
     def peers(self) -> dict[str, tuple[str, ...]]:
         """public key -> allowed IPs on this machine's interface now."""
@@ -235,18 +240,20 @@ class Mesh:
     def node(self, name: str) -> Node:
         return self.nodes[name]
 
-    def add(self, name: str, **overrides: Any) -> Node:
+    def add(self, name: str, *, reflector: Reflector | None = None, **overrides: Any) -> Node:
         wireguard = InMemoryWireGuard()
         settings = agent_settings(
             self.tmp_path / "nodes" / name,
             self.broker_url,
-            registrar_url=self.registrar.http_url,
-            join_token=self.token,
-            name=name,
-            endpoint=f"127.0.0.1:{51000 + len(self.nodes)}",
-            **overrides,
+            **{
+                "registrar_url": self.registrar.http_url,
+                "join_token": self.token,
+                "name": name,
+                "endpoint": f"127.0.0.1:{51000 + len(self.nodes)}",
+                **overrides,
+            },
         )
-        node = Node(name, settings, wireguard, InMemoryRoutes(wireguard))
+        node = Node(name, settings, wireguard, InMemoryRoutes(wireguard), reflector=reflector)
         self.nodes[name] = node
         self.start(name)
         return node
@@ -264,6 +271,8 @@ class Mesh:
             pinger=self.pinger,
             local_api=False,
             client_factory=node.faults.factory,
+            addresses=node.addresses,
+            reflector=node.reflector,
         )
         node.agent.start()
         return node.agent

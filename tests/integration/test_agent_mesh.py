@@ -18,11 +18,21 @@ from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.localapi import LocalRequest
-from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot, RegisterRequest
+from meshcontract.messages import (
+    Endpoint,
+    EnrollRequest,
+    MemberRecord,
+    MembershipDelta,
+    MembershipSnapshot,
+    MemberState,
+    RegisterRequest,
+)
 from meshcontract.signing import Signer
 from meshcontract.topics import Kind
+from nodeagent.candidates import InterfaceAddress
 from nodeagent.errors import EnrollmentRefused
 from nodeagent.statestore import StateStore
+from nodeagent.underlay import StaticReflector
 from registrar import dynsec
 from wgctl import keys
 from wgctl.model import PeerChanges
@@ -200,6 +210,80 @@ def registrar_records(mesh: Mesh) -> list:
     table = mesh.node("alpha").running.membership()
     assert table is not None
     return list(table.members.values())
+
+
+def test_one_bad_record_never_breaks_the_mesh(mesh: Mesh, broker: RunningBroker, registrar: Registrar) -> None:
+    """Issue 12: a member advertising a host name that does not resolve made every agent's apply fail (0 peers
+    across the mesh). Now it is configured without an endpoint (it reaches us, WireGuard learns where it is) and
+    reported; a record claiming another member's mesh IP is skipped and reported; every other pair is meshed."""
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    named = mesh.add("named", endpoint="unresolvable-host.invalid:51820")
+    mesh.wait_complete()
+    named_id = named.running.node_id
+
+    def problem(node: str, about: str) -> str | None:
+        return next((p.problem for p in mesh.node(node).running.status().peers if p.node_id == about), None)
+
+    for node in ("alpha", "beta", "gamma"):
+        wait_for(lambda n=node: "does not resolve" in (problem(n, named_id) or ""), timeout=15,
+                 what=f"{node} reports that named's endpoint does not resolve")  # fmt: skip
+        assert mesh.node(node).peers()[named.running.public_key] == (f"{named.running.mesh_ip}/32",)
+
+    # A record that claims beta's mesh IP (the registrar never makes one; here it is signed with its key while it
+    # is down, so nothing repairs it): skipped everywhere, beta keeps its tunnels, every pair stays meshed.
+    alpha, beta = mesh.node("alpha").running, mesh.node("beta").running
+    revision = alpha.status().membership_revision
+    real = Signer.from_pem((registrar.state_dir / "signing.key").read_bytes())
+    registrar.kill()
+    mallory = MemberRecord(
+        node_id="mallory", name="mallory", mesh_ip=beta.mesh_ip, public_key=keys.public_key(keys.generate_private_key()),
+        endpoints=[Endpoint(host="127.0.0.1", port=59999)], listen_port=51820, state=MemberState.ACTIVE, revision=revision + 1,
+        updated_at=time.time(),
+    )  # fmt: skip
+    delta = MembershipDelta(
+        mesh=MESH, from_revision=revision, to_revision=revision + 1, upserts=[mallory], published_at=time.time()
+    )
+    with ProbeClient(broker, client_id="registrar", username="registrar", password=REGISTRAR_PASSWORD) as probe:
+        probe.publish(topics.build(MESH, Kind.DELTA), messages.encode(signed(delta, real, "delta")))
+        for node in ("alpha", "beta", "gamma", "named"):
+            wait_for(lambda n=node: (problem(n, "mallory") or "").startswith("not configured"), timeout=15,
+                     what=f"{node} reports mallory's record as skipped")  # fmt: skip
+    assert "is claimed by" in (problem("alpha", "mallory") or "")
+    assert "this node's own mesh IP" in (problem("beta", "mallory") or "")
+    wait_for(mesh.reconciled_more(), timeout=10, what="reconcile passes with the bad records")
+    assert mesh.is_complete(), "every pair of real members meshed, mallory nowhere"
+    for node in mesh.running():
+        assert node.running.status().counters["peer_skipped"] == 1, "reported once, not every pass"
+
+
+def test_endpoint_candidates_follow_the_underlay(mesh: Mesh) -> None:
+    """A node moves to another network (new interface address, a NAT in front): within a drift-repair interval it
+    registers its new candidates (on its current connection: ControlSession.update_endpoints), and its peers get
+    them in the next delta."""
+    mesh.add("alpha")
+    nat = StaticReflector()
+    beta = mesh.add("beta", reflector=nat)
+    mesh.wait_complete()
+    wait_for(beta.running.registered.is_set, timeout=15, what="beta registered")
+    beta_id = beta.running.node_id
+
+    beta.addresses.set([InterfaceAddress("wlan0", "192.168.7.2"), InterfaceAddress("lo", "127.0.0.1")])
+    nat.address = "203.0.113.50"
+    expected = [
+        {"host": "127.0.0.1", "port": 51001, "kind": "public"},
+        {"host": "203.0.113.50", "port": 51820, "kind": "reflexive"},
+        {"host": "192.168.7.2", "port": 51820, "kind": "local"},
+    ]
+
+    def registered() -> list[dict]:
+        return next(n["endpoints"] for n in mesh.registrar.nodes() if n["node_id"] == beta_id)
+
+    wait_for(lambda: registered() == expected, timeout=10, what="the registrar has beta's new candidates")
+    table = mesh.node("alpha").running.membership
+    wait_for(lambda: [e.model_dump(mode="json") for e in table().members[beta_id].endpoints] == expected,  # type: ignore[union-attr]
+             timeout=10, what="alpha has them from the delta")  # fmt: skip
+    mesh.wait_complete()
 
 
 def test_drift_is_repaired(mesh: Mesh) -> None:

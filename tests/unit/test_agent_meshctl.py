@@ -177,6 +177,19 @@ def test_render_status_table() -> None:
     assert "unreachable" in gamma and "-" in gamma
 
 
+def test_render_status_shows_problems_only_when_there_are_some() -> None:
+    ok = PeerView(node_id="n2", name="beta", mesh_ip="100.96.0.2", public_key="k2", state="active", configured=True)
+    bad = PeerView(
+        node_id="n3", name="mallory", mesh_ip="100.96.0.2", public_key="k3", state="active", configured=False,
+        problem="not configured: mesh IP 100.96.0.2 is claimed by beta (n2) too",
+    )  # fmt: skip
+    assert "PROBLEM" not in render_status(_status([ok]))
+    lines = render_status(_status([ok, bad])).splitlines()
+    assert next(line for line in lines if line.startswith("NAME")).split()[-1] == "PROBLEM"
+    assert next(line for line in lines if line.startswith("beta")).endswith(" -")
+    assert next(line for line in lines if line.startswith("mallory")).endswith("is claimed by beta (n2) too")
+
+
 def test_render_status_control_plane_down() -> None:
     text = render_status(
         _status(
