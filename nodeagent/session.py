@@ -451,7 +451,9 @@ class ControlSession:
             if topic.mesh != self._settings.mesh:
                 return
             if topic.kind is Kind.REPLY:
+                # It sets our address, routes and MTU: only the registrar's word counts, not the broker's.
                 reply = messages.decode(RegisterReply, msg.payload)
+                self._verifier.verify(reply, kind=str(Kind.REPLY), mesh=self._settings.mesh)
                 with self._reply_cond:
                     self._replies[reply.request_id] = reply
                     self._reply_cond.notify_all()
