@@ -4,7 +4,8 @@ All models are strict (no type coercion), forbid unknown fields, carry the schem
 every string and list so a hostile payload cannot make a service allocate without limit. `decode` is the
 single entry point for bytes from the wire (it also refuses nesting deeper than any message has, so a hostile
 payload cannot exhaust the parser's recursion); `encode` and `canonical_json` the way out. Membership
-messages carry the registrar's Ed25519 signature over their canonical form (meshcontract.signing).
+messages and register replies carry the registrar's Ed25519 signature over their canonical form
+(meshcontract.signing).
 """
 
 from __future__ import annotations
@@ -203,8 +204,13 @@ class RegisterRequest(Message):
 
 
 class RegisterReply(Message):
-    """Published by the registrar on reply/<node> (QoS 1, not retained), signed, answering one RegisterRequest;
-    also the body of the answer to POST /v1/register."""
+    """Published by the registrar on reply/<node> (QoS 1, not retained), signed: answers one RegisterRequest.
+    Also the body of the answer to POST /v1/register, unsigned there: over HTTPS it comes from the registrar.
+
+    The agent applies it to its machine (address, prefix, MTU, the route to the mesh network), so on MQTT it
+    carries the registrar's signature like the membership: the registrar's broker rights alone must not be
+    enough to write one. The random `request_id` makes an old genuine reply useless for a new request.
+    """
 
     request_id: RequestId
     ok: bool
