@@ -317,7 +317,8 @@ class PathReport(_Model):
 
 
 class Heartbeat(Message):
-    """Published by a node on heartbeat/<node> (QoS 0, not retained) every heartbeat interval."""
+    """Published by a node on heartbeat/<node> (QoS 0, not retained) every heartbeat interval, and at once when a
+    probe of a suspect member was answered (its vouch must arrive within the registrar's vouch wait)."""
 
     node_id: NodeId
     epoch: Epoch

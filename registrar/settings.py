@@ -26,7 +26,10 @@ class RegistrarSettings(BaseModel):
     network: str = Field(default=DEFAULT_NETWORK, description="the mesh prefix IPs are allocated from")
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
     heartbeat_ttl_s: float = Field(
-        default=15.0, gt=0, le=86400, description="silence after which a member is unreachable"
+        default=15.0,
+        gt=0,
+        le=86400,
+        description="silence after which the control plane has lost a member (suspect: see vouch_wait_s)",
     )
     grace_s: float | None = Field(
         default=None,
