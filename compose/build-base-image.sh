@@ -35,28 +35,7 @@ if [ "$force" = 0 ] && docker image inspect "$TAG" >/dev/null 2>&1; then
   exit 0
 fi
 
-# The first Debian (not -security) mirror of the host, from one-line (.list) or deb822 (.sources) files.
-detect_mirror() {
-  local f line
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-    [ -r "$f" ] || continue
-    while read -r line; do
-      case "$line" in
-        deb\ *|URIs:*) ;;
-        *) continue ;;
-      esac
-      # "deb [opts] URL suite ..." or "URIs: URL ..."
-      for word in $line; do
-        case "$word" in
-          http://*/debian|https://*/debian|http://*/debian/|https://*/debian/) echo "${word%/}"; return 0 ;;
-        esac
-      done
-    done <"$f"
-  done
-  echo "http://deb.debian.org/debian"
-}
-
-MIRROR=${DEBIAN_MIRROR:-$(detect_mirror)}
+MIRROR=$("$(dirname "$0")/debian-mirror")
 
 if ! command -v debootstrap >/dev/null 2>&1; then
   echo "build-base-image: apt-get install debootstrap"

@@ -5,8 +5,10 @@
 # overwritten. It enables and starts nothing: see the next steps it prints, and docs/deploy.md.
 #
 # Usage (root):
-#   compose/install.sh [--wheel FILE] [--mosquitto] [--no-apt] [--root DIR]
+#   compose/install.sh [--wheel FILE] [--wheel-dir DIR] [--mosquitto] [--no-apt] [--root DIR]
 #     --wheel FILE   install this meshvpn wheel (default: build one from the checkout this script is in)
+#     --wheel-dir DIR  take the dependencies from the wheels in DIR, never from a package index (machines
+#                    without access to PyPI; compose/build-wheels.sh makes such a directory)
 #     --mosquitto    also configure a local Mosquitto for meshvpn (config, and `meshvpn-registrar mosquitto
 #                    init`: its accounts and TLS files in /etc/mosquitto/meshvpn, once)
 #     --no-apt       do not install Debian packages (python3-venv, wireguard, ...)
@@ -18,15 +20,17 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 ROOT=""
 WHEEL=""
+WHEEL_DIR=""
 MOSQUITTO=0
 APT=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheel) WHEEL=$(realpath "$2"); shift 2 ;;
+    --wheel-dir) WHEEL_DIR=$(realpath "$2"); shift 2 ;;
     --mosquitto) MOSQUITTO=1; shift ;;
     --no-apt) APT=0; shift ;;
     --root) ROOT=$(realpath -m "$2"); APT=0; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "install: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,6 +46,14 @@ BIN=$ROOT/usr/local/bin
 UNITS=$ROOT/etc/systemd/system
 ETC=$ROOT/etc/meshvpn
 DOC=$ROOT/usr/share/doc/meshvpn
+PIP=(-m pip install -q --disable-pip-version-check)
+if [ -n "$WHEEL_DIR" ]; then
+  if ! compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+    echo "install: --wheel-dir $WHEEL_DIR holds no wheels" >&2
+    exit 2
+  fi
+  PIP+=(--no-index --find-links "$WHEEL_DIR")
+fi
 COMMANDS=(meshvpn-registrar meshvpn-broker meshvpn-agent meshctl meshchat meshlab)
 changed=0
 
@@ -108,8 +120,8 @@ stamp=$VENV/.meshvpn-wheel.sha256
 sum=$(sha256sum "$WHEEL" | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
   note "installing $(basename "$WHEEL") into $VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
+  "$VENV/bin/python" "${PIP[@]}" "$WHEEL"
+  "$VENV/bin/python" "${PIP[@]}" --force-reinstall --no-deps "$WHEEL"
   echo "$sum" >"$stamp"
   changed=1
 fi

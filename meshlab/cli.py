@@ -68,8 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                        ("partition", "cut the node's underlay link"),
                        ("heal", "restore the node's underlay link")]:
         sub.add_parser(name, help=text).add_argument("node")
-    for name in ("broker", "registrar"):
-        sub.add_parser(name, help=f"stop or start the {name}").add_argument("action", choices=["stop", "start"])
+    for name, text in [("cut-control", "drop the node's traffic to and from the control plane (peers still reach it)"),
+                       ("restore-control", "undo cut-control"),
+                       ("reinstall", "machine reinstalled: crash, state dir deleted, member removed by admin, "
+                                     "agent started with a new key")]:
+        sub.add_parser(name, help=text).add_argument("node")
+    for name, text in [("isolate", "the nodes reach only each other: not the control plane, not other nodes"),
+                       ("rejoin", "undo isolate")]:
+        sub.add_parser(name, help=text).add_argument("nodes", nargs="+")
+    p = sub.add_parser("loss", help="drop PERCENT %% of the packets on the node's link, each way (0: none)")
+    p.add_argument("node")
+    p.add_argument("percent", type=int, choices=range(0, 101), metavar="PERCENT")
+    sub.add_parser("broker", help="stop or start the broker").add_argument("action", choices=["stop", "start"])
+    sub.add_parser("registrar", help="stop (SIGTERM), kill (SIGKILL) or start the registrar").add_argument(
+        "action", choices=["stop", "kill", "start"])
 
     p = sub.add_parser("exec", help="run a command on a node: in its namespace, MESHVPN_SOCKET = its agent "
                                     "(ctl = control namespace)")
@@ -87,6 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wait", help="wait until the mesh of running nodes is complete")
     p.add_argument("--timeout", type=float, default=30)
+
+    p = sub.add_parser("check", help="check every invariant of the running lab once (exit status: violations found)")
+    p.add_argument("--limit", type=float, help="longest to wait for pending findings to settle (default: the "
+                                                 "longest bound of the lab)")
+    p.add_argument("--no-probe", action="store_true", help="no ping between every pair of healthy nodes")
+    p.add_argument("--json", action="store_true", help="print the findings and the last snapshot as JSON")
+
+    p = sub.add_parser("chaos", help="run a random but reproducible schedule of overlapping faults, checking every "
+                                     "invariant (exit status: violations found)")
+    p.add_argument("--nodes", type=int, default=4, help="nodes of the lab it builds (default 4)")
+    p.add_argument("--broker", choices=["embedded", "mosquitto"])
+    p.add_argument("--seed", type=int, help="the schedule's seed (default: random, printed)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="steps before the closing ones (default 20)")
+    length.add_argument("--duration", type=float, help="run this many seconds, then end every open fault")
+    p.add_argument("--replay", metavar="FILE", help="run the schedule in FILE (a --json result or a regression file)")
+    p.add_argument("--json", metavar="FILE", help="write the timeline, the violations and the schedule to FILE")
+    p.add_argument("--heartbeat-interval", type=float)
+    p.add_argument("--heartbeat-ttl", type=float)
+    p.add_argument("--keep-going", action="store_true", help="go on after a violation")
+    p.add_argument("--no-probe", action="store_true", help="no ping between every pair of healthy nodes at checks")
+    p.add_argument("--shrink", type=int, metavar="RUNS",
+                   help="spend up to RUNS fresh-lab runs shrinking a failing schedule into a regression file "
+                        "(default 6 when the run builds its lab; 0: none)")
+    p.add_argument("--regressions", metavar="DIR", help="where a shrunk failing schedule is saved "
+                                                         "(default: LAB_DIR/regressions)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the lab's own progress lines")
 
     p = sub.add_parser("demo", help="the README demo: 3 nodes, pings, chat, a crash and its recovery")
     p.add_argument("--keep", action="store_true", help="leave the lab up at the end")
@@ -134,6 +173,28 @@ def _ping_matrix(lab: Lab, *, tcp: bool, within: float) -> int:
     return 0 if matrix.ok() else 1
 
 
+def _check(lab: Lab, *, limit: float | None, probe: bool, as_json: bool) -> int:
+    from meshlab.checkloop import describe, settle
+    from meshlab.invariants import Bounds, Memory
+
+    st = lab.state()
+    bounds = Bounds.for_lab(interval_s=st.heartbeat_interval_s, ttl_s=st.heartbeat_ttl_s)
+    verdict, _ = settle(lab, bounds=bounds, memory=Memory(), probe=probe,
+                        limit_s=limit if limit is not None else bounds.settle_s + 5)
+    if as_json:
+        print(json.dumps({"violations": [f.to_dict() for f in verdict.violations],
+                          "pending": [f.to_dict() for f in verdict.pending], "looks": verdict.looks,
+                          "snapshot": verdict.snapshot.to_dict() if verdict.snapshot else None}, indent=2))
+    else:
+        for finding in verdict.violations:
+            print(f"VIOLATION {describe(finding)}")
+        for finding in verdict.pending:
+            print(f"still pending {describe(finding)}")
+        print(f"{len(verdict.violations)} violation(s) in {verdict.looks} look(s) over {verdict.took_s:.1f} s")
+    # The exit status is the number of violations; capped so it never reads as a signal (128+).
+    return min(len(verdict.violations), 125)
+
+
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     lab = Lab(settings, report=_say)
@@ -173,8 +234,20 @@ def run(args: argparse.Namespace) -> int:
     if cmd in ("kill", "crash", "freeze", "thaw", "stop", "start", "partition", "heal"):
         getattr(lab, cmd)(args.node)
         return 0
+    if cmd == "registrar" and args.action == "kill":
+        lab.faults.kill_registrar()
+        return 0
     if cmd in ("broker", "registrar"):
         getattr(lab, cmd)(args.action)
+        return 0
+    if cmd in ("cut-control", "restore-control", "reinstall"):
+        getattr(lab.faults, cmd.replace("-", "_"))(args.node)
+        return 0
+    if cmd in ("isolate", "rejoin"):
+        getattr(lab.faults, cmd)(args.nodes)
+        return 0
+    if cmd == "loss":
+        lab.faults.loss(args.node, args.percent)
         return 0
     if cmd == "exec":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
@@ -190,6 +263,12 @@ def run(args: argparse.Namespace) -> int:
         took = lab.wait_mesh(timeout=args.timeout)
         _say(f"mesh of {', '.join(lab.running_nodes())} complete ({took:.1f} s)")
         return 0
+    if cmd == "chaos":
+        from meshlab.chaoscli import run_chaos
+
+        return run_chaos(lab, settings, args, say=_say)
+    if cmd == "check":
+        return _check(lab, limit=args.limit, probe=not args.no_probe, as_json=args.json)
     if cmd == "demo":
         from meshlab.demo import run_demo
 

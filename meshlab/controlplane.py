@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -27,7 +28,9 @@ from meshlab.errors import LabError
 from meshlab.plan import BROKER_PORT, HTTP_PORT, LabPlan
 from meshlab.state import LabState
 from meshlab.waiting import wait_for
+from registrar.admin_client import AdminClient, AdminRequestFailed
 from registrar.dynsec import plugin_path
+from registrar.errors import RegistrarError
 
 
 def lab_mosquitto_config(plan: LabPlan, *, control_dir: str, plugin: str) -> MosquittoConfig:
@@ -120,6 +123,53 @@ class ControlPlane:
         except ValueError:
             return None
         return body if isinstance(body, dict) else None
+
+    def kill_registrar(self) -> bool:
+        """kill -9 the registrar (with the embedded broker, the broker dies with it); False if it was not running.
+
+        Nothing gets to say goodbye: no retained offline status, no clean disconnect. `registrar("start")` undoes it.
+        """
+        with self.store.locked():
+            st = self.ctx.state()
+            record = st.control.registrar
+            killed = system.signal_record(record, signal.SIGKILL)
+            if killed:
+                wait_for(lambda: system.record_state(record) == "stopped", timeout=5, what="registrar gone")
+            st.control.registrar = None
+            self.store.save(st)
+        self.ctx.report("registrar killed (SIGKILL)" if killed else "registrar was not running")
+        return killed
+
+    def admin(self) -> AdminClient:
+        """The running registrar's local admin API (STATE_DIR/admin.sock): its HTTP API, as the admin."""
+        return AdminClient(self.store.control_dir / "admin.sock")
+
+    def registrar_api(self, paths: Sequence[str]) -> list[object]:
+        """GET each of `paths` (e.g. /v1/nodes), in order, from the registrar's API through its admin socket;
+        None for a path that did not answer."""
+        admin = self.admin()
+        out: list[object] = []
+        for path in paths:
+            try:
+                out.append(admin.request("GET", path))
+            except RegistrarError:
+                out.append(None)
+        return out
+
+    def forget_member(self, node_id: str) -> None:
+        """Admin removal of a member (`meshvpn-registrar nodes remove`): tombstoned, IP quarantined, broker account
+        deleted, its key revoked; the node id is free to enroll again with a new key and a join token.
+
+        What an operator does for a machine reinstalled with a new key. LabError if the registrar did not answer.
+        """
+        try:
+            self.admin().request("DELETE", f"/v1/nodes/{node_id}")
+        except AdminRequestFailed as exc:
+            if exc.status != 404:
+                raise LabError(f"cannot remove member {node_id}: {exc}") from exc
+        except RegistrarError as exc:
+            raise LabError(f"cannot remove member {node_id}: {exc}") from exc
+        self.ctx.report(f"member {node_id} removed by admin")
 
     def registrar_cli(self, st: LabState, args: Sequence[str]) -> str:
         """Run a one-shot registrar command against the lab's registrar state dir; its stdout."""

@@ -8,7 +8,8 @@ masquerades it onto the bridge (meshlab.underlay). Nothing is added to the host'
 
 `Lab` builds and removes the lab and hands every other call to the part whose job it is: the control plane
 (meshlab.controlplane), the nodes and their failures (meshlab.nodes), observation (meshlab.observation),
-traffic (meshlab.traffic) and the chat (meshlab.chat).
+traffic (meshlab.traffic), the chat (meshlab.chat) and the faults beyond a node's own processes and link
+(meshlab.faults: underlay cuts and loss, registrar kill -9, reinstall), which `lab.faults` exposes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from meshlab.chat import LabChat, ReceivedMessage
 from meshlab.context import LabContext, Report, quiet
 from meshlab.controlplane import ControlPlane
 from meshlab.errors import LabError, LabStateError
+from meshlab.faults import Faults
 from meshlab.meshview import NodeTunnels
 from meshlab.nodes import Nodes
 from meshlab.observation import Observer
@@ -65,6 +67,7 @@ class Lab:
         self.nodes = Nodes(self.ctx, control=self.control, observer=self.observer)
         self.traffic = Traffic(self.ctx)
         self.chat = LabChat(self.ctx, self.traffic)
+        self.faults = Faults(self.ctx, control=self.control, nodes=self.nodes)
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -179,10 +182,10 @@ class Lab:
 
     # --- nodes and failures (meshlab.nodes) --------------------------------------------------------------
 
-    def add(self, placement: Placement = PUBLIC_PLACEMENT) -> NodeRecord:
+    def add(self, placement: Placement = PUBLIC_PLACEMENT, *, wait: bool = True) -> NodeRecord:
         """Create one more node (public, or behind NAT: meshlab.topology) and start its agent; returns once it has
-        a mesh IP."""
-        return self.nodes.add(placement)
+        a mesh IP (at once with wait=False)."""
+        return self.nodes.add(placement, wait=wait)
 
     def start(self, name: str, *, wait: bool = True) -> None:
         """Start a stopped, killed or crashed node's agent again (same state dir: same key, same mesh IP)."""
@@ -289,9 +292,10 @@ class Lab:
             return measure(chosen, probes=probes, timeout_s=timeout_s, now=time.monotonic, sleep=time.sleep,
                            run_all=lambda calls: list(pool.map(lambda call: call(), calls)))
 
-    def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2) -> ContinuousPing:
-        """Continuous ping from `src` to `dst` until `.stop()`, which returns (sent, received)."""
-        return self.traffic.start_pinger(src, dst, interval_s=interval_s)
+    def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2, stamped: bool = False) -> ContinuousPing:
+        """Continuous ping from `src` to `dst` until `.stop()`, which returns (sent, received); `stamped`: with
+        unix times and unanswered probes named, for meshview.new_losses."""
+        return self.traffic.start_pinger(src, dst, interval_s=interval_s, stamped=stamped)
 
     def chat_listen(self, name: str, *, count: int) -> ProcessRecord:
         """Start `meshchat listen --json` on node `name`; it exits after `count` messages."""

@@ -102,3 +102,59 @@ def parse_ping_summary(text: str) -> tuple[int, int]:
             return sent, received
     return 0, 0
 
+
+
+def parse_wg_dump(text: str) -> tuple[str, list[tuple[str, tuple[str, ...], float | None]]] | None:
+    """Parse `wg show IF dump`: (own public key, [(peer key, allowed IPs without /32, last handshake or None)]).
+
+    The first line is the interface (private key, public key, port, fwmark); each further line a peer (key,
+    preshared key, endpoint, allowed IPs comma-separated or "(none)", last handshake in unix seconds, 0 for
+    never, rx, tx, keepalive). None for output that is not a dump.
+    """
+    lines = [line.split("\t") for line in text.splitlines() if line.strip()]
+    if not lines or len(lines[0]) < 4:
+        return None
+    peers = []
+    for fields in lines[1:]:
+        if len(fields) < 5:
+            return None
+        allowed = tuple(strip_host_prefix(c) for c in fields[3].split(",") if c and c != "(none)")
+        handshake = float(fields[4]) if fields[4].isdigit() and fields[4] != "0" else None
+        peers.append((fields[0], allowed, handshake))
+    return lines[0][1], peers
+
+
+_STAMPED = re.compile(r"^\[(\d+\.\d+)\] (?:(?:\d+ bytes from .*icmp_seq=(\d+) )|(?:no answer yet for icmp_seq=(\d+)))")
+
+
+def ping_outcomes(text: str) -> tuple[dict[int, float], set[int]]:
+    """From `ping -D -O` output: (seq -> when ping reported it unanswered, seqs answered, late ones included).
+
+    With -O ping prints "no answer yet for icmp_seq=N" when it sends the next probe without a reply to N; a
+    reply that comes later is still printed, so N is lost only if no reply line for it ever appears.
+    """
+    unanswered: dict[int, float] = {}
+    answered: set[int] = set()
+    for line in text.splitlines():
+        match = _STAMPED.match(line)
+        if not match:
+            continue
+        if match.group(2):
+            answered.add(int(match.group(2)))
+        else:
+            unanswered.setdefault(int(match.group(3)), float(match.group(1)))
+    return unanswered, answered
+
+
+def new_losses(text: str, *, now: float, reported: set[int], grace_s: float) -> list[tuple[int, float]]:
+    """Probes lost and not `reported` yet: unanswered and reported so more than `grace_s` before `now` (a late
+    reply may still come until then). Sorted by sequence number."""
+    unanswered, answered = ping_outcomes(text)
+    return sorted((seq, at) for seq, at in unanswered.items()
+                  if seq not in answered and seq not in reported and at <= now - grace_s)
+
+
+def probes_sent(text: str) -> int:
+    """The highest sequence number ping has printed anything about (the probes sent so far, near enough)."""
+    unanswered, answered = ping_outcomes(text)
+    return max([*unanswered, *answered], default=0)

@@ -34,9 +34,10 @@ class Nodes:
         self.observer = observer
         self.underlay = Underlay(ctx)
 
-    def add(self, placement: Placement = PUBLIC_PLACEMENT) -> NodeRecord:
+    def add(self, placement: Placement = PUBLIC_PLACEMENT, *, wait: bool = True) -> NodeRecord:
         """Create one more node (namespace, underlay link where `placement` says: public or behind a NAT router)
-        and start its agent; returns once it has a mesh IP."""
+        and start its agent; returns once it has a mesh IP (at once with `wait=False`: a chaos schedule may go on
+        while it joins)."""
         with self.store.locked():
             st = self.ctx.state()
             plan = self.ctx.plan(st)
@@ -51,7 +52,8 @@ class Nodes:
             self.underlay.attach(st, record, placement)
             self._start_agent(st, record, node)
             self.store.save(st)
-        self._await_join(node.name)
+        if wait:
+            self._await_join(node.name)
         return self.ctx.node(node.name)
 
     def start(self, name: str, *, wait: bool = True) -> None:

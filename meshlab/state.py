@@ -27,12 +27,26 @@ class ProcessRecord(_Model):
     log: str
 
 
+class UnderlayRule(_Model):
+    """One fault on a node's underlay, made with nftables in the node's namespace (meshlab.netfilter renders it).
+
+    Traffic to or from an address in `block` is dropped unless the address is in `allow`; with `loss_percent`,
+    that share of every packet on the link is dropped at random (each way).
+    """
+
+    block: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+    loss_percent: int = Field(default=0, ge=0, le=100)
+
+
 class NodeRecord(_Model):
     """One node of the lab. `agent` is None while the node is stopped; `mesh_ip` is the last one observed.
 
     `underlay_ip` is the node's own address: on the lab's LAN for a public node, on its router's private LAN
     for a node behind NAT (`router` names the router). `gateway` is its default route (None in labs made before
     nodes had one).
+    `underlay` holds the nftables faults in force on the node, by fault (meshlab.faults): each can be undone
+    alone, and all of them vanish with the node's namespace on `down`.
     """
 
     index: int
@@ -47,6 +61,7 @@ class NodeRecord(_Model):
     router: str | None = None
     gateway: str | None = None
 
+    underlay: dict[str, UnderlayRule] = Field(default_factory=dict)
 
 class RouterRecord(_Model):
     """A NAT router namespace between nodes and the lab's LAN: masquerade out of `lan_ip`, forwarding only there.

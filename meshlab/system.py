@@ -75,15 +75,30 @@ def namespace_pids(name: str) -> list[int]:
 
 
 def kill_namespace_processes(name: str, sig: signal.Signals, *, wait_s: float = 5.0) -> list[int]:
-    """Send `sig` to every process in namespace `name`; for SIGKILL wait until they are gone. Returns the pids."""
+    """Send `sig` to every process in namespace `name` and wait (up to `wait_s`) until it took effect: gone for
+    SIGKILL, stopped for SIGSTOP, running again for SIGCONT. Returns the pids.
+
+    A signal is only pending until its process is scheduled; on a loaded machine that takes a while, and whoever
+    looks at the node next (a check reading its wireguard-go) must find it frozen or running, not in between.
+    """
     pids = namespace_pids(name)
     for pid in pids:
         signal_pid(pid, sig)
-    if sig == signal.SIGKILL:
+    done = {
+        signal.SIGKILL: lambda pid: not pid_alive(pid),
+        signal.SIGSTOP: lambda pid: process_state(pid) in (None, "T", "t", "Z", "X"),
+        signal.SIGCONT: lambda pid: process_state(pid) not in ("T", "t"),
+    }.get(sig)
+    if done is not None:
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
-            time.sleep(0.05)
+        while time.monotonic() < deadline and not all(done(pid) for pid in pids):
+            time.sleep(0.02)
     return pids
+
+
+def namespace_frozen(name: str) -> bool:
+    """True if any process in namespace `name` is stopped (only a lab freeze stops them)."""
+    return any(process_state(pid) in ("T", "t") for pid in namespace_pids(name))
 
 
 def stable_mac(name: str) -> str:

@@ -69,11 +69,16 @@ class Traffic:
                                str(PROBE_PORT), "--timeout", str(timeout_s)], timeout=timeout_s + 10)
         return proc.returncode == 0
 
-    def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2) -> ContinuousPing:
-        """Continuous ping from `src` to `dst` until `.stop()`; the result counts sent and received."""
+    def start_pinger(self, src: str, dst: str, *, interval_s: float = 0.2, stamped: bool = False) -> ContinuousPing:
+        """Continuous ping from `src` to `dst` until `.stop()`; the result counts sent and received.
+
+        `stamped` adds `-D -O`: every line carries its unix time and every probe without a reply by the next
+        send is named (meshview.new_losses reads which were lost, and when, while ping still runs).
+        """
         log_path = self.ctx.store.root / "traffic" / f"ping-{src}-{dst}-{int(time.time() * 1000)}.log"
-        record = system.spawn(["ping", "-n", "-i", str(interval_s), "-W", "1", self.ctx.mesh_ip(dst)],
-                              namespace=self.ctx.node(src).namespace, log_path=log_path, env=child_env())
+        argv = ["ping", "-n", *(["-D", "-O"] if stamped else []), "-i", str(interval_s), "-W", "1",
+                self.ctx.mesh_ip(dst)]
+        record = system.spawn(argv, namespace=self.ctx.node(src).namespace, log_path=log_path, env=child_env())
         return ContinuousPing(record)
 
 
@@ -82,6 +87,13 @@ class ContinuousPing:
 
     def __init__(self, record: ProcessRecord) -> None:
         self.record = record
+
+    def output(self) -> str:
+        """What ping printed so far."""
+        try:
+            return Path(self.record.log).read_text(errors="replace")
+        except OSError:
+            return ""
 
     def stop(self) -> tuple[int, int]:
         system.signal_record(self.record, signal.SIGINT)

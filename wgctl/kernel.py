@@ -1,8 +1,8 @@
 """WireGuard in the Linux kernel, through the `wireguard` generic netlink family (pyroute2).
 
-UNTESTED ON THE DEVELOPMENT MACHINE: it has no WireGuard kernel module, so only the message parsing is
-covered (tests/unit/test_wgctl_kernel.py feeds it messages encoded and decoded by pyroute2 itself). The
-system tests run the userspace backend; see docs/wgctl.md.
+The development machine has no WireGuard module: there the message parsing is tested on messages pyroute2
+itself encodes and decodes (tests/unit/test_wgctl_kernel.py), and the backend against the real module inside
+a QEMU guest (tests/system/test_wgctl_kernel_module.py, run by tests/vm); see docs/wgctl.md.
 
 pyroute2's WireGuard.set() carries one peer per netlink message, so `apply` sends removals first and then
 one message per upsert. Each message is atomic in the kernel; the whole apply is not (neither is `wg

@@ -16,7 +16,9 @@ import time
 
 import pytest
 
+from meshlab.checkloop import describe, settle
 from meshlab.errors import NotReadyError
+from meshlab.invariants import Bounds, Memory
 from meshlab.lab import Lab, new_lab_id
 from meshlab.meshview import holders_of
 from meshlab.settings import LabSettings
@@ -80,7 +82,17 @@ def complete_mesh(lab):
         elif state == "stopped":
             lab.start(node.name)
     lab.wait_mesh([n.name for n in lab.state().ordered_nodes()], timeout=JOIN_DEADLINE)
+    assert_invariants(lab)
     yield
+
+
+def assert_invariants(lab: Lab) -> None:
+    """Every invariant of meshlab.invariants holds (the one-shot `meshlab check`): what the previous test left,
+    and its repair, is a consistent mesh, not only a complete one."""
+    st = lab.state()
+    bounds = Bounds.for_lab(interval_s=st.heartbeat_interval_s, ttl_s=st.heartbeat_ttl_s)
+    verdict, _ = settle(lab, bounds=bounds, memory=Memory(), limit_s=bounds.settle_s + 10)
+    assert verdict.ok and not verdict.pending, [describe(f) for f in verdict.violations + verdict.pending]
 
 
 def _namespaces() -> list[str]:
@@ -223,6 +235,7 @@ def test_crash_removes_and_restart_keeps_ip(lab):
     lab.start("n3")
     _assert_back(lab, "n3", ip)
     assert lab.mesh_problems(NODES) == []  # no ghost of the old incarnation, no duplicate
+    assert_invariants(lab)
 
 
 def test_freeze_removes_and_thaw_returns(lab):

@@ -34,6 +34,15 @@ from meshlab.cli import build_parser
         (["add", "--nat"], {"cmd": "add", "nat": True}),
         (["add", "--behind", "r2"], {"cmd": "add", "behind": "r2"}),
         (["ping", "--tcp", "--within", "30"], {"cmd": "ping", "tcp": True, "within": 30.0}),
+        (["registrar", "kill"], {"cmd": "registrar", "action": "kill"}),
+        (["cut-control", "n3"], {"cmd": "cut-control", "node": "n3"}),
+        (["isolate", "n3", "n4"], {"cmd": "isolate", "nodes": ["n3", "n4"]}),
+        (["loss", "n3", "20"], {"cmd": "loss", "node": "n3", "percent": 20}),
+        (["reinstall", "n4"], {"cmd": "reinstall", "node": "n4"}),
+        (["check", "--no-probe", "--limit", "5"], {"cmd": "check", "no_probe": True, "limit": 5.0}),
+        (["chaos", "--nodes", "6", "--seed", "3", "--steps", "30", "--json", "r.json"],
+         {"cmd": "chaos", "nodes": 6, "seed": 3, "steps": 30, "json": "r.json", "shrink": None}),
+        (["chaos", "--replay", "f.json", "--shrink", "4"], {"cmd": "chaos", "replay": "f.json", "shrink": 4}),
     ],
 )
 def test_parse(argv, expected):

@@ -73,3 +73,28 @@ def test_parse_wg_allowed_ips(text, peers):
 )
 def test_parse_ping_summary(text, result):
     assert parse_ping_summary(text) == result
+
+
+PING_LOG = """PING 100.96.0.2 (100.96.0.2) 56(84) bytes of data.
+[100.0] 64 bytes from 100.96.0.2: icmp_seq=1 ttl=64 time=0.5 ms
+[100.4] no answer yet for icmp_seq=2
+[100.6] no answer yet for icmp_seq=3
+[100.7] 64 bytes from 100.96.0.2: icmp_seq=2 ttl=64 time=500 ms
+[100.8] 64 bytes from 100.96.0.2: icmp_seq=4 ttl=64 time=0.5 ms
+[103.0] no answer yet for icmp_seq=5
+"""
+
+
+@pytest.mark.parametrize(
+    ("now", "reported", "expected"),
+    [
+        (110.0, set(), [(3, 100.6), (5, 103.0)]),  # 2 was answered late: not lost
+        (104.0, set(), [(3, 100.6)]),  # 5 may still be answered
+        (110.0, {3}, [(5, 103.0)]),
+    ],
+)
+def test_ping_losses(now, reported, expected):
+    from meshlab.meshview import new_losses, probes_sent
+
+    assert new_losses(PING_LOG, now=now, reported=reported, grace_s=2.0) == expected
+    assert probes_sent(PING_LOG) == 5

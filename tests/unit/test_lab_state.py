@@ -56,3 +56,12 @@ def test_a_state_file_from_before_routers_still_loads():
     st = state_mod.load(text)
     assert st.routers == {} and st.expiry_s is None
     assert (st.nodes["n1"].router, st.nodes["n1"].gateway) == (None, None)
+
+
+def test_underlay_faults_round_trip_and_default_empty():
+    from meshlab.state import UnderlayRule
+
+    st = _state()
+    assert st.nodes["n2"].underlay == {}
+    st.nodes["n2"].underlay["loss"] = UnderlayRule(loss_percent=10)
+    assert state_mod.load(state_mod.dump(st)) == st
