@@ -326,8 +326,9 @@ class Heartbeat(Message):
     sent_at: Timestamp
     # Suspect or control-lost members this node just reached over the mesh (a probe answered): its vouch.
     alive: list[NodeId] = Field(default_factory=list, max_length=MAX_VOUCHES)
-    # The data plane as this node sees it, sent every few heartbeats: how many peers have a fresh handshake,
-    # and the ones that do not (a path broken while both ends reach the broker). None: not in this heartbeat.
+    # The data plane as this node sees it, sent when it changes and at least every minute: how many peers have a
+    # fresh handshake, and the ones that do not (a path broken while both ends reach the broker). None: not in
+    # this heartbeat.
     paths: PathReport | None = None
 
 

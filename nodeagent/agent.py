@@ -485,6 +485,8 @@ class Agent:
         if self._reconciler is not None:
             counters.update(self._reconciler.counters)
             counters["reconcile_passes"] = self._reconciler.passes
+        if self._session is not None:
+            counters["identity_checks"] = self._session.identity_checks
         return agent_status(
             identity=self.identity,
             interface=self.settings.interface,

@@ -21,12 +21,12 @@ from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, Pin
 EXIT_NOT_RUNNING = 2
 EXIT_FAILED = 1
 SOCKET_ENV = "MESHVPN_SOCKET"
-AGENT_GROUP = "meshvpn"
+AGENT_GROUP = "meshvpn"  # the group docs/agent.md gives the socket (socket_group) for non-root users
 # Member states as people read them: the control plane's word; the HANDSHAKE column is the data plane's.
 STATE_LABELS = {
     "suspect": "suspect (control plane lost it; probing)",
     "control_lost": "control plane lost, tunnel alive",
-}  # the group docs/agent.md gives the socket (socket_group) for non-root users
+}
 
 
 def format_age(then: float | None, *, now: float) -> str:

@@ -132,10 +132,11 @@ class Presence:
                 return
             first = record.node_id not in self._alive
             self._alive[record.node_id] = self._clock()
-        log.info("%s (%s) answers over the mesh; vouching for it", record.node_id, record.state.value,
-                 extra={"node_id": record.node_id, "mesh_ip": record.mesh_ip})  # fmt: skip
-        if first and record.state is MemberState.SUSPECT:
-            self._send_now()
+        if first:  # once per loss, not at every heartbeat's probe
+            log.info("%s (%s) answers over the mesh; vouching for it", record.node_id, record.state.value,
+                     extra={"node_id": record.node_id, "mesh_ip": record.mesh_ip})  # fmt: skip
+            if record.state is MemberState.SUSPECT:
+                self._send_now()
 
     def vouches(self, *, within_s: float) -> list[str]:
         """Members to name in the next heartbeat: answered a probe within `within_s` and still lost."""

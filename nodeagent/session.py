@@ -154,6 +154,7 @@ class ControlSession:
         self._refused = False
         self._thread: threading.Thread | None = None
         self.registered = threading.Event()  # set after each successful registration, cleared on disconnect
+        self.identity_checks = 0  # times the broker refused our credential and we asked the registrar about it
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -240,6 +241,7 @@ class ControlSession:
             conn = self._conn
         if conn is None or not conn.auth_refused or self._registrar is None:
             return False
+        self.identity_checks += 1
         try:
             if self._registrar.identity_valid():
                 log.warning("the broker refused our credential but the registrar knows it: a broker problem, retrying",
@@ -420,6 +422,13 @@ class ControlSession:
             raise AgentError("no registrar URL known (not enrolled over HTTPS?); the key is unchanged")
         with self._lock:
             conn = self._conn
+        if conn is None or conn.lost.is_set() or not self.registered.is_set():
+            # Peers learn the new key from the registrar's next delta, through the broker: without it, switching
+            # would cut us off from every peer until the broker is back.
+            raise AgentError(
+                "not registered on the broker right now; the key is unchanged "
+                "(retry when `meshctl status` shows the broker connected)"
+            )
         try:
             # Ask first: while the registrar is away a new key would cut us off from every peer until it is
             # back, so refuse then. Only a registrar lost in the middle of the registration leaves us unsure.

@@ -577,3 +577,28 @@ def test_a_removed_node_stops_with_exit_4_and_forgets_its_enrollment(mesh: Mesh)
     alpha.agent = None
     with pytest.raises(EnrollmentRefused, match="key_revoked"):
         mesh.start("alpha")
+
+
+def test_a_broker_that_refuses_a_known_node_is_retried_not_obeyed(mesh: Mesh, broker: RunningBroker) -> None:
+    """The broker refuses alpha's credential (its account lost on the broker side, say a restored backup) while
+    the registrar still knows alpha: that is the broker's problem, not a lost identity. The agent keeps retrying
+    and comes back once the account is there again; it never exits."""
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.node("alpha").running
+    password = StateStore(mesh.node("alpha").settings.state_dir).broker_password()
+    assert password is not None
+    if broker.kind == "mosquitto":  # the account stays, with its role; the broker refuses it meanwhile
+        broker.admin().run([{"command": "disableClient", "username": alpha.node_id}])
+    else:
+        broker.remove_user(alpha.node_id)
+    wait_for(lambda: alpha.status().counters.get("identity_checks", 0) >= 2, timeout=60,
+             what="alpha asking the registrar twice after the broker refused it")  # fmt: skip
+    assert not alpha.wait(0) and alpha.exit_code == 0, "a refusal by the broker alone must not end the agent"
+    if broker.kind == "mosquitto":
+        broker.admin().run([{"command": "enableClient", "username": alpha.node_id}])
+    else:
+        broker.add_user(alpha.node_id, password)
+    wait_for(lambda: alpha.registered.is_set(), timeout=60, what="alpha registered again")
+    mesh.wait_complete()

@@ -121,7 +121,7 @@ def test_enroll_register_then_read(client, service):
     assert mesh["revision"] == 1 and mesh["members"] == 1 and mesh["settings"]["network"] == "10.8.0.0/29"
 
 
-@pytest.mark.parametrize("path", ["/v1/nodes", "/v1/nodes/n1", "/v1/mesh", "/metrics"])
+@pytest.mark.parametrize("path", ["/v1/nodes", "/v1/nodes/n1", "/v1/mesh", "/v1/paths", "/metrics"])
 def test_reads_need_credentials(client, path):
     client.post("/v1/enroll", json=enrollment())
     assert client.get(path).status_code == 401
