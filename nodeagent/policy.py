@@ -65,6 +65,19 @@ def backoff_delay(
     return ceiling * pick
 
 
+def mqtt_keepalive(configured_s: int, heartbeat_ttl_s: float | None) -> int:
+    """The MQTT keepalive of a new connection: the configured one, but no longer than the mesh's heartbeat TTL
+    (at least 2 s) once it is known.
+
+    The keepalive is how fast a dead TCP connection is noticed, by the broker (which then sends our will) and by
+    us (which then reconnects): after a partition heals, a connection stuck on the old path is replaced within
+    about 1.5 keepalives. A mesh that judges liveness within a few seconds must not wait 15 s for that.
+    """
+    if heartbeat_ttl_s is None:
+        return configured_s
+    return max(2, min(configured_s, int(heartbeat_ttl_s)))
+
+
 def reconnect_cap(heartbeat_ttl_s: float | None) -> float:
     """Longest wait between reconnect attempts: half the heartbeat TTL (once known), between 1 and 30 s.
 

@@ -296,7 +296,9 @@ class ControlSession:
         if self._stopping.is_set():
             return None
         try:
-            conn.client.connect(host, port, keepalive=broker.keepalive_s)
+            registration = self.registration
+            ttl = registration.settings.heartbeat_ttl_s if registration else None
+            conn.client.connect(host, port, keepalive=policy.mqtt_keepalive(broker.keepalive_s, ttl))
         except OSError as exc:
             log.warning("broker %s unreachable: %s", broker.url, exc, extra=self._fields())
             return None

@@ -13,6 +13,7 @@ from nodeagent.policy import (
     identity_gone,
     judge_reply,
     login_order,
+    mqtt_keepalive,
     next_epoch,
     reconnect_cap,
 )
@@ -126,3 +127,17 @@ def test_every_error_code_is_judged() -> None:
 )
 def test_identity_gone(code, gone):
     assert identity_gone(code) is gone
+
+
+@pytest.mark.parametrize(
+    ("configured", "ttl", "expected"),
+    [
+        (10, None, 10),  # not registered yet: as configured
+        (10, 15.0, 10),  # the default mesh: never longer than configured
+        (10, 3.0, 3),  # a fast mesh (the lab): follow the TTL
+        (10, 0.5, 2),  # but not below 2 s
+        (60, 30.0, 30),
+    ],
+)
+def test_mqtt_keepalive(configured, ttl, expected):
+    assert mqtt_keepalive(configured, ttl) == expected
