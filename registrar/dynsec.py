@@ -191,7 +191,7 @@ class DynsecAdmin:
                 box.put(response)
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once connected and subscribed to the responses."""
+        """True once connected and subscribed to the responses (again, after a lost connection)."""
         return self._subscribed.wait(timeout)
 
     def run(self, commands: list[dict[str, Any]], *, timeout: float = 10.0, tolerate=ALREADY) -> list[dict]:
