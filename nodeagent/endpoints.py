@@ -6,9 +6,13 @@ candidates first (the LAN path), then public, then reflexive; otherwise public, 
 are used only once resolved (nodeagent.resolver, off the reconcile path); an unresolved name is skipped.
 
 Choice, per peer and per reconcile pass:
-  (a) a handshake younger than FRESH_S (WireGuard's REJECT_AFTER_TIME): the tunnel works, and its endpoint may
-      be one WireGuard learned from the peer's packets (roaming, a NAT's mapping). No opinion (None): the plan
-      never overwrites it (wgctl.diff treats a desired endpoint of None as "keep").
+  (a) a handshake younger than FRESH_S (WireGuard's REJECT_AFTER_TIME), and the peer heard from within
+      `silent_s` (its received bytes grew; with persistent keepalive a working tunnel hears its peer at least
+      every keepalive): the tunnel works, and its endpoint may be one WireGuard learned from the peer's packets
+      (roaming, a NAT's mapping). No opinion (None): the plan never overwrites it (wgctl.diff treats a desired
+      endpoint of None as "keep"). Silence is what tells a tunnel whose peer moved (a public node that roamed,
+      which nodes behind NAT cannot hear from until they send to its new address) long before its handshake
+      ages out after 3 minutes.
   (b) no fresh handshake: keep the candidate on trial for TRIAL_S (WireGuard retries a handshake every 5 s, so
       two or three attempts), then move to the next, cycling. A trial starts on the endpoint already configured
       if it is a candidate (no needless write), else on the first candidate.
@@ -27,6 +31,15 @@ from wgctl.model import PeerState
 
 FRESH_S = 180.0  # WireGuard's REJECT_AFTER_TIME: no session key is older than this
 TRIAL_S = 12.0
+# Beyond the persistent keepalive, how long a working tunnel may stay silent: a keepalive lost once, and
+# WireGuard's own retry (REKEY_TIMEOUT, 5 s).
+SILENCE_MARGIN_S = 15.0
+
+
+def silent_after(keepalive_s: int) -> float | None:
+    """How long without a byte from a peer means its tunnel no longer works; None without persistent keepalive
+    (an idle tunnel is then silent by design)."""
+    return keepalive_s + SILENCE_MARGIN_S if keepalive_s > 0 else None
 
 _USUAL = {EndpointKind.PUBLIC: 0, EndpointKind.REFLEXIVE: 1, EndpointKind.LOCAL: 2}
 _SAME_NAT = {EndpointKind.LOCAL: 0, EndpointKind.PUBLIC: 1, EndpointKind.REFLEXIVE: 2}
@@ -38,6 +51,23 @@ class Trial:
 
     endpoint: str
     since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """A peer's received-bytes counter and since when it has had that value (unix time)."""
+
+    rx_bytes: int
+    since: float
+
+
+def hearing(previous: Mapping[str, Heard], actual: Mapping[str, PeerState], *, now: float) -> dict[str, Heard]:
+    """Every peer's Heard after this pass: unchanged while its counter stands still, restarted when it moves."""
+    heard: dict[str, Heard] = {}
+    for key, state in actual.items():
+        before = previous.get(key)
+        heard[key] = before if before is not None and before.rx_bytes == state.rx_bytes else Heard(state.rx_bytes, now)
+    return heard
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +140,28 @@ def candidates(
     return usable, skipped
 
 
-def fresh(state: PeerState | None, *, now: float) -> bool:
-    """True if WireGuard completed a handshake with this peer less than FRESH_S ago."""
-    return bool(state and state.latest_handshake and now - state.latest_handshake < FRESH_S)
+def fresh(
+    state: PeerState | None, *, now: float, heard: Heard | None = None, silent_s: float | None = None
+) -> bool:
+    """True if WireGuard completed a handshake with this peer less than FRESH_S ago and, when `silent_s` is
+    given and `heard` known, the peer was heard from less than `silent_s` ago."""
+    if not (state and state.latest_handshake and now - state.latest_handshake < FRESH_S):
+        return False
+    return silent_s is None or heard is None or now - heard.since < silent_s
 
 
 def choose(
-    usable: Sequence[str], *, actual: PeerState | None, trial: Trial | None, now: float, trial_s: float = TRIAL_S
+    usable: Sequence[str],
+    *,
+    actual: PeerState | None,
+    trial: Trial | None,
+    now: float,
+    trial_s: float = TRIAL_S,
+    heard: Heard | None = None,
+    silent_s: float | None = None,
 ) -> Choice:
     """The endpoint to configure for one peer (rules (a) and (b) of the module docstring)."""
-    if fresh(actual, now=now) or not usable:
+    if fresh(actual, now=now, heard=heard, silent_s=silent_s) or not usable:
         return Choice(None)
     if trial is not None and trial.endpoint in usable:
         if now - trial.since < trial_s:
@@ -147,12 +189,16 @@ def plan_endpoints(
     own_reflexive: str | None,
     now: float,
     trial_s: float = TRIAL_S,
+    heard: Mapping[str, Heard] | None = None,
+    silent_s: float | None = None,
 ) -> EndpointPlan:
     """Choose the endpoint of every peer in `records` (keyed by public key in the result).
 
     `trials` are the previous pass's; the result's replace them. `failed` are names whose lookup failed (not
-    merely pending): a peer left without any usable candidate because of them is listed in `unusable`.
+    merely pending): a peer left without any usable candidate because of them is listed in `unusable`. `heard`
+    (this pass's, from `hearing`) and `silent_s` (from `silent_after`) judge a silent tunnel not fresh.
     """
+    heard = heard or {}
     endpoints: dict[str, str | None] = {}
     new_trials: dict[str, Trial] = {}
     unusable: dict[str, tuple[str, ...]] = {}
@@ -160,7 +206,8 @@ def plan_endpoints(
     for record in records:
         key = record.public_key
         usable, skipped = candidates(record.endpoints, resolved=resolved, own_reflexive=own_reflexive)
-        choice = choose(usable, actual=actual.get(key), trial=trials.get(key), now=now, trial_s=trial_s)
+        choice = choose(usable, actual=actual.get(key), trial=trials.get(key), now=now, trial_s=trial_s,
+                        heard=heard.get(key), silent_s=silent_s)
         endpoints[key] = choice.endpoint
         if choice.trial is not None:
             new_trials[key] = choice.trial

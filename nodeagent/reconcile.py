@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from meshcontract.messages import MemberRecord
-from nodeagent.endpoints import Trial, plan_endpoints
+from nodeagent.endpoints import Heard, Trial, plan_endpoints, silent_after
 from nodeagent.membership import MemberTable
 from wgctl.diff import canonical_cidr, plan, validated_peer
 from wgctl.errors import WireGuardError
@@ -132,18 +132,20 @@ def desired_state(
     failed: Collection[str] = (),
     own_reflexive: str | None = None,
     now: float = 0.0,
+    heard: Mapping[str, Heard] = _NONE,
 ) -> Desired:
     """The peers to configure for `membership` and the records skipped (see the module docstring).
 
     `resolved` maps lowercased host names to an address, `failed` holds names whose lookup failed;
-    `own_reflexive` is the address the registrar sees us come from (nodeagent.endpoints orders by it).
+    `own_reflexive` is the address the registrar sees us come from (nodeagent.endpoints orders by it);
+    `heard` says since when each peer's received bytes stand still (a silent tunnel tries other candidates).
     """
     selection = select_members(
         membership, self_id=self_id, self_public_key=self_public_key, self_mesh_ip=self_mesh_ip, actual=actual
     )
     choices = plan_endpoints(
         selection.records.values(), actual=actual, trials=trials, resolved=resolved, failed=failed,
-        own_reflexive=own_reflexive, now=now,
+        own_reflexive=own_reflexive, now=now, heard=heard, silent_s=silent_after(keepalive),
     )  # fmt: skip
     peers: dict[str, PeerConfig] = {}
     skipped = dict(selection.skipped)

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 from meshcontract.messages import MemberRecord
-from nodeagent.endpoints import Trial, host_names
+from nodeagent.endpoints import Heard, Trial, hearing, host_names
 from nodeagent.errors import StateDirError
 from nodeagent.identity import Identity
 from nodeagent.meshstate import MeshState
@@ -70,6 +70,7 @@ class Reconciler:
         # peer_added / peer_updated / peer_removed / peer_skipped / reconcile_failed
         self.counters: Counter[str] = Counter()
         self._trials: dict[str, Trial] = {}  # public key -> endpoint trial, kept between passes
+        self._heard: dict[str, Heard] = {}  # public key -> since when its received bytes stand still
         self._next_at: float | None = None  # when the earliest trial ends
         self._refused: set[str] = set()  # public keys WireGuard refused last time: applied on their own
         self._skipped: dict[str, str] = {}  # node id -> why its record is not configured
@@ -137,6 +138,8 @@ class Reconciler:
                     self.passes += 1
                     return  # never seen a complete membership: no opinion on peers, so touch none
                 actual = self._wireguard.read(ifname).peers
+                now = self._clock()
+                self._heard = hearing(self._heard, actual, now=now)
                 names = host_names(r for r in membership.tunnelled() if r.node_id != me.node_id)
                 resolutions = self._resolver.lookup(names) if self._resolver and names else Resolutions()
                 desired = desired_state(
@@ -150,7 +153,8 @@ class Reconciler:
                     resolved=resolutions.addresses,
                     failed=resolutions.failed,
                     own_reflexive=self._own_reflexive(),
-                    now=self._clock(),
+                    now=now,
+                    heard=self._heard,
                 )
                 self._trials, self._next_at = desired.trials, desired.next_at
                 known = self._mesh.known_by_key()

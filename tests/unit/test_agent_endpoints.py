@@ -9,12 +9,15 @@ from nodeagent.endpoints import (
     FRESH_S,
     TRIAL_S,
     Choice,
+    Heard,
     Trial,
     candidates,
     choose,
+    hearing,
     host_names,
     ordered,
     plan_endpoints,
+    silent_after,
 )
 from wgctl import keys
 from wgctl.model import PeerState
@@ -151,3 +154,43 @@ def test_plan_endpoints_per_peer() -> None:
     assert set(plan.trials) == {named.public_key, multi.public_key}
     assert plan.next_at == NOW + TRIAL_S, "only the peer with a second candidate needs a pass when its trial ends"
     assert host_names([named, dead, multi, bare]) == {"vpn.example.org", "gone.example.org"}
+
+
+SILENT = silent_after(25)  # 40 s with the mesh's 25 s keepalive
+
+
+@pytest.mark.parametrize(
+    ("actual", "heard", "expected"),
+    [
+        pytest.param(state(endpoint="198.51.100.9:40000", handshake_age=60), Heard(500, NOW - 10), Choice(None),
+                     id="fresh handshake, heard 10 s ago: keep the roamed endpoint"),
+        pytest.param(state(endpoint="198.51.100.9:40000", handshake_age=60), Heard(500, NOW - SILENT - 1),
+                     Choice(A, Trial(A, NOW), NOW + TRIAL_S),
+                     id="fresh handshake but silent past the keepalive: the peer moved, try the candidates"),
+        pytest.param(state(endpoint=B, handshake_age=60), Heard(500, NOW - SILENT - 1),
+                     Choice(B, Trial(B, NOW), NOW + TRIAL_S),
+                     id="silent on a candidate: its trial starts there (no needless write)"),
+        pytest.param(state(endpoint="198.51.100.9:40000", handshake_age=60), None, Choice(None),
+                     id="never measured: no opinion yet"),
+    ],
+)  # fmt: skip
+def test_a_silent_tunnel_is_not_fresh(actual: PeerState, heard: Heard | None, expected: Choice) -> None:
+    assert choose([A, B], actual=actual, trial=None, now=NOW, heard=heard, silent_s=SILENT) == expected
+
+
+@pytest.mark.parametrize(
+    ("keepalive", "expected"), [(25, 40.0), (10, 25.0), (0, None)],
+)  # fmt: skip
+def test_silence_needs_persistent_keepalive(keepalive: int, expected: float | None) -> None:
+    assert silent_after(keepalive) == expected
+
+
+def test_hearing_restarts_only_when_bytes_arrive() -> None:
+    peer = PeerState(KEY, ("100.96.0.2/32",), rx_bytes=100)
+    first = hearing({}, {KEY: peer}, now=NOW)
+    assert first == {KEY: Heard(100, NOW)}
+    same = hearing(first, {KEY: peer}, now=NOW + 30)
+    assert same == first, "a counter standing still keeps its time"
+    moved = hearing(same, {KEY: PeerState(KEY, ("100.96.0.2/32",), rx_bytes=132)}, now=NOW + 31)
+    assert moved == {KEY: Heard(132, NOW + 31)}
+    assert hearing(moved, {}, now=NOW + 32) == {}, "a peer gone from the interface is forgotten"
