@@ -18,8 +18,8 @@ REGISTRAR_STATE=${MESHVPN_STATE_DIR:-/var/lib/meshvpn-registrar}
 
 log() { echo "meshvpn-entrypoint: $*" >&2; }
 
-# The container's address on its (first) network: the WireGuard endpoint the peers use. The agent's default
-# is the address of the default route, and a compose network marked internal has none.
+# The container's address on its (first) network: the WireGuard endpoint the peers use, advertised as the
+# node's public candidate (the agent advertises its interface addresses too; docs/agent.md).
 own_address() {
   hostname -i 2>/dev/null | tr ' ' '\n' | grep -v '^127\.' | grep -v ':' | head -n1
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -21,6 +22,8 @@ from meshcontract.localapi import DEFAULT_SOCKET, AgentStatus, LocalRequest, Pee
 HANDSHAKE_WINDOW = 180.0
 
 Presence = Literal["online", "idle", "offline"]
+# What the control plane says of a member it lost, shown next to the data plane's word.
+CONTROL_NOTE = {"suspect": "; control plane lost it, peers probing", "control_lost": "; control plane lost, tunnel alive"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,31 +52,35 @@ class PeerSnapshot:
 def presence(peer: PeerView, *, now: float, window: float = HANDSHAKE_WINDOW) -> tuple[Presence, str]:
     """Whether `peer` is reachable now, following both membership and the tunnel. Pure.
 
-    online: an active member with a configured tunnel that completed a handshake within `window` seconds.
-    idle: an active member with a tunnel but no recent handshake; WireGuard only handshakes when there is
-    traffic (unless keepalive is on), so a message may well get through and will bring it online.
-    offline: the registrar marked it unreachable, or no tunnel to it is configured.
+    online: a member with a configured tunnel that completed a handshake within `window` seconds — also one the
+    control plane lost while its tunnel still works ("control plane lost, tunnel alive" is not offline).
+    idle: a member with a tunnel but no recent handshake; WireGuard only handshakes when there is traffic
+    (unless keepalive is on), so a message may well get through and will bring it online.
+    offline: the registrar marked it unreachable (lost on both planes, or it left), or no tunnel is configured.
     """
-    if peer.state != "active":
-        return "offline", f"membership {peer.state}"
+    if peer.state == "unreachable":
+        return "offline", "membership unreachable"
     if not peer.configured:
         return "offline", "no tunnel configured"
+    control = CONTROL_NOTE.get(peer.state, "")
     if peer.latest_handshake is None:
-        return "idle", "tunnel configured, no handshake yet"
+        return "idle", "tunnel configured, no handshake yet" + control
     age = now - peer.latest_handshake
     if age <= window:
-        return "online", f"handshake {max(age, 0):.0f}s ago"
-    return "idle", f"last handshake {age:.0f}s ago"
+        return "online", f"handshake {max(age, 0):.0f}s ago" + control
+    return "idle", f"last handshake {age:.0f}s ago" + control
 
 
 def snapshot_from_status(status: AgentStatus, *, now: float, window: float = HANDSHAKE_WINDOW) -> PeerSnapshot:
     """The chat's view of an AgentStatus: peers with their presence, sorted by name then IP. Pure."""
     peers = []
-    for view in status.peers:
-        if view.mesh_ip == status.mesh_ip:
-            continue  # we are not our own peer, whatever the agent lists
+    others = [v for v in status.peers if v.mesh_ip != status.mesh_ip]  # we are not our own peer
+    names = Counter([status.name, *(v.name for v in others)])
+    for view in others:
         state, detail = presence(view, now=now, window=window)
-        peers.append(ChatPeer(view.mesh_ip, view.name, view.node_id, state, detail, view.latest_handshake))
+        # Names are display aliases and may repeat: a shared one is shown with the node id, never guessed.
+        name = f"{view.name} ({view.node_id})" if names[view.name] > 1 else view.name
+        peers.append(ChatPeer(view.mesh_ip, name, view.node_id, state, detail, view.latest_handshake))
     peers.sort(key=lambda p: (p.name.lower(), ipaddress.ip_address(p.mesh_ip)))
     return PeerSnapshot(
         self_ip=status.mesh_ip,

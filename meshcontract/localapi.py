@@ -52,6 +52,9 @@ class PeerView(_Model):
     latest_handshake: float | None = None  # unix time of the last handshake, None if never
     rx_bytes: int = 0
     tx_bytes: int = 0
+    # What is wrong with this peer, if anything: its record is skipped (not configured: a mesh IP another
+    # member claims too, a key WireGuard refuses...) or it has no usable endpoint (a name that does not resolve).
+    problem: str | None = Field(default=None, max_length=500)
 
 
 class AgentStatus(_Model):
@@ -69,8 +72,8 @@ class AgentStatus(_Model):
     membership_revision: int
     membership_complete: bool
     peers: list[PeerView]
-    # Totals since the agent started: peer_added / peer_updated / peer_removed / reconcile_failed /
-    # reconcile_passes / registrations. Tools and tests read these instead of the agent's log text.
+    # Totals since the agent started: peer_added / peer_updated / peer_removed / peer_skipped (a record that
+    # started being skipped) / reconcile_failed / reconcile_passes / registrations. Tools and tests read these instead of the agent's log text.
     counters: dict[str, int] = Field(default_factory=dict)
     now: float
 

@@ -4,7 +4,8 @@ All models are strict (no type coercion), forbid unknown fields, carry the schem
 every string and list so a hostile payload cannot make a service allocate without limit. `decode` is the
 single entry point for bytes from the wire (it also refuses nesting deeper than any message has, so a hostile
 payload cannot exhaust the parser's recursion); `encode` and `canonical_json` the way out. Membership
-messages carry the registrar's Ed25519 signature over their canonical form (meshcontract.signing).
+messages and register replies carry the registrar's Ed25519 signature over their canonical form
+(meshcontract.signing).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ SCHEMA_VERSION = 1
 MAX_PAYLOAD = 16 * 1024
 MAX_MEMBERS = 65_536
 MAX_MEMBERSHIP_PAYLOAD = 64 * 1024 * 1024
+# A heartbeat names at most this many members it vouches for, and this many broken paths (it stays small).
+MAX_VOUCHES = 64
+MAX_BROKEN_PATHS = 128
 # No message nests deeper than this; JSON nested deeper is refused before it is parsed.
 MAX_DEPTH = 8
 
@@ -93,11 +97,22 @@ class Message(_Model):
     v: Literal[1] = SCHEMA_VERSION
 
 
+class EndpointKind(StrEnum):
+    """Where an endpoint candidate comes from; agents choose among a peer's candidates by kind."""
+
+    LOCAL = "local"  # an address of one of the node's own interfaces (reachable from its LAN)
+    PUBLIC = "public"  # configured by the operator (a public address, a port forward, a DNS name)
+    REFLEXIVE = "reflexive"  # the address the control plane saw the node connect from (its NAT's outside)
+
+
 class Endpoint(_Model):
-    """An underlay address where a node's WireGuard listens: an IP literal or DNS name and a UDP port."""
+    """An underlay address where a node's WireGuard listens: an IP literal or DNS name, a UDP port, and where
+    the candidate comes from (`kind`)."""
 
     host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
     port: Port
+    # Not strict: stored and API copies give the kind as its string, like JSON does.
+    kind: EndpointKind = Field(default=EndpointKind.LOCAL, strict=False)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -107,7 +122,18 @@ class MemberState(StrEnum):
     """Liveness of a member as decided by the registrar (the only authority)."""
 
     ACTIVE = "active"  # online and heartbeating within the TTL: peers keep a tunnel to it
-    UNREACHABLE = "unreachable"  # will, explicit offline or missed TTL: peers drop its tunnel, its IP stays reserved
+    # The control plane lost it (will or missed TTL) a moment ago: peers keep the tunnel and probe it over the
+    # mesh; a peer that gets an answer vouches for it in its next heartbeat.
+    SUSPECT = "suspect"
+    # The control plane lost it, but peers still reach it over the mesh: tunnels stay (see docs/design.md,
+    # "Liveness: both planes").
+    CONTROL_LOST = "control_lost"
+    UNREACHABLE = "unreachable"  # goodbye, or lost on both planes: peers drop its tunnel, its IP stays reserved
+
+    @property
+    def tunnelled(self) -> bool:
+        """Peers keep a tunnel to a member in this state."""
+        return self is not MemberState.UNREACHABLE
 
 
 class ErrorCode(StrEnum):
@@ -121,6 +147,9 @@ class ErrorCode(StrEnum):
     KEY_CONFLICT = "key_conflict"
     KEY_REVOKED = "key_revoked"
     NOT_ENROLLED = "not_enrolled"
+    # A new WireGuard key arrived through the broker: it must come over HTTPS with the node's own credential
+    # (a broker admin could publish as any node, but cannot log in to the registrar as one).
+    REKEY_OVER_HTTPS = "rekey_over_https"
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     POOL_EXHAUSTED = "pool_exhausted"
@@ -176,7 +205,13 @@ class RegisterRequest(Message):
 
 
 class RegisterReply(Message):
-    """Published by the registrar on reply/<node> (QoS 1, not retained), answering one RegisterRequest."""
+    """Published by the registrar on reply/<node> (QoS 1, not retained), signed: answers one RegisterRequest.
+    Also the body of the answer to POST /v1/register, unsigned there: over HTTPS it comes from the registrar.
+
+    The agent applies it to its machine (address, prefix, MTU, the route to the mesh network), so on MQTT it
+    carries the registrar's signature like the membership: the registrar's broker rights alone must not be
+    enough to write one. The random `request_id` makes an old genuine reply useless for a new request.
+    """
 
     request_id: RequestId
     ok: bool
@@ -185,6 +220,9 @@ class RegisterReply(Message):
     prefix_len: int | None = Field(default=None, ge=0, le=128)
     settings: MeshSettings | None = None
     error: ErrorInfo | None = None
+    # Signed by the registrar over MQTT (meshcontract.signing, kind "reply"): a broker cannot hand a node a
+    # made-up address or settings. Replies over HTTPS come from the registrar itself and need no signature.
+    sig: Signature = ""
 
 
 class EnrollRequest(Message):
@@ -236,6 +274,19 @@ class RegistrarInfo(Message):
     broker_url: str | None = Field(default=None, max_length=256)
 
 
+class Reflection(Message):
+    """GET /v1/reflect: the address the registrar sees this request come from (the node's NAT's outside, if
+    any). The agent advertises it, with its WireGuard port, as a `reflexive` endpoint candidate."""
+
+    address: str = Field(max_length=45)
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class NodeStatus(Message):
     """Published by a node on status/<node> (QoS 1, retained), and set as its last-will with state offline.
 
@@ -251,13 +302,35 @@ class NodeStatus(Message):
     last_will: bool = False
 
 
+class BrokenPath(_Model):
+    """A peer this node holds a tunnel to whose WireGuard handshake is stale (or never happened)."""
+
+    node_id: NodeId
+    handshake_age_s: float | None = Field(ge=0)  # None: no handshake since the tunnel was configured
+
+
+class PathReport(_Model):
+    """A node's data plane in a heartbeat: peers with a fresh handshake, and every peer without one."""
+
+    fresh: int = Field(ge=0, le=MAX_MEMBERS)
+    broken: list[BrokenPath] = Field(default_factory=list, max_length=MAX_BROKEN_PATHS)
+    truncated: bool = False  # more broken paths than fit: `broken` lists the first MAX_BROKEN_PATHS
+
+
 class Heartbeat(Message):
-    """Published by a node on heartbeat/<node> (QoS 0, not retained) every heartbeat interval."""
+    """Published by a node on heartbeat/<node> (QoS 0, not retained) every heartbeat interval, and at once when a
+    probe of a suspect member was answered (its vouch must arrive within the registrar's vouch wait)."""
 
     node_id: NodeId
     epoch: Epoch
     seq: int = Field(ge=0, lt=2**63)
     sent_at: Timestamp
+    # Suspect or control-lost members this node just reached over the mesh (a probe answered): its vouch.
+    alive: list[NodeId] = Field(default_factory=list, max_length=MAX_VOUCHES)
+    # The data plane as this node sees it, sent when it changes and at least every minute: how many peers have a
+    # fresh handshake, and the ones that do not (a path broken while both ends reach the broker). None: not in
+    # this heartbeat.
+    paths: PathReport | None = None
 
 
 class MemberRecord(Message):

@@ -1,9 +1,9 @@
 """Ed25519 signatures over the canonical form of contract messages: what makes membership unforgeable.
 
-The registrar signs every membership message it publishes; agents verify with the registrar's public key,
-which they learn at enrollment over TLS pinned by the join token, and persist. The signed bytes are a domain
-label, the message's kind and mesh, and the message's canonical JSON without its `sig` field, so a signature
-for one kind of message or one mesh is never valid for another. No I/O here.
+The registrar signs every membership message and register reply it publishes; agents verify with the
+registrar's public key, which they learn at enrollment over TLS pinned by the join token, and persist. The
+signed bytes are a domain label, the message's kind and mesh, and the message's canonical JSON without its
+`sig` field, so a signature for one kind of message or one mesh is never valid for another. No I/O here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 No I/O here. Layout (MQTT 3.1.1 compatible: replies go to a per-node topic, correlation ids live in payloads):
 
     meshvpn/v1/<mesh>/register/<node>   node -> registrar   RegisterRequest        QoS 1, not retained
-    meshvpn/v1/<mesh>/reply/<node>      registrar -> node   RegisterReply          QoS 1, not retained
+    meshvpn/v1/<mesh>/reply/<node>      registrar -> node   RegisterReply          QoS 1, not retained (signed)
     meshvpn/v1/<mesh>/status/<node>     node (and its will) NodeStatus             QoS 1, retained
     meshvpn/v1/<mesh>/heartbeat/<node>  node -> registrar   Heartbeat              QoS 0, not retained
     meshvpn/v1/<mesh>/snapshot          registrar           MembershipSnapshot     QoS 1, retained (signed)

@@ -32,8 +32,14 @@ def strip_host_prefix(cidr: str) -> str:
     return cidr[:-3] if cidr.endswith("/32") else cidr
 
 
-def mesh_problems(views: Mapping[str, NodeTunnels], expected: Collection[str]) -> list[str]:
-    """Why the mesh of the `expected` node names is not complete; an empty list means it is."""
+def mesh_problems(
+    views: Mapping[str, NodeTunnels], expected: Collection[str], *, tolerated: Collection[str] = ()
+) -> list[str]:
+    """Why the mesh of the `expected` node names is not complete; an empty list means it is.
+
+    A tunnel to a `tolerated` node is neither required nor a ghost: a node whose agent was killed while its
+    WireGuard still runs answers over the mesh, so peers may rightly keep it (control_lost) until it is back.
+    """
     problems: list[str] = []
     ips: dict[str, str] = {}
     for name in sorted(expected):
@@ -46,10 +52,11 @@ def mesh_problems(views: Mapping[str, NodeTunnels], expected: Collection[str]) -
         if count > 1:
             holders = sorted(n for n, i in ips.items() if i == ip)
             problems.append(f"mesh IP {ip} held by {', '.join(holders)}")
+    kept = {views[n].mesh_ip for n in tolerated if n in views and views[n].mesh_ip and n not in ips}
     for name in sorted(ips):
         view = views[name]
         want = {ip for other, ip in ips.items() if other != name}
-        have = view.tunnel_ips()
+        have = view.tunnel_ips() - kept
         missing = sorted(want - have)
         ghosts = sorted(have - want)
         if missing:
@@ -59,7 +66,8 @@ def mesh_problems(views: Mapping[str, NodeTunnels], expected: Collection[str]) -
         empty = sum(1 for allowed in view.peers if not allowed)
         if empty:
             problems.append(f"{name}: {empty} peer(s) without allowed IPs (duplicate key for one IP?)")
-        if len(view.peers) != len(want) and not missing and not ghosts and not empty:
+        held = len(view.peers) - len(view.tunnel_ips() & kept)
+        if held != len(want) and not missing and not ghosts and not empty:
             problems.append(f"{name}: {len(view.peers)} peers for {len(want)} members")
     return problems
 

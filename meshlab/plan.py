@@ -36,6 +36,9 @@ ROUTER_WAN_IF = "wan0"
 ROUTER_LAN_BRIDGE = "lan0"
 BROKER_PORT = 1883
 HTTP_PORT = 8080
+# Node n<i> listens on WG_PORT + i - 1. Distinct ports matter behind one NAT router: Linux keeps a node's port
+# through the NAT only while no other mapping to the same peer holds it, so two nodes on 51820 behind one router
+# would reach nodes behind other NATs only from the first node's port (docs/lab.md, "NAT").
 WG_PORT = 51820
 
 
@@ -111,7 +114,7 @@ class LabPlan:
             underlay_prefix=self.subnet.prefixlen,
             bridge_port=f"ulp{index}",
             interface=f"{self.wg_prefix}{index}",
-            listen_port=WG_PORT,
+            listen_port=WG_PORT + index - 1,
         )
 
     def router(self, index: int) -> RouterPlan:

@@ -162,6 +162,12 @@ def nat_ruleset(*, table: str = NFT_TABLE, wan_if: str = ROUTER_WAN_IF, lan_if: 
     leaving the connection hanging), as on a consumer router. Forwarding: out from the private side, and in only
     what conntrack knows as a reply; `lan_if` also matches bridged traffic between two nodes of one private LAN
     where br_netfilter makes it pass the forward hook. The counters are how tests see that translation happened.
+
+    Unsolicited UDP from the LAN leg to the router itself is dropped, as a home router's firewall does. That is
+    what lets two nodes behind different routers reach each other: accepted (and answered with a port
+    unreachable), a peer's first packet would leave a conntrack entry for the router's port 51820 with the peer,
+    so the node's own packets to that peer would be masqueraded from another port, and neither side's packets
+    would ever match the other's mapping. Dropped before conntrack confirms it, the packet leaves no entry.
     """
     return "\n".join([
         f"add table {NFT_FAMILY} {table}",
@@ -175,6 +181,10 @@ def nat_ruleset(*, table: str = NFT_TABLE, wan_if: str = ROUTER_WAN_IF, lan_if: 
         "        type filter hook forward priority 0; policy drop;",
         "        ct state established,related counter accept",
         f'        iifname "{lan_if}" counter accept',
+        "    }",
+        "    chain input {",
+        "        type filter hook input priority 0; policy accept;",
+        f'        iifname "{wan_if}" meta l4proto udp ct state new counter drop',
         "    }",
         "}",
     ]) + "\n"

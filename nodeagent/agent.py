@@ -6,7 +6,9 @@ starts and stops them in the right order and turns the session's events into wor
   - Registered        -> heartbeats at the mesh's interval, a reconcile pass (address, route, peers)
   - MembershipChanged -> a reconcile pass
   - Refused           -> stop, exit status 3
-APScheduler runs the periodic jobs (heartbeats, the drift-repair wake-up of the reconcile loop).
+APScheduler runs the periodic jobs (heartbeats, the drift-repair wake-up of the reconcile loop, the check of
+this node's endpoint candidates: nodeagent.underlay). Peers' host names resolve in the background
+(nodeagent.resolver), which wakes the reconcile loop when an answer changes.
 
 The agent's view of the mesh only ever shrinks the peer set from a *complete* membership, so a broker restart,
 a registrar outage or a half-delivered retained state never tears down a working tunnel.
@@ -28,6 +30,7 @@ from meshcontract import localapi
 from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult, RotateResult
 from meshcontract.signing import Verifier
 from meshcontract.transport import BrokerSettings, make_client
+from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
 from nodeagent.enrollment import Waiter, enroll
 from nodeagent.errors import AgentError, SettingsError
@@ -35,7 +38,10 @@ from nodeagent.identity import Identity, load_identity
 from nodeagent.membership import MemberTable
 from nodeagent.meshstate import MeshState
 from nodeagent.ping import Pinger, SystemPinger
+from nodeagent.presence import Presence
 from nodeagent.reconciler import Reconciler
+from nodeagent.registrar_client import RegistrarClient
+from nodeagent.resolver import Lookup, NameResolver, system_lookup
 from nodeagent.session import (
     ClientFactory,
     ControlSession,
@@ -46,13 +52,17 @@ from nodeagent.session import (
 )
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Enrollment, StateStore
-from nodeagent.status import agent_status
+from nodeagent.status import agent_status, resolve_target
+from nodeagent.underlay import AddressSource, Advertiser, NetlinkAddresses, Reflector, RegistrarReflector
 from wgctl.errors import WireGuardError
 from wgctl.model import RouteBackend, WireGuardBackend
 
 log = logging.getLogger(__name__)
 
 EXIT_REFUSED = 3
+# The registrar no longer knows this node (removed, key revoked, away longer than its reservation): it must
+# enroll again with a new join token. The enrollment is forgotten, so the next start does exactly that.
+EXIT_IDENTITY_GONE = 4
 
 
 class Agent:
@@ -60,7 +70,9 @@ class Agent:
 
     Backends are injected so tests can run several agents in one process on in-memory WireGuard:
     `Agent(settings, wireguard=InMemoryWireGuard(), routes=InMemoryRoutes(wg))`. `client_factory` makes the
-    paho client of each broker connection (tests inject faults through it).
+    paho client of each broker connection (tests inject faults through it). The underlay is injected the same
+    way: `addresses` (default: the kernel's interface addresses), `reflector` (default: the registrar's
+    GET /v1/reflect), `lookup` (default: the system resolver).
     """
 
     def __init__(
@@ -74,6 +86,9 @@ class Agent:
         local_api: bool = True,
         hostname: str | None = None,
         client_factory: ClientFactory = make_client,
+        addresses: AddressSource | None = None,
+        reflector: Reflector | None = None,
+        lookup: Lookup = system_lookup,
     ) -> None:
         self.settings = settings
         self.wireguard = wireguard
@@ -83,6 +98,11 @@ class Agent:
         self._local_api_enabled = local_api
         self._hostname = hostname
         self._client_factory = client_factory
+        self._addresses = addresses or NetlinkAddresses()
+        self._reflector = reflector
+        self._lookup = lookup
+        self._advertiser: Advertiser | None = None
+        self._resolver: NameResolver | None = None
         self.store = StateStore(settings.state_dir)
         self.identity = Identity(node_id="", name="")
         self.mesh = MeshState()
@@ -95,6 +115,9 @@ class Agent:
         self._reconciler: Reconciler | None = None
         self._reconcile_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self._presence: Presence | None = None
+        self._heartbeat_interval_s = 5.0
+        self._name_warned: set[str] = set()
         self._api = None
         self.enrollment: Enrollment | None = None
         self._rotating = threading.Lock()
@@ -112,9 +135,20 @@ class Agent:
             settings.broker.host_port()  # a malformed broker URL is a start-up error, not a retry loop
         self.identity = me = load_identity(settings, self.store, hostname=self._hostname)
         enrollment = self.store.enrollment()
+        registrar_url = settings.registrar_url or (enrollment.registrar_url if enrollment else None)
+        reflector = self._reflector
+        if reflector is None and registrar_url:
+            reflector = RegistrarReflector(registrar_url, ca_file=self.store.ca_file)
+        self._advertiser = advertiser = Advertiser(
+            public=me.endpoint, listen_port=settings.listen_port, interface=settings.interface,
+            addresses=self._addresses, reflector=reflector,
+        )  # fmt: skip
+        advertiser.refresh(reflect=False)  # the registrar is asked before each registration (its CA is known then)
         if enrollment is None or enrollment.node_id != me.node_id or enrollment.mesh != settings.mesh:
             # Before anything exists on this machine: a refused join leaves no interface and no process behind.
-            enrollment = enroll(settings, me, store=self.store, stop=stop or self._finished)
+            enrollment = enroll(
+                settings, me, store=self.store, stop=stop or self._finished, endpoints=advertiser.current()
+            )
             if enrollment is None:
                 return  # asked to stop while enrolling
         self.enrollment = enrollment
@@ -123,9 +157,9 @@ class Agent:
         persisted = self.store.membership()
         self.mesh = MeshState(persisted)
         log.info(
-            "agent starting: interface %s, endpoint %s, %s persisted members",
+            "agent starting: interface %s, endpoint candidates %s, %s persisted members",
             settings.interface,
-            me.endpoint,
+            ", ".join(map(str, advertiser.current())) or "none yet",
             len(persisted.members) if persisted else "no",
             extra=me.log_fields(registration.mesh_ip if registration else None),
         )
@@ -137,10 +171,13 @@ class Agent:
             mesh=self.mesh,
             verifier=Verifier(enrollment.signing_key),
             registration=registration,
+            registrar=self._registrar_client(enrollment),
             on_event=self._on_session_event,
             clock=self._clock,
             client_factory=self._client_factory,
+            endpoints=advertiser,
         )
+        self._resolver = NameResolver(lookup=self._lookup, on_change=self._wake_reconcile)
         self._reconciler = Reconciler(
             settings,
             identity=me,
@@ -149,6 +186,9 @@ class Agent:
             mesh=self.mesh,
             store=self.store,
             registration=lambda: self._session.registration if self._session else None,
+            resolver=self._resolver,
+            own_reflexive=lambda: advertiser.reflected,
+            clock=self._clock,
         )
         # The interface itself must be usable (a permanent backend error ends start-up with a clear message),
         # and it is restored before the broker is reachable: an agent restarted during a control-plane outage
@@ -158,12 +198,21 @@ class Agent:
         )
         self._reconciler.reconcile_once("startup")
 
+        self._presence = Presence(self._pinger, clock=self._clock, send_now=self._send_vouches)
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(
             self._reconciler.wake,
             "interval",
             seconds=settings.reconcile_interval_s,
             id="drift-repair",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._check_endpoints,
+            "interval",
+            seconds=settings.reconcile_interval_s,
+            id="endpoints",
             max_instances=1,
             coalesce=True,
         )
@@ -190,6 +239,14 @@ class Agent:
         )
         self._reconcile_thread.start()
         self._session.start()
+
+    def _registrar_client(self, enrollment: Enrollment) -> RegistrarClient | None:
+        """The HTTPS door to the registrar (key rotation, identity checks), with the CA saved at enrollment."""
+        url = self.settings.registrar_url or enrollment.registrar_url
+        if not url or not self.store.ca_file.exists():
+            return None
+        return RegistrarClient(url, ca_pem=self.store.ca_file.read_text(), node_id=self.identity.node_id,
+                               password=self.store.own_broker_password())  # fmt: skip
 
     def _broker_settings(self, enrollment: Enrollment) -> BrokerSettings:
         """The configured broker, else the one enrollment named; TLS verified against the mesh's CA."""
@@ -224,6 +281,10 @@ class Agent:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        if self._presence is not None:
+            self._presence.close()
+        if self._resolver is not None:
+            self._resolver.close()
         if self._api is not None:
             self._api.stop()
             self._api = None
@@ -236,23 +297,86 @@ class Agent:
     def _on_session_event(self, event: SessionEvent) -> None:
         if isinstance(event, Registered):
             self.counters["registrations"] += 1
+            if self._presence is not None:
+                self._presence.forget_report()  # a new session: the registrar may not have our paths
             self._schedule_heartbeats(event.registration.settings.heartbeat_interval_s)
             self._wake_reconcile()
         elif isinstance(event, MembershipChanged):
             self._wake_reconcile()
+            if self._scheduler is not None:
+                # Off paho's thread: reading WireGuard and starting probes of members just lost.
+                self._scheduler.add_job(self._probe_lost, id="probe-lost", replace_existing=True)
         elif isinstance(event, Refused):
             self.failure = event.error
             self.exit_code = EXIT_REFUSED
+            if policy.identity_gone(event.error.code):
+                self.exit_code = EXIT_IDENTITY_GONE
+                self.store.forget_enrollment()
             self._finished.set()
+
+    def _check_endpoints(self) -> None:
+        """The timer's check of our endpoint candidates: re-register on the current connection if they changed
+        (a new address, a new NAT) or the registrar has not confirmed them yet."""
+        if self._advertiser is None or self._session is None:
+            return
+        self._advertiser.refresh()
+        self._session.update_endpoints()
 
     def _wake_reconcile(self) -> None:
         if self._reconciler is not None:
             self._reconciler.wake()
 
+    # -- heartbeats and presence (the scheduler's threads) ------------------------------------------------
+    def _tunnels(self) -> dict:
+        try:
+            return self.wireguard.read(self.settings.interface).peers
+        except WireGuardError:
+            return {}
+
+    def _probe_lost(self) -> dict:
+        """Probe the members the control plane lost that we hold a tunnel to; the peers as WireGuard has them."""
+        self._warn_shared_name()
+        peers = self._tunnels()
+        if self._presence is not None:
+            self._presence.probe(self.mesh.current(), tunnelled=peers, self_id=self.identity.node_id)
+        return peers
+
+    def _warn_shared_name(self) -> None:
+        """Say once per member that another node has our name: allowed (names are aliases), but confusing."""
+        membership = self.mesh.current()
+        if membership is None:
+            return
+        me = self.identity
+        for record in membership.members.values():
+            if record.name == me.name and record.node_id != me.node_id and record.node_id not in self._name_warned:
+                self._name_warned.add(record.node_id)
+                log.warning("node %s (%s) has this node's name %r too; people see both as NAME (node id)",
+                            record.node_id, record.mesh_ip, me.name, extra=self._fields())  # fmt: skip
+
+    def _vouch_window_s(self) -> float:
+        return 2 * self._heartbeat_interval_s + 1.0
+
+    def _heartbeat(self) -> None:
+        """One heartbeat: probe lost members again, then send with our vouches and (if due) the path report."""
+        session, presence = self._session, self._presence
+        if session is None or presence is None:
+            return
+        peers = self._probe_lost()
+        membership = self.mesh.current()
+        node_of = {r.public_key: r.node_id for r in membership.members.values()} if membership else {}
+        session.heartbeat(alive=presence.vouches(within_s=self._vouch_window_s()),
+                          paths=presence.report(peers, node_of=node_of))  # fmt: skip
+
+    def _send_vouches(self) -> None:
+        """A probe of a suspect just got an answer: tell the registrar now, within its vouch wait."""
+        if self._session is not None and self._presence is not None:
+            self._session.heartbeat(alive=self._presence.vouches(within_s=self._vouch_window_s()))
+
     def _schedule_heartbeats(self, interval_s: float) -> None:
+        self._heartbeat_interval_s = interval_s
         if self._scheduler is not None and self._session is not None:
             self._scheduler.add_job(
-                self._session.heartbeat,
+                self._heartbeat,
                 "interval",
                 seconds=interval_s,
                 id="heartbeat",
@@ -368,6 +492,8 @@ class Agent:
         if self._reconciler is not None:
             counters.update(self._reconciler.counters)
             counters["reconcile_passes"] = self._reconciler.passes
+        if self._session is not None:
+            counters["identity_checks"] = self._session.identity_checks
         return agent_status(
             identity=self.identity,
             interface=self.settings.interface,
@@ -381,13 +507,12 @@ class Agent:
             complete=complete,
             counters=counters,
             now=self._clock(),
+            problems=self._reconciler.problems() if self._reconciler else {},
         )
 
     def ping(self, target: str, *, count: int = 3) -> PingResult:
         """Ping a member by name or mesh IP over the mesh; AgentError if no such member."""
-        records = self.mesh.display_records()
-        match = next((r for r in records if target in (r.mesh_ip, r.name, r.node_id)), None)
-        if match is None:
-            raise AgentError(f"no mesh member named or addressed {target!r}")
+        records = [r for r in self.mesh.display_records() if r.node_id != self.identity.node_id]
+        match = resolve_target(records, target)
         rtts = self._pinger.ping(match.mesh_ip, count=count)
         return PingResult(target=target, mesh_ip=match.mesh_ip, rtts_ms=rtts)

@@ -1,8 +1,9 @@
 """`meshvpn-agent`: the composition root of the node daemon. Loads settings once, builds the backends, runs.
 
 Exit status: 0 after a graceful stop, 1 for a configuration or start-up error, 3 when the registrar refused
-the node (bad, expired or used join token, revoked or conflicting key, pool exhausted, a registrar whose CA does
-not match the token's pin). A refused join leaves nothing behind: enrolling happens before anything is created.
+the join (bad, expired or used join token, revoked or conflicting key, a registrar whose CA does not match the
+token's pin), 4 when this node's identity is gone (removed, revoked, expired: the enrollment is forgotten). A
+refused join leaves nothing behind: enrolling happens before anything is created.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ examples:
   meshvpn-agent --config /etc/meshvpn/agent.toml                                # as the systemd unit runs it
   meshvpn-agent --endpoint 203.0.113.7:51820 ...                                # advertise a public address
 
-exit status: 0 stopped, 1 configuration or start-up error, 3 refused by the registrar (see the message)
+exit status: 0 stopped, 1 configuration or start-up error, 3 the registrar refused the join (a bad, used or
+expired join token, a revoked or conflicting key, a CA that is not the token's pin: see the message), 4 this
+node's identity is gone (removed, revoked, or away longer than its reservation: enroll again with a new join
+token). Anything that can heal by itself is retried, never an exit; the systemd unit does not restart on 3 or 4.
 """
 
 
@@ -73,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--node-id", help="node id (default: generated once, kept in the state dir)")
     parser.add_argument("--interface", help="WireGuard interface name (default meshvpn0)")
     parser.add_argument("--listen-port", type=int, help="WireGuard UDP port (default 51820)")
-    parser.add_argument("--endpoint", help="advertised HOST[:PORT] (default: IPv4 of the default route)")
+    parser.add_argument("--endpoint", help="a public HOST[:PORT] to advertise besides the interface addresses and the reflexive one")
     parser.add_argument("--state-dir", help="state directory (default /var/lib/meshvpn)")
     parser.add_argument(
         "--backend", choices=["auto", "kernel", "userspace", "memory"], help="WireGuard backend"
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     agent.stop()
     if agent.failure is not None:
         print(f"meshvpn-agent: {agent.failure}", file=sys.stderr)
+    if agent.exit_code:
+        log.error("exiting with status %d", agent.exit_code)
     return agent.exit_code
 
 

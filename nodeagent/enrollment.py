@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -25,7 +26,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshcontract import jointoken
 from meshcontract.errors import ContractError
-from meshcontract.messages import EnrollReply, EnrollRequest, ErrorCode, RegistrarInfo, decode
+from meshcontract.messages import (
+    Endpoint,
+    EnrollReply,
+    EnrollRequest,
+    ErrorCode,
+    Reflection,
+    RegistrarInfo,
+    decode,
+)
 from nodeagent import policy
 from nodeagent.errors import AgentError, EnrollmentRefused, SettingsError
 from nodeagent.identity import Identity
@@ -80,15 +89,25 @@ class _Url:
         return cls(parts.hostname, parts.port or (8443 if tls else 8080), tls)
 
 
-def _request(url: _Url, method: str, path: str, body: bytes | None, ca_pem: str | None) -> tuple[int, bytes]:
+def _request(
+    url: _Url,
+    method: str,
+    path: str,
+    body: bytes | None,
+    ca_pem: str | None,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = _TIMEOUT_S,
+) -> tuple[int, bytes]:
     if url.tls:
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            url.host, url.port, timeout=_TIMEOUT_S, context=client_context(ca_pem)
+            url.host, url.port, timeout=timeout, context=client_context(ca_pem)
         )
     else:
-        conn = http.client.HTTPConnection(url.host, url.port, timeout=_TIMEOUT_S)
+        conn = http.client.HTTPConnection(url.host, url.port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        sent = {"Content-Type": "application/json"} if body else {}
+        conn.request(method, path, body=body, headers={**sent, **(headers or {})})
         response = conn.getresponse()
         data = response.read(_MAX_REPLY + 1)
     except (OSError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError
@@ -127,8 +146,32 @@ def fetch_ca(registrar_url: str, pin: str | None) -> RegistrarInfo:
     return info
 
 
+def reflect(registrar_url: str, *, ca_pem: str | None, timeout: float) -> str:
+    """The address the registrar sees this request come from (GET /v1/reflect), over TLS verified against the
+    mesh's CA `ca_pem` (required for https). TransientError if it cannot be asked or answers nonsense."""
+    url = _Url.parse(registrar_url)
+    if url.tls and not ca_pem:
+        raise TransientError("no mesh CA to verify the registrar with")
+    try:
+        status, data = _request(url, "GET", "/v1/reflect", None, ca_pem, timeout=timeout)
+    except (ValueError, ssl.SSLError) as exc:  # an unreadable CA
+        raise TransientError(f"cannot ask the registrar: {exc}") from exc
+    if status != 200:
+        raise TransientError(f"registrar answered {status} to /v1/reflect")
+    try:
+        return decode(Reflection, data).address
+    except ContractError as exc:
+        raise TransientError(f"unreadable /v1/reflect from the registrar: {exc}") from exc
+
+
 def enroll_once(
-    settings: AgentSettings, identity: Identity, *, token: str, password: str, store: StateStore
+    settings: AgentSettings,
+    identity: Identity,
+    *,
+    token: str,
+    password: str,
+    store: StateStore,
+    endpoints: Sequence[Endpoint] = (),
 ) -> tuple[Enrollment, Registration]:
     """One enrollment attempt. EnrollmentRefused for a refusal, TransientError for anything worth retrying."""
     registrar_url = settings.registrar_url
@@ -138,12 +181,11 @@ def enroll_once(
     info = fetch_ca(registrar_url, parsed.pin)
     if info.mesh != settings.mesh:
         raise SettingsError(f"the registrar serves mesh {info.mesh!r}, this agent is configured for {settings.mesh!r}")
-    assert identity.endpoint is not None
     request = EnrollRequest(
         node_id=identity.node_id,
         name=identity.name,
         public_key=identity.public_key,
-        endpoints=[identity.endpoint],
+        endpoints=list(endpoints),
         listen_port=settings.listen_port,
         token=parsed.secret,
         password=password,
@@ -181,8 +223,16 @@ class Waiter(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
-def enroll(settings: AgentSettings, identity: Identity, *, store: StateStore, stop: Waiter) -> Enrollment | None:
-    """Enroll, retrying transient failures with backoff until `stop.wait` says stop (then None).
+def enroll(
+    settings: AgentSettings,
+    identity: Identity,
+    *,
+    store: StateStore,
+    stop: Waiter,
+    endpoints: Sequence[Endpoint] = (),
+) -> Enrollment | None:
+    """Enroll, advertising `endpoints`, retrying transient failures with backoff until `stop.wait` says stop
+    (then None).
 
     EnrollmentRefused (the registrar said no), SettingsError (nothing to enroll with) end it.
     """
@@ -193,7 +243,7 @@ def enroll(settings: AgentSettings, identity: Identity, *, store: StateStore, st
     while True:
         try:
             enrollment, registration = enroll_once(
-                settings, identity, token=settings.join_token, password=password, store=store
+                settings, identity, token=settings.join_token, password=password, store=store, endpoints=endpoints
             )
         except TransientError as exc:
             delay = policy.backoff_delay(attempt, base=1.0, cap=policy.RECONNECT_CAP_UNREGISTERED_S)

@@ -1,7 +1,7 @@
-"""Who this node is: key pair, node id, display name and the endpoint it advertises, resolved once at start.
+"""Who this node is: key pair, node id, display name and its configured public endpoint, resolved once at start.
 
-The only I/O is reading or creating the state directory's identity files (StateStore) and asking the routing
-table for a source address when no endpoint is configured.
+The only I/O is reading or creating the state directory's identity files (StateStore). The other endpoint
+candidates (interface addresses, the reflexive address) change while the agent runs: nodeagent.underlay.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
-from meshcontract.messages import Endpoint
+from meshcontract.messages import Endpoint, EndpointKind
 from nodeagent.errors import SettingsError
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import StateStore
@@ -26,30 +26,15 @@ class Identity:
     name: str
     private_key: str = field(default="", repr=False)
     public_key: str = ""
-    endpoint: Endpoint | None = None
+    endpoint: Endpoint | None = None  # the configured public endpoint (settings `endpoint`), if any
 
     def log_fields(self, mesh_ip: str | None = None) -> dict[str, str]:
         """node id, name and mesh IP as log fields (every membership and tunnel event carries them)."""
         return {"node_id": self.node_id, "node_name": self.name, "mesh_ip": mesh_ip or "-"}
 
 
-def default_route_ipv4() -> str:
-    """The source address the kernel would use towards the internet: the primary IPv4 of the default route.
-
-    Connecting a UDP socket sends nothing; it only asks the routing table for a source address.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: never answered, only routed
-        except OSError as exc:
-            raise SettingsError(
-                f"no endpoint given and no IPv4 default route to derive one from: {exc}"
-            ) from exc
-        return sock.getsockname()[0]
-
-
-def parse_endpoint(text: str, *, default_port: int) -> Endpoint:
-    """HOST, HOST:PORT, [V6] or [V6]:PORT -> Endpoint; SettingsError if it is not one."""
+def parse_endpoint(text: str, *, default_port: int, kind: EndpointKind = EndpointKind.PUBLIC) -> Endpoint:
+    """HOST, HOST:PORT, [V6] or [V6]:PORT -> Endpoint of `kind`; SettingsError if it is not one."""
     host, port = text.strip(), default_port
     try:
         if host.startswith("["):
@@ -60,13 +45,14 @@ def parse_endpoint(text: str, *, default_port: int) -> Endpoint:
         elif host.count(":") == 1:
             host, port_text = host.split(":")
             port = int(port_text)
-        return Endpoint(host=host, port=port)
+        return Endpoint(host=host, port=port, kind=kind)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise SettingsError(f"endpoint {text!r} is not HOST[:PORT]: {exc}") from exc
 
 
 def load_identity(settings: AgentSettings, store: StateStore, *, hostname: str | None = None) -> Identity:
-    """Key pair and node id from the state directory (created on first use), name and endpoint from settings."""
+    """Key pair and node id from the state directory (created on first use), name and public endpoint from
+    settings."""
     from wgctl import keys  # local: keeps module import light for meshctl
 
     store.ensure_dir()
@@ -76,5 +62,5 @@ def load_identity(settings: AgentSettings, store: StateStore, *, hostname: str |
         name=settings.name or hostname or socket.gethostname(),
         private_key=private_key,
         public_key=keys.public_key(private_key),
-        endpoint=parse_endpoint(settings.endpoint or default_route_ipv4(), default_port=settings.listen_port),
+        endpoint=parse_endpoint(settings.endpoint, default_port=settings.listen_port) if settings.endpoint else None,
     )

@@ -33,9 +33,14 @@ class MemberTable:
     revision: int
     members: Mapping[str, MemberRecord] = field(default_factory=dict)
 
-    def active(self) -> list[MemberRecord]:
-        """Members the registrar considers alive, sorted by node id."""
-        return [self.members[n] for n in sorted(self.members) if self.members[n].state is MemberState.ACTIVE]
+    def tunnelled(self) -> list[MemberRecord]:
+        """Members peers keep a tunnel to (active, suspect or control-lost), sorted by node id."""
+        return [self.members[n] for n in sorted(self.members) if self.members[n].state.tunnelled]
+
+    def probed(self) -> list[MemberRecord]:
+        """Members the control plane lost that peers should probe over the mesh (suspect or control-lost)."""
+        lost = (MemberState.SUSPECT, MemberState.CONTROL_LOST)
+        return [self.members[n] for n in sorted(self.members) if self.members[n].state in lost]
 
     @classmethod
     def of(cls, snapshot: MembershipSnapshot) -> MemberTable:

@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import sys
+from collections import Counter
 from collections.abc import Mapping
 
 from meshcontract.completion import add_completion_options, completes
@@ -22,6 +23,11 @@ EXIT_NOT_RUNNING = 2
 EXIT_FAILED = 1
 SOCKET_ENV = "MESHVPN_SOCKET"
 AGENT_GROUP = "meshvpn"  # the group docs/agent.md gives the socket (socket_group) for non-root users
+# Member states as people read them: the control plane's word; the HANDSHAKE column is the data plane's.
+STATE_LABELS = {
+    "suspect": "suspect (control plane lost it; probing)",
+    "control_lost": "control plane lost, tunnel alive",
+}
 
 
 def format_age(then: float | None, *, now: float) -> str:
@@ -60,21 +66,26 @@ def render_status(status: AgentStatus) -> str:
         + ("complete" if status.membership_complete else "INCOMPLETE (no peer is removed until complete)"),
         "",
     ]
-    header = ("NAME", "MESH IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX")
+    # The PROBLEM column only when there is one (a skipped record, a name that does not resolve).
+    problems = any(peer.problem for peer in status.peers)
+    header: tuple[str, ...] = ("NAME", "MESH IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX")
+    header += ("PROBLEM",) if problems else ()
     rows = [header]
+    names = Counter([status.name, *(p.name for p in status.peers)])
     for peer in status.peers:
-        state = "active (no tunnel yet)" if peer.state == "active" and not peer.configured else peer.state
-        rows.append(
-            (
-                peer.name,
-                peer.mesh_ip,
-                state,
-                format_age(peer.latest_handshake, now=status.now) if peer.configured else "-",
-                peer.endpoint or "-",
-                format_bytes(peer.rx_bytes),
-                format_bytes(peer.tx_bytes),
-            )
+        state = STATE_LABELS.get(peer.state, peer.state)
+        if peer.state != "unreachable" and not peer.configured:
+            state += " (no tunnel yet)"
+        row: tuple[str, ...] = (
+            f"{peer.name} ({peer.node_id})" if names[peer.name] > 1 else peer.name,  # a shared name: disambiguate
+            peer.mesh_ip,
+            state,
+            format_age(peer.latest_handshake, now=status.now) if peer.configured else "-",
+            peer.endpoint or "-",
+            format_bytes(peer.rx_bytes),
+            format_bytes(peer.tx_bytes),
         )
+        rows.append(row + ((peer.problem or "-",) if problems else ()))
     if len(rows) == 1:
         lines.append("no peers")
         return "\n".join(lines)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from meshcontract.messages import EnrollReply, ErrorCode, RegisterReply
 
-# Refusals that no retry can fix; anything else (e.g. "internal") is retried with backoff.
+# Refusals that no retry can fix; anything else (e.g. "internal", "pool_exhausted": addresses get freed) is
+# retried with backoff: the agent never stops on a condition that can heal by itself.
 FATAL_CODES = frozenset(
     {
         ErrorCode.INVALID_REQUEST,
@@ -24,9 +25,12 @@ FATAL_CODES = frozenset(
         ErrorCode.KEY_REVOKED,
         ErrorCode.NOT_ENROLLED,
         ErrorCode.UNAUTHORIZED,
-        ErrorCode.POOL_EXHAUSTED,
     }
 )
+# Of those, the ones that mean this node's identity is gone (removed by an admin, expired after the
+# reservation, key revoked): the agent forgets its enrollment and exits with EXIT_IDENTITY_GONE.
+IDENTITY_GONE_CODES = frozenset({ErrorCode.KEY_REVOKED, ErrorCode.NOT_ENROLLED, ErrorCode.UNAUTHORIZED})
+IDENTITY_GONE = "identity_gone"  # the code the agent uses when the registrar no longer knows its credential
 
 # Registration retries back off up to this; a registrar coming online cuts the wait short.
 REGISTER_RETRY_BASE_S = 1.0
@@ -60,6 +64,19 @@ def backoff_delay(
     return ceiling * pick
 
 
+def mqtt_keepalive(configured_s: int, heartbeat_ttl_s: float | None) -> int:
+    """The MQTT keepalive of a new connection: the configured one, but no longer than the mesh's heartbeat TTL
+    (at least 2 s) once it is known.
+
+    The keepalive is how fast a dead TCP connection is noticed, by the broker (which then sends our will) and by
+    us (which then reconnects): after a partition heals, a connection stuck on the old path is replaced within
+    about 1.5 keepalives. A mesh that judges liveness within a few seconds must not wait 15 s for that.
+    """
+    if heartbeat_ttl_s is None:
+        return configured_s
+    return max(2, min(configured_s, int(heartbeat_ttl_s)))
+
+
 def reconnect_cap(heartbeat_ttl_s: float | None) -> float:
     """Longest wait between reconnect attempts: half the heartbeat TTL (once known), between 1 and 30 s.
 
@@ -76,7 +93,7 @@ def reconnect_cap(heartbeat_ttl_s: float | None) -> float:
 class Verdict:
     """What to do with the answer (or silence) after a RegisterRequest."""
 
-    action: str  # "registered" | "fatal" | "retry"
+    action: str  # "registered" | "fatal" | "retry" | "rekey" (register the new key over HTTPS, then again)
     code: str | None = None
     reason: str = ""
 
@@ -89,9 +106,16 @@ def judge_reply(reply: RegisterReply | None, *, timeout_s: float) -> Verdict:
         return Verdict("registered")
     code = reply.error.code if reply.error else ErrorCode.INTERNAL
     message = reply.error.message if reply.error else "no reason given"
+    if code is ErrorCode.REKEY_OVER_HTTPS:
+        return Verdict("rekey", str(code), message)
     if code in FATAL_CODES:
         return Verdict("fatal", str(code), message)
     return Verdict("retry", str(code), f"refused for now ({code}: {message})")
+
+
+def identity_gone(code: str | None) -> bool:
+    """A refusal that means this node is no member any more (it must enroll again with a new join token)."""
+    return code == IDENTITY_GONE or code in {str(c) for c in IDENTITY_GONE_CODES}
 
 
 def judge_enrollment(status: int, reply: EnrollReply) -> Verdict:

@@ -28,11 +28,13 @@ import paho.mqtt.client as mqtt
 from meshcontract import messages, topics
 from meshcontract.errors import ContractError
 from meshcontract.messages import (
+    Endpoint,
     ErrorCode,
     Heartbeat,
     MembershipDelta,
     MembershipSnapshot,
     NodeStatus,
+    PathReport,
     RegisterReply,
     RegisterRequest,
     RegistrarStatus,
@@ -42,12 +44,15 @@ from meshcontract.topics import Kind
 from meshcontract.transport import make_client, release
 from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
+from nodeagent.enrollment import TransientError
 from nodeagent.errors import AgentError, RegistrationRefused
 from nodeagent.identity import Identity
 from nodeagent.membership import Applied
 from nodeagent.meshstate import MeshState
+from nodeagent.registrar_client import RegistrarClient
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
+from nodeagent.underlay import EndpointSource, FixedEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,14 @@ class Refused:
 SessionEvent = Registered | MembershipChanged | Refused
 
 
+def verified_reply(payload: bytes, verifier: Verifier, *, mesh: str) -> RegisterReply:
+    """A registration reply from reply/<node>, signed by the registrar; ContractError otherwise (a broker could
+    publish there, and would hand us a made-up address or settings)."""
+    reply = messages.decode(RegisterReply, payload)
+    verifier.verify(reply, kind=str(Kind.REPLY), mesh=mesh)
+    return reply
+
+
 @dataclass
 class _Connection:
     """One MQTT connection attempt and what happened on it so far."""
@@ -92,6 +105,7 @@ class _Connection:
     subscribed: threading.Event
     lost: threading.Event
     sub_mid: int | None = None
+    auth_refused: bool = False  # the broker refused our credential (CONNACK "not authorized")
     snapshot_subscribed: bool = False
     subscriptions: list[str] = field(default_factory=list)
 
@@ -112,9 +126,15 @@ class ControlSession:
         on_event: Callable[[SessionEvent], None],
         clock: Callable[[], float] = time.time,
         client_factory: ClientFactory = make_client,
+        registrar: RegistrarClient | None = None,
+        endpoints: EndpointSource | None = None,
     ) -> None:
         self._settings = settings
+        self._registrar = registrar
         self._me = identity
+        self._endpoints = endpoints or FixedEndpoints([identity.endpoint] if identity.endpoint else [])
+        self._registered_endpoints: list[Endpoint] | None = None  # what the registrar last confirmed
+        self._reregistering = threading.Lock()  # one re-registration on the current connection at a time
         self._store = store
         self._login = login
         self._mesh = mesh
@@ -134,6 +154,7 @@ class ControlSession:
         self._refused = False
         self._thread: threading.Thread | None = None
         self.registered = threading.Event()  # set after each successful registration, cleared on disconnect
+        self.identity_checks = 0  # times the broker refused our credential and we asked the registrar about it
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,15 +199,18 @@ class ControlSession:
         return topics.build(self._settings.mesh, kind, node)
 
     # -- heartbeats -------------------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        """Publish one heartbeat on the current connection (nothing while disconnected)."""
+    def heartbeat(self, *, alive: list[str] | None = None, paths: PathReport | None = None) -> None:
+        """Publish one heartbeat on the current connection (nothing while disconnected), with the members we
+        vouch for (`alive`) and a path report if given (nodeagent.presence)."""
         with self._lock:
             conn = self._conn
             seq = self._heartbeat_seq
             self._heartbeat_seq += 1
         if conn is None or conn.lost.is_set():
             return
-        beat = Heartbeat(node_id=self._me.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock())
+        beat = Heartbeat(
+            node_id=self._me.node_id, epoch=conn.epoch, seq=seq, sent_at=self._clock(), alive=alive or [], paths=paths
+        )
         conn.client.publish(self._topic(Kind.HEARTBEAT, self._me.node_id), messages.encode(beat), qos=0)
 
     # -- the session loop -------------------------------------------------------------------------------
@@ -201,12 +225,42 @@ class ControlSession:
                 registered = None
             if self._stopping.is_set():
                 return
+            if self._identity_gone():
+                return
             attempt = 0 if registered else attempt + 1
             registration = self.registration
             cap = policy.reconnect_cap(registration.settings.heartbeat_ttl_s if registration else None)
             delay = policy.backoff_delay(attempt, cap=cap)
             log.info("reconnecting to the broker in %.1fs", delay, extra=self._fields())
             self._stopping.wait(delay)
+
+    def _identity_gone(self) -> bool:
+        """After the broker refused our credential: ask the registrar (HTTPS) whether it still knows us. If not
+        (removed by an admin, expired after the reservation), stop for good; a broker problem is retried."""
+        with self._lock:
+            conn = self._conn
+        if conn is None or not conn.auth_refused or self._registrar is None:
+            return False
+        self.identity_checks += 1
+        try:
+            if self._registrar.identity_valid():
+                log.warning("the broker refused our credential but the registrar knows it: a broker problem, retrying",
+                            extra=self._fields())  # fmt: skip
+                return False
+        except TransientError as exc:
+            log.warning("the broker refused our credential and the registrar cannot be asked (%s); retrying", exc,
+                        extra=self._fields())  # fmt: skip
+            return False
+        error = RegistrationRefused(
+            policy.IDENTITY_GONE,
+            "the registrar no longer knows this node (removed by an admin, or away longer than its reservation): "
+            "enroll it again with a new join token",
+        )
+        log.error("%s", error, extra=self._fields())
+        self._refused = True
+        self._stopping.set()
+        self._on_event(Refused(error))
+        return True
 
     def _new_connection(self) -> _Connection:
         epoch = policy.next_epoch(self._store.epoch(), now_ms=int(self._clock() * 1000))
@@ -242,7 +296,9 @@ class ControlSession:
         if self._stopping.is_set():
             return None
         try:
-            conn.client.connect(host, port, keepalive=broker.keepalive_s)
+            registration = self.registration
+            ttl = registration.settings.heartbeat_ttl_s if registration else None
+            conn.client.connect(host, port, keepalive=policy.mqtt_keepalive(broker.keepalive_s, ttl))
         except OSError as exc:
             log.warning("broker %s unreachable: %s", broker.url, exc, extra=self._fields())
             return None
@@ -287,10 +343,11 @@ class ControlSession:
         """
         timeout = self._settings.register_timeout_s
         attempt = 0
+        endpoints = self._endpoints.before_registration()
         while not conn.lost.is_set():
             with self._reply_cond:
                 kicks = self._registrar_kicks
-            request_id = self._send_register(conn)
+            request_id = self._send_register(conn, endpoints=endpoints)
             # A registrar that comes online after this request was sent (live, not the retained status we get
             # on subscribing) never saw it: send it again at once instead of after the timeout.
             reply = self._wait_reply(conn, request_id, timeout, kicks_before=kicks)
@@ -312,62 +369,132 @@ class ControlSession:
                 if reply is None:
                     break  # backoff over (or the registrar came online): send a new request
                 verdict = policy.judge_reply(reply, timeout_s=timeout)
+            if verdict.action == "rekey":
+                verdict = self._rekey_over_https(conn)
+                if verdict.action == "registered":
+                    continue  # the registrar has our key now: register this session over MQTT again
+                if verdict.action == "retry":
+                    delay = policy.backoff_delay(
+                        attempt, base=policy.REGISTER_RETRY_BASE_S, cap=policy.REGISTER_RETRY_CAP_S
+                    )
+                    attempt += 1
+                    log.warning("registration: %s; retrying in %.1fs", verdict.reason, delay, extra=self._fields())
+                    conn.lost.wait(delay)
+                    continue
             if verdict.action == "fatal":
                 raise RegistrationRefused(verdict.code or ErrorCode.INTERNAL.value, verdict.reason)
             if verdict.action == "registered":
                 assert reply is not None
+                with self._lock:
+                    self._registered_endpoints = endpoints
                 self._registered(conn, reply)
                 return True
         return False
 
-    def _send_register(self, conn: _Connection, identity: Identity | None = None) -> str:
-        request_id = secrets.token_urlsafe(12)
-        me = identity or self._me
-        assert me.endpoint is not None
-        request = RegisterRequest(
-            request_id=request_id,
+    def _request(self, me: Identity, *, epoch: int, endpoints: list[Endpoint] | None = None) -> RegisterRequest:
+        return RegisterRequest(
+            request_id=secrets.token_urlsafe(12),
             node_id=me.node_id,
             name=me.name,
             public_key=me.public_key,
-            endpoints=[me.endpoint],
+            endpoints=self._endpoints.current() if endpoints is None else endpoints,
             listen_port=self._settings.listen_port,
-            epoch=conn.epoch,
+            epoch=epoch,
         )
+
+    def _send_register(
+        self, conn: _Connection, identity: Identity | None = None, *, endpoints: list[Endpoint] | None = None
+    ) -> str:
+        me = identity or self._me
+        request = self._request(me, epoch=conn.epoch, endpoints=endpoints)
         conn.client.publish(self._topic(Kind.REGISTER, me.node_id), messages.encode(request), qos=1)
         log.info("registering (epoch %s)", conn.epoch, extra=self._fields(epoch=conn.epoch))
-        return request_id
+        return request.request_id
 
     # -- key rotation (the local API's thread) -----------------------------------------------------------
     def rotate_key(self, identity: Identity) -> bool:
-        """Register `identity` (this node with a new key) on the current connection and make it ours.
+        """Register `identity` (this node with a new key) with the registrar over HTTPS, and make it ours.
 
-        True if the registrar confirmed it. False if it did not answer in time: the new key is ours anyway and
-        the connection is closed cleanly, so the next one registers it (whether or not the registrar saw this
-        request, it ends up with the key we use). AgentError, changing nothing, if we are not registered now or
-        the registrar refused the new key.
+        True if the registrar confirmed it. False if it could not be asked (or did not answer): the new key is
+        ours anyway, and the current connection is closed cleanly so the next one registers it (a registrar that
+        still holds the old key answers rekey_over_https, and the session registers the new one over HTTPS).
+        AgentError, changing nothing, if the registrar refused the new key or there is no HTTPS door to it.
         """
+        if self._registrar is None:
+            raise AgentError("no registrar URL known (not enrolled over HTTPS?); the key is unchanged")
         with self._lock:
             conn = self._conn
-        if conn is None or conn.lost.is_set() or not self.registered.is_set() or not self.registrar_online:
+        if conn is None or conn.lost.is_set() or not self.registered.is_set():
+            # Peers learn the new key from the registrar's next delta, through the broker: without it, switching
+            # would cut us off from every peer until the broker is back.
             raise AgentError(
-                "not registered with an online registrar right now; the key is unchanged "
-                "(retry when `meshctl status` shows the broker connected and the registrar online)"
+                "not registered on the broker right now; the key is unchanged "
+                "(retry when `meshctl status` shows the broker connected)"
             )
-        request_id = self._send_register(conn, identity)
-        reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
-        if reply is not None and not reply.ok:
+        try:
+            # Ask first: while the registrar is away a new key would cut us off from every peer until it is
+            # back, so refuse then. Only a registrar lost in the middle of the registration leaves us unsure.
+            if not self._registrar.identity_valid():
+                raise AgentError("the registrar does not accept this node's credential; the key is unchanged")
+        except TransientError as exc:
+            raise AgentError(f"the registrar cannot be reached ({exc}); the key is unchanged") from exc
+        try:
+            reply = self._registrar.register(self._request(identity, epoch=self._store.epoch() or 0))
+        except TransientError as exc:
+            log.warning("could not reach the registrar to register the new key (%s); using it and registering it "
+                        "on a new connection", exc, extra=self._fields())  # fmt: skip
+            self._me = identity
+            if conn is not None and not conn.lost.is_set():
+                conn.client.disconnect()  # clean: no will; the session reconnects with a new epoch and registers
+            return False
+        if not reply.ok:
             error = reply.error
             raise AgentError(
                 f"the registrar refused the new key ({error.code}: {error.message}); the key is unchanged"
                 if error else "the registrar refused the new key; the key is unchanged"
             )
         self._me = identity
-        if reply is None:
-            log.warning("the registrar did not confirm the new key in time; registering it on a new connection",
-                        extra=self._fields())  # fmt: skip
-            conn.client.disconnect()  # clean: no will; the session reconnects with a new epoch and registers
-            return False
         log.info("key rotated: registered public key %s", identity.public_key, extra=self._fields(event="rotated"))
+        return True
+
+    def _rekey_over_https(self, conn: _Connection) -> policy.Verdict:
+        """The registrar holds another key for us (a rotation a crash or a lost answer left half done): register
+        ours over HTTPS. The verdict on that answer ("registered" means: register over MQTT again now)."""
+        if self._registrar is None:
+            return policy.Verdict("fatal", ErrorCode.REKEY_OVER_HTTPS.value,
+                                  "the registrar holds another key for this node and no HTTPS door to it is known")  # fmt: skip
+        try:
+            reply = self._registrar.register(self._request(self._me, epoch=conn.epoch))
+        except TransientError as exc:
+            return policy.Verdict("retry", None, f"registering our key over HTTPS: {exc}")
+        verdict = policy.judge_reply(reply, timeout_s=0)
+        if verdict.action == "registered":
+            log.info("registered our WireGuard key over HTTPS (the registrar held another one)", extra=self._fields())
+        return verdict
+
+    # -- endpoint updates (the agent's timer) --------------------------------------------------------------
+    def update_endpoints(self) -> bool:
+        """Register again on the current connection if the endpoint candidates changed since the registrar last
+        confirmed them (an address came or went, the NAT's outside address changed). True if it confirmed the new
+        ones; False if nothing changed, we are not registered with an online registrar now (the next
+        registration carries them), or it did not confirm (the next call tries again)."""
+        endpoints = self._endpoints.current()
+        with self._lock:
+            conn, confirmed, online = self._conn, self._registered_endpoints, self._registrar_online
+        if endpoints == confirmed or conn is None or conn.lost.is_set() or not self.registered.is_set() or not online:
+            return False
+        with self._reregistering:
+            request_id = self._send_register(conn, endpoints=endpoints)
+            reply = self._wait_reply(conn, request_id, self._settings.register_timeout_s)
+        if reply is None or not reply.ok:
+            why = "no answer in time" if reply is None else (reply.error.message if reply.error else "refused")
+            log.warning("the registrar did not take our new endpoints (%s); trying again later", why,
+                        extra=self._fields())  # fmt: skip
+            return False
+        with self._lock:
+            self._registered_endpoints = endpoints
+        log.info("registered new endpoint candidates: %s", ", ".join(map(str, endpoints)) or "none",
+                 extra=self._fields(event="endpoints_registered"))  # fmt: skip
         return True
 
     def _wait_reply(
@@ -439,6 +566,7 @@ class ControlSession:
     # -- paho callbacks (network thread: never block here) ----------------------------------------------
     def _on_connect(self, conn: _Connection, reason_code: mqtt.ReasonCode) -> None:
         if reason_code.is_failure:
+            conn.auth_refused = reason_code.value in _AUTH_REFUSED
             hint = (
                 "the configured broker.password" if self._login.configured else "this node's own credential"
             ) if reason_code.value in _AUTH_REFUSED else "the broker"
@@ -484,7 +612,7 @@ class ControlSession:
             if topic.mesh != self._settings.mesh:
                 return
             if topic.kind is Kind.REPLY:
-                reply = messages.decode(RegisterReply, msg.payload)
+                reply = verified_reply(msg.payload, self._verifier, mesh=self._settings.mesh)
                 with self._reply_cond:
                     self._replies[reply.request_id] = reply
                     self._reply_cond.notify_all()

@@ -1,7 +1,7 @@
 """The node agent's settings: one model, loaded once by the CLI (TOML file, MESHVPN_* environment, flags).
 
-Values that depend on the machine (node id, hostname, advertised endpoint, broker credentials) are resolved
-at start-up by `nodeagent.statestore` / `nodeagent.agent`, not here: this module is data only.
+Values that depend on the machine (node id, hostname, endpoint candidates, broker credentials) are resolved
+by `nodeagent.statestore`, `nodeagent.underlay` and `nodeagent.agent`, not here: this module is data only.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class AgentSettings(BaseModel):
     node_id: str | None = None  # default: generated once and kept in state_dir/node_id
     interface: str = Field(default=DEFAULT_INTERFACE, min_length=1, max_length=15)
     listen_port: int = Field(default=DEFAULT_LISTEN_PORT, ge=1, le=65535)
-    endpoint: str | None = None  # advertised HOST[:PORT]; default: primary IPv4 of the default route
+    # A public HOST[:PORT] to advertise (an address, a port forward, a DNS name), besides the interface addresses
+    # and the reflexive address the registrar sees (docs/agent.md, "Endpoint candidates").
+    endpoint: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     backend: Literal["auto", "kernel", "userspace", "memory"] = "auto"
     socket_path: Path = Path(DEFAULT_SOCKET)

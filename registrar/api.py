@@ -5,7 +5,8 @@ the same rules and are serialised with each other. Reads use the writer's latest
 
 Who may do what (docs/security.md):
   - anyone: GET /v1/info (the CA; trusted only through the join token's pin), GET /healthz, POST /v1/enroll
-    (the join token is the credential; rate-limited per source address);
+    (the join token is the credential; rate-limited per source address), GET /v1/reflect (the address the request
+    came from, for a node's reflexive endpoint candidate; rate-limited per source address on its own budget);
   - a node, with HTTP Basic `node_id:own password`: POST /v1/register for itself, and reading membership;
   - an admin, with `Authorization: Bearer <admin_token>` or through the registrar's local admin socket: tokens,
     removal and revocation, /metrics, and reading.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from meshcontract.messages import (
     EnrollRequest,
     ErrorCode,
     MemberState,
+    Reflection,
     RegisterReply,
     RegisterRequest,
     RegistrarInfo,
@@ -40,11 +43,11 @@ from meshcontract.messages import (
     error_location,
 )
 from meshcontract.ratelimit import RateLimiter, RatePolicy
-from registrar import api_admin
+from registrar import api_admin, paths
 from registrar.httpserver import MAX_BODY, BodyLimit
 from registrar.metrics import render_metrics
 from registrar.service import RegistrarService
-from registrar.views import Health, MemberView, MeshView
+from registrar.views import Health, MemberView, MeshView, PathsView, PathView
 
 STATUS_OF = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -63,6 +66,9 @@ STATUS_OF = {
 # Enrollment and registration attempts per source address: a few at once, then one every few seconds. Generous
 # for a real node (it retries with backoff), tight for a flood or a token/password guesser.
 DEFAULT_RATE = RatePolicy(rate_per_s=0.5, burst=10)
+# GET /v1/reflect per source address, on its own budget: every node behind one NAT shares that NAT's address, and
+# each asks before it registers and about once a minute after (docs/agent.md, "Endpoint candidates").
+REFLECT_RATE = RatePolicy(rate_per_s=2.0, burst=30)
 
 _bearer = HTTPBearer(auto_error=False, description="the registrar's admin token")
 
@@ -71,23 +77,31 @@ class Access:
     """Who a request is: the admin (local socket or bearer token), a node (Basic auth), or nobody."""
 
     def __init__(
-        self, service: RegistrarService, *, admin_token: str, local_admin: bool, rate: RatePolicy
+        self,
+        service: RegistrarService,
+        *,
+        admin_token: str,
+        local_admin: bool,
+        rate: RatePolicy,
+        reflect_rate: RatePolicy = REFLECT_RATE,
     ) -> None:
         self._service = service
         self._admin_token = admin_token
         self._local_admin = local_admin
-        self._limiter = RateLimiter(rate)
+        self._limiters = {"default": RateLimiter(rate), "reflect": RateLimiter(reflect_rate)}
         self._lock = threading.Lock()
 
-    def limited(self, request: Request) -> None:
-        """429 when the request's source address has used up its allowance (never for the local socket)."""
+    def limited(self, request: Request, *, budget: str = "default") -> None:
+        """429 when the request's source address has used up its allowance in `budget` (never for the local
+        socket)."""
         if self._local_admin:
             return
         source = request.client.host if request.client else "?"
+        limiter = self._limiters[budget]
         now = time.monotonic()
         with self._lock:
-            allowed = self._limiter.allow(source, now=now)
-            wait = 0.0 if allowed else self._limiter.retry_after(source, now=now)
+            allowed = limiter.allow(source, now=now)
+            wait = 0.0 if allowed else limiter.retry_after(source, now=now)
         if not allowed:
             self._service.count("rate_limited")
             raise HTTPException(
@@ -127,6 +141,7 @@ def create_app(
     local_admin: bool = False,
     pin: str,
     rate: RatePolicy = DEFAULT_RATE,
+    reflect_rate: RatePolicy = REFLECT_RATE,
     join_command: Callable[[], str] = lambda: "meshvpn-agent --registrar URL --join-token TOKEN",
 ) -> FastAPI:
     """The FastAPI application serving `service`. `local_admin`: every request is the admin (the admin socket)."""
@@ -140,7 +155,7 @@ def create_app(
             "`Authorization: Bearer <admin_token>`."
         ),
     )
-    access = Access(service, admin_token=admin_token, local_admin=local_admin, rate=rate)
+    access = Access(service, admin_token=admin_token, local_admin=local_admin, rate=rate, reflect_rate=reflect_rate)
     app.add_middleware(BodyLimit, limit=MAX_BODY)
 
     @app.exception_handler(RequestValidationError)
@@ -168,6 +183,25 @@ def create_app(
     @app.get("/v1/info", response_model=RegistrarInfo, summary="The mesh, its CA and its broker (public)")
     def registrar_info() -> RegistrarInfo:
         return info
+
+    @app.get(
+        "/v1/reflect",
+        response_model=Reflection,
+        summary="The address this request came from (public)",
+        description=(
+            "The TCP peer address of the connection as the registrar sees it: behind a NAT, the NAT's outside "
+            "address. Agents advertise it with their WireGuard port as a `reflexive` endpoint candidate. Forwarding "
+            "headers (X-Forwarded-For, Forwarded) are never consulted. 404 on the local admin socket (no address), "
+            "429 rate_limited."
+        ),
+        responses={404: {}, 429: {}},
+    )
+    def reflect(request: Request) -> Reflection:
+        access.limited(request, budget="reflect")
+        address = _peer_address(request)
+        if address is None:
+            raise HTTPException(status_code=404, detail="this connection has no IP peer address")
+        return Reflection(address=address)
 
     @app.post(
         "/v1/enroll",
@@ -254,10 +288,25 @@ def create_app(
             revision=ms.revision,
             members=len(ms.members),
             active=ms.count(MemberState.ACTIVE),
+            suspect=ms.count(MemberState.SUSPECT),
+            control_lost=ms.count(MemberState.CONTROL_LOST),
             unreachable=ms.count(MemberState.UNREACHABLE),
             registrar_instance=service.instance,
             broker_connected=service.connected,
         )
+
+    @app.get("/v1/paths", response_model=PathsView, dependencies=[Depends(reader)],
+             summary="Per-pair reachability: tunnels without a fresh handshake, from the members' reports")  # fmt: skip
+    def paths_view() -> PathsView:
+        state = service.state
+        current = paths.current(state.paths, state.membership)
+        broken = paths.broken_pairs(state.paths, state.membership)
+        return PathsView(
+            reporting=len(current),
+            fresh=sum(r.report.fresh for r in current.values()),
+            broken=[PathView(source=p.source, target=p.target, handshake_age_s=p.handshake_age_s,
+                             reported_at=p.reported_at, both_active=p.both_active) for p in broken],
+        )  # fmt: skip
 
     @app.get("/healthz", response_model=Health, summary="Liveness and readiness of the registrar (public)")
     def healthz() -> Health:
@@ -274,6 +323,19 @@ def create_app(
 
     app.include_router(api_admin.router(service, admin=admin, join_command=join_command, pin=pin))
     return app
+
+
+def _peer_address(request: Request) -> str | None:
+    """The request's TCP peer as a plain IP literal (an IPv4-mapped IPv6 peer as IPv4, no zone); None if the
+    connection has no IP peer (the unix admin socket)."""
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
 
 
 async def _in_thread(fn, *args, **kwargs):

@@ -119,10 +119,10 @@ class BrokerLink:
     # ---- publishing (the writer thread) ---------------------------------------------------------------------
 
     def reply(self, node_id: str, reply: RegisterReply) -> None:
-        """Answer a registration on reply/<node> (not retained: only the waiting node cares)."""
+        """Answer a registration on reply/<node> (not retained: only the waiting node cares), signed."""
         if self._client is not None:
             self._client.publish(
-                topics.build(self.mesh, Kind.REPLY, node_id), messages.encode(reply), qos=QOS_RELIABLE
+                topics.build(self.mesh, Kind.REPLY, node_id), self._signed(reply, Kind.REPLY), qos=QOS_RELIABLE
             )
 
     def records(self, members: Mapping[str, Member], node_ids: Iterable[str]) -> None:

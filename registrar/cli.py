@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mesh", help="mesh name")
     run.add_argument("--network", help="mesh CIDR, e.g. 100.96.0.0/16")
     run.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats")
-    run.add_argument("--heartbeat-ttl", type=float, help="silence after which a member is unreachable")
+    run.add_argument("--heartbeat-ttl", type=float,
+                     help="silence after which the control plane has lost a member (then suspect: unreachable "
+                     "unless its peers still reach it)")
     run.add_argument("--expiry", type=float, help="unreachable this long (s): removed, its IP freed")
     run.add_argument("--tls-name", action="append", help="a name or address the TLS certificate must cover")
     run.add_argument("--no-tls", dest="tls", action="store_false", default=None,

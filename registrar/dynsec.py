@@ -199,6 +199,12 @@ class DynsecAdmin:
         `tolerate` or when an answer is missing within `timeout`."""
         if not commands:
             return []
+        # Sent before the response subscription is in place, a command's answer reaches nobody; sent
+        # before the connection is up, it fails at once. Both happened at every registrar start
+        # (connect_async, then the orphan check at once): the check was skipped, and the accounts of
+        # enrollments cut short by a crash stayed.
+        if not self._subscribed.wait(timeout):
+            raise DynsecError(f"the broker's dynamic security admin is not connected (waited {timeout:.0f}s)")
         ids = [secrets.token_hex(8) for _ in commands]
         boxes = {i: queue.SimpleQueue() for i in ids}
         with self._lock:

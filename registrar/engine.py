@@ -32,10 +32,12 @@ from meshcontract.messages import (
     json_depth,
 )
 from meshcontract.topics import Kind
-from registrar import membership, tokens
+from registrar import liveness, membership, tokens
+from registrar import paths as paths_mod
 from registrar.errors import Refused
 from registrar.ipam import Ipam, Quarantined
-from registrar.membership import Change, LivenessPolicy, Member, Membership
+from registrar.liveness import LivenessPolicy
+from registrar.membership import Change, Member, Membership
 from registrar.tokens import JoinToken, Tokens
 
 
@@ -59,11 +61,13 @@ class RevokedKey:
 
 @dataclass(frozen=True, slots=True)
 class CoreState:
-    """Everything the registrar decides on: membership (with IPAM and revision), join tokens, revoked keys."""
+    """Everything the registrar decides on: membership (with IPAM and revision), join tokens, revoked keys, and
+    the members' newest path reports (in memory only: registrar.paths)."""
 
     membership: Membership
     tokens: Tokens
     revoked: Mapping[str, RevokedKey] = field(default_factory=lambda: MappingProxyType({}))
+    paths: paths_mod.Paths = field(default_factory=lambda: paths_mod.EMPTY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +163,11 @@ def error_reply(request_id: str, node_id: str, code: ErrorCode, message: str) ->
     )
 
 
-def register(state: CoreState, request: RegisterRequest, *, now: float, config: Config) -> Outcome:
+def register(
+    state: CoreState, request: RegisterRequest, *, now: float, config: Config, may_rekey: bool = False
+) -> Outcome:
     """Refresh the member of `request` at the start of a session (its sender is authenticated as that node);
-    the Outcome's reply says ok (with IP and settings) or why not."""
+    the Outcome's reply says ok (with IP and settings) or why not. A new key only with `may_rekey` (HTTPS)."""
     node = request.node_id
     try:
         change = membership.register(
@@ -174,6 +180,7 @@ def register(state: CoreState, request: RegisterRequest, *, now: float, config: 
             epoch=request.epoch,
             now=now,
             revoked=state.revoked,
+            may_rekey=may_rekey,
         )
     except Refused as exc:
         return _nothing(
@@ -318,8 +325,11 @@ def _reject_register(state: CoreState, node: str, payload: bytes, reason: str) -
     )
 
 
-def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, config: Config) -> Outcome:
-    """One MQTT message from the broker: parse, check, apply. Never raises for bad input."""
+def handle_message(
+    state: CoreState, topic: str, payload: bytes, *, now: float, config: Config, may_rekey: bool = False
+) -> Outcome:
+    """One MQTT message from the broker: parse, check, apply. Never raises for bad input. A registration may
+    change the node's key only with `may_rekey` (it came over HTTPS, not through the broker)."""
     try:
         parsed = topics.parse(topic)
     except ContractError as exc:
@@ -340,7 +350,7 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
             return _reject_register(
                 state, node, payload, f"payload node_id {request.node_id!r} is not the topic's"
             )
-        return register(state, request, now=now, config=config)
+        return register(state, request, now=now, config=config, may_rekey=may_rekey)
     if parsed.kind is Kind.STATUS:
         if not payload:
             # Our own clean-up of a removed member's retained status echoes back as an empty message.
@@ -353,13 +363,14 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
             return _nothing(
                 state, rejected=f"status node_id {msg.node_id!r} is not the topic's", node_id=node
             )
-        change = membership.status(
+        change = liveness.status(
             state.membership,
             node_id=node,
             online=msg.state == "online",
             epoch=msg.epoch,
             now=now,
             last_will=msg.last_will,
+            vouch_wait_s=config.policy.vouch_wait_s,
         )
         return _apply(state, change, node_id=node)
     if parsed.kind is Kind.HEARTBEAT:
@@ -371,20 +382,23 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
             return _nothing(
                 state, rejected=f"heartbeat node_id {hb.node_id!r} is not the topic's", node_id=node
             )
-        return _apply(
-            state, membership.heartbeat(state.membership, node_id=node, epoch=hb.epoch, now=now), node_id=node
-        )
+        change = liveness.heartbeat(state.membership, node_id=node, epoch=hb.epoch, now=now, alive=hb.alive)
+        outcome = _apply(state, change, node_id=node)
+        if hb.paths is None or change.ignored is not None:
+            return outcome
+        reported = paths_mod.update(outcome.state.paths, node_id=node, epoch=hb.epoch, report=hb.paths, now=now)
+        return replace(outcome, state=replace(outcome.state, paths=reported))
     return _nothing(state, ignored=f"not a topic the registrar consumes: {parsed.kind}", node_id=node)
 
 
 def tick(state: CoreState, *, now: float, config: Config) -> Outcome:
     """Apply the clock (liveness, expiry, quarantine)."""
-    return _apply(state, membership.tick(state.membership, now=now, policy=config.policy))
+    return _apply(state, liveness.tick(state.membership, now=now, policy=config.policy))
 
 
 def forgive_offline(state: CoreState, *, since: float, now: float) -> Outcome:
     """On reconnection to the broker: revive members whose last will arrived at or after `since`."""
-    return _apply(state, membership.forgive_offline(state.membership, since=since, now=now))
+    return _apply(state, liveness.forgive_offline(state.membership, since=since, now=now))
 
 
 def remove_member(
@@ -476,8 +490,9 @@ def restore(
 
 
 def register_payload(state: CoreState, payload: bytes, *, now: float, config: Config, node_id: str) -> Outcome:
-    """A RegisterRequest over the HTTP API from the node the API authenticated as `node_id`: the same rules as on
-    register/<node_id>, where the broker has authenticated the sender the same way."""
+    """A RegisterRequest over the HTTP API from the node the API authenticated as `node_id` with its own
+    credential: the rules of register/<node_id>, and it may also register a new key (rotation)."""
     return handle_message(
-        state, topics.build(config.mesh.mesh, Kind.REGISTER, node_id), payload, now=now, config=config
-    )
+        state, topics.build(config.mesh.mesh, Kind.REGISTER, node_id), payload, now=now, config=config,
+        may_rekey=True,
+    )  # fmt: skip

@@ -88,7 +88,9 @@ class HttpServer:
         uds: Path | None = None,
     ) -> None:
         self._uds = uds
-        options: dict = {"log_level": "warning", "access_log": False}
+        # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from a peer on 127.0.0.1 as the client
+        # address, and the rate limits and GET /v1/reflect must see the real TCP peer (no proxy sits in front).
+        options: dict = {"log_level": "warning", "access_log": False, "proxy_headers": False}
         if uds is not None:
             options["uds"] = str(uds)
         else:

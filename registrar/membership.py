@@ -1,4 +1,4 @@
-"""Membership and liveness: who is in the mesh, with which key and IP, and whether peers should tunnel to it.
+"""Membership: who is in the mesh, with which key and IP; the state every transition (here and in liveness) builds.
 
 Pure: no I/O here. Every transition takes the current Membership and `now` and returns a Change holding the
 new Membership plus what happened (records to persist, records to publish, removals, events to log). The
@@ -7,18 +7,8 @@ Membership object, so nothing is written.
 
 Model (docs/registrar.md has the full story):
 - A node becomes a member by enrolling (admit: a join token checked by the caller); from then on it proves
-  who it is with its own credential, and each broker session registers (register: may rotate its key).
-- A member is `active` or `unreachable`. Registration makes it active and starts a session `epoch`.
-- Status and heartbeats only count if their epoch is >= the member's current epoch: the will of a session
-  that has since re-registered can never take the new session down.
-- tick(now): an active member not heard from for `ttl_s` becomes unreachable; one unreachable for `expiry_s`
-  is removed (tombstone) and its IP goes to quarantine. Nothing is declared unreachable or removed before
-  `started_at + grace_s` (grace >= TTL), so a registrar restart never looks like a mass failure.
-- A broker that shuts down publishes the last will of every client it disconnects, maybe ours last: wills
-  that arrived just before the registrar lost the broker say nothing about the nodes. They are remembered
-  (`offline_at`) and forgive_offline() makes those members active again on reconnection; one that really
-  went away is then caught by the TTL after the grace period. A goodbye (an offline status that is not a
-  will) is what the node said itself and is never taken back.
+  who it is with its own credential, and each broker session registers (register: may rotate its key, and
+  makes it active with a new session `epoch`). Whether peers tunnel to it is registrar.liveness's job.
 - One global revision counter: every transition that changes a published record takes the next revision
   and stamps it on every record it changed; the membership revision is that counter and only grows.
 """
@@ -33,21 +23,6 @@ from types import MappingProxyType
 from meshcontract.messages import Endpoint, ErrorCode, MemberRecord, MemberState
 from registrar.errors import PoolExhausted, Refused
 from registrar.ipam import Ipam
-
-
-@dataclass(frozen=True, slots=True)
-class LivenessPolicy:
-    """How long silence may last before a member is unreachable, then removed; grace after a restart."""
-
-    ttl_s: float
-    expiry_s: float
-    grace_s: float
-
-    def __post_init__(self) -> None:
-        if self.ttl_s <= 0 or self.expiry_s <= 0:
-            raise ValueError("ttl_s and expiry_s must be > 0")
-        if self.grace_s < self.ttl_s:
-            raise ValueError("grace_s must be >= ttl_s so a restart never races a heartbeat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +42,10 @@ class Member:
     updated_at: float  # when its published record last changed
     last_seen: float  # last registration, heartbeat or online status of the current epoch (or newer)
     unreachable_since: float | None = None
+    # When the control plane lost it (will or missed TTL: suspect) and when a peer last vouched for it. Kept in
+    # memory only: after a restart the grace period stands in for both.
+    lost_since: float | None = None
+    vouched_at: float | None = None
     # Hash of the node's own broker password (meshcontract.access format): what it proves its identity with,
     # on the broker and on the HTTP API. Never published.
     password_hash: str = field(default="", repr=False)
@@ -97,6 +76,8 @@ class Event(StrEnum):
     UPDATED = "member updated"
     KEY_ROTATED = "member key rotated"
     ACTIVE = "member active"
+    SUSPECT = "member suspect"
+    CONTROL_LOST = "member control plane lost, tunnels alive"
     UNREACHABLE = "member unreachable"
     REMOVED = "member removed"
 
@@ -173,11 +154,11 @@ class Change:
         return bool(self.published or self.removed)
 
 
-def _next(state: Membership) -> int:
+def next_revision(state: Membership) -> int:
     return state.revision + 1
 
 
-def _put(state: Membership, members: list[Member], *, revision: int | None = None, **kw) -> Membership:
+def put_members(state: Membership, members: list[Member], *, revision: int | None = None, **kw) -> Membership:
     by_id = state.members.copy()  # MappingProxyType.copy(): a fast C dict copy; dict(proxy) is ~20x slower
     for m in members:
         by_id[m.node_id] = m
@@ -195,14 +176,16 @@ def register(
     epoch: int,
     now: float,
     revoked: Mapping[str, float] = MappingProxyType({}),
+    may_rekey: bool = True,
 ) -> Change:
     """Refresh an existing member at the start of one of its sessions. Idempotent: same IP, same record.
 
     The caller has authenticated the sender as `node_id` (the broker admitted it with that node's credential,
     or the HTTP API checked it). A `public_key` other than the member's is a key rotation: the mesh IP stays,
     peers swap the key. Refused NOT_ENROLLED for an unknown node (it must enroll with a join token),
-    KEY_CONFLICT if the new key belongs to another member, KEY_REVOKED if an admin revoked it, INVALID_REQUEST for
-    an epoch older than the member's current one (a replayed request).
+    KEY_CONFLICT if the new key belongs to another member, KEY_REVOKED if an admin revoked it, REKEY_OVER_HTTPS for a
+    new key when not `may_rekey` (it came through the broker), INVALID_REQUEST for an epoch older than the
+    member's current one (a replayed request).
     """
     existing = state.members.get(node_id)
     if existing is None:
@@ -211,6 +194,11 @@ def register(
         raise Refused(ErrorCode.INVALID_REQUEST, f"stale epoch {epoch}: the current session is {existing.epoch}")
     rotating = public_key != existing.public_key
     keys = state.keys
+    if rotating and not may_rekey:
+        raise Refused(
+            ErrorCode.REKEY_OVER_HTTPS,
+            "a new WireGuard key is registered over HTTPS with the node's own credential, not through the broker",
+        )
     if rotating:
         owner = state.keys.get(public_key)
         if owner is not None:
@@ -230,26 +218,34 @@ def register(
         epoch=epoch,
         last_seen=now,
         unreachable_since=None,
+        lost_since=None,
+        vouched_at=None,
     )
     if refreshed.published_fields() == existing.published_fields():
         # Same record: persist only when the epoch moved (it decides which wills count after a restart).
         dirty = (refreshed,) if refreshed.epoch != existing.epoch else ()
-        return Change(_put(state, [refreshed]), dirty=dirty)
-    rev = _next(state)
+        return Change(put_members(state, [refreshed]), dirty=dirty)
+    rev = next_revision(state)
     refreshed = replace(refreshed, revision=rev, updated_at=now)
     events = []
-    if existing.state is MemberState.UNREACHABLE:
+    if existing.state is not MemberState.ACTIVE:
         events.append(Happened(Event.ACTIVE, refreshed, "re-registered"))
     if rotating:
         events.append(Happened(Event.KEY_ROTATED, refreshed, "registered with a new WireGuard key"))
     elif refreshed.published_fields()[:-1] != existing.published_fields()[:-1]:
         events.append(Happened(Event.UPDATED, refreshed, "registration changed its record"))
     return Change(
-        _put(state, [refreshed], revision=rev, keys=keys),
+        put_members(state, [refreshed], revision=rev, keys=keys),
         dirty=(refreshed,),
         published=(refreshed,),
         happened=tuple(events),
     )
+
+
+def _joined_reason(state: Membership, member: Member) -> str:
+    # Names are display aliases and may repeat; say so at join, where the operator is looking.
+    same = sorted(m.node_id for m in state.members.values() if m.name == member.name)
+    return f"enrolled; its name is also used by {', '.join(same)}" if same else "enrolled"
 
 
 def admit(
@@ -278,7 +274,7 @@ def admit(
         ipam, ip = state.ipam.allocate(node_id, now=now)
     except PoolExhausted as exc:
         raise Refused(ErrorCode.POOL_EXHAUSTED, str(exc)) from exc
-    rev = _next(state)
+    rev = next_revision(state)
     member = Member(
         node_id=node_id,
         name=name,
@@ -296,115 +292,17 @@ def admit(
     )
     keys = state.keys.copy()
     keys[public_key] = node_id
-    new = _put(state, [member], revision=rev, ipam=ipam, keys=MappingProxyType(keys))
+    new = put_members(state, [member], revision=rev, ipam=ipam, keys=MappingProxyType(keys))
     return Change(
         new,
         dirty=(member,),
         published=(member,),
-        happened=(Happened(Event.JOINED, member, "enrolled"),),
+        happened=(Happened(Event.JOINED, member, _joined_reason(state, member)),),
         joined=True,
     )
 
 
-def _seen(state: Membership, node_id: str, epoch: int, now: float, what: str) -> Change:
-    member = state.members.get(node_id)
-    if member is None:
-        return Change(state, ignored=f"{what} from unknown node")
-    if epoch < member.epoch:
-        return Change(state, ignored=f"{what} with stale epoch {epoch} < {member.epoch}")
-    if member.state is MemberState.ACTIVE:
-        return Change(_put(state, [replace(member, last_seen=now)]))
-    rev = _next(state)
-    back = replace(
-        member, state=MemberState.ACTIVE, last_seen=now, unreachable_since=None, revision=rev, updated_at=now
-    )
-    return Change(
-        _put(state, [back], revision=rev),
-        dirty=(back,),
-        published=(back,),
-        happened=(Happened(Event.ACTIVE, back, what),),
-    )
-
-
-def heartbeat(state: Membership, *, node_id: str, epoch: int, now: float) -> Change:
-    """A heartbeat of the current (or a newer) epoch refreshes liveness and revives an unreachable member."""
-    return _seen(state, node_id, epoch, now, "heartbeat")
-
-
-def status(
-    state: Membership, *, node_id: str, online: bool, epoch: int, now: float, last_will: bool = False
-) -> Change:
-    """A node's status (or its will). Offline of the current (or a newer) epoch makes it unreachable now.
-
-    Only a will (`last_will`) is remembered in `offline_at`, for forgive_offline(): a goodbye is never taken back.
-    """
-    if online:
-        return _seen(state, node_id, epoch, now, "online status")
-    member = state.members.get(node_id)
-    if member is None:
-        return Change(state, ignored="offline status from unknown node")
-    if epoch < member.epoch:
-        return Change(state, ignored=f"offline status with stale epoch {epoch} < {member.epoch}")
-    if member.state is MemberState.UNREACHABLE:
-        return Change(state, ignored="offline status for a member already unreachable")
-    if not last_will:
-        return _unreachable(state, [member], now, "offline status (graceful stop)")
-    change = _unreachable(state, [member], now, "last will (connection lost)")
-    offline_at = dict(state.offline_at)
-    offline_at[node_id] = now
-    return replace(change, state=replace(change.state, offline_at=MappingProxyType(offline_at)), doubtful=True)
-
-
-def forgive_offline(state: Membership, *, since: float, now: float) -> Change:
-    """Make active again every member a last will made unreachable at or after `since`.
-
-    For the registrar's reconnection to the broker: statuses that arrived shortly before it lost the broker
-    are the broker's shutdown publishing every will. Each revived member counts as just seen, so one that
-    really went away becomes unreachable again a TTL after the grace period. Clears `offline_at`.
-    """
-    revive = sorted(
-        (
-            state.members[node]
-            for node, at in state.offline_at.items()
-            if at >= since
-            and node in state.members
-            and state.members[node].state is MemberState.UNREACHABLE
-            and state.members[node].unreachable_since == at
-        ),
-        key=lambda m: m.node_id,
-    )
-    cleared = replace(state, offline_at=MappingProxyType({})) if state.offline_at else state
-    if not revive:
-        return Change(cleared)
-    rev = _next(state)
-    back = [
-        replace(m, state=MemberState.ACTIVE, last_seen=now, unreachable_since=None, revision=rev, updated_at=now)
-        for m in revive
-    ]
-    reason = "its last will came as the broker went away (a stopping broker publishes every client's will)"
-    return Change(
-        _put(cleared, back, revision=rev),
-        dirty=tuple(back),
-        published=tuple(back),
-        happened=tuple(Happened(Event.ACTIVE, m, reason) for m in back),
-    )
-
-
-def _unreachable(state: Membership, members: list[Member], now: float, reason: str) -> Change:
-    rev = _next(state)
-    down = [
-        replace(m, state=MemberState.UNREACHABLE, unreachable_since=now, revision=rev, updated_at=now)
-        for m in members
-    ]
-    return Change(
-        _put(state, down, revision=rev),
-        dirty=tuple(down),
-        published=tuple(down),
-        happened=tuple(Happened(Event.UNREACHABLE, m, reason) for m in down),
-    )
-
-
-def _drop(state: Membership, gone: list[Member], now: float) -> Membership:
+def drop_members(state: Membership, gone: list[Member], now: float) -> Membership:
     by_id = state.members.copy()  # MappingProxyType.copy(): a fast C dict copy; dict(proxy) is ~20x slower
     keys = state.keys.copy()
     ipam = state.ipam
@@ -425,50 +323,7 @@ def remove(state: Membership, *, node_ids: list[str] | tuple[str, ...], now: flo
     gone = [state.members[i] for i in node_ids if i in state.members]
     if not gone:
         return Change(state, ignored="no such member")
-    new = replace(_drop(state, gone, now), revision=_next(state))
+    new = replace(drop_members(state, gone, now), revision=next_revision(state))
     return Change(new, removed=tuple(gone), happened=tuple(Happened(Event.REMOVED, m, reason) for m in gone))
 
 
-def tick(state: Membership, *, now: float, policy: LivenessPolicy) -> Change:
-    """Apply the clock: expire quarantine, mark silent members unreachable, remove long-unreachable ones.
-
-    Within the grace period after `started_at` nobody is marked or removed: members had no chance to
-    heartbeat to this process yet.
-    """
-    ipam = state.ipam.expire(now=now)
-    base = state if ipam is state.ipam else replace(state, ipam=ipam)
-    if now < state.started_at + policy.grace_s:
-        return Change(base)
-    expired = sorted(
-        (
-            m
-            for m in base.members.values()
-            if m.state is MemberState.UNREACHABLE
-            and m.unreachable_since is not None
-            and now - m.unreachable_since >= policy.expiry_s
-        ),
-        key=lambda m: m.node_id,
-    )
-    silent = sorted(
-        (
-            m
-            for m in base.members.values()
-            if m.state is MemberState.ACTIVE and now - max(m.last_seen, state.started_at) > policy.ttl_s
-        ),
-        key=lambda m: m.node_id,
-    )
-    if not expired and not silent:
-        return Change(base)
-    # One tick is one transition: removals and new unreachables share a single revision.
-    rev = _next(base)
-    after = _drop(base, expired, now) if expired else base
-    down = [
-        replace(m, state=MemberState.UNREACHABLE, unreachable_since=now, revision=rev, updated_at=now)
-        for m in silent
-    ]
-    after = _put(after, down, revision=rev)
-    happened = [Happened(Event.REMOVED, m, f"unreachable for {policy.expiry_s:g} s") for m in expired]
-    happened += [Happened(Event.UNREACHABLE, m, f"no heartbeat for {policy.ttl_s:g} s") for m in down]
-    return Change(
-        after, dirty=tuple(down), published=tuple(down), removed=tuple(expired), happened=tuple(happened)
-    )

@@ -71,9 +71,11 @@ def numbers(
     *,
     connected: bool,
     liveness_checked_at: float | None,
+    path_gauges: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """The values /metrics exports, from one snapshot of the state and of the counters."""
+    """The values /metrics exports, from one snapshot of the state and of the counters (and registrar.paths)."""
     out = {f"counter_{key}": float(value) for key, value in counters.items()}
+    out.update(path_gauges or {})
     for state in MemberState:
         out[f"members_{state.value}"] = float(membership.count(state))
     out["revision"] = float(membership.revision)
@@ -88,6 +90,14 @@ _GAUGES = [
     ("revision", "Current membership revision.", "revision"),
     ("quarantined_ips", "Released IPs still in quarantine.", "quarantined_ips"),
     ("broker_connected", "1 while connected to the broker.", "broker_connected"),
+    ("paths_reporting", "Active members whose path report is current.", "paths_reporting"),
+    ("paths_fresh", "Tunnels with a fresh WireGuard handshake, summed over the reports.", "paths_fresh"),
+    ("paths_broken", "Tunnels without a fresh handshake, as their source reported them.", "paths_broken"),
+    (
+        "paths_broken_both_active",
+        "Broken tunnels whose both ends reach the control plane: the data plane alone is broken.",
+        "paths_broken_both_active",
+    ),
     (
         "liveness_checked_timestamp_seconds",
         "When liveness was last judged (unix time); absent before the first check.",

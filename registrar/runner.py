@@ -24,7 +24,7 @@ from registrar.accounts import BrokerAccounts, DynsecAccounts, PasswordFileAccou
 from registrar.dynsec import DynsecAdmin
 from registrar.errors import RegistrarError
 from registrar.files import write_atomically
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.settings import RegistrarSettings, split_listen
 from registrar.store import SqliteStore
 
@@ -92,7 +92,10 @@ def _config(settings: RegistrarSettings) -> engine.Config:
             mtu=settings.mtu,
         ),
         policy=LivenessPolicy(
-            ttl_s=settings.heartbeat_ttl_s, expiry_s=settings.expiry_s, grace_s=settings.effective_grace_s
+            ttl_s=settings.heartbeat_ttl_s,
+            expiry_s=settings.expiry_s,
+            grace_s=settings.effective_grace_s,
+            vouch_wait_s=settings.vouch_wait_s,
         ),
         require_token=settings.require_token,
     )

@@ -23,7 +23,7 @@ from meshcontract.messages import EnrollRequest
 from meshcontract.signing import Signer
 from meshcontract.transport import BrokerSettings
 from registrar import accounts as broker_accounts
-from registrar import commands, engine, metrics, publishing, ticks
+from registrar import commands, engine, metrics, paths, publishing, ticks
 from registrar.accounts import BrokerAccounts
 from registrar.broker_link import BrokerLink
 from registrar.commit import Committer
@@ -200,9 +200,11 @@ class RegistrarService:
 
     def metrics(self) -> dict[str, float]:
         """Numbers for /metrics."""
+        state = self.state
         return metrics.numbers(
-            self.state.membership,
+            state.membership,
             self._counters.snapshot(),
+            path_gauges=paths.summary(state.paths, state.membership),
             connected=self.connected,
             liveness_checked_at=self._writer.checked_at if self._writer is not None else None,
         )

@@ -26,14 +26,31 @@ class RegistrarSettings(BaseModel):
     network: str = Field(default=DEFAULT_NETWORK, description="the mesh prefix IPs are allocated from")
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
     heartbeat_ttl_s: float = Field(
-        default=15.0, gt=0, le=86400, description="silence after which a member is unreachable"
+        default=15.0,
+        gt=0,
+        le=86400,
+        description="silence after which the control plane has lost a member (suspect: see vouch_wait_s)",
     )
     grace_s: float | None = Field(
         default=None,
         description="after start or a broker reconnect nobody is declared unreachable for this long (>= TTL; default TTL + interval)",
     )
     expiry_s: float = Field(
-        default=3600.0, gt=0, description="unreachable this long: removed, IP quarantined"
+        default=30 * 86400.0,
+        gt=0,
+        description=(
+            "unreachable this long: removed, IP quarantined, broker account deleted (default 30 days: a laptop "
+            "away for a night or a holiday comes back with its own credential and IP, no token)"
+        ),
+    )
+    vouch_wait_s: float = Field(
+        default=3.0,
+        ge=0,
+        le=300,
+        description=(
+            "a member the control plane lost stays suspect this long while peers probe it over the mesh; one "
+            "they reach stays in (control_lost, tunnels kept). 0: the control plane alone decides"
+        ),
     )
     quarantine_s: float = Field(
         default=600.0, ge=0, description="a freed IP goes to nobody else for this long"

@@ -285,7 +285,8 @@ def _member(row: tuple) -> Member:
         name=name,
         public_key=key,
         mesh_ip=ip,
-        endpoints=tuple(Endpoint.model_validate(e) for e in json.loads(endpoints)),
+        # Not strict: the JSON column holds the endpoint kind as text, which the strict model takes only from JSON.
+        endpoints=tuple(Endpoint.model_validate(e, strict=False) for e in json.loads(endpoints)),
         listen_port=port,
         state=MemberState(state),
         epoch=epoch,

@@ -48,6 +48,28 @@ class MemberView(BaseModel):
         )
 
 
+class PathView(BaseModel):
+    """A tunnel without a fresh WireGuard handshake, as its source reported it (registrar.paths)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="the member that holds the tunnel and reported it")
+    target: str
+    handshake_age_s: float | None = Field(description="None: no handshake since the tunnel was configured")
+    reported_at: float
+    both_active: bool = Field(description="both ends reach the control plane: only the data plane is broken")
+
+
+class PathsView(BaseModel):
+    """The data plane as the members report it: fresh tunnels counted, broken ones listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reporting: int = Field(description="active members whose newest report is from their current session")
+    fresh: int = Field(description="tunnels with a fresh handshake, summed over the reports")
+    broken: list[PathView]
+
+
 class MeshView(BaseModel):
     """Mesh-wide settings, the current membership revision and member counts."""
 
@@ -55,6 +77,8 @@ class MeshView(BaseModel):
     revision: int
     members: int
     active: int
+    suspect: int = Field(description="lost by the control plane a moment ago; peers are probing them")
+    control_lost: int = Field(description="lost by the control plane, still reached by peers: tunnels kept")
     unreachable: int
     registrar_instance: str
     broker_connected: bool

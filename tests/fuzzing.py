@@ -58,7 +58,8 @@ from nodeagent.settings import AgentSettings
 from nodeagent.statestore import StateStore
 from registrar import engine, tokens
 from registrar.ipam import Ipam
-from registrar.membership import LivenessPolicy, Membership
+from registrar.liveness import LivenessPolicy
+from registrar.membership import Membership
 
 MESH = "lab"
 NETWORK = "10.2.0.0/24"

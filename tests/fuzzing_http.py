@@ -48,7 +48,7 @@ from meshcontract.transport import BrokerSettings
 from registrar import engine, tokens
 from registrar.accounts import MemoryAccounts
 from registrar.api import create_app
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.service import RegistrarService
 from registrar.store import MemoryStore
 

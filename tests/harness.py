@@ -33,6 +33,7 @@ from meshcontract.transport import BrokerSettings
 from nodeagent.agent import Agent
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Enrollment, StateStore
+from nodeagent.underlay import InMemoryAddresses, Reflector
 from wgctl.memory import InMemoryRoutes, InMemoryWireGuard
 
 MESH = "itmesh"
@@ -184,7 +185,10 @@ class Registrar:
 
 @dataclass
 class Node:
-    """One machine: its agent (replaced on restart), its 'kernel' (in-memory WireGuard) and its state dir."""
+    """One machine: its agent (replaced on restart), its 'kernel' (in-memory WireGuard) and its state dir.
+
+    `dark`: its data plane is cut (nothing reaches it over the mesh) while its agent may still run.
+    """
 
     name: str
     settings: AgentSettings
@@ -192,6 +196,11 @@ class Node:
     routes: InMemoryRoutes
     agent: Agent | None = None
     faults: Faults = field(default_factory=Faults)
+    dark: bool = False
+    # Its interface addresses: none by default (the configured endpoint is all it advertises), not the addresses
+    # of the machine the tests run on.
+    addresses: InMemoryAddresses = field(default_factory=InMemoryAddresses)
+    reflector: Reflector | None = None  # None: the registrar's GET /v1/reflect (127.0.0.1: never advertised)
 
     def peers(self) -> dict[str, tuple[str, ...]]:
         """public key -> allowed IPs on this machine's interface now."""
@@ -203,6 +212,20 @@ class Node:
         return self.agent
 
 
+class MeshPinger:
+    """The agents' pinger: a mesh IP answers while its node's agent runs and its data plane is not `dark` (a
+    crashed agent's node does not answer: the in-memory 'kernel' has no real tunnel behind it)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    def ping(self, ip: str, *, count: int) -> list[float | None]:
+        alive = any(
+            n.agent is not None and not n.dark and n.agent.mesh_ip == ip for n in list(self._mesh.nodes.values())
+        )
+        return [0.1 if alive else None] * count
+
+
 class Mesh:
     """Start, stop, crash and restart agents that enroll with `registrar`; check the mesh as a whole."""
 
@@ -212,22 +235,25 @@ class Mesh:
         self.broker_url = registrar.broker_url
         self.token = token if token is not None else registrar.create_token()
         self.nodes: dict[str, Node] = {}
+        self.pinger = MeshPinger(self)
 
     def node(self, name: str) -> Node:
         return self.nodes[name]
 
-    def add(self, name: str, **overrides: Any) -> Node:
+    def add(self, name: str, *, reflector: Reflector | None = None, **overrides: Any) -> Node:
         wireguard = InMemoryWireGuard()
         settings = agent_settings(
             self.tmp_path / "nodes" / name,
             self.broker_url,
-            registrar_url=self.registrar.http_url,
-            join_token=self.token,
-            name=name,
-            endpoint=f"127.0.0.1:{51000 + len(self.nodes)}",
-            **overrides,
+            **{
+                "registrar_url": self.registrar.http_url,
+                "join_token": self.token,
+                "name": name,
+                "endpoint": f"127.0.0.1:{51000 + len(self.nodes)}",
+                **overrides,
+            },
         )
-        node = Node(name, settings, wireguard, InMemoryRoutes(wireguard))
+        node = Node(name, settings, wireguard, InMemoryRoutes(wireguard), reflector=reflector)
         self.nodes[name] = node
         self.start(name)
         return node
@@ -242,8 +268,11 @@ class Mesh:
             node.settings,
             wireguard=node.wireguard,
             routes=node.routes,
+            pinger=self.pinger,
             local_api=False,
             client_factory=node.faults.factory,
+            addresses=node.addresses,
+            reflector=node.reflector,
         )
         node.agent.start()
         return node.agent

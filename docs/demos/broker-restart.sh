@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Broker restart with Mosquitto: stopping Mosquitto publishes the last will of every connected node, and the
 # registrar may be the last client it drops — so it hears "n1 offline, n2 offline, ..." just before it loses
-# the broker. It takes those wills back when it reconnects (before republishing anything), so no peer removes
-# a tunnel, and a continuous ping between two nodes loses nothing.
+# the broker (and makes those nodes suspect). It takes those wills back when it reconnects (before
+# republishing anything), so no peer removes a tunnel, and a continuous ping between two nodes loses nothing.
 source "$(dirname "$0")/lib.sh"
 step up --nodes 4 --broker mosquitto
 step wait

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Frozen node: SIGSTOP every process of n2 (a suspended VM). Its heartbeats stop, its TCP connection stays
-# open: only the registrar's TTL can notice. Thawed, it resumes heartbeating and is active again, same IP.
+# open: only the registrar's TTL can notice. It is suspect, its frozen wireguard-go answers no probe, and it is
+# unreachable vouch_wait_s later. Thawed, it resumes heartbeating and is active again, same IP.
 source "$(dirname "$0")/lib.sh"
 step up --nodes 4
 step wait

@@ -19,7 +19,7 @@ step() { say "\$ meshlab $*"; lab "$@" 2>&1 | sed 's/^/            /'; }
 # as the services stamp them): the evidence of convergence.
 events() {
   {
-    grep -hE "member (joined|active|unreachable|left|removed)" "$LAB_DIR/control/registrar.log" 2>/dev/null \
+    grep -hE "member (joined|active|suspect|control plane lost|unreachable|left|removed)" "$LAB_DIR/control/registrar.log" 2>/dev/null \
       | sed 's|^|registrar: |' || true
     for f in "$LAB_DIR"/nodes/*/agent.log; do
       grep -hE "peer (added|removed|updated)" "$f" | sed "s|^|$(basename "$(dirname "$f")"): |" || true

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Network partition: n4's only underlay link goes down. It can reach neither the broker nor any peer; the
-# registrar marks it unreachable and the others drop its tunnel. n4 itself keeps its last known peers (it
+# registrar makes it suspect, no probe reaches it, so it is unreachable and the others drop its tunnel. n4 itself keeps its last known peers (it
 # cannot tell a partition from a control-plane outage). Healed, it reconnects and everybody converges.
 source "$(dirname "$0")/lib.sh"
 step up --nodes 4

@@ -19,11 +19,22 @@ from polling import wait_for
 
 from meshcontract import messages, topics
 from meshcontract.localapi import LocalRequest
-from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot
+from meshcontract.messages import (
+    Endpoint,
+    EnrollRequest,
+    MemberRecord,
+    MembershipDelta,
+    MembershipSnapshot,
+    MemberState,
+    RegisterRequest,
+)
 from meshcontract.signing import Signer
 from meshcontract.topics import Kind
+from nodeagent.candidates import InterfaceAddress
 from nodeagent.errors import EnrollmentRefused
 from nodeagent.statestore import StateStore
+from nodeagent.underlay import StaticReflector
+from registrar import dynsec
 from wgctl import keys
 from wgctl.model import PeerChanges
 
@@ -73,8 +84,9 @@ def test_leave_join_crash_restart(mesh: Mesh) -> None:
 
 
 def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
-    """A node that stays connected but stops heartbeating (frozen, partitioned) fires no will: the
-    registrar's TTL takes it out; its next heartbeat (same epoch) brings it back."""
+    """A node that stays connected but stops heartbeating and answering over the mesh (frozen, partitioned)
+    fires no will: the registrar's TTL makes it suspect, nobody vouches, it is taken out; its next heartbeat
+    (same epoch) brings it back."""
     for name in ("alpha", "beta", "gamma"):
         mesh.add(name)
     mesh.wait_complete()
@@ -82,6 +94,7 @@ def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
     alpha, gamma = mesh.nodes["alpha"], mesh.nodes["gamma"]
     beta_key = beta.agent.public_key  # type: ignore[union-attr]
     started = time.monotonic()
+    beta.dark = True
     beta.faults.pause_heartbeats()
     wait_for(
         lambda: beta_key not in alpha.peers() and beta_key not in gamma.peers(),
@@ -90,6 +103,7 @@ def test_silent_node_is_removed_by_ttl_and_returns(mesh: Mesh) -> None:
     )
     assert time.monotonic() - started >= TTL_S * 0.5, "removed by the TTL, not by something faster"
     assert len(beta.peers()) == 2, "beta itself keeps its tunnels to the live members"
+    beta.dark = False
     beta.faults.pause_heartbeats(False)
     mesh.wait_complete(timeout=10)
 
@@ -197,6 +211,80 @@ def registrar_records(mesh: Mesh) -> list:
     table = mesh.node("alpha").running.membership()
     assert table is not None
     return list(table.members.values())
+
+
+def test_one_bad_record_never_breaks_the_mesh(mesh: Mesh, broker: RunningBroker, registrar: Registrar) -> None:
+    """Issue 12: a member advertising a host name that does not resolve made every agent's apply fail (0 peers
+    across the mesh). Now it is configured without an endpoint (it reaches us, WireGuard learns where it is) and
+    reported; a record claiming another member's mesh IP is skipped and reported; every other pair is meshed."""
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    named = mesh.add("named", endpoint="unresolvable-host.invalid:51820")
+    mesh.wait_complete()
+    named_id = named.running.node_id
+
+    def problem(node: str, about: str) -> str | None:
+        return next((p.problem for p in mesh.node(node).running.status().peers if p.node_id == about), None)
+
+    for node in ("alpha", "beta", "gamma"):
+        wait_for(lambda n=node: "does not resolve" in (problem(n, named_id) or ""), timeout=15,
+                 what=f"{node} reports that named's endpoint does not resolve")  # fmt: skip
+        assert mesh.node(node).peers()[named.running.public_key] == (f"{named.running.mesh_ip}/32",)
+
+    # A record that claims beta's mesh IP (the registrar never makes one; here it is signed with its key while it
+    # is down, so nothing repairs it): skipped everywhere, beta keeps its tunnels, every pair stays meshed.
+    alpha, beta = mesh.node("alpha").running, mesh.node("beta").running
+    revision = alpha.status().membership_revision
+    real = Signer.from_pem((registrar.state_dir / "signing.key").read_bytes())
+    registrar.kill()
+    mallory = MemberRecord(
+        node_id="mallory", name="mallory", mesh_ip=beta.mesh_ip, public_key=keys.public_key(keys.generate_private_key()),
+        endpoints=[Endpoint(host="127.0.0.1", port=59999)], listen_port=51820, state=MemberState.ACTIVE, revision=revision + 1,
+        updated_at=time.time(),
+    )  # fmt: skip
+    delta = MembershipDelta(
+        mesh=MESH, from_revision=revision, to_revision=revision + 1, upserts=[mallory], published_at=time.time()
+    )
+    with ProbeClient(broker, client_id="registrar", username="registrar", password=REGISTRAR_PASSWORD) as probe:
+        probe.publish(topics.build(MESH, Kind.DELTA), messages.encode(signed(delta, real, "delta")))
+        for node in ("alpha", "beta", "gamma", "named"):
+            wait_for(lambda n=node: (problem(n, "mallory") or "").startswith("not configured"), timeout=15,
+                     what=f"{node} reports mallory's record as skipped")  # fmt: skip
+    assert "is claimed by" in (problem("alpha", "mallory") or "")
+    assert "this node's own mesh IP" in (problem("beta", "mallory") or "")
+    wait_for(mesh.reconciled_more(), timeout=10, what="reconcile passes with the bad records")
+    assert mesh.is_complete(), "every pair of real members meshed, mallory nowhere"
+    for node in mesh.running():
+        assert node.running.status().counters["peer_skipped"] == 1, "reported once, not every pass"
+
+
+def test_endpoint_candidates_follow_the_underlay(mesh: Mesh) -> None:
+    """A node moves to another network (new interface address, a NAT in front): within a drift-repair interval it
+    registers its new candidates (on its current connection: ControlSession.update_endpoints), and its peers get
+    them in the next delta."""
+    mesh.add("alpha")
+    nat = StaticReflector()
+    beta = mesh.add("beta", reflector=nat)
+    mesh.wait_complete()
+    wait_for(beta.running.registered.is_set, timeout=15, what="beta registered")
+    beta_id = beta.running.node_id
+
+    beta.addresses.set([InterfaceAddress("wlan0", "192.168.7.2"), InterfaceAddress("lo", "127.0.0.1")])
+    nat.address = "203.0.113.50"
+    expected = [
+        {"host": "127.0.0.1", "port": 51001, "kind": "public"},
+        {"host": "203.0.113.50", "port": 51820, "kind": "reflexive"},
+        {"host": "192.168.7.2", "port": 51820, "kind": "local"},
+    ]
+
+    def registered() -> list[dict]:
+        return next(n["endpoints"] for n in mesh.registrar.nodes() if n["node_id"] == beta_id)
+
+    wait_for(lambda: registered() == expected, timeout=10, what="the registrar has beta's new candidates")
+    table = mesh.node("alpha").running.membership
+    wait_for(lambda: [e.model_dump(mode="json") for e in table().members[beta_id].endpoints] == expected,  # type: ignore[union-attr]
+             timeout=10, what="alpha has them from the delta")  # fmt: skip
+    mesh.wait_complete()
 
 
 def test_drift_is_repaired(mesh: Mesh) -> None:
@@ -366,3 +454,152 @@ def test_rotate_key_refused_while_the_control_plane_is_away_changes_nothing(mesh
     assert alpha.running.public_key == before
     assert keys.public_key(keys.read_private_key(alpha.settings.state_dir / "private.key")) == before
     assert alpha.wireguard.read(IFNAME).public_key == before
+
+
+def test_a_node_that_lost_the_control_plane_but_answers_over_the_mesh_keeps_its_tunnels(mesh: Mesh) -> None:
+    """Liveness on both planes: beta stops heartbeating (its broker path is gone) but its tunnels still carry
+    traffic, so alpha and gamma vouch for it and keep their tunnels (control_lost), renewing the vouch every TTL;
+    once nothing reaches it over the mesh either, it is unreachable and removed; it comes back by itself."""
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    beta = mesh.nodes["beta"]
+    beta_key = beta.running.public_key
+
+    def registrar_state() -> str:
+        return {n["node_id"]: n["state"] for n in mesh.registrar.nodes()}[beta.running.node_id]
+
+    beta.faults.pause_heartbeats()
+    wait_for(lambda: registrar_state() == "control_lost", timeout=TTL_S + 10, what="beta control_lost")
+    # The scenario is the window: three more TTLs in which vouches must be renewed, beta kept everywhere.
+    until = time.monotonic() + 3 * TTL_S
+    while time.monotonic() < until:
+        assert registrar_state() == "control_lost"
+        assert all(beta_key in mesh.nodes[n].peers() for n in ("alpha", "gamma")), "a vouched tunnel was removed"
+        time.sleep(0.2)
+    alpha_view = {p.node_id: p.state for p in mesh.nodes["alpha"].running.status().peers}
+    assert alpha_view[beta.running.node_id] == "control_lost"
+
+    beta.dark = True  # now the data plane is gone too
+    wait_for(lambda: all(beta_key not in mesh.nodes[n].peers() for n in ("alpha", "gamma")), timeout=TTL_S + 10,
+             what="beta removed once nobody reaches it")  # fmt: skip
+    assert registrar_state() == "unreachable"
+
+    beta.dark = False
+    beta.faults.pause_heartbeats(False)
+    mesh.wait_complete(timeout=15)
+
+
+def test_a_path_broken_while_both_ends_reach_the_registrar_is_visible_there(mesh: Mesh) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha, beta, gamma = (mesh.nodes[n].running for n in ("alpha", "beta", "gamma"))
+    now = time.time()
+    wg = mesh.nodes["alpha"].wireguard
+    wg.simulate_handshake(IFNAME, beta.public_key, at=now)  # alive
+    wg.simulate_handshake(IFNAME, gamma.public_key, at=now - 300)  # nothing got through for 5 minutes
+
+    def broken() -> list[tuple[str, str, bool]]:
+        view = mesh.registrar.api("GET", "/v1/paths").json()
+        return [(p["source"], p["target"], p["both_active"]) for p in view["broken"] if p["source"] == alpha.node_id]
+
+    wait_for(lambda: broken() == [(alpha.node_id, gamma.node_id, True)], timeout=10,
+             what="alpha's report of its broken path to gamma")  # fmt: skip
+    metrics = mesh.registrar.api("GET", "/metrics").text
+    assert "meshvpn_registrar_paths_broken_both_active" in metrics
+    # the path heals: the next report says so
+    wg.simulate_handshake(IFNAME, gamma.public_key, at=time.time())
+    wait_for(lambda: broken() == [], timeout=10, what="the healed path gone from the registrar's view")
+
+
+def test_a_broker_admin_cannot_give_a_node_another_key(mesh: Mesh, broker: RunningBroker) -> None:
+    """Whoever can publish as any node on the broker (its admin, a misconfigured ACL) sends alpha's registration
+    with a key of its own and a huge epoch: the registrar refuses it (a key changes only over HTTPS with the
+    node's credential) and no peer's tunnel to alpha changes."""
+    if broker.kind != "mosquitto":
+        pytest.skip("only Mosquitto has a broker admin (dynamic security); the embedded broker has none")
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    converged = mesh.snapshot()
+    alpha = mesh.node("alpha").running
+    role = dynsec.Role("mallory", (dynsec.acl("publishClientSend", "meshvpn/#"),))
+    broker.admin().run([dynsec.create_role(role), dynsec.create_client("mallory", "mallory-password-00", ["mallory"])])
+
+    def refused() -> float:
+        text = mesh.registrar.api("GET", "/metrics").text
+        line = next(ln for ln in text.splitlines() if ln.startswith("meshvpn_registrar_registrations_refused_total"))
+        return float(line.split()[-1])
+
+    before = refused()
+    forged = RegisterRequest(request_id="forged-rekey-1", node_id=alpha.node_id, name="alpha",
+                             public_key=keys.public_key(keys.generate_private_key()), listen_port=51820, epoch=2**60)  # fmt: skip
+    with ProbeClient(broker, client_id="mallory", username="mallory", password="mallory-password-00") as probe:
+        probe.publish(topics.build(MESH, Kind.REGISTER, alpha.node_id), messages.encode(forged))
+        wait_for(lambda: refused() > before, timeout=10, what="the registrar refusing the forged registration")
+    wait_for(mesh.reconciled_more(), timeout=10, what="reconcile passes after the forgery")
+    assert mesh.snapshot() == converged
+    assert {n["node_id"]: n["public_key"] for n in mesh.registrar.nodes()}[alpha.node_id] == alpha.public_key
+
+
+def test_a_key_the_registrar_does_not_hold_yet_is_registered_over_https(mesh: Mesh) -> None:
+    """A rotation a crash interrupted: the key file holds a key the registrar never got. Over MQTT the registrar
+    refuses it (rekey_over_https); the agent registers it over HTTPS and the mesh follows, same IP."""
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    node = mesh.node("alpha")
+    ip = node.running.mesh_ip
+    mesh.stop("alpha")
+    StateStore(node.settings.state_dir).replace_private_key(keys.generate_private_key())
+    agent = mesh.start("alpha")
+    wait_for(lambda: agent.registered.is_set(), timeout=20, what="alpha registered with its new key")
+    assert agent.mesh_ip == ip
+    assert {n["node_id"]: n["public_key"] for n in mesh.registrar.nodes()}[agent.node_id] == agent.public_key
+    mesh.wait_complete()
+
+
+def test_a_removed_node_stops_with_exit_4_and_forgets_its_enrollment(mesh: Mesh) -> None:
+    """An admin removes alpha: its broker account goes, the broker refuses it, the registrar (asked over HTTPS)
+    no longer knows it: the agent stops for good with exit status 4 instead of retrying forever, and its next
+    start enrolls again (here: refused, the key is revoked)."""
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.node("alpha")
+    agent = alpha.running
+    assert mesh.registrar.api("DELETE", f"/v1/nodes/{agent.node_id}").status_code == 204
+    assert agent.wait(timeout=30), "the agent did not stop"
+    assert agent.exit_code == 4 and "enroll it again with a new join token" in str(agent.failure)
+    store = StateStore(alpha.settings.state_dir)
+    assert store.enrollment() is None, "the next start enrolls again"
+    agent.stop()
+    alpha.agent = None
+    with pytest.raises(EnrollmentRefused, match="key_revoked"):
+        mesh.start("alpha")
+
+
+def test_a_broker_that_refuses_a_known_node_is_retried_not_obeyed(mesh: Mesh, broker: RunningBroker) -> None:
+    """The broker refuses alpha's credential (its account lost on the broker side, say a restored backup) while
+    the registrar still knows alpha: that is the broker's problem, not a lost identity. The agent keeps retrying
+    and comes back once the account is there again; it never exits."""
+    for name in ("alpha", "beta"):
+        mesh.add(name)
+    mesh.wait_complete()
+    alpha = mesh.node("alpha").running
+    password = StateStore(mesh.node("alpha").settings.state_dir).broker_password()
+    assert password is not None
+    if broker.kind == "mosquitto":  # the account stays, with its role; the broker refuses it meanwhile
+        broker.admin().run([{"command": "disableClient", "username": alpha.node_id}])
+    else:
+        broker.remove_user(alpha.node_id)
+    wait_for(lambda: alpha.status().counters.get("identity_checks", 0) >= 2, timeout=60,
+             what="alpha asking the registrar twice after the broker refused it")  # fmt: skip
+    assert not alpha.wait(0) and alpha.exit_code == 0, "a refusal by the broker alone must not end the agent"
+    if broker.kind == "mosquitto":
+        broker.admin().run([{"command": "enableClient", "username": alpha.node_id}])
+    else:
+        broker.add_user(alpha.node_id, password)
+    wait_for(lambda: alpha.registered.is_set(), timeout=60, what="alpha registered again")
+    mesh.wait_complete()

@@ -20,11 +20,12 @@ from meshcontract.messages import MeshSettings, RegistrarInfo
 from meshcontract.ratelimit import RatePolicy
 from meshcontract.signing import Signer
 from meshcontract.transport import BrokerSettings
+from nodeagent.underlay import RegistrarReflector
 from registrar import engine, pki, tokens
 from registrar.accounts import MemoryAccounts
 from registrar.api import create_app
 from registrar.httpserver import MAX_BODY, HttpServer
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.metrics import COUNTERS
 from registrar.service import RegistrarService
 from registrar.store import MemoryStore
@@ -120,7 +121,7 @@ def test_enroll_register_then_read(client, service):
     assert mesh["revision"] == 1 and mesh["members"] == 1 and mesh["settings"]["network"] == "10.8.0.0/29"
 
 
-@pytest.mark.parametrize("path", ["/v1/nodes", "/v1/nodes/n1", "/v1/mesh", "/metrics"])
+@pytest.mark.parametrize("path", ["/v1/nodes", "/v1/nodes/n1", "/v1/mesh", "/v1/paths", "/metrics"])
 def test_reads_need_credentials(client, path):
     client.post("/v1/enroll", json=enrollment())
     assert client.get(path).status_code == 401
@@ -231,6 +232,35 @@ def test_enrollment_floods_are_rate_limited_per_source(service):
         codes = [client.post("/v1/enroll", json=enrollment(token="mvj_guess-000000000000")).status_code for _ in range(5)]
         assert codes == [403, 403, 403, 429, 429]
         assert client.get("/metrics", headers=AUTH).text.count("meshvpn_registrar_rate_limited_total 2") == 1
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        pytest.param("203.0.113.7", "203.0.113.7", id="IPv4"),
+        pytest.param("2001:db8::7", "2001:db8::7", id="IPv6"),
+        pytest.param("::ffff:198.51.100.4", "198.51.100.4", id="IPv4-mapped IPv6 as IPv4"),
+    ],
+)
+def test_reflect_answers_the_tcp_peer_and_ignores_forwarding_headers(service, peer, address):
+    with TestClient(app(service), client=(peer, 40000)) as client:
+        forged = {"X-Forwarded-For": "192.0.2.99", "Forwarded": "for=192.0.2.98", "X-Real-IP": "192.0.2.97"}
+        r = client.get("/v1/reflect", headers=forged)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"v": 1, "address": address}, "no credentials needed, no header believed"
+
+
+def test_reflect_is_rate_limited_per_source_on_its_own_budget(service):
+    with TestClient(app(service, reflect_rate=RatePolicy(rate_per_s=0.01, burst=2)), client=("203.0.113.7", 1)) as a:
+        assert [a.get("/v1/reflect").status_code for _ in range(3)] == [200, 200, 429]
+        assert a.post("/v1/enroll", json=enrollment()).status_code == 200, "enrollment's budget is untouched"
+    with TestClient(app(service, reflect_rate=RatePolicy(rate_per_s=0.01, burst=2)), client=("203.0.113.8", 1)) as b:
+        assert b.get("/v1/reflect").status_code == 200, "another source has its own allowance"
+
+
+def test_reflect_without_an_ip_peer_is_404(service):
+    with TestClient(app(service), client=("testclient", 50000)) as client:
+        assert client.get("/v1/reflect").status_code == 404
 
 
 def test_bodies_are_capped_before_they_are_read(client):
@@ -348,6 +378,17 @@ def test_real_server_over_tls(service, tmp_path):
         r = httpx.post(f"{base}/v1/enroll", json=enrollment(), verify=trust, timeout=10)
         assert r.status_code == 200 and r.json()["mesh_ip"] == "10.8.0.1"
         assert httpx.get(f"{base}/v1/nodes/n1", headers=basic("n1"), verify=trust, timeout=10).json()["name"] == "node n1"
+        # The real server does not take X-Forwarded-For from a loopback peer either (uvicorn would by default).
+        reflected = httpx.get(f"{base}/v1/reflect", headers={"X-Forwarded-For": "192.0.2.99"}, verify=trust, timeout=10)
+        assert reflected.json()["address"] == "127.0.0.1"
+        # The agent's side: over TLS pinned to the mesh CA in its state directory; anything else is no answer.
+        ca_file = tmp_path / "agent-ca.pem"
+        ca_file.write_bytes(keys.ca_pem)
+        assert RegistrarReflector(base, ca_file=ca_file).reflect() == "127.0.0.1"
+        other = pki.load_or_create(tmp_path / "other", mesh="lab", server_names=["localhost"])
+        (tmp_path / "other-ca.pem").write_bytes(other.ca_pem)
+        assert RegistrarReflector(base, ca_file=tmp_path / "other-ca.pem").reflect() is None, "another mesh's CA"
+        assert RegistrarReflector(base, ca_file=tmp_path / "missing.pem").reflect() is None, "no CA: not asked"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/healthz", timeout=10)  # not trusted without the mesh CA
         with pytest.raises(httpx.HTTPError):

@@ -44,7 +44,7 @@ from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, make_client
 from registrar import engine, tokens
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.service import RegistrarService
 from registrar.store import SqliteStore
 
@@ -345,7 +345,7 @@ def test_registration_errors_rotation_and_idempotency(mesh):
     assert n2.register().error.code is ErrorCode.NOT_ENROLLED
     assert n2.enroll(svc).ok
     cases = [
-        ({"public_key": n1.key}, ErrorCode.KEY_CONFLICT),  # rotating onto n1's key
+        ({"public_key": n1.key}, ErrorCode.REKEY_OVER_HTTPS),  # another key (n1's!) through the broker
         ({"public_key": "bm90IGEga2V5"}, ErrorCode.INVALID_KEY),
         ({"node_id": "n3"}, ErrorCode.INVALID_REQUEST),  # payload id differs from topic id
         ({"listen_port": 70000}, ErrorCode.INVALID_REQUEST),
@@ -354,9 +354,13 @@ def test_registration_errors_rotation_and_idempotency(mesh):
     for body, code in cases:
         reply = n2.register(body=body)
         assert not reply.ok and reply.error.code is code, (body, reply)
-    # n1 registers with a new key: a rotation, same IP
+    # n1 registers with a new key: refused through the broker, a rotation (same IP) over HTTPS
     n1.key, n1.epoch = key(77), 3
-    rotated = n1.register()
+    assert n1.register().error.code is ErrorCode.REKEY_OVER_HTTPS
+    assert svc.state.membership.members["n1"].public_key == key(1 + 1)
+    body = {"v": 1, "request_id": "rq-https-rotation", "node_id": "n1", "name": "Node n1", "public_key": key(77),
+            "endpoints": [], "listen_port": 51820, "epoch": 3}  # fmt: skip
+    rotated = svc.register_payload(json.dumps(body).encode(), node_id="n1").reply
     assert rotated.ok and rotated.mesh_ip == first.mesh_ip
     assert svc.state.membership.members["n1"].public_key == key(77)
     # a stale epoch (replayed request of an old session)

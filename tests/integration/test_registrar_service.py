@@ -21,7 +21,7 @@ from meshcontract.transport import BrokerSettings
 from registrar import engine, service, writer
 from registrar.accounts import MemoryAccounts
 from registrar.errors import CredentialsError
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.metrics import render_metrics
 from registrar.store import MemoryStore
 

@@ -106,7 +106,7 @@ def test_meshlab_check_exit_status_counts_violations():
         assert main(["--lab-dir", str(settings.lab_dir), "check"]) == 0
         n1, n2 = lab.node("n1"), lab.node("n2")
         script = (f"add table inet sneaky\nadd chain inet sneaky out {{ type filter hook output priority 0; }}\n"
-                  f"add rule inet sneaky out ip daddr {n2.underlay_ip} udp dport 51820 drop\n")
+                  f"add rule inet sneaky out ip daddr {n2.underlay_ip} udp dport {lab.plan().node(2).listen_port} drop\n")
         system.run(system.ns_argv(n1.namespace, ["nft", "-f", "-"]), input_text=script)
         assert main(["--lab-dir", str(settings.lab_dir), "check", "--limit", "20"]) == 1
     finally:

@@ -178,6 +178,19 @@ def test_render_status_table() -> None:
     assert "unreachable" in gamma and "-" in gamma
 
 
+def test_render_status_shows_problems_only_when_there_are_some() -> None:
+    ok = PeerView(node_id="n2", name="beta", mesh_ip="100.96.0.2", public_key="k2", state="active", configured=True)
+    bad = PeerView(
+        node_id="n3", name="mallory", mesh_ip="100.96.0.2", public_key="k3", state="active", configured=False,
+        problem="not configured: mesh IP 100.96.0.2 is claimed by beta (n2) too",
+    )  # fmt: skip
+    assert "PROBLEM" not in render_status(_status([ok]))
+    lines = render_status(_status([ok, bad])).splitlines()
+    assert next(line for line in lines if line.startswith("NAME")).split()[-1] == "PROBLEM"
+    assert next(line for line in lines if line.startswith("beta")).endswith(" -")
+    assert next(line for line in lines if line.startswith("mallory")).endswith("is claimed by beta (n2) too")
+
+
 def test_render_status_control_plane_down() -> None:
     text = render_status(
         _status(
@@ -242,3 +255,13 @@ def test_render_rotated(confirmed, mesh_ip, says, never):
         RotateResult(previous_public_key="OLD=", public_key="NEW=", mesh_ip=mesh_ip, confirmed=confirmed)
     )
     assert all(s in text for s in says) and never not in text
+
+
+def test_render_status_disambiguates_shared_names() -> None:
+    peers = [
+        PeerView(node_id=i, name=n, mesh_ip=f"100.96.0.{k}", public_key=f"k{k}", state="active", configured=True)
+        for k, (i, n) in enumerate([("n2", "beta"), ("n3", "beta"), ("n4", "alpha"), ("n5", "gamma")], start=2)
+    ]
+    rows = render_status(_status(peers)).splitlines()
+    names = [line.split("  ")[0].strip() for line in rows[rows.index(next(r for r in rows if r.startswith("NAME"))) + 1:]]
+    assert names == ["beta (n2)", "beta (n3)", "alpha (n4)", "gamma"]

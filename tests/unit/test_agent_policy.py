@@ -7,7 +7,14 @@ import random
 import pytest
 
 from meshcontract.messages import ErrorCode, ErrorInfo, RegisterReply
-from nodeagent.policy import backoff_delay, judge_reply, next_epoch, reconnect_cap
+from nodeagent.policy import (
+    backoff_delay,
+    identity_gone,
+    judge_reply,
+    mqtt_keepalive,
+    next_epoch,
+    reconnect_cap,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +64,9 @@ def _refusal(code: ErrorCode) -> RegisterReply:
         pytest.param(None, "retry", None, id="no answer: retry"),
         pytest.param(RegisterReply(request_id="r1234567", ok=True, node_id="n1"), "registered", None, id="ok"),
         pytest.param(_refusal(ErrorCode.INTERNAL), "retry", "internal", id="internal: retry"),
+        # addresses get freed (expiry, removal): the agent waits instead of exiting
+        pytest.param(_refusal(ErrorCode.POOL_EXHAUSTED), "retry", "pool_exhausted", id="pool exhausted: retry"),
+        pytest.param(_refusal(ErrorCode.REKEY_OVER_HTTPS), "rekey", "rekey_over_https", id="rekey over https"),
         *[
             pytest.param(_refusal(code), "fatal", str(code), id=f"{code}: fatal")
             for code in (
@@ -66,7 +76,9 @@ def _refusal(code: ErrorCode) -> RegisterReply:
                 ErrorCode.TOKEN_USED,
                 ErrorCode.INVALID_KEY,
                 ErrorCode.KEY_CONFLICT,
-                ErrorCode.POOL_EXHAUSTED,
+                ErrorCode.KEY_REVOKED,
+                ErrorCode.NOT_ENROLLED,
+                ErrorCode.UNAUTHORIZED,
             )
         ],
     ],
@@ -82,3 +94,33 @@ def test_every_error_code_is_judged() -> None:
     """A new ErrorCode must be classified on purpose: this fails until it is listed fatal or retried."""
     judged = {str(judge_reply(_refusal(code), timeout_s=1).code) for code in ErrorCode}
     assert judged == {str(c) for c in ErrorCode}
+
+
+@pytest.mark.parametrize(
+    ("code", "gone"),
+    [
+        ("identity_gone", True),
+        ("not_enrolled", True),
+        ("key_revoked", True),
+        ("unauthorized", True),
+        ("token_used", False),  # a join problem (exit 3), not a lost identity
+        ("key_conflict", False),
+        (None, False),
+    ],
+)
+def test_identity_gone(code, gone):
+    assert identity_gone(code) is gone
+
+
+@pytest.mark.parametrize(
+    ("configured", "ttl", "expected"),
+    [
+        (10, None, 10),  # not registered yet: as configured
+        (10, 15.0, 10),  # the default mesh: never longer than configured
+        (10, 3.0, 3),  # a fast mesh (the lab): follow the TTL
+        (10, 0.5, 2),  # but not below 2 s
+        (60, 30.0, 30),
+    ],
+)
+def test_mqtt_keepalive(configured, ttl, expected):
+    assert mqtt_keepalive(configured, ttl) == expected

@@ -25,10 +25,21 @@ def view(ip="100.96.0.2", name="bob", *, state="active", configured=True, handsh
         (view(handshake=None), "idle"),
         (view(state="unreachable", handshake=NOW - 5), "offline"),
         (view(configured=False, handshake=NOW - 5), "offline"),
+        # the control plane lost it but its tunnel works: not offline
+        (view(state="control_lost", handshake=NOW - 5), "online"),
+        (view(state="suspect", handshake=NOW - 5), "online"),
+        (view(state="control_lost", handshake=NOW - 500), "idle"),
     ],
 )
 def test_presence(peer, expected):
     assert presence(peer, now=NOW)[0] == expected
+
+
+def test_presence_says_which_plane_is_lost():
+    assert presence(view(state="control_lost", handshake=NOW - 5), now=NOW)[1] == (
+        "handshake 5s ago; control plane lost, tunnel alive"
+    )
+    assert "control plane" not in presence(view(handshake=NOW - 5), now=NOW)[1]
 
 
 def test_presence_window_is_configurable():
@@ -54,7 +65,7 @@ def test_snapshot_sorts_by_name_then_ip_and_reports_the_control_plane():
 def test_directory_membership():
     directory = PeerDirectory()
     assert not directory.is_member("100.96.0.2")
-    source = MemoryPeerSource(status([view("100.96.0.2"), view("100.96.0.3", state="unreachable")]))
+    source = MemoryPeerSource(status([view("100.96.0.2"), view("100.96.0.3", "carol", state="unreachable")]))
     directory.update(source.snapshot(now=NOW))
     assert directory.is_member("100.96.0.2")
     assert directory.is_member("::ffff:100.96.0.2")
@@ -73,3 +84,18 @@ def test_static_status_lists_allowed_ips_online():
 def test_snapshot_leaves_out_ourselves():
     snap = snapshot_from_status(status([view("100.96.0.1", "alice"), view("100.96.0.2", "bob")]), now=NOW)
     assert [p.mesh_ip for p in snap.peers] == ["100.96.0.2"]
+
+
+def test_a_shared_name_is_shown_with_the_node_id():
+    snap = snapshot_from_status(
+        status([view("100.96.0.2", "bob"), view("100.96.0.3", "bob"), view("100.96.0.4", "alice"),
+                view("100.96.0.5", "carol")]),
+        now=NOW,
+    )  # fmt: skip
+    names = {p.mesh_ip: p.name for p in snap.peers}
+    assert names == {
+        "100.96.0.2": "bob (n-100.96.0.2)",
+        "100.96.0.3": "bob (n-100.96.0.3)",
+        "100.96.0.4": "alice (n-100.96.0.4)",  # our own name
+        "100.96.0.5": "carol",
+    }

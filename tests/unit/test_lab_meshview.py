@@ -98,3 +98,13 @@ def test_ping_losses(now, reported, expected):
 
     assert new_losses(PING_LOG, now=now, reported=reported, grace_s=2.0) == expected
     assert probes_sent(PING_LOG) == 5
+
+
+def test_a_tolerated_node_may_be_held_or_not():
+    """A killed agent's node (its WireGuard still answers) may stay a peer of the others (control_lost)."""
+    a = NodeTunnels("n1", "100.96.0.1", (("100.96.0.2",), ("100.96.0.3",)))
+    b = NodeTunnels("n2", "100.96.0.2", (("100.96.0.1",),))
+    killed = NodeTunnels("n3", "100.96.0.3", (("100.96.0.1",), ("100.96.0.2",)))
+    views = {"n1": a, "n2": b, "n3": killed}
+    assert mesh_problems(views, ["n1", "n2"], tolerated=["n3"]) == []
+    assert mesh_problems(views, ["n1", "n2"]) == ["n1: ghost tunnel to 100.96.0.3"]

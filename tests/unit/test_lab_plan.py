@@ -36,7 +36,7 @@ def test_node_plan(index, name, namespace, interface, host):
     node = plan.node(index)
     assert (node.name, node.namespace, node.interface) == (name, namespace, interface)
     assert ipaddress.ip_address(node.underlay_ip) == plan.subnet.network_address + host
-    assert node.endpoint == f"{node.underlay_ip}:51820"
+    assert node.endpoint == f"{node.underlay_ip}:{51819 + index}"  # a port of its own (meshlab.plan.WG_PORT)
 
 
 def test_underlay_is_private_and_within_10_77():

@@ -153,6 +153,10 @@ def test_nat_ruleset():
         "        ct state established,related counter accept",
         '        iifname "lan0" counter accept',
         "    }",
+        "    chain input {",
+        "        type filter hook input priority 0; policy accept;",
+        '        iifname "wan0" meta l4proto udp ct state new counter drop',
+        "    }",
         "}",
     ]
 

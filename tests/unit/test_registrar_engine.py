@@ -13,7 +13,8 @@ from meshcontract import access, topics
 from meshcontract.messages import EnrollRequest, ErrorCode, MemberState, MeshSettings, decode
 from registrar import engine, tokens
 from registrar.ipam import Ipam
-from registrar.membership import LivenessPolicy, Membership
+from registrar.liveness import LivenessPolicy
+from registrar.membership import Membership
 
 MESH = "lab"
 CONFIG = engine.Config(
@@ -149,15 +150,30 @@ def test_register_refreshes_a_member():
     assert stale.reply.error.code is ErrorCode.INVALID_REQUEST
 
 
-def test_register_with_a_new_key_rotates_it():
+def https(state, node, body, now=1.0):
+    """A registration over HTTPS, from the node the API authenticated with its own credential."""
+    return engine.register_payload(state, json.dumps(body).encode(), now=now, config=CONFIG, node_id=node)
+
+
+def test_register_over_https_with_a_new_key_rotates_it():
     state = enrolled("n1", "n2")
-    out = send(state, topics.Kind.REGISTER, "n1", req(k=7, epoch=2))
+    out = https(state, "n1", req(k=7, epoch=2))
     member = out.state.membership.members["n1"]
     assert out.reply.ok and member.public_key == key(7) and member.mesh_ip == "10.2.0.1"
     assert out.state.membership.keys[key(7)] == "n1" and key(1) not in out.state.membership.keys
     assert [h.event.name for h in out.change.happened] == ["KEY_ROTATED"] and out.delta.revision
-    taken = send(state, topics.Kind.REGISTER, "n1", req(k=2, epoch=2))
+    taken = https(state, "n1", req(k=2, epoch=2))
     assert taken.reply.error.code is ErrorCode.KEY_CONFLICT, "not onto another member's key"
+
+
+def test_a_new_key_through_the_broker_is_refused():
+    """A broker admin can publish as any node; it must not be able to give a node a key it does not hold."""
+    state = enrolled("n1", "n2")
+    out = send(state, topics.Kind.REGISTER, "n1", req(k=7, epoch=2**40))
+    assert out.reply.error.code is ErrorCode.REKEY_OVER_HTTPS
+    assert out.state.membership is state.membership, "nothing changed: not the key, not the epoch"
+    same_key = send(state, topics.Kind.REGISTER, "n1", req(k=1, epoch=2))
+    assert same_key.reply.ok, "a registration that keeps the key is fine over MQTT"
 
 
 def test_removal_revokes_the_key_until_approved():
@@ -167,7 +183,7 @@ def test_removal_revokes_the_key_until_approved():
     assert gone.delta.upsert_revoked[0].public_key == key(1)
     again = enroll(gone.state, now=4)
     assert again.enroll_reply.error.code is ErrorCode.KEY_REVOKED, "a reusable token does not bring it back"
-    rotated_onto = send(enrolled("n2"), topics.Kind.REGISTER, "n2", req("n2", k=1, epoch=2))
+    rotated_onto = https(enrolled("n2"), "n2", req("n2", k=1, epoch=2))
     assert rotated_onto.reply.ok  # (another state: key 1 is not revoked there)
     approved = engine.approve_key(gone.state, key(1))
     assert approved.delta.delete_revoked == (key(1),)
@@ -177,7 +193,7 @@ def test_removal_revokes_the_key_until_approved():
 
 def test_rotation_onto_a_revoked_key_is_refused():
     state = engine.remove_member(enrolled("n1", "n2"), "n1", now=3).state
-    out = send(state, topics.Kind.REGISTER, "n2", req("n2", k=1, epoch=2))
+    out = https(state, "n2", req("n2", k=1, epoch=2))
     assert out.reply.error.code is ErrorCode.KEY_REVOKED
 
 

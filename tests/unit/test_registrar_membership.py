@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshcontract.messages import Endpoint, ErrorCode, MemberState
+from registrar import liveness as lv
 from registrar import membership as ms
 from registrar.errors import Refused
 from registrar.ipam import Ipam
 
-POLICY = ms.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=15)
+POLICY = lv.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=15)
 
 
 def key(n: int) -> str:
@@ -157,11 +158,11 @@ def test_liveness_table(events, state_after, published):
     last = None
     for ev in events:
         if ev[0] == "status":
-            last = ms.status(state, node_id="n1", online=ev[1], epoch=ev[2], now=ev[3])
+            last = lv.status(state, node_id="n1", online=ev[1], epoch=ev[2], now=ev[3])
         elif ev[0] == "hb":
-            last = ms.heartbeat(state, node_id="n1", epoch=ev[1], now=ev[2])
+            last = lv.heartbeat(state, node_id="n1", epoch=ev[1], now=ev[2])
         else:
-            last = ms.tick(state, now=ev[1], policy=POLICY)
+            last = lv.tick(state, now=ev[1], policy=POLICY)
         state = last.state
     assert state.members["n1"].state is state_after
     assert bool(last.published) is published
@@ -184,15 +185,15 @@ def test_restart_grace(started_at, now, expected):
         members=list(stored.members.values()),
         revision=stored.revision,
     )
-    assert ms.tick(restarted, now=now, policy=POLICY).state.members["n1"].state is expected
+    assert lv.tick(restarted, now=now, policy=POLICY).state.members["n1"].state is expected
 
 
 def test_expiry_removes_and_quarantines():
     state = reg(empty()).state
     state = reg(state, "n2", 2).state
-    state = ms.status(state, node_id="n1", online=False, epoch=1, now=20).state
-    assert ms.tick(state, now=119, policy=POLICY).state.members["n1"].state is MemberState.UNREACHABLE
-    gone = ms.tick(state, now=120.5, policy=POLICY)
+    state = lv.status(state, node_id="n1", online=False, epoch=1, now=20).state
+    assert lv.tick(state, now=119, policy=POLICY).state.members["n1"].state is MemberState.UNREACHABLE
+    gone = lv.tick(state, now=120.5, policy=POLICY)
     assert [m.node_id for m in gone.removed] == ["n1"]
     assert "n1" not in gone.state.members and key(1) not in gone.state.keys
     assert "10.1.0.1" in gone.state.ipam.quarantine
@@ -218,9 +219,9 @@ def test_admin_remove_and_unknown():
 def test_unknown_node_ignored(fn):
     state = empty()
     if fn == "hb":
-        change = ms.heartbeat(state, node_id="x", epoch=1, now=1)
+        change = lv.heartbeat(state, node_id="x", epoch=1, now=1)
     else:
-        change = ms.status(state, node_id="x", online=fn == "on", epoch=1, now=1)
+        change = lv.status(state, node_id="x", online=fn == "on", epoch=1, now=1)
     assert change.state is state and change.ignored
 
 
@@ -230,18 +231,18 @@ def test_forgive_offline_revives_only_recent_will_downs():
     state = empty()
     for i, node in enumerate(["n1", "n2", "n3", "n4"], start=1):
         state = reg(state, node, i, now=1.0).state
-    state = ms.status(state, node_id="n1", online=False, epoch=1, now=5.0).state  # an old, real goodbye
-    state = ms.tick(state, now=16.0, policy=POLICY).state  # everyone silent: n2..n4 unreachable by TTL
+    state = lv.status(state, node_id="n1", online=False, epoch=1, now=5.0).state  # an old, real goodbye
+    state = lv.tick(state, now=16.0, policy=POLICY).state  # everyone silent: n2..n4 unreachable by TTL
     state = reg(state, "n2", 2, now=17.0).state
     state = reg(state, "n3", 3, now=17.0).state
     state = reg(state, "n4", 4, now=17.0).state
     will = {"online": False, "epoch": 1, "last_will": True}
-    state = ms.status(state, node_id="n2", now=29.5, **will).state  # the broker's shutdown
-    state = ms.status(state, node_id="n3", now=29.6, **will).state
-    state = ms.heartbeat(state, node_id="n3", epoch=1, now=29.7).state  # ...but n3 spoke again after it
-    state = ms.status(state, node_id="n4", online=False, epoch=1, now=29.8).state  # a goodbye: n4 said it
+    state = lv.status(state, node_id="n2", now=29.5, **will).state  # the broker's shutdown
+    state = lv.status(state, node_id="n3", now=29.6, **will).state
+    state = lv.heartbeat(state, node_id="n3", epoch=1, now=29.7).state  # ...but n3 spoke again after it
+    state = lv.status(state, node_id="n4", online=False, epoch=1, now=29.8).state  # a goodbye: n4 said it
     before = state.revision
-    change = ms.forgive_offline(state, since=28.0, now=31.0)
+    change = lv.forgive_offline(state, since=28.0, now=31.0)
     members = change.state.members
     assert [m.node_id for m in change.published] == ["n2"]
     assert members["n2"].state is MemberState.ACTIVE and members["n2"].last_seen == 31.0
@@ -251,34 +252,34 @@ def test_forgive_offline_revives_only_recent_will_downs():
     assert [h.event for h in change.happened] == [ms.Event.ACTIVE]
     assert not change.state.offline_at
     # Nothing left to forgive: no revision, no publish.
-    again = ms.forgive_offline(change.state, since=28.0, now=32.0)
+    again = lv.forgive_offline(change.state, since=28.0, now=32.0)
     assert not again.published and again.state.revision == change.state.revision
     # A revived member that is really gone is caught by the TTL again.
-    later = ms.tick(replace(change.state, started_at=31.0), now=46.5, policy=POLICY)
+    later = lv.tick(replace(change.state, started_at=31.0), now=46.5, policy=POLICY)
     assert "n2" in [m.node_id for m in later.published]
 
 
 def test_only_a_will_is_doubtful():
     state = reg(empty(), now=1.0).state
     state = reg(state, "n2", 2, now=1.0).state
-    will = ms.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True)
-    goodbye = ms.status(state, node_id="n2", online=False, epoch=1, now=2.0)
+    will = lv.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True)
+    goodbye = lv.status(state, node_id="n2", online=False, epoch=1, now=2.0)
     assert will.doubtful and will.published and "n1" in will.state.offline_at
     assert not goodbye.doubtful and goodbye.published and not goodbye.state.offline_at
 
 
 def test_forgive_offline_forgets_removed_members():
     state = reg(empty(), now=1.0).state
-    state = ms.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True).state
+    state = lv.status(state, node_id="n1", online=False, epoch=1, now=2.0, last_will=True).state
     assert "n1" in state.offline_at
     state = ms.remove(state, node_ids=["n1"], now=3.0, reason="admin").state
     assert not state.offline_at
-    assert not ms.forgive_offline(state, since=0.0, now=4.0).published
+    assert not lv.forgive_offline(state, since=0.0, now=4.0).published
 
 
 def test_policy_grace_must_cover_ttl():
     with pytest.raises(ValueError):
-        ms.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=5)
+        lv.LivenessPolicy(ttl_s=10, expiry_s=100, grace_s=5)
 
 
 event = st.one_of(
@@ -303,15 +304,15 @@ def test_invariants_under_any_sequence(events):
             if ev[0] == "reg":
                 change = reg(state, ev[1], ev[2], epoch=ev[3], now=now)
             elif ev[0] == "hb":
-                change = ms.heartbeat(state, node_id=ev[1], epoch=ev[2], now=now)
+                change = lv.heartbeat(state, node_id=ev[1], epoch=ev[2], now=now)
             elif ev[0] == "status":
-                change = ms.status(state, node_id=ev[1], online=ev[2], epoch=ev[3], now=now, last_will=ev[4])
+                change = lv.status(state, node_id=ev[1], online=ev[2], epoch=ev[3], now=now, last_will=ev[4])
             elif ev[0] == "tick":
-                change = ms.tick(state, now=now, policy=POLICY)
+                change = lv.tick(state, now=now, policy=POLICY)
             elif ev[0] == "remove":
                 change = ms.remove(state, node_ids=[ev[1]], now=now, reason="t")
             elif ev[0] == "forgive":
-                change = ms.forgive_offline(state, since=now - ev[1], now=now)
+                change = lv.forgive_offline(state, since=now - ev[1], now=now)
             else:
                 now += ev[1]
                 continue

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from meshcontract.messages import EnrollRequest, MeshSettings
+from meshcontract.messages import Endpoint, EndpointKind, EnrollRequest, MeshSettings
 from registrar import engine
-from registrar.membership import LivenessPolicy
+from registrar.liveness import LivenessPolicy
 from registrar.store import MemoryStore, SqliteStore
 
 CONFIG = engine.Config(
@@ -36,11 +36,18 @@ def key(n: int) -> str:
     return base64.b64encode(n.to_bytes(4, "big") * 8).decode()
 
 
+ENDPOINTS = [
+    Endpoint(host="vpn.example.org", port=51820, kind=EndpointKind.PUBLIC),
+    Endpoint(host="198.51.100.7", port=51820, kind=EndpointKind.REFLEXIVE),
+    Endpoint(host="192.168.1.7", port=51820),
+]
+
+
 def join(state: engine.CoreState, n: int, *, now: float) -> engine.Outcome:
-    """Enroll node n (tokens are not required in CONFIG)."""
+    """Enroll node n (tokens are not required in CONFIG), advertising an endpoint of every kind."""
     request = EnrollRequest(
         node_id=f"n{n}", name=f"node {n}", public_key=key(n), listen_port=51820,
-        token="mvj_unused-token-0000000000", password="node-password-00000",
+        token="mvj_unused-token-0000000000", password="node-password-00000", endpoints=ENDPOINTS,
     )  # fmt: skip
     return engine.enroll(state, request, now=now, config=CONFIG, password_hash=f"$7$hash-of-n{n}")
 
@@ -98,6 +105,7 @@ def test_round_trip_and_reopen(make_store):
     assert dict(again.membership.ipam.quarantine) == dict(state.membership.ipam.quarantine)
     assert dict(again.revoked) == dict(state.revoked) and key(2) in again.revoked, "n2's key stays revoked"
     assert again.membership.members["n1"].password_hash == "$7$hash-of-n1", "credential hashes survive"
+    assert list(again.membership.members["n1"].endpoints) == ENDPOINTS, "endpoints keep their kind"
     # a newcomer never gets the quarantined address of n2
     out = join(again, 9, now=11)
     assert out.enroll_reply.mesh_ip not in again.membership.ipam.quarantine
