@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README demo: the brief's final demo in one run (join one by one, NAT, chat, "
                                     "a late join, a leave, agent and node crashes, a control-plane outage), "
                                     "every step checked and timed, a summary table; exit status 0 only if all held")
-    p.add_argument("--keep", action="store_true", help="leave the lab up at the end")
+    p.add_argument("--keep", action="store_true", help="leave the lab up at the end (if every check held)")
+    p.add_argument("--id", help="lab id (2-5 of [a-z0-9]); random by default")
     return parser
 
 
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "demo":
         from meshlab.demo import run_demo
 
-        return run_demo(settings, keep=args.keep)
+        return run_demo(settings, keep=args.keep, lab_id=args.id)
     raise LabError(f"unknown command {cmd}")
 
 

@@ -55,7 +55,8 @@ class StepFailed(Exception):
 class Demo:
     """Runs the steps on one lab, printing a timeline, and keeps the checks for the summary."""
 
-    def __init__(self, settings: LabSettings, *, out: Callable[[str], None] = print) -> None:
+    def __init__(self, settings: LabSettings, *, lab_id: str | None = None,
+                 out: Callable[[str], None] = print) -> None:
         self.timeline = Timeline(start=time.monotonic())
         self.out = out
         self.lab = Lab(settings, report=lambda line: self.say(line, kind="lab"))
@@ -64,6 +65,7 @@ class Demo:
         self.step = ""
         self.listeners: dict[str, ProcessRecord] = {}
         self.sent = 0
+        self.lab_id = lab_id
 
     # --- printing and checking ---------------------------------------------------------------------------
 
@@ -197,7 +199,7 @@ class Demo:
         lab = self.lab
         started = time.monotonic()
         self.say(f"lab directory {lab.store.root}")
-        lab.up(0)
+        lab.up(0, lab_id=self.lab_id)
         health = lab.control.registrar_health(lab.plan()) or {}
         self.record("registrar ready (GET /healthz), embedded broker up, join token created",
                     health.get("ready") is True, time.monotonic() - started)
@@ -361,10 +363,12 @@ class Demo:
                     lambda: all(self.member_states().get(n) == "active" for n in names))
 
 
-def run_demo(settings: LabSettings, *, keep: bool = False, out: Callable[[str], None] = print) -> int:
-    """Run the demo in `settings.lab_dir`, remove the lab (unless `keep` and it held), print the summary table.
-    The exit status: 0 only if every step ran and every check held."""
-    demo = Demo(settings, out=out)
+def run_demo(settings: LabSettings, *, keep: bool = False, lab_id: str | None = None,
+             out: Callable[[str], None] = print) -> int:
+    """Run the demo in `settings.lab_dir` (lab id `lab_id`, default random), remove the lab (unless `keep` and
+    it held), print the summary table. The exit status: 0 only if every step ran and every check held, 130 if
+    interrupted."""
+    demo = Demo(settings, lab_id=lab_id, out=out)
     lab = demo.lab
     if lab.store.recorded_id():
         demo.say(f"removing a lab left in {lab.store.root} by an earlier run")
