@@ -2,6 +2,7 @@
 
 import pytest
 
+from meshlab.demo import Demo
 from meshlab.demosteps import (
     STEP_KEYS,
     STEPS,
@@ -86,3 +87,7 @@ def test_peer_counts():
     assert expected_peer_counts(["n1", "n2", "n3"], up=["n1", "n2", "n3"]) == {"n1": 2, "n2": 2, "n3": 2}
     assert expected_peer_counts(["n1"], up=["n1"]) == {"n1": 0}
     assert expected_peer_counts(["n1", "n2"], up=["n2"]) == {"n2": 1}
+
+
+def test_every_step_has_its_method_in_the_demo():
+    assert all(callable(getattr(Demo, "step_" + key.replace("-", "_"), None)) for key in STEP_KEYS)
