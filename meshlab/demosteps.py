@@ -57,10 +57,16 @@ def verdict(checks: Sequence[Check], *, ran: Sequence[str]) -> int:
     return 0 if list(ran) == list(STEP_KEYS) else 1
 
 
+def not_run(checks: Sequence[Check], *, ran: Sequence[str]) -> list[Step]:
+    """The steps the demo never reached: not completed and without a check (the one that failed has its own)."""
+    started = {c.step for c in checks}
+    return [s for s in STEPS if s.key not in ran and s.key not in started]
+
+
 def summary_rows(checks: Sequence[Check], *, ran: Sequence[str]) -> list[tuple[str, str, str, str]]:
     """(step, check, result, seconds) per check in the order recorded, then one row per step that did not run."""
     rows = [(c.step, c.what, "ok" if c.ok else "FAIL", f"{c.seconds:.1f}") for c in checks]
-    rows += [(s.key, s.title, "not run", "-") for s in STEPS if s.key not in ran]
+    rows += [(s.key, s.title, "not run", "-") for s in not_run(checks, ran=ran)]
     return rows
 
 
@@ -76,7 +82,7 @@ def format_summary(checks: Sequence[Check], *, ran: Sequence[str], total_s: floa
 
     rule = "|" + "|".join("-" * (w + 1) + (":" if i == 3 else "-") for i, w in enumerate(widths)) + "|"
     failed = sum(1 for c in checks if not c.ok)
-    skipped = sum(1 for s in STEPS if s.key not in ran)
+    skipped = len(not_run(checks, ran=ran))
     held = "every check held" if verdict(checks, ran=ran) == 0 else f"{failed} check(s) failed, {skipped} step(s) not run"
     tail = f"{len(checks)} checks in {len(ran)} of {len(STEPS)} steps, {total_s:.0f} s: {held}"
     return "\n".join([line(header), rule, *(line(r) for r in rows), "", tail])

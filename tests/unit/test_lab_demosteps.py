@@ -44,12 +44,18 @@ def test_verdict(checks, ran, status):
 
 
 def test_summary_rows_list_every_check_then_every_step_that_did_not_run():
-    checks = [_ok("control-plane", "registrar ready", 4.71), Check("join", "n1 joined", False, 30.0)]
+    checks = [_ok("control-plane", "registrar ready", 4.71), _ok("join", "n1 joined"),
+              Check("join", "n2 joined", False, 30.0)]
     rows = summary_rows(checks, ran=["control-plane"])
     assert rows[0] == ("control-plane", "registrar ready", "ok", "4.7")
-    assert rows[1] == ("join", "n1 joined", "FAIL", "30.0")
-    assert [r[0] for r in rows[2:]] == ALL[1:]
-    assert {r[2] for r in rows[2:]} == {"not run"}
+    assert rows[2] == ("join", "n2 joined", "FAIL", "30.0")
+    assert [r[0] for r in rows[3:]] == ALL[2:]  # the failed step has its rows, not a "not run" one
+    assert {r[2] for r in rows[3:]} == {"not run"}
+
+
+def test_a_step_interrupted_before_its_first_check_did_not_run():
+    rows = summary_rows([_ok("control-plane")], ran=["control-plane"])
+    assert [r[0] for r in rows if r[2] == "not run"] == ALL[1:]
 
 
 def test_summary_is_a_markdown_table_with_the_verdict_last():
@@ -66,7 +72,7 @@ def test_summary_is_a_markdown_table_with_the_verdict_last():
 def test_summary_says_what_failed():
     text = format_summary([_ok("control-plane"), Check("join", "n1 joined", False, 30.0)], ran=["control-plane"],
                           total_s=40)
-    assert text.splitlines()[-1] == "2 checks in 1 of 9 steps, 40 s: 1 check(s) failed, 8 step(s) not run"
+    assert text.splitlines()[-1] == "2 checks in 1 of 9 steps, 40 s: 1 check(s) failed, 7 step(s) not run"
     row = next(line for line in text.splitlines() if line.startswith("| join "))
     assert [c.strip() for c in row.split("|")[1:-1]] == ["join", "n1 joined", "FAIL", "30.0"]
 
