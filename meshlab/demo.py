@@ -6,7 +6,7 @@ chat between every pair; a late node n4 joins the running mesh under a continuou
 and its tunnel disappears everywhere while chat to it fails; n3's agent is killed (its tunnels stay: the data
 plane still answers) and restarted; n3 crashes outright (detected, removed everywhere, chat fails) and comes back
 with the same mesh IP; the registrar and its embedded broker are killed for three heartbeat TTLs while ping and
-chat keep flowing, and come back without removing anyone.
+chat keep flowing, and come back without removing anyone; last, `meshlab check`'s invariants hold.
 
 Every check reads an interface meant for machines: `wg show` in each namespace (the tunnels), the registrar's
 API (member states, endpoints), the agents' local API (broker connection, counters), meshchat's exit status and
@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from meshcontract.errors import ContractError
 from meshlab import system
+from meshlab.checkloop import describe, settle
 from meshlab.demosteps import (
     STEPS,
     Check,
@@ -33,6 +34,7 @@ from meshlab.demosteps import (
     verdict,
 )
 from meshlab.errors import LabError, NotReadyError
+from meshlab.invariants import Bounds, Memory
 from meshlab.lab import Lab
 from meshlab.meshview import holders_of
 from meshlab.report import format_matrix
@@ -361,6 +363,17 @@ class Demo:
                     + (f": {', '.join(seen)}" if seen else ""), not seen, time.monotonic() - start)
         self.within("registrar: n1, n2, n3 active",
                     lambda: all(self.member_states().get(n) == "active" for n in names))
+
+    def step_invariants(self) -> None:
+        st = self.lab.state()
+        bounds = Bounds.for_lab(interval_s=st.heartbeat_interval_s, ttl_s=st.heartbeat_ttl_s)
+        found, _ = settle(self.lab, bounds=bounds, memory=Memory(), probe=True, limit_s=bounds.settle_s + 5)
+        for finding in found.violations:
+            self.block(f"VIOLATION {describe(finding)}")
+        for finding in found.pending:
+            self.block(f"still pending {describe(finding)}")
+        self.record(f"meshlab check: {len(found.violations)} violation(s) in {found.looks} look(s)", found.ok,
+                    found.took_s)
 
 
 def run_demo(settings: LabSettings, *, keep: bool = False, lab_id: str | None = None,

@@ -31,6 +31,8 @@ STEPS: tuple[Step, ...] = (
     Step("agent-crash", "n3's agent is killed (SIGKILL); its tunnels stay; restarted, it is active again"),
     Step("node-crash", "n3 crashes (every process); detected and removed; chat fails; back with the same IP"),
     Step("control-outage", "registrar + broker down (kill -9): ping and chat keep flowing; back with no removal"),
+    Step("invariants", "meshlab check at the end: IPs unique and stable, live pairs tunnelled and answering, "
+                       "no stale or ghost peer, views converged"),
 )
 STEP_KEYS = tuple(s.key for s in STEPS)
 

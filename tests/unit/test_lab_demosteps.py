@@ -24,7 +24,7 @@ def _ok(step: str, what: str = "held", seconds: float = 1.0) -> Check:
 
 def test_the_steps_cover_the_brief_final_demo_in_order():
     assert STEP_KEYS == ("control-plane", "join", "nat", "chat", "late-join", "leave", "agent-crash", "node-crash",
-                         "control-outage")
+                         "control-outage", "invariants")
     assert len(set(STEP_KEYS)) == len(STEPS)
     assert all(s.title for s in STEPS)
 
@@ -66,13 +66,13 @@ def test_summary_is_a_markdown_table_with_the_verdict_last():
     assert len({len(line) for line in lines[:-2]}) == 1  # every row as wide as the header
     assert lines[2] == "| control-plane  | check of control-plane  | ok     |     2.2 |"
     assert lines[-2] == ""
-    assert lines[-1] == "9 checks in 9 of 9 steps, 71 s: every check held"
+    assert lines[-1] == "10 checks in 10 of 10 steps, 71 s: every check held"
 
 
 def test_summary_says_what_failed():
     text = format_summary([_ok("control-plane"), Check("join", "n1 joined", False, 30.0)], ran=["control-plane"],
                           total_s=40)
-    assert text.splitlines()[-1] == "2 checks in 1 of 9 steps, 40 s: 1 check(s) failed, 7 step(s) not run"
+    assert text.splitlines()[-1] == "2 checks in 1 of 10 steps, 40 s: 1 check(s) failed, 8 step(s) not run"
     row = next(line for line in text.splitlines() if line.startswith("| join "))
     assert [c.strip() for c in row.split("|")[1:-1]] == ["join", "n1 joined", "FAIL", "30.0"]
 
