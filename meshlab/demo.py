@@ -119,18 +119,21 @@ class Demo:
     def tunnels_settle(self, what: str, members: Sequence[str], *, start: float) -> None:
         """Wait until the mesh of `members` is complete (each holds exactly one tunnel to each other, no ghost)
         and every member's `wg show` counts its peers right; print the counts. Timed from `start`."""
-        want = expected_peer_counts(members, up=members)
+        want = expected_peer_counts(members)
+        seen: dict[str, int | None] = {}
+        problems: list[str] = []
 
         def settled() -> bool:
-            return self.peer_counts(members) == want and not self.lab.mesh_problems(members)
+            seen.update(self.peer_counts(members))
+            problems[:] = self.lab.mesh_problems(members)
+            return seen == want and not problems
 
         try:
             wait_for(settled, timeout=CONVERGE_S, what=what, interval=0.2)
         except NotReadyError as exc:
-            self.record(f"{exc} (wg show peers: {format_peer_counts(self.peer_counts(members))}): "
-                        f"{'; '.join(self.lab.mesh_problems(members))}", False, time.monotonic() - start)
-        self.record(f"{what} (wg show peers: {format_peer_counts(self.peer_counts(members))})", True,
-                    time.monotonic() - start)
+            self.record(f"{exc} (wg show peers: {format_peer_counts(seen)}): {'; '.join(problems)}", False,
+                        time.monotonic() - start)
+        self.record(f"{what} (wg show peers: {format_peer_counts(seen)})", True, time.monotonic() - start)
 
     def member_states(self) -> dict[str, str]:
         """Each node's membership state as the registrar's API gives it (node name -> state)."""
@@ -328,7 +331,7 @@ class Demo:
             counts = self.peer_counts(names)
             self.record(f"after {time.monotonic() - down_at:.1f} s down ({OUTAGE_TTLS} x TTL) every tunnel is still "
                         f"there (wg show peers: {format_peer_counts(counts)})",
-                        counts == expected_peer_counts(names, up=names), time.monotonic() - down_at)
+                        counts == expected_peer_counts(names), time.monotonic() - down_at)
             started = time.monotonic()
             lab.registrar("start")
             self.within("every agent is back on the broker and registered (local API: ready)",

@@ -95,6 +95,6 @@ def format_peer_counts(counts: Mapping[str, int | None]) -> str:
     return " ".join(f"{name}={'-' if n is None else n}" for name, n in counts.items())
 
 
-def expected_peer_counts(members: Sequence[str], *, up: Sequence[str]) -> dict[str, int]:
-    """How many tunnels each node of `up` should hold when `members` are the nodes peers keep a tunnel to."""
-    return {name: sum(1 for m in members if m != name) for name in up}
+def expected_peer_counts(members: Sequence[str]) -> dict[str, int]:
+    """How many WireGuard peers each of `members` holds in a complete mesh of them: one per other member."""
+    return {name: len(members) - 1 for name in members}

@@ -90,9 +90,9 @@ def test_format_check(check, line):
 
 def test_peer_counts():
     assert format_peer_counts({"n1": 2, "n2": 0, "n3": None}) == "n1=2 n2=0 n3=-"
-    assert expected_peer_counts(["n1", "n2", "n3"], up=["n1", "n2", "n3"]) == {"n1": 2, "n2": 2, "n3": 2}
-    assert expected_peer_counts(["n1"], up=["n1"]) == {"n1": 0}
-    assert expected_peer_counts(["n1", "n2"], up=["n2"]) == {"n2": 1}
+    assert expected_peer_counts(["n1", "n2", "n3"]) == {"n1": 2, "n2": 2, "n3": 2}
+    assert expected_peer_counts(["n1"]) == {"n1": 0}
+    assert expected_peer_counts([]) == {}
 
 
 def test_every_step_has_its_method_in_the_demo():
