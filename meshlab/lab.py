@@ -91,13 +91,14 @@ class Lab:
 
     def up(self, nodes: int, *, lab_id: str | None = None, nat: Sequence[str] = (),
            nat_groups: Sequence[tuple[str, Sequence[str]]] = ()) -> LabState:
-        """Build the underlay, start broker and registrar, create a join token and start `nodes` agents.
+        """Build the underlay, start broker and registrar, create a join token and start `nodes` agents (0: the
+        control plane alone; `add` brings nodes one by one).
 
         Each node named in `nat` sits behind a NAT router of its own; each (name, members) of `nat_groups` puts
         its members behind one shared router; the others are public (meshlab.topology).
         """
-        if nodes < 1:
-            raise LabError("a lab needs at least one node")
+        if nodes < 0:
+            raise LabError("a lab cannot have a negative number of nodes")
         placements = layout(nodes, nat=nat, groups=nat_groups)
         longest = self.store.agent_socket(f"n{MAX_NODES}")
         if len(os.fsencode(longest.resolve())) > UNIX_PATH_MAX:
