@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from netns import Namespace, NetnsLab, require_root, wait_until
+from netns import Namespace, NetnsLab, require_root
+from polling import wait_for
 from pyroute2 import IPRoute
 from pyroute2.netns import popns, pushns
 
@@ -181,7 +182,7 @@ def test_two_namespaces_tunnel_through_kernel_links(lab: NetnsLab, tmp_path: Pat
 
     for me, other in ((na, nb), (nb, na)):
         assert [p.public_key for p in converge(me, [other]).upsert] == [keys.public_key(other["private"])]
-    wait_until(lambda: a.ping(nb["mesh_ip"]), timeout=15, what="ping a -> b through kernel WireGuard")
+    wait_for(lambda: a.ping(nb["mesh_ip"]), timeout=15, interval=0.1, what="ping a -> b through kernel WireGuard")
     assert b.ping(na["mesh_ip"])
     assert converge(na, [nb]).is_empty()
 
