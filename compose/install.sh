@@ -176,7 +176,7 @@ if [ "$changed" = 0 ]; then
 fi
 cat <<EOF
 install: done. Next steps (docs/deploy.md):
-  control plane:  edit /etc/meshvpn/registrar.toml, then
+  control plane:  edit /etc/meshvpn/registrar.toml (tls_names: the name nodes reach this host by), then
                   systemctl enable --now meshvpn-registrar
                   sudo -u meshvpn meshvpn-registrar --config /etc/meshvpn/registrar.toml tokens create
   every node:     edit /etc/meshvpn/agent.toml (registrar_url, mesh, join_token), then
