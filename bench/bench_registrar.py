@@ -1,28 +1,35 @@
-"""How the registrar copes with a big mesh: N simulated nodes register and must all hold the full roster.
+"""How the registrar copes with a big mesh: N enrolled nodes register at once and must all follow the membership.
 
     python bench/bench_registrar.py [--nodes 1000] [--broker mosquitto|amqtt|both] [--workers 4]
-                                    [--heartbeat-interval 1] [--heartbeat-window 20]
+                                    [--heartbeat-interval 1] [--heartbeat-window 20] [--heartbeat-ttl 60] [--keep]
 
-For each broker: start it (open, no ACL, random 127.0.0.1 port) and the registrar as a subprocess
-(`python -m registrar run`, fresh state dir, SQLite WAL). N simulated agents run in a few worker processes, each
-driving its paho clients from one selector loop (paho's external-loop API, TCP_NODELAY like every component).
-Each subscribes like an agent (reply/<self>, members/+, roster, registrar; QoS 1), waits for the registrar's
-retained status online, then all publish one RegisterRequest at once. Measured:
+For each broker: start it with access control as shipped, on a random 127.0.0.1 port in plain TCP (Mosquitto
+with the dynamic security plugin, whose node accounts the registrar creates through its admin; or the embedded
+amqtt broker as `python -m broker` reading the password file the registrar writes), and the registrar as a
+subprocess (`python -m registrar run`, fresh state dir, SQLite WAL). Then:
 
-- registration: from the burst until the registrar has admitted and committed all N (polled over its HTTP
-  API) -> registrations/s; and until every node has its ok reply (replies queue behind member records in the
-  broker's per-client queues);
-- full roster everywhere: from the burst until every node holds a complete view (for each of the N roster
-  entries a record at least that new) -- N x N record deliveries, the cost of a full mesh;
-- heartbeats: every node heartbeats every --heartbeat-interval s from the burst on (and re-sends an unanswered
-  request after 10 s, like an agent); after convergence the registrar's CPU (utime + stime from /proc) and RSS
-  are measured over --heartbeat-window s.
+1. Enrollment. N nodes enroll with one reusable join token, each with its own broker password, through the
+   registrar's admin socket: the same HTTP API, without the per-address allowance that one benchmarking host
+   would exhaust after ten. The registrar creates each node's broker account before it commits the admission.
+2. N simulated agents run in a few worker processes, each driving its paho clients from one selector loop
+   (paho's external-loop API, TCP_NODELAY like every component). Each logs in as itself with its own password,
+   subscribes like an agent (reply/<self>, delta, registrar, and the retained snapshot until it holds one, then
+   unsubscribes; QoS 1) and heartbeats from then on. The run goes on once every node holds the registrar's
+   retained status online and a membership with all N members.
+3. The burst: all N publish a RegisterRequest at once, with an endpoint other than the one they enrolled with
+   (a fleet coming up on its real addresses), so every registration changes a record. Measured: until the
+   registrar has committed all N (its `registrations` counter, read over /metrics), until every node has its ok
+   reply, and until every node's membership shows all N at their new endpoint. Nodes follow the stream as the
+   agent does (nodeagent.membership): a delta that starts at the revision held is applied, an older one ignored,
+   one from further ahead is a gap that makes the node fetch the snapshot again. That last measure is N x N
+   record deliveries, the cost of a full mesh. An unanswered request is sent again after 10 s, like an agent.
+4. Heartbeats: after convergence, the registrar's CPU (utime + stime from /proc) and RSS over
+   --heartbeat-window s while every node heartbeats every --heartbeat-interval s.
 
-Mosquitto runs with the shipped config (tests/brokers.py renders it with broker/mosquitto_config.py, open and
-without ACL here), whose per-client queue limits are what a mesh this size needs: with Mosquitto's default of
-1000 queued messages, a burst of N = 1000 records to every agent overflows the queue of any agent that is slower
-than the burst and Mosquitto drops records ("Outgoing messages are being dropped"), so those agents never see a
-complete roster.
+Every worker checks the registrar's signature (the key its enrollment reply carried) on the first snapshot and
+the first delta it receives; everything else is parsed lightly, so that the bench measures the registrar and
+the broker rather than the simulated agents. --heartbeat-ttl is long by default so that nodes enrolled first do
+not expire while the rest enroll and connect.
 """
 
 from __future__ import annotations
@@ -33,70 +40,118 @@ import json
 import multiprocessing as mp
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+# This checkout's packages, here and in every subprocess (registrar, embedded broker), before any installed copy.
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 from brokers import free_port, start_embedded, start_mosquitto  # noqa: E402
 
-from meshcontract import topics  # noqa: E402
+from meshcontract import jointoken, messages, topics  # noqa: E402
+from meshcontract.messages import EnrollRequest, MembershipDelta, MembershipSnapshot  # noqa: E402
+from meshcontract.signing import Verifier  # noqa: E402
 from meshcontract.topics import Kind  # noqa: E402
 from meshcontract.transport import BrokerSettings, make_client  # noqa: E402
 
 MESH = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RETRY_S = 10.0  # an agent re-sends an unanswered RegisterRequest
+REGISTRAR_PASSWORD = "bench-registrar-password"
+ENROLLED_HOST = "192.0.2.1"  # the endpoint each node enrolls with ...
+REGISTERED_HOST = "192.0.2.2"  # ... and the one it registers with in the burst
+MAX_BUFFERED_DELTAS = 256  # as nodeagent.membership
+
+
+def node_id(index: int) -> str:
+    return f"node{index:05d}"
+
+
+def node_password(index: int) -> str:
+    return f"bench-password-{index:05d}"
+
+
+def node_key(index: int) -> str:
+    return base64.b64encode((index + 1).to_bytes(4, "big") * 8).decode()
+
+
+class SignatureCheck:
+    """One worker's check of the registrar's signature on the first snapshot and the first delta it receives."""
+
+    def __init__(self, signing_key: str) -> None:
+        self._verifier = Verifier(signing_key)
+        self.checked: set[Kind] = set()
+
+    def once(self, kind: Kind, payload: bytes) -> None:
+        if kind in self.checked:
+            return
+        model = MembershipSnapshot if kind is Kind.SNAPSHOT else MembershipDelta
+        message = messages.decode(model, payload, max_size=messages.MAX_MEMBERSHIP_PAYLOAD)
+        self._verifier.verify(message, kind=str(kind), mesh=MESH)  # raises if forged or altered
+        self.checked.add(kind)
 
 
 class SimNode:
-    """One simulated agent: its client and what it has seen (parsed lightly: the bench measures the registrar)."""
+    """One simulated agent: its client, and the membership it follows (by revision, with resync on a gap)."""
 
-    def __init__(self, index: int, port: int, n: int) -> None:
-        self.node_id = f"node{index:05d}"
-        self.key = base64.b64encode(index.to_bytes(4, "big") * 8).decode()
+    def __init__(self, index: int, port: int, n: int, signatures: SignatureCheck) -> None:
+        self.node_id = node_id(index)
+        self.index = index
         self.n = n
+        self.signatures = signatures
         self.reply_at: float | None = None
         self.sent_at = 0.0
         self.complete_at: float | None = None
-        self.records: dict[str, int] = {}
-        self.roster: dict[str, int] = {}
-        self.roster_rev = -1
+        self.revision: int | None = None  # of the membership held
+        self.hosts: dict[str, str] = {}  # node id -> first endpoint's host, in the membership held
+        self.syncing = True
+        self.buffered: list[dict] = []
         self.subscribed = False
         self.registrar_online = False
-        self.client = make_client(
-            BrokerSettings(url=f"mqtt://127.0.0.1:{port}", keepalive_s=60), client_id=self.node_id
+        self.snapshot_topic = topics.build(MESH, Kind.SNAPSHOT)
+        settings = BrokerSettings(
+            url=f"mqtt://127.0.0.1:{port}", username=self.node_id, password=node_password(index), keepalive_s=60
         )
+        self.client = make_client(settings, client_id=self.node_id)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: setattr(self, "subscribed", True)
         self.client.on_connect = self._on_connect
         self.client.max_inflight_messages_set(100)
 
     def _on_connect(self, client, userdata, flags, rc, props) -> None:
+        if rc.is_failure:
+            raise RuntimeError(f"{self.node_id}: the broker refused the login: {rc}")
         client.subscribe(
             [
                 (topics.build(MESH, Kind.REPLY, self.node_id), 1),
-                (topics.subscription(MESH, Kind.MEMBERS), 1),
-                (topics.subscription(MESH, Kind.ROSTER), 1),
-                (topics.subscription(MESH, Kind.REGISTRAR), 1),
+                (topics.build(MESH, Kind.DELTA), 1),
+                (topics.build(MESH, Kind.REGISTRAR), 1),
+                (self.snapshot_topic, 1),
             ]
         )
 
+    @property
+    def in_sync_with_all(self) -> bool:
+        return not self.syncing and len(self.hosts) == self.n
+
     def register(self) -> None:
         req = {
-            "request_id": f"bench-{self.node_id}",
+            "request_id": f"bench-{self.node_id}-{int(self.sent_at * 1000)}",
             "node_id": self.node_id,
             "name": self.node_id,
-            "public_key": self.key,
+            "public_key": node_key(self.index),
             "listen_port": 51820,
-            "endpoints": [{"host": "192.0.2.1", "port": 51820}],
+            "endpoints": [{"host": REGISTERED_HOST, "port": 51820}],
             "epoch": 1,
         }
         self.client.publish(topics.build(MESH, Kind.REGISTER, self.node_id), json.dumps(req), qos=1)
@@ -107,36 +162,66 @@ class SimNode:
 
     def _on_message(self, client, userdata, msg) -> None:
         kind = msg.topic.split("/")[3]
-        if kind == "members":
-            if msg.payload:
-                rec = json.loads(msg.payload)
-                self.records[rec["node_id"]] = rec["revision"]
-        elif kind == "roster":
-            roster = json.loads(msg.payload)
-            if roster["revision"] > self.roster_rev:
-                self.roster_rev = roster["revision"]
-                self.roster = {e["node_id"]: e["revision"] for e in roster["members"]}
+        if kind == "snapshot" and msg.payload:
+            self.signatures.once(Kind.SNAPSHOT, msg.payload)
+            self._on_snapshot(json.loads(msg.payload))
+        elif kind == "delta":
+            self.signatures.once(Kind.DELTA, msg.payload)
+            self._on_delta(json.loads(msg.payload))
         elif kind == "reply":
             if self.reply_at is None and b'"ok":true' in msg.payload:
                 self.reply_at = time.monotonic()
         elif kind == "registrar":
             self.registrar_online = b'"online"' in msg.payload
-        if self.complete_at is None and len(self.roster) == self.n and len(self.records) >= self.n:
-            if all(self.records.get(i, -1) >= r for i, r in self.roster.items()):
-                self.complete_at = time.monotonic()
+        if (
+            self.complete_at is None
+            and self.reply_at is not None
+            and self.in_sync_with_all
+            and all(host == REGISTERED_HOST for host in self.hosts.values())
+        ):
+            self.complete_at = time.monotonic()
+
+    def _on_snapshot(self, snapshot: dict) -> None:
+        if not self.syncing or (self.revision is not None and snapshot["revision"] < self.revision):
+            return
+        self.revision = snapshot["revision"]
+        self.hosts = {r["node_id"]: r["endpoints"][0]["host"] for r in snapshot["members"]}
+        self.syncing = False
+        buffered, self.buffered = sorted(self.buffered, key=lambda d: d["from_revision"]), []
+        for delta in buffered:
+            self._on_delta(delta)
+        if not self.syncing:
+            self.client.unsubscribe(self.snapshot_topic)  # in sync: from now on deltas only, like an agent
+
+    def _on_delta(self, delta: dict) -> None:
+        if self.revision is not None and delta["to_revision"] <= self.revision:
+            return
+        if self.syncing:
+            self.buffered = [*self.buffered, delta][-MAX_BUFFERED_DELTAS:]
+            return
+        if delta["from_revision"] == self.revision:
+            for removed in delta["removals"]:
+                self.hosts.pop(removed, None)
+            for record in delta["upserts"]:
+                self.hosts[record["node_id"]] = record["endpoints"][0]["host"]
+            self.revision = delta["to_revision"]
+            return
+        self.syncing, self.buffered = True, [delta]  # a gap: fetch the snapshot again
+        self.client.subscribe(self.snapshot_topic, 1)
 
 
-def worker(indices: list[int], port: int, n: int, conn, hb_interval: float) -> None:
+def worker(indices: list[int], port: int, n: int, conn, hb_interval: float, signing_key: str) -> None:
     """One process: a selector loop over its nodes' sockets and the control pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    nodes = [SimNode(i, port, n) for i in indices]
+    signatures = SignatureCheck(signing_key)
+    nodes = [SimNode(i, port, n, signatures) for i in indices]
     sel = selectors.DefaultSelector()
     for node in nodes:
         node.client.connect("127.0.0.1", port, keepalive=60)
         sel.register(node.client.socket(), selectors.EVENT_READ, node)
     sel.register(conn, selectors.EVENT_READ, None)
-    phase, ready_sent, done_sent = "connect", False, False
-    hb_next, seq, last_misc = 0.0, 0, time.monotonic()
+    phase, ready_sent, done_sent, sent_at = "connect", False, False, 0.0
+    hb_next, seq, last_misc = time.monotonic() + hb_interval, 0, time.monotonic()
     while phase != "stop":
         for node in nodes:
             if node.client.want_write():
@@ -145,11 +230,10 @@ def worker(indices: list[int], port: int, n: int, conn, hb_interval: float) -> N
             if key.data is None:
                 cmd = conn.recv()
                 if cmd == "go":
-                    # like agents: register, then heartbeat from the start (retrying unanswered requests)
-                    phase, hb_next = "register", time.monotonic() + hb_interval
+                    phase = "register"
                     for node in nodes:
-                        node.register()
                         node.sent_at = time.monotonic()
+                        node.register()
                 elif cmd == "stop":
                     phase = "stop"
             else:
@@ -159,25 +243,29 @@ def worker(indices: list[int], port: int, n: int, conn, hb_interval: float) -> N
             last_misc = now
             for node in nodes:
                 node.client.loop_misc()
-        if not ready_sent and all(x.subscribed and x.registrar_online for x in nodes):
+        if not ready_sent and all(x.subscribed and x.registrar_online and x.in_sync_with_all for x in nodes):
             conn.send("ready")
             ready_sent = True
-        if phase == "register" and not done_sent and all(x.reply_at and x.complete_at for x in nodes):
-            conn.send(("done", max(x.reply_at for x in nodes), max(x.complete_at for x in nodes), 0))
+        if phase == "register" and not sent_at and not any(x.client.want_write() for x in nodes):
+            sent_at = time.monotonic()  # every request of the burst handed to the kernel
+        if phase == "register" and not done_sent and all(x.complete_at for x in nodes):
+            checked = signatures.checked == {Kind.SNAPSHOT, Kind.DELTA}
+            done = ("done", max(x.reply_at for x in nodes), max(x.complete_at for x in nodes), 0, checked, sent_at)
+            conn.send(done)
             done_sent = True
-        if phase == "register" and now >= hb_next:
+        if now >= hb_next:  # like agents: heartbeat from the connection on, not only once registered
             seq += 1
             hb_next += hb_interval
             for node in nodes:
                 node.heartbeat(seq)
-                if node.reply_at is None and now - node.sent_at > RETRY_S:
-                    node.register()
+                if phase == "register" and node.reply_at is None and now - node.sent_at > RETRY_S:
                     node.sent_at = now
+                    node.register()
     if not done_sent:
         replies = [x.reply_at for x in nodes if x.reply_at]
         completes = [x.complete_at for x in nodes if x.complete_at]
-        missing = sum(1 for x in nodes if not (x.reply_at and x.complete_at))
-        conn.send(("partial", max(replies, default=0.0), max(completes, default=0.0), missing))
+        missing = sum(1 for x in nodes if not x.complete_at)
+        conn.send(("partial", max(replies, default=0.0), max(completes, default=0.0), missing, False, sent_at))
     for node in nodes:
         node.client.disconnect()
         node.client.loop_write()
@@ -195,40 +283,90 @@ def proc_cpu_rss(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def run_one(kind: str, args: argparse.Namespace) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-registrar-"))
+def registrations(admin: httpx.Client) -> int:
+    """The registrar's count of registrations answered ok (committed first), from /metrics."""
+    for line in admin.get("/metrics").text.splitlines():
+        if line.startswith("meshvpn_registrar_registrations_total "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("no registrations counter in /metrics")
+
+
+def enroll_all(admin: httpx.Client, n: int) -> str:
+    """Enroll nodes 0..n-1 with one reusable token; returns the registrar's signing key from the replies."""
+    created = admin.post("/v1/tokens", json={"reusable": True})
+    created.raise_for_status()
+    secret = jointoken.parse(created.json()["token"]).secret
+
+    def enroll(index: int) -> str:
+        request = EnrollRequest(
+            node_id=node_id(index), name=node_id(index), public_key=node_key(index), listen_port=51820,
+            endpoints=[{"host": ENROLLED_HOST, "port": 51820}], token=secret, password=node_password(index),
+        )  # fmt: skip
+        reply = admin.post("/v1/enroll", content=request.model_dump_json())
+        if reply.status_code != 200:
+            raise RuntimeError(f"enrolling {node_id(index)}: HTTP {reply.status_code} {reply.text}")
+        return reply.json()["signing_key"]
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(enroll, range(n)))
+    if len(keys) != 1:
+        raise RuntimeError(f"the enrollment replies carry {len(keys)} different signing keys")
+    return keys.pop()
+
+
+def start_registrar(kind: str, broker, tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, Path]:
+    """`python -m registrar run` on `broker`, managing its node accounts as in production; (process, admin socket)."""
+    env = {**os.environ, "MESHVPN_BROKER__PASSWORD": REGISTRAR_PASSWORD, "MESHVPN_LOG_LEVEL": "WARNING"}
     if kind == "mosquitto":
-        broker = start_mosquitto(tmp, users=None)
+        env.update(MESHVPN_BROKER_ACCOUNTS="dynsec", MESHVPN_BROKER_ADMIN_PASSWORD=broker.admin_password)
     else:
-        broker = start_embedded(tmp, users=None)
-    env = {
-        **os.environ,
-        "MESHVPN_BROKER__URL": broker.url,
-        "MESHVPN_REQUIRE_TOKEN": "false",
-        "MESHVPN_ISSUE_CREDENTIALS": "false",
-        "MESHVPN_LOG_LEVEL": "WARNING",
-    }
-    http_port = free_port()
+        env.update(MESHVPN_BROKER_ACCOUNTS="password_file", MESHVPN_PASSWORD_FILE=str(broker.password_file))
+    state = tmp / "state"
     registrar = subprocess.Popen(
-        [sys.executable, "-m", "registrar", "run", "--state-dir", str(tmp / "state"), "--mesh", MESH, "--network",
-         "100.96.0.0/16", "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-ttl",
-         str(max(5.0, 5 * args.heartbeat_interval)), "--http", f"127.0.0.1:{http_port}"],
+        [sys.executable, "-m", "registrar", "run", "--broker", broker.url, "--state-dir", str(state), "--mesh", MESH,
+         "--network", "100.96.0.0/16", "--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-ttl",
+         str(max(args.heartbeat_ttl, 3 * args.heartbeat_interval)), "--http", f"127.0.0.1:{free_port()}",
+         "--tls-name", "127.0.0.1"],
         env=env, cwd=REPO,
     )  # fmt: skip
+    return registrar, state / "admin.sock"
+
+
+def wait_ready(registrar: subprocess.Popen, admin: httpx.Client, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if registrar.poll() is not None:
+            raise RuntimeError(f"the registrar exited with {registrar.returncode}")
+        try:
+            if admin.get("/healthz").json()["ready"]:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the registrar was not ready within {timeout:.0f} s")
+
+
+def run_one(kind: str, args: argparse.Namespace) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-registrar-"))
+    users = {"registrar": REGISTRAR_PASSWORD}
+    broker = start_mosquitto(tmp, users=users, mesh=MESH) if kind == "mosquitto" else start_embedded(
+        tmp, users=users, mesh=MESH
+    )
+    registrar, admin_socket = start_registrar(kind, broker, tmp, args)
+    admin = httpx.Client(transport=httpx.HTTPTransport(uds=str(admin_socket)), base_url="http://registrar", timeout=30)
     ctx = mp.get_context("fork")
     procs, pipes = [], []
     try:
+        wait_ready(registrar, admin)
+        t_enroll = time.monotonic()
+        signing_key = enroll_all(admin, args.nodes)
+        enroll_s = time.monotonic() - t_enroll
         for w in range(args.workers):
             parent, child = ctx.Pipe()
+            indices = list(range(w, args.nodes, args.workers))
             p = ctx.Process(
                 target=worker,
-                args=(
-                    list(range(w, args.nodes, args.workers)),
-                    broker.port,
-                    args.nodes,
-                    child,
-                    args.heartbeat_interval,
-                ),
+                args=(indices, broker.port, args.nodes, child, args.heartbeat_interval, signing_key),
                 daemon=True,
             )
             p.start()
@@ -236,50 +374,47 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             pipes.append(parent)
         t_start = time.monotonic()
         for pipe in pipes:
-            if not pipe.poll(120) or pipe.recv() != "ready":
-                raise RuntimeError("a worker did not get its nodes connected and subscribed")
+            if not pipe.poll(300) or pipe.recv() != "ready":
+                raise RuntimeError("a worker did not get its nodes connected, subscribed and in sync")
         connected_s = time.monotonic() - t_start
-        for _ in range(500):  # the HTTP API starts a moment after the MQTT side
-            try:
-                httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.02)
+        before = registrations(admin)
         cpu0, _ = proc_cpu_rss(registrar.pid)
         t0 = time.monotonic()
         for pipe in pipes:
             pipe.send("go")
-        # the registrar's side: every node admitted and committed (HTTP reads the writer's snapshot)
-        admitted_s = None
+        committed_s = None
         while time.monotonic() < t0 + args.timeout:
-            if httpx.get(f"http://127.0.0.1:{http_port}/v1/mesh", timeout=5).json()["members"] >= args.nodes:
-                admitted_s = time.monotonic() - t0
+            if registrations(admin) - before >= args.nodes:
+                committed_s = time.monotonic() - t0
                 break
             time.sleep(0.01)
         results = []
         deadline = t0 + args.timeout
         for pipe in pipes:
-            if pipe.poll(max(0.0, deadline - time.monotonic())):
-                results.append(pipe.recv())
-            else:
-                results.append(None)
+            results.append(pipe.recv() if pipe.poll(max(0.0, deadline - time.monotonic())) else None)
         cpu1, rss1 = proc_cpu_rss(registrar.pid)
         complete = all(r is not None and r[0] == "done" for r in results)
+        sent_s = max(r[5] for r in results if r) - t0 if complete else None
         reply_s = max(r[1] for r in results if r) - t0 if complete else None
-        roster_s = max(r[2] for r in results if r) - t0 if complete else None
-        time.sleep(2.0)  # nodes have been heartbeating since the burst; let the last publishes drain
+        membership_s = max(r[2] for r in results if r) - t0 if complete else None
+        time.sleep(2.0)  # nodes have been heartbeating since they connected; let the last publishes drain
         hb_cpu0, _ = proc_cpu_rss(registrar.pid)
         time.sleep(args.heartbeat_window)
         hb_cpu1, hb_rss = proc_cpu_rss(registrar.pid)
         return {
             "broker": kind,
             "nodes": args.nodes,
-            "connect_subscribe_s": round(connected_s, 2),
+            "enrolled_all_s": round(enroll_s, 2),
+            "enrollments_per_s": round(args.nodes / enroll_s),
+            "connect_subscribe_sync_s": round(connected_s, 2),
             "all_complete": complete,
-            "registrar_admitted_all_s": round(admitted_s, 2) if admitted_s else None,
-            "registrar_registrations_per_s": round(args.nodes / admitted_s) if admitted_s else None,
+            "missing": sum(r[3] for r in results if r) if not complete else 0,
+            "signatures_checked": complete and all(r[4] for r in results),
+            "every_request_sent_s": round(sent_s, 2) if sent_s else None,
+            "registrar_committed_all_s": round(committed_s, 2) if committed_s else None,
+            "registrar_registrations_per_s": round(args.nodes / committed_s) if committed_s else None,
             "every_node_has_its_reply_s": round(reply_s, 2) if reply_s else None,
-            "full_roster_everywhere_s": round(roster_s, 2) if roster_s else None,
+            "full_membership_everywhere_s": round(membership_s, 2) if membership_s else None,
             "registrar_cpu_s_during_burst": round(cpu1 - cpu0, 2),
             "registrar_rss_mib_after_burst": round(rss1 / 1024, 1),
             "heartbeats_per_s": round(args.nodes / args.heartbeat_interval),
@@ -296,12 +431,17 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             p.join(10)
             if p.is_alive():
                 p.kill()
+        admin.close()
         registrar.terminate()
         try:
             registrar.wait(15)
         except subprocess.TimeoutExpired:
             registrar.kill()
         broker.stop()
+        if args.keep:
+            print(f"kept {tmp} (broker log and config, registrar state)", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -310,8 +450,10 @@ def main() -> int:
     p.add_argument("--broker", choices=["mosquitto", "amqtt", "both"], default="both")
     p.add_argument("--workers", type=int, default=4, help="processes driving the simulated nodes")
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
+    p.add_argument("--heartbeat-ttl", type=float, default=60.0)
     p.add_argument("--heartbeat-window", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (broker log, registrar state)")
     args = p.parse_args()
     # SIGTERM runs the finally blocks: brokers and the registrar subprocess are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -26,6 +26,10 @@ pyproject.toml because these are private methods) — see docs/broker.md for the
    amqtt ends its sessions, and a connection still reading its CONNECT is no session yet. On Python < 3.12 each
    cancelled connection task makes asyncio log a traceback. `MeshBroker.close` stops listening first, runs
    amqtt's shutdown, then closes the connections left.
+7. A refused CONNECT over TLS logs a traceback: the client hangs up on reading the refusing CONNACK, amqtt's
+   writer close then raises ConnectionResetError (as in its predecessor, https://github.com/njouanin/hbmqtt/issues/19)
+   and nothing catches it, so asyncio logs "Unhandled exception in client_connected_cb" and the listener keeps
+   counting the connection. `_close_refused` treats a peer that already hung up as closed.
 
 Plus: TCP_NODELAY on accepted sockets (small request/response messages otherwise wait on Nagle).
 
@@ -56,6 +60,7 @@ from amqtt.utils import gen_client_id
 
 from broker import admission
 from broker.errors import BrokerStartError
+from broker.passwords import PasswordFile
 from broker.settings import BrokerServerSettings
 from meshcontract import access
 from meshcontract.ratelimit import RateLimiter, RatePolicy
@@ -68,43 +73,6 @@ _ACCOUNT_CHECK_S = 1.0  # how soon a session whose account was deleted from the 
 _CANCEL_AGAIN_S = 0.1  # a reader still running this long after its cancellation has lost it (see _MeshHandler.stop)
 _CONNECT_WAIT_S = 1.0  # at shutdown, how long connections that were still logging in get to end
 _START_TIMEOUT_S = 15.0
-
-
-class PasswordFile:
-    """A Mosquitto-format password file, read again at every check.
-
-    The file is small and logins are rare, so it is simply read each time: a stat-based cache can miss a
-    same-size rewrite within one mtime tick (ext4 stamps are jiffy-granular), and a password issued by the
-    registrar must work at once.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._text: str | None = None
-        self._entries: dict[str, str] = {}
-
-    def _refresh(self) -> None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            if self._text:
-                log.warning("password file %s is missing: nobody can log in with a password", self.path)
-            text = ""
-        if text != self._text:
-            self._entries = access.parse_password_file(text)
-            self._text = text
-            log.info("loaded %d broker users from %s", len(self._entries), self.path)
-
-    def users(self) -> set[str]:
-        """Every username the file holds now."""
-        self._refresh()
-        return set(self._entries)
-
-    def check(self, username: str, password: str) -> bool:
-        """True if the file holds `username` with `password`."""
-        self._refresh()
-        hashed = self._entries.get(username)
-        return hashed is not None and access.verify_password(password, hashed)
 
 
 class PacketTooLarge(Exception):
@@ -172,6 +140,20 @@ class _MeshHandler(BrokerProtocolHandler):
                 if not done:
                     stopped.cancel()
         await super().stop()
+
+
+async def _close_refused(writer: WriterAdapter, address: str, port: int) -> None:
+    """Close a connection refused at CONNECT, when its client may already have hung up (fix 7).
+
+    A client hangs up as soon as it reads the refusing CONNACK; over TLS amqtt's close then waits for the close
+    of a socket the peer has reset and raises ConnectionResetError, which nothing in amqtt catches: asyncio
+    logged "Unhandled exception in client_connected_cb" with a traceback for every refused login (a removed node
+    retrying every few seconds), and the listener never released the connection. The refusal is already logged.
+    """
+    try:
+        await writer.close()
+    except ConnectionError as exc:
+        log.debug("refused connection from %s:%s was already closed by the client: %r", address, port, exc)
 
 
 @dataclass(eq=False)
@@ -286,7 +268,7 @@ class MeshBroker(Broker):
         try:
             _, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
-            await writer.close()
+            await _close_refused(writer, remote_address, remote_port)
             raise
         client_id = incoming.client_id or ""
         if not self.open_access:
@@ -307,7 +289,7 @@ class MeshBroker(Broker):
             if reason is not None:
                 log.warning("refused connection from %s:%s: %s", remote_address, remote_port, reason)
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-                await writer.close()
+                await _close_refused(writer, remote_address, remote_port)
                 raise MQTTError(f"connection refused: {reason}")
 
         if client_id in self._live:

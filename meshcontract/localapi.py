@@ -3,6 +3,10 @@
 Protocol: the client connects, sends one JSON object (LocalRequest) terminated by a newline, and reads one JSON
 object (LocalResponse) terminated by a newline; then the connection closes. No I/O here except the tiny
 blocking client `query`, which tools use.
+
+Who may ask what: the socket's permissions decide who may connect (root only by default; a group such as the
+desktop chat's with `socket_mode = 0o660`). Among them, the read-only ops are open to all; an op that changes
+the node needs the caller (its uid as the kernel reports it, SO_PEERCRED) to be root or the agent's own user.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from meshcontract.errors import ContractError, PayloadError
 
 DEFAULT_SOCKET = "/run/meshvpn/agent.sock"
 MAX_LOCAL_MESSAGE = 4 * 1024 * 1024
+# Ops that only read, open to whoever may connect. Every other op, "rotate-key" and any added later, changes the
+# node: listing the harmless ones means a new op is privileged until someone decides otherwise.
+READ_ONLY_OPS = frozenset({"status", "ping"})
 
 
 class _Model(BaseModel):
@@ -25,7 +32,7 @@ class _Model(BaseModel):
 
 class LocalRequest(_Model):
     """One request to the agent. `ping` needs `target` (a node name or mesh IP). `rotate-key` gives the node a
-    new WireGuard key pair (same node id and mesh IP); only the socket's owner (root by default) can ask."""
+    new WireGuard key pair (same node id and mesh IP); only root or the agent's own user may ask (`refusal`)."""
 
     op: Literal["status", "ping", "rotate-key"]
     target: str | None = Field(default=None, max_length=64)
@@ -95,6 +102,16 @@ class LocalResponse(_Model):
     status: AgentStatus | None = None
     ping: PingResult | None = None
     rotated: RotateResult | None = None
+
+
+def refusal(op: str, *, caller_uid: int | None, agent_uid: int) -> str | None:
+    """Why a caller with `caller_uid` (None: unknown) may not run `op` on an agent running as `agent_uid`, or None
+    if it may. Read-only ops are open to every caller the socket lets in; the others need root or the agent's
+    user, however the socket's group and mode are set."""
+    if op in READ_ONLY_OPS or caller_uid in (0, agent_uid):
+        return None
+    who = "the caller's user is unknown" if caller_uid is None else f"you are uid {caller_uid}"
+    return f"{op} changes this node: only root or the agent's own user (uid {agent_uid}) may ask, and {who}"
 
 
 def query(request: LocalRequest, *, socket_path: str = DEFAULT_SOCKET, timeout: float = 10.0) -> LocalResponse:

@@ -16,6 +16,7 @@ import itertools
 import json
 import re
 import unicodedata
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
@@ -351,13 +352,27 @@ def decode(model: type[M], payload: bytes, *, max_size: int = MAX_PAYLOAD) -> M:
     if not isinstance(data, dict):
         raise PayloadError(f"{model.__name__}: expected a JSON object, got {type(data).__name__}")
     if data.get("v") not in (None, SCHEMA_VERSION) and "v" in model.model_fields:
-        raise PayloadError(f"{model.__name__}: unsupported schema version {data.get('v')!r}")
+        # The version is named only when it is one (a number): any other `v` is the sender's text, never repeated.
+        version = data["v"] if type(data["v"]) is int and 0 <= data["v"] < 2**31 else "(not a version number)"
+        raise PayloadError(f"{model.__name__}: unsupported schema version {version}, this side speaks {SCHEMA_VERSION}")
     try:
         # JSON mode: strict models still accept JSON numbers/strings for their declared types.
         return model.model_validate_json(payload)
     except ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
+        reasons = "; ".join(
+            f"{'.'.join(map(str, error_location(e['loc']))) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
+        )
         raise PayloadError(f"{model.__name__}: {reasons}") from None
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def error_location(loc: Iterable[str | int]) -> list[str | int]:
+    """Where a validation error is (pydantic's `loc`), fit to show the sender or a log: a part that is neither
+    an index nor a field-like name (a made-up key, with bidi overrides, newlines or 60 KiB of text) is replaced,
+    never repeated back (found by fuzzing)."""
+    return [p if isinstance(p, int) or _FIELD_NAME.fullmatch(p) else "(unknown field)" for p in loc]
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

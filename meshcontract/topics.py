@@ -51,7 +51,9 @@ PER_NODE = frozenset({Kind.REGISTER, Kind.REPLY, Kind.STATUS, Kind.HEARTBEAT, Ki
 
 def is_valid_id(value: str) -> bool:
     """True if `value` may be used as a mesh name or node id (a single, wildcard-free topic level)."""
-    return bool(_ID_RE.match(value))
+    # fullmatch: with match, `$` also matched before a trailing new line, so "n1\n" passed as a node id
+    # (register/n1\n made the registrar's reply to it fail validation and raise; found by fuzzing).
+    return bool(_ID_RE.fullmatch(value))
 
 
 def check_id(value: str, what: str) -> str:

@@ -15,6 +15,7 @@ a registrar outage or a half-delivered retained state never tears down a working
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from meshcontract import localapi
 from meshcontract.localapi import AgentStatus, LocalRequest, LocalResponse, PingResult, RotateResult
 from meshcontract.signing import Verifier
 from meshcontract.transport import BrokerSettings, make_client
@@ -300,8 +302,13 @@ class Agent:
         return self.identity.log_fields(self.mesh_ip)
 
     # -- local API --------------------------------------------------------------------------------------
-    def handle_local(self, request: LocalRequest) -> LocalResponse:
-        """Answer one local API request (called from the local API server's threads)."""
+    def handle_local(self, request: LocalRequest, *, caller_uid: int | None) -> LocalResponse:
+        """Answer one local API request (called from the local API server's threads) from a process running as
+        `caller_uid`: an op that changes the node is refused unless it is root or our own user."""
+        refused = localapi.refusal(request.op, caller_uid=caller_uid, agent_uid=os.getuid())
+        if refused is not None:
+            log.warning("refused %s from uid %s on the local API", request.op, caller_uid, extra=self._fields())
+            return LocalResponse(ok=False, error=refused)
         if request.op == "status":
             return LocalResponse(ok=True, status=self.status())
         if request.op == "rotate-key":

@@ -3,6 +3,8 @@
 Served from its own threads (one per connection), so a slow `ping` never blocks the MQTT session or the
 reconcile loop. The socket is root-only (0600) by default: status and ping reveal the mesh's topology. To let
 a desktop chat running as a user read it, set `socket_mode = 0o660` and `socket_group` (see docs/agent.md).
+The handler learns each caller's uid from the kernel (SO_PEERCRED), so that an op that changes the node can be
+kept from a group that may only read (meshcontract.localapi.refusal).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import logging
 import os
 import socket
 import socketserver
+import struct
 import threading
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -24,8 +27,23 @@ from nodeagent.errors import AgentError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[LocalRequest], LocalResponse]
 _READ_TIMEOUT_S = 5.0
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Handler(Protocol):
+    """Answers one request; `caller_uid` is the connecting process's uid (None if the kernel did not say)."""
+
+    def __call__(self, request: LocalRequest, *, caller_uid: int | None) -> LocalResponse: ...
+
+
+def peer_uid(connection: socket.socket) -> int | None:
+    """The uid of the process at the other end of a unix socket, as the kernel recorded it at connect time."""
+    try:
+        _, uid, _ = _UCRED.unpack(connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except (OSError, AttributeError):  # AttributeError: a platform without SO_PEERCRED
+        return None
+    return uid
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -55,7 +73,7 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             return LocalResponse(ok=False, error=f"bad request: {exc}")
         server: _Server = self.server  # type: ignore[assignment]
         try:
-            return server.handle_request_fn(request)
+            return server.handle_request_fn(request, caller_uid=peer_uid(self.connection))
         except AgentError as exc:
             return LocalResponse(ok=False, error=str(exc))
 

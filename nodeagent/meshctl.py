@@ -51,11 +51,11 @@ def render_status(status: AgentStatus) -> str:
     """The header and peer table `meshctl status` prints."""
     address = f"{status.mesh_ip}/{status.prefix_len}" if status.mesh_ip else "(not registered yet)"
     lines = [
-        f"node      {status.name} ({status.node_id})",
-        f"mesh ip   {address} on {status.interface}",
-        f"broker    {'connected' if status.broker_connected else 'DISCONNECTED (tunnels kept)'}",
-        f"registrar {'online' if status.registrar_online else 'OFFLINE (tunnels kept)'}",
-        f"roster    revision {status.membership_revision}, "
+        f"node       {status.name} ({status.node_id})",
+        f"mesh ip    {address} on {status.interface}",
+        f"broker     {'connected' if status.broker_connected else 'DISCONNECTED (tunnels kept)'}",
+        f"registrar  {'online' if status.registrar_online else 'OFFLINE (tunnels kept)'}",
+        f"membership revision {status.membership_revision}, "
         + ("complete" if status.membership_complete else "INCOMPLETE (no peer is removed until complete)"),
         "",
     ]

@@ -1,15 +1,14 @@
-"""Pure rules of the agent's control-plane session: epochs, retry backoff, credentials, refusals. No I/O here.
+"""Pure rules of the agent's control-plane session: epochs, retry backoff, refusals. No I/O here.
 
 Every decision the session shell makes about *what* to do next lives here as a function of its inputs, so it
-can be tested by a table: which epoch a new connection gets, how long to wait before the next attempt, which
-broker credential to log in with, and whether a refused registration is worth retrying.
+can be tested by a table: which epoch a new connection gets, how long to wait before the next attempt, and
+whether a refused registration is worth retrying.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from enum import Enum
 
 from meshcontract.messages import EnrollReply, ErrorCode, RegisterReply
 
@@ -71,30 +70,6 @@ def reconnect_cap(heartbeat_ttl_s: float | None) -> float:
     if heartbeat_ttl_s is None:
         return RECONNECT_CAP_UNREGISTERED_S
     return min(RECONNECT_CAP_UNREGISTERED_S, max(1.0, heartbeat_ttl_s / 2))
-
-
-class Login(Enum):
-    """Which broker credential a connection attempt uses (logged by name, never the secret)."""
-
-    CONFIGURED = "the configured broker.password"
-    OWN = "the node's own broker password"
-    TOKEN = "the join token"
-
-
-def login_order(*, configured: bool, own_accepted: bool, has_token: bool) -> tuple[Login, ...]:
-    """The credentials to try, in order; after a refused CONNECT the agent moves on to the next (cyclically).
-
-    A configured password (pre-provisioned, e.g. on Mosquitto) is the only one. Otherwise the own password is
-    tried first once a registrar has accepted it, the join token first before that. Either way the other
-    one follows: a refused own password while the node has no entry means the registrar never stored it (use
-    the token), a refused token means an entry exists — the registrar stored our password but its reply or
-    our record of it was lost (use the own password).
-    """
-    if configured:
-        return (Login.CONFIGURED,)
-    if not has_token:
-        return (Login.OWN,)
-    return (Login.OWN, Login.TOKEN) if own_accepted else (Login.TOKEN, Login.OWN)
 
 
 @dataclass(frozen=True, slots=True)

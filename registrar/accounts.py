@@ -44,6 +44,10 @@ class BrokerAccounts(Protocol):
     def set_service_account(self, username: str, password: str) -> None:
         """Create or re-password the registrar's or the observer's account (meshcontract.access.Role)."""
 
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the accounts can be read and changed (Mosquitto: the admin's connection is up), False if
+        that took longer than `timeout` seconds."""
+
 
 def reconcile(accounts: BrokerAccounts, members: Iterable[str]) -> list[str]:
     """Delete node accounts that belong to no member; returns their names."""
@@ -74,6 +78,9 @@ class MemoryAccounts:
 
     def set_service_account(self, username: str, password: str) -> None:
         self.passwords[username] = password
+
+    def wait_ready(self, timeout: float) -> bool:
+        return True
 
 
 class PasswordFileAccounts:
@@ -119,6 +126,9 @@ class PasswordFileAccounts:
     def set_service_account(self, username: str, password: str) -> None:
         _service_role(username)
         self.ensure({username: password})
+
+    def wait_ready(self, timeout: float) -> bool:
+        return True
 
 
 # -- Mosquitto dynamic security ------------------------------------------------------------------------------
@@ -272,6 +282,9 @@ class DynsecAccounts:
         (response,) = self._admin.run([dynsec.create_client(username, password, [role])])
         if response.get("error") == "Client already exists":
             self._admin.run([dynsec.set_client_password(username, password)])
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._admin.wait_ready(timeout)
 
     def names(self) -> set[str]:
         """This mesh's node accounts: one Mosquitto may serve several meshes, whose nodes are not ours."""

@@ -15,7 +15,6 @@ OpenAPI: /docs, /openapi.json.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import threading
 import time
@@ -38,6 +37,7 @@ from meshcontract.messages import (
     RegisterRequest,
     RegistrarInfo,
     decode,
+    error_location,
 )
 from meshcontract.ratelimit import RateLimiter, RatePolicy
 from registrar import api_admin
@@ -109,7 +109,8 @@ class Access:
             return None
         try:
             user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        # ValueError, not only binascii.Error: a header that is not ASCII ("Basic é") raised it and answered 500.
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
             user, password = "", ""
         if user and self._service.authenticate(user, password):
             return user
@@ -146,7 +147,10 @@ def create_app(
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own answer echoes the input, and an input such as NaN cannot be rendered as JSON: that turned a
         # bad request into a 500. Say where and why, never echo.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        errors = [
+            {"loc": error_location(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
     def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
@@ -238,7 +242,7 @@ def create_app(
     def node(node_id: str) -> MemberView:
         member = service.state.membership.members.get(node_id)
         if member is None:
-            raise HTTPException(status_code=404, detail=f"no member {node_id}")
+            raise HTTPException(status_code=404, detail=api_admin.no_member(node_id))
         return MemberView.of(member)
 
     @app.get("/v1/mesh", response_model=MeshView, dependencies=[Depends(reader)],

@@ -6,6 +6,7 @@ which is how `meshvpn-registrar tokens|nodes ...` talk to the running registrar.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 
@@ -24,6 +25,18 @@ from registrar.views import (
     TokenRequest,
     TokenView,
 )
+
+_TOKEN_ID = re.compile(rf"[0-9a-f]{{{tokens.ID_LEN}}}")
+
+
+# A 404 names what was not found only when it is well-formed: an answer never echoes arbitrary input (a path
+# segment with bidi overrides or control characters came back verbatim; found by fuzzing).
+def no_member(node_id: str) -> str:
+    return f"no member {node_id}" if access.is_node_id(node_id) else "no such member (not a node id)"
+
+
+def no_token(token_id: str) -> str:
+    return f"no token {token_id}" if _TOKEN_ID.fullmatch(token_id) else "no such token (not a token id)"
 
 
 def router(service: RegistrarService, *, admin: Callable, join_command: Callable[[], str], pin: str) -> APIRouter:
@@ -47,7 +60,7 @@ def router(service: RegistrarService, *, admin: Callable, join_command: Callable
             lambda state, now: engine.remove_member(state, node_id, now=now, revoke_key=revoke),
         )
         if not outcome.removed:
-            raise HTTPException(status_code=404, detail=f"no member {node_id}")
+            raise HTTPException(status_code=404, detail=no_member(node_id))
 
     @r.get("/v1/revoked", response_model=list[RevokedView], summary="Revoked keys (admin)")
     def revoked() -> list[RevokedView]:
@@ -87,7 +100,7 @@ def router(service: RegistrarService, *, admin: Callable, join_command: Callable
             service.call, lambda state, now: engine.revoke_token(state, token_id), refresh_tokens=True
         )
         if outcome.ignored:
-            raise HTTPException(status_code=404, detail=f"no token {token_id}")
+            raise HTTPException(status_code=404, detail=no_token(token_id))
 
     @r.post("/v1/accounts/observer", response_model=ObserverPassword, summary="New observer password (admin)")
     async def observer_password() -> ObserverPassword:

@@ -6,7 +6,7 @@
     meshvpn-registrar tokens create [--reusable] [--ttl SECONDS] [--uses N] | tokens list | tokens revoke ID
     meshvpn-registrar nodes list | nodes remove NODE [--keep-key] | nodes revoked | nodes approve PUBLIC_KEY
     meshvpn-registrar credentials issue observer
-    meshvpn-registrar mosquitto init [--dir DIR] [--owner USER] [--observer] [--force]
+    meshvpn-registrar mosquitto init [--dir DIR] [--owner USER] [--observer] [--force [--drop-node-accounts]]
 
 Settings come from the TOML file, then MESHVPN_* variables, then flags (meshcontract.settings.load_settings).
 The admin commands talk to the registrar running with the same state directory (STATE_DIR/admin.sock).
@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--owner", help="Mosquitto's user and group, owner of the files (Debian: mosquitto)")
     init.add_argument("--observer", action="store_true", help="also create the observer account (password printed)")
     init.add_argument("--force", action="store_true", help="replace an existing setup")
+    init.add_argument(
+        "--drop-node-accounts", action="store_true",
+        help="with --force, also when nodes are enrolled: none of them can log in afterwards (docs/deploy.md)",
+    )  # fmt: skip
     init.add_argument("--tls-name", action="append", help="a name or address the TLS certificate must cover")
     return p
 
@@ -187,7 +191,10 @@ def _admin(admin: AdminClient, args: argparse.Namespace) -> int:
 def _mosquitto(settings: RegistrarSettings, args: argparse.Namespace) -> int:
     from registrar.mosquitto_init import init
 
-    done = init(settings, directory=Path(args.dir), owner=args.owner, observer=args.observer, force=args.force)
+    done = init(
+        settings, directory=Path(args.dir), owner=args.owner, observer=args.observer, force=args.force,
+        drop_node_accounts=args.drop_node_accounts,
+    )  # fmt: skip
     print(f"Mosquitto prepared in {done.directory}; start it with broker/mosquitto/mosquitto.conf "
           f"(meshvpn-broker mosquitto-config), then: meshvpn-registrar run --broker mqtts://127.0.0.1:8883")  # fmt: skip
     if done.observer_password is not None:

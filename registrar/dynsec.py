@@ -170,6 +170,7 @@ class DynsecAdmin:
         self._subscribed = threading.Event()
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *a: self._subscribed.set()
+        client.on_disconnect = lambda *a: self._subscribed.clear()
         client.on_message = self._on_message
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -190,7 +191,7 @@ class DynsecAdmin:
                 box.put(response)
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once connected and subscribed to the responses."""
+        """True once connected and subscribed to the responses (again, after a lost connection)."""
         return self._subscribed.wait(timeout)
 
     def run(self, commands: list[dict[str, Any]], *, timeout: float = 10.0, tolerate=ALREADY) -> list[dict]:

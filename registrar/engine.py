@@ -327,6 +327,10 @@ def handle_message(state: CoreState, topic: str, payload: bytes, *, now: float, 
     if parsed.mesh != config.mesh.mesh:
         return _nothing(state, rejected=f"message for another mesh {parsed.mesh!r}")
     node = parsed.node
+    if node is not None and not access.is_node_id(node):
+        # A reserved account name is a valid topic level but never a node: nothing on its topic is a node's input,
+        # and a reply naming it would not even validate (it raised, and the writer dropped its whole batch).
+        return _nothing(state, rejected=f"{node!r} is a reserved account name, not a node id")
     if parsed.kind is Kind.REGISTER:
         try:
             request = decode(RegisterRequest, payload)

@@ -33,6 +33,8 @@ from registrar.writer import Writer
 
 log = logging.getLogger(__name__)
 
+ACCOUNTS_WAIT_S = 5.0  # at start, how long the orphan check waits for the broker's account admin to connect
+
 
 class RegistrarService:
     """The running registrar of one mesh. `start()`, then `stop()` (publishes RegistrarStatus offline).
@@ -144,8 +146,16 @@ class RegistrarService:
 
     def _reconcile_accounts(self, members) -> None:
         # An enrollment that crashed after its account was created and before its commit leaves an account
-        # without a member: no credential may outlive its membership.
+        # without a member: no credential may outlive its membership. Mosquitto's admin connects in the
+        # background (registrar.runner) and is not up yet when we get here: wait for it, but a broker that is
+        # down must not keep the registrar from starting.
         if self._accounts is None:
+            return
+        if not self._accounts.wait_ready(ACCOUNTS_WAIT_S):
+            log.warning(
+                "could not check the broker's accounts against the members: no connection to manage them within "
+                "%.0f s; accounts without a member keep working until the next start", ACCOUNTS_WAIT_S,
+            )  # fmt: skip
             return
         try:
             broker_accounts.reconcile(self._accounts, members)

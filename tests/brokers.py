@@ -249,10 +249,17 @@ class MosquittoBroker(RunningBroker):
         """Delete an account; its live session is dropped at once."""
         self.admin().run([dynsec.delete_client(name)])
 
-    def stop(self) -> None:
+    def close_admin(self) -> None:
+        """Disconnect the test's dynamic security admin: a registrar's admin logs in with the same account, and so
+        the same client id, and the two would take the session from each other."""
         if self._admin_client is not None:
+            if self._admin_client.is_connected():
+                self._admin_client.disconnect()
             self._admin_client.loop_stop()
             self._admin_client, self._admin = None, None
+
+    def stop(self) -> None:
+        self.close_admin()
         super().stop()
 
 

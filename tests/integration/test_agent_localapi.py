@@ -7,6 +7,7 @@ WireGuard backend; pings are real `ping` runs redirected to 127.0.0.1, since mes
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -96,7 +97,8 @@ def test_meshctl_status_and_ping(
             assert meshctl.main(["--socket", str(sock), "status"]) == 0
             text = capsys.readouterr().out
             assert f"alpha ({alpha.node_id})" in text and f"{alpha.mesh_ip}/16 on meshvpn0" in text
-            assert "broker    connected" in text and "registrar online" in text
+            assert "broker     connected" in text and "registrar  online" in text
+            assert f"membership revision {alpha.status().membership_revision}, complete" in text
             row = next(line for line in text.splitlines() if line.startswith("beta"))
             assert row.split()[:5] == ["beta", beta.mesh_ip, "active", "3s", "ago"]
             assert "127.0.0.1:51000" in row and "4.0 KiB" in row
@@ -123,6 +125,69 @@ def test_meshctl_status_and_ping(
         assert meshctl.main(["--socket", str(sock), "status"]) == meshctl.EXIT_NOT_RUNNING
         assert f"the agent is not running at {sock}" in capsys.readouterr().err
     finally:
+        mesh.close()
+
+
+def meshctl_as(uid: int, *args: str) -> subprocess.CompletedProcess:
+    """`meshctl ARGS` in a process of its own running as `uid` (and its group), in no other group. It keeps
+    CAP_DAC_READ_SEARCH, only so that it can load Python from under /root; connecting to the socket still needs
+    the socket's own permissions, and the agent sees `uid`."""
+    wrap = [
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--",
+    ]  # fmt: skip
+    code = "import sys; from nodeagent import meshctl; sys.exit(meshctl.main(sys.argv[1:]))"
+    return subprocess.run(
+        [*wrap, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+    )  # fmt: skip
+
+
+def test_the_sockets_group_may_read_but_not_rotate_the_key(
+    tmp_path: Path, short_dir: Path, broker: RunningBroker, registrar: Registrar
+) -> None:
+    """A desktop user given the socket for the chat (socket_mode 0660, socket_group) reads the status but may not
+    change the node: the agent asks the kernel who is calling (SO_PEERCRED), whatever the socket lets through."""
+    reason = None
+    if os.geteuid() != 0:
+        reason = "needs root (runs meshctl as another user)"
+    elif shutil.which("setpriv") is None:
+        reason = "setpriv (util-linux) not installed"
+    if reason:
+        print(f"skipping: {reason}")
+        pytest.skip(reason)
+    user = 65534
+    group = grp.getgrgid(user).gr_name
+    os.chmod(short_dir, 0o755)  # like /run/meshvpn
+    sock = short_dir / "agent.sock"
+    mesh = Mesh(tmp_path, registrar)
+    settings = agent_settings(
+        tmp_path / "alpha", broker.url, registrar_url=registrar.http_url, join_token=mesh.token, name="alpha",
+        socket_path=sock, socket_mode=0o660, socket_group=group,
+    )  # fmt: skip
+    wireguard = InMemoryWireGuard()
+    alpha = Agent(settings, wireguard=wireguard, routes=InMemoryRoutes(wireguard))
+    alpha.start()
+    try:
+        wait_for(lambda: alpha.status().ready, timeout=20, what="alpha registered")
+        before = alpha.public_key
+
+        status = meshctl_as(user, "--socket", str(sock), "status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["node_id"] == alpha.node_id
+
+        refused = meshctl_as(user, "--socket", str(sock), "rotate-key")
+        assert refused.returncode == 1, (refused.stdout, refused.stderr)
+        assert "rotate-key changes this node: only root or the agent's own user" in refused.stderr
+        assert f"you are uid {user}" in refused.stderr
+        assert alpha.public_key == before and wireguard.read("meshvpn0").public_key == before
+
+        # The same request from root over the same socket is carried out: the caller decided, nothing else.
+        rotated = query(LocalRequest(op="rotate-key"), socket_path=str(sock), timeout=20)
+        assert rotated.ok and rotated.rotated is not None, rotated.error
+        assert rotated.rotated.previous_public_key == before and alpha.public_key != before
+    finally:
+        alpha.stop()
         mesh.close()
 
 

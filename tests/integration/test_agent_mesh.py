@@ -6,6 +6,7 @@ broker of each kind (tests/brokers.py), and the agents in this process on the in
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from pathlib import Path
@@ -322,7 +323,7 @@ def test_rotate_key_keeps_the_ip_and_touches_no_other_pair(mesh: Mesh) -> None:
     for node in mesh.running():
         node.wireguard.clear_operations()
 
-    rotated = alpha.running.handle_local(LocalRequest(op="rotate-key"))
+    rotated = alpha.running.handle_local(LocalRequest(op="rotate-key"), caller_uid=os.getuid())
 
     assert rotated.ok and rotated.rotated is not None, rotated.error
     new_key = rotated.rotated.public_key
@@ -359,7 +360,7 @@ def test_rotate_key_refused_while_the_control_plane_is_away_changes_nothing(mesh
     mesh.registrar.kill()
     wait_for(lambda: not alpha.running.status().registrar_online, timeout=20, what="alpha sees the registrar gone")
 
-    refused = alpha.running.handle_local(LocalRequest(op="rotate-key"))
+    refused = alpha.running.handle_local(LocalRequest(op="rotate-key"), caller_uid=os.getuid())
 
     assert not refused.ok and "unchanged" in (refused.error or "")
     assert alpha.running.public_key == before

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+import struct
 import sys
 import threading
 import time
@@ -24,11 +26,13 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from brokers import ProbeClient, free_port, start_embedded, start_mosquitto
 from polling import wait_for
 
-from broker.embedded import EmbeddedBroker, PasswordFile, _MeshHandler
+from broker.embedded import EmbeddedBroker, _MeshHandler
+from broker.passwords import PasswordFile
 from broker.settings import BrokerServerSettings
 from meshcontract import access, topics
 from meshcontract.access import hash_password, render_password_file
 from meshcontract.topics import Kind
+from registrar import pki
 
 MESH = "m1"
 USERS = {"registrar": "reg-pw", "n1": "n1-pw", "n2": "n2-pw"}
@@ -69,11 +73,14 @@ class PlainAccessTopics(BaseTopicPlugin):
 class PlainAmqtt:
     """amqtt.broker.Broker with the two plugins above, in a thread; `.url` like RunningBroker."""
 
-    def __init__(self, password_file: Path) -> None:
+    def __init__(self, password_file: Path, *, tls: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
+        listener: dict = {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}
+        if tls is not None:
+            listener.update(ssl=True, certfile=str(tls[0]), keyfile=str(tls[1]))
         self._config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "listeners": {"default": listener},
             "plugins": {
                 f"{__name__}.PlainPasswordAuth": {"password_file": str(password_file)},
                 f"{__name__}.PlainAccessTopics": {},
@@ -85,7 +92,7 @@ class PlainAmqtt:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        broker = Broker(self._config)
+        self.broker = broker = Broker(self._config)
         await broker.start()
         self._ready.set()
         await self._stop.wait()
@@ -373,5 +380,69 @@ def test_shutdown_with_a_connection_still_logging_in_ends_it_cleanly(tmp_path, c
         assert time.monotonic() - started < 2.0
         assert half_open.recv(1) == b""  # closed by the broker
     assert not broker._connections
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+# --- fix 7: a refused login over TLS whose client hangs up ------------------------------------------------------
+
+
+def refused_tls_login(port: int, ca: Path) -> int:
+    """CONNECT over TLS with a wrong password, read the CONNACK, then hang up at once with a reset (what a client
+    does on reading a refusal, made deterministic); returns the CONNACK's return code."""
+    context = ssl.create_default_context(cafile=str(ca))
+    body = _s("MQTT") + bytes([4, 0x80 | 0x40 | 0x02]) + (10).to_bytes(2, "big") + _s("n1") + _s("n1") + _s("wrong")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(bytes([0x10, len(body)]) + body)
+            connack = sock.recv(4)
+    assert connack[:2] == b"\x20\x02", connack
+    return connack[3]
+
+
+def connections_in(loop: asyncio.AbstractEventLoop) -> int:
+    """How many connections the broker running in `loop` is still handling (asyncio's client_connected_cb tasks).
+
+    Asked from inside the loop, twice: a connection task's end is reported (and an exception it raised logged)
+    by a callback scheduled as it ends, so the second round trip runs after that callback."""
+
+    async def count() -> int:
+        return sum(1 for task in asyncio.all_tasks() if task.get_coro().__name__ == "stream_connected")
+
+    n = asyncio.run_coroutine_threadsafe(count(), loop).result(5)
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
+    return n
+
+
+@pytest.mark.parametrize("kind", ["ours", pytest.param("plain", marks=BUG)])
+def test_a_refused_tls_login_ends_quietly(tmp_path, caplog, kind):
+    """A removed node retries its login every few seconds; each refusal over TLS made amqtt raise
+    ConnectionResetError out of its connection handler: asyncio logged "Unhandled exception in
+    client_connected_cb" with a traceback, and the listener kept counting the connection. The refusal's own
+    warning is all a refused login may log."""
+    keys = pki.load_or_create(tmp_path / "pki", mesh=MESH, server_names=["127.0.0.1"])
+    password_file = tmp_path / "passwords"
+    password_file.write_text(render_password_file({"n1": hash_password("pw")}))
+    tls = (keys.files.server_cert, keys.files.server_key)
+    if kind == "ours":
+        settings = BrokerServerSettings(host="127.0.0.1", port=0, password_file=password_file, certfile=tls[0],
+                                        keyfile=tls[1], mesh=MESH)
+        broker = EmbeddedBroker(settings)
+        broker.start()
+        port, loop, stop = broker.port, broker._loop, broker.stop
+        amqtt_broker = broker.broker
+    else:
+        plain = PlainAmqtt(password_file, tls=tls).start()
+        port, loop, stop = plain.port, plain._loop, plain.stop
+        amqtt_broker = plain.broker
+    try:
+        caplog.set_level(logging.INFO)
+        for _ in range(3):
+            assert refused_tls_login(port, keys.files.ca_cert) == 5  # not authorized
+        wait_for(lambda: connections_in(loop) == 0, timeout=5, what="the refused connections ended")
+        assert amqtt_broker._servers["default"].conn_count == 0
+    finally:
+        stop()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, [r.getMessage() for r in errors]

@@ -127,6 +127,50 @@ def test_reads_need_credentials(client, path):
     assert client.get(path, headers=basic("n1", "wrong-password-000000")).status_code == 401
 
 
+@pytest.mark.parametrize(
+    "header",
+    [b"Basic \xe9\xe9\xe9\xe9", b"Basic not base64!", b"Basic " + base64.b64encode(b"n1\xff:password-0123456789")],
+)
+def test_malformed_node_credentials_are_refused_not_500(service, header):
+    """Found by fuzzing: a Basic header that was not ASCII ("Basic é") failed to decode with a ValueError: a 500."""
+    with TestClient(app(service), raise_server_exceptions=False) as client:
+        for method, path in (("GET", "/v1/nodes"), ("POST", "/v1/register")):
+            r = client.request(method, path, headers={"Authorization": header}, json=registration())
+            assert r.status_code == 401, (method, path, r.text)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "named"),
+    [
+        ("GET", "/v1/nodes/n9", "no member n9"),
+        ("GET", "/v1/nodes/%E2%80%AEevil%0A", None),
+        ("DELETE", "/v1/nodes/%3Cscript%3E", None),
+        ("DELETE", "/v1/tokens/0123456789ab", "no token 0123456789ab"),
+        ("DELETE", "/v1/tokens/%00%1B%5B31m", None),
+    ],
+)
+def test_not_found_never_echoes_arbitrary_input(client, method, path, named):
+    """Found by fuzzing: a 404 repeated the path segment verbatim (bidi overrides, control characters)."""
+    r = client.request(method, path, headers=AUTH)
+    assert r.status_code == 404
+    detail = r.json()["detail"]
+    assert detail == named if named else detail.startswith("no such "), detail
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "status"),
+    [
+        ("/v1/tokens", {"reusable": True, "\u202eevil\n": 1}, 422),
+        ("/v1/enroll", {**enrollment(), "\u202eevil\n": 1}, 400),
+    ],
+)
+def test_validation_errors_never_echo_a_made_up_field(client, path, data, status):
+    """Found by fuzzing: an unknown key (bidi overrides, new lines, any length) came back verbatim as the loc."""
+    r = client.post(path, json=data, headers=AUTH)
+    assert r.status_code == status and "(unknown field)" in r.text
+    assert "evil" not in r.text and "\\u202e" not in r.text
+
+
 def test_an_epoch_hijack_over_http_is_refused(client):
     """Issue 11: anyone could POST /v1/register with a member's key and a huge epoch, making the real node's
     heartbeats stale. Without the node's credential it is refused and changes nothing."""

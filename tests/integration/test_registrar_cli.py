@@ -1,24 +1,29 @@
 """`meshvpn-registrar` end to end: `run --embedded-broker` with TLS, nodes that enroll over HTTPS with a join token
 and then log in with their own credential, the admin commands reaching the running registrar through its admin
-socket (tokens, removal that cuts a session and revokes the key, approval, the observer's password), and a SIGTERM
-that stops the registrar with its embedded broker quickly and cleanly."""
+socket (tokens, removal that cuts a session and revokes the key, approval, the observer's password), a SIGTERM
+that stops the registrar with its embedded broker quickly and cleanly, and on Mosquitto the deletion at start of
+a node account that has no member."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from brokers import free_port
+from brokers import ProbeClient, free_port, start_mosquitto
 from polling import wait_for
 
 from meshcontract import jointoken, messages, topics
@@ -27,6 +32,7 @@ from meshcontract.settings import load_settings
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, make_client, release
 from registrar import cli, runner
+from registrar.accounts import DynsecAccounts
 from registrar.settings import RegistrarSettings
 
 MESH = "clilab"
@@ -99,17 +105,17 @@ def enroll(base: str, state: Path, node: str, n: int, token: str, password: str)
     return httpx.post(f"{base}/v1/enroll", content=request.model_dump_json(), verify=trust(state), timeout=10)
 
 
-@pytest.fixture
-def running(tmp_path, capsys):
-    state = tmp_path / "state"
-    broker_port, http_port = free_port(), free_port()
+@contextmanager
+def serving(state: Path, **overrides: object) -> Iterator[tuple[str, threading.Event]]:
+    """`runner.run` in a thread with these settings, until the block ends; yields its HTTPS base URL (once
+    /healthz says ready) and the event that stops it."""
+    http_port = free_port()
     settings = load_settings(
         RegistrarSettings,
         environ={},
         overrides={
-            "state_dir": str(state), "embedded_broker": True, "broker_listen": f"127.0.0.1:{broker_port}",
-            "http_listen": f"127.0.0.1:{http_port}", "mesh": MESH, "network": "10.66.0.0/24",
-            "heartbeat_interval_s": 0.3, "heartbeat_ttl_s": 1.0,
+            "state_dir": str(state), "http_listen": f"127.0.0.1:{http_port}", "mesh": MESH,
+            "network": "10.66.0.0/24", "heartbeat_interval_s": 0.3, "heartbeat_ttl_s": 1.0, **overrides,
         },
     )  # fmt: skip
     stop = threading.Event()
@@ -135,14 +141,31 @@ def running(tmp_path, capsys):
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, what="registrar serving")
+    def admin_socket_listens() -> bool:
+        # /healthz can say ready before runner.run has started the admin socket the CLI commands use.
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(state / "admin.sock"))
+            except OSError:
+                return False
+        return True
+
     try:
-        yield {"broker_port": broker_port, "base": base, "state": state, "stop": stop}
+        wait_for(lambda: healthy() and admin_socket_listens(), what="registrar serving, admin socket included")
+        yield base, stop
     finally:
         stop.set()
         thread.join(15)
         assert not thread.is_alive(), "registrar did not stop"
         assert not errors, errors
+
+
+@pytest.fixture
+def running(tmp_path, capsys):
+    state = tmp_path / "state"
+    broker_port = free_port()
+    with serving(state, embedded_broker=True, broker_listen=f"127.0.0.1:{broker_port}") as (base, stop):
+        yield {"broker_port": broker_port, "base": base, "state": state, "stop": stop}
 
 
 def test_admin_commands_need_a_running_registrar(tmp_path, capsys):
@@ -175,7 +198,7 @@ def test_enroll_then_own_credentials_then_removal(running, capsys):
     assert node.accepted
     token_login = Client(port, "n2", "join:" + jointoken.parse(single).secret, state=state)
     assert not token_login.accepted
-    token_login.client.loop_stop()
+    release(token_login.client)
     # a valid reusable token never takes over an enrolled node
     reusable = new_token(capsys, state, "--reusable")
     impostor = enroll(base, state, "n1", 9, reusable, "impostor-password-00")
@@ -186,14 +209,14 @@ def test_enroll_then_own_credentials_then_removal(running, capsys):
     assert node.disconnected.wait(10), "a removed node's session is dropped"
     again = Client(port, "n1", "n1-own-password-0000", state=state)
     assert not again.accepted
-    again.client.loop_stop()
+    release(again.client)
     refused = enroll(base, state, "n1", 1, reusable, "n1-own-password-0000")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "key_revoked"
     code, listing = run_cli(capsys, "nodes", "revoked", "--state-dir", d)
     assert key(1) in listing
     assert run_cli(capsys, "nodes", "approve", key(1), "--state-dir", d)[0] == 0
     assert enroll(base, state, "n1", 1, reusable, "n1-own-password-0000").status_code == 200
-    node.client.loop_stop()
+    release(node.client)
 
 
 def test_observer_credentials_and_graceful_stop(running, capsys):
@@ -213,7 +236,7 @@ def test_observer_credentials_and_graceful_stop(running, capsys):
     wait_for(lambda: last_state() == "offline" or not obs.client.is_connected(), what="offline or broker gone")
     # the embedded broker stops with the registrar; the offline status was published before it did
     assert last_state() == "offline"
-    obs.client.loop_stop()
+    release(obs.client)
 
 
 def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
@@ -267,10 +290,78 @@ def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
             proc.kill()
             proc.wait()
         for client in clients:
-            client.client.loop_stop()
+            release(client.client)
     output = log_path.read_text()
     with capsys.disabled():
         print(f"\nregistrar with embedded broker: SIGTERM to exit {stop_s:.2f} s")
     assert code == 0, output
     assert "Traceback" not in output, output
     assert stop_s < 5.0, output
+
+
+def logs_in(broker, user: str, password: str) -> bool:
+    """Whether `broker` accepts a login of `user` (client id = username) with `password`; disconnects again."""
+    client = ProbeClient(broker, client_id=user, username=user, password=password)
+    accepted = client.rc == 0
+    if accepted:
+        client.close()
+    else:
+        release(client.client)
+    return accepted
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+def test_orphan_accounts_in_mosquitto_are_deleted_at_start(tmp_path, capsys):
+    """A node account without a member (left by a crash between creating it and committing the enrollment) is
+    deleted when the registrar starts. The check used to run before the dynamic security admin had connected
+    ("could not check the broker's accounts"), so on Mosquitto the orphan kept its login until some later start."""
+    state = tmp_path / "state"
+    broker = start_mosquitto(tmp_path, users={"registrar": "registrar-pw"}, mesh=MESH)
+    dynsec = {
+        "broker.url": broker.url, "broker.password": "registrar-pw", "broker_admin_password": broker.admin_password,
+        "broker_accounts": "dynsec",
+    }  # fmt: skip
+    try:
+        with serving(state, **dynsec) as (base, _):
+            reply = enroll(base, state, "n1", 1, new_token(capsys, state), "n1-own-password-0000")
+            assert reply.status_code == 200, reply.text
+        # While the registrar is down (the test's admin shares its account, and so its client id):
+        broker.add_user("orphan", "orphan-password")  # as the registrar makes an enrolling node's account
+        assert DynsecAccounts(broker.admin(), mesh=MESH).names() == {"n1", "orphan"}
+        assert logs_in(broker, "orphan", "orphan-password")
+        broker.close_admin()
+        with serving(state, **dynsec):
+            wait_for(lambda: not logs_in(broker, "orphan", "orphan-password"), timeout=10, what="orphan refused")
+            assert logs_in(broker, "n1", "n1-own-password-0000"), "a member's account stays"
+        assert DynsecAccounts(broker.admin(), mesh=MESH).names() == {"n1"}
+    finally:
+        broker.stop()
+
+
+def test_mosquitto_init_force_keeps_enrolled_nodes_unless_told_to_drop_their_accounts(tmp_path, capsys):
+    """`mosquitto init --force` writes a dynamic security file without node accounts: with members enrolled, none
+    of them could log in afterwards. It refuses then, changing nothing, unless --drop-node-accounts is given too."""
+    state, mosq = tmp_path / "state", tmp_path / "mosquitto"
+    dynsec_file = mosq / "dynamic-security.json"
+
+    def init(*flags: str) -> tuple[int, str]:
+        return run_cli(capsys, "mosquitto", "init", "--dir", str(mosq), "--state-dir", str(state), *flags)
+
+    assert init()[0] == 0
+    assert init("--force")[0] == 0, "no member yet: replacing the setup strands nobody"
+    broker_port = free_port()
+    with serving(state, embedded_broker=True, broker_listen=f"127.0.0.1:{broker_port}") as (base, _):
+        reply = enroll(base, state, "n1", 1, new_token(capsys, state), "n1-own-password-0000")
+        assert reply.status_code == 200, reply.text
+    before = {path: path.read_bytes() for path in (dynsec_file, state / runner.REGISTRAR_PASSWORD_FILE)}
+
+    code, message = init("--force")
+    assert code == 2
+    assert "1 node is enrolled with this registrar (n1)" in message and "none of them could log in" in message
+    assert "delete enrollment.json" in message and "--drop-node-accounts" in message
+    assert {path: path.read_bytes() for path in before} == before, "a refusal changes nothing"
+
+    assert init("--force", "--drop-node-accounts")[0] == 0
+    config = json.loads(dynsec_file.read_text())
+    assert "n1" not in {client["username"] for client in config["clients"]}
+    assert dynsec_file.read_bytes() != before[dynsec_file]

@@ -157,7 +157,8 @@ def test_render_status_table() -> None:
     text = render_status(_status(peers))
     lines = text.splitlines()
     assert "alpha (n1)" in lines[0] and "100.96.0.1/16 on meshvpn0" in lines[1]
-    assert "revision 7, complete" in text
+    assert "registrar  online" in lines[3] and lines[4] == "membership revision 7, complete"
+    assert "roster" not in text, "the signed membership is no roster"
     header = next(line for line in lines if line.startswith("NAME"))
     assert header.split() == ["NAME", "MESH", "IP", "STATE", "HANDSHAKE", "ENDPOINT", "RX", "TX"]
     beta = next(line for line in lines if line.startswith("beta"))

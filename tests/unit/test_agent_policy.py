@@ -7,7 +7,7 @@ import random
 import pytest
 
 from meshcontract.messages import ErrorCode, ErrorInfo, RegisterReply
-from nodeagent.policy import Login, backoff_delay, judge_reply, login_order, next_epoch, reconnect_cap
+from nodeagent.policy import backoff_delay, judge_reply, next_epoch, reconnect_cap
 
 
 @pytest.mark.parametrize(
@@ -30,21 +30,6 @@ def test_backoff_bounds(attempt: int, low: float, high: float) -> None:
     rng = random.Random(attempt)
     for _ in range(50):
         assert low <= backoff_delay(attempt, rng=rng) <= high
-
-
-@pytest.mark.parametrize(
-    ("configured", "accepted", "token", "expected"),
-    [
-        pytest.param(True, False, True, (Login.CONFIGURED,), id="pre-provisioned: only the configured password"),
-        pytest.param(True, True, False, (Login.CONFIGURED,), id="configured wins over an accepted own one"),
-        pytest.param(False, False, True, (Login.TOKEN, Login.OWN), id="not yet accepted: token, then own"),
-        pytest.param(False, True, True, (Login.OWN, Login.TOKEN), id="accepted: own, then token"),
-        pytest.param(False, False, False, (Login.OWN,), id="no token: own only"),
-        pytest.param(False, True, False, (Login.OWN,), id="accepted, no token: own only"),
-    ],
-)
-def test_login_order(configured: bool, accepted: bool, token: bool, expected: tuple[Login, ...]) -> None:
-    assert login_order(configured=configured, own_accepted=accepted, has_token=token) == expected
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 from pydantic import BaseModel
@@ -52,6 +53,8 @@ def test_build_and_parse_round_trip(kind, node, expected):
         "meshvpn/v1/home/roster/x",
         "meshvpn/v1/home/status/" + "a" * 64,
         "meshvpn/v1/home/status/n\x00",
+        "meshvpn/v1/home/status/n1\n",  # `$` matches before a final new line: once a valid node id
+        "meshvpn/v1/home\n/status/n1",
     ],
 )
 def test_parse_rejects_topics_outside_the_contract(topic):
@@ -61,7 +64,8 @@ def test_parse_rejects_topics_outside_the_contract(topic):
 
 @pytest.mark.parametrize(
     ("mesh", "kind", "node"),
-    [("home", Kind.STATUS, None), ("home", Kind.SNAPSHOT, "n1"), ("ho/me", Kind.SNAPSHOT, None), ("home", Kind.STATUS, "+")],
+    [("home", Kind.STATUS, None), ("home", Kind.SNAPSHOT, "n1"), ("ho/me", Kind.SNAPSHOT, None), ("home", Kind.STATUS, "+"),
+     ("home", Kind.STATUS, "n1\n"), ("home\n", Kind.SNAPSHOT, None)],  # fmt: skip
 )
 def test_build_rejects_bad_arguments(mesh, kind, node):
     with pytest.raises(TopicError):
@@ -103,7 +107,8 @@ def test_register_request_round_trip_and_canonical_form():
         (b"not json", "not JSON"),
         (b"[1,2]", "expected a JSON object"),
         (b"\xff\xfe", "not JSON"),
-        (b'{"v": 2}', "unsupported schema version"),
+        (b'{"v": 2}', "unsupported schema version 2, this side speaks 1"),
+        (b'{"v": "${jndi:ldap://x/a}\\u202e"}', r"unsupported schema version \(not a version number\)"),  # never echoed
         (m.encode(m.RegisterRequest.model_validate(_request())).replace(b'"epoch":7', b'"epoch":"7"'), "epoch"),
         (m.encode(m.RegisterRequest.model_validate(_request())).replace(b'"n1"', b'"N1"'), "node_id"),
         (b" " * (m.MAX_PAYLOAD + 1), "exceeds"),
@@ -114,6 +119,16 @@ def test_register_request_round_trip_and_canonical_form():
 def test_decode_rejects_with_a_reason(payload, reason):
     with pytest.raises(PayloadError, match=reason):
         m.decode(m.RegisterRequest, payload)
+
+
+@pytest.mark.parametrize("name", ["\u202eevil", "a\nINFO forged log line", "x" * 8000, "n\x00", "<b>"])
+def test_a_reason_never_repeats_a_made_up_field_name(name):
+    """Found by fuzzing: an unknown key came back verbatim in the reason (to the sender over HTTP, into logs)."""
+    body = {**_request(), name: 1}
+    with pytest.raises(PayloadError) as caught:
+        m.decode(m.RegisterRequest, json.dumps(body).encode())
+    assert name not in str(caught.value) and "(unknown field): Extra inputs" in str(caught.value)
+    assert m.error_location(["endpoints", 0, "host", "extra_1"]) == ["endpoints", 0, "host", "extra_1"]
 
 
 @pytest.mark.parametrize(

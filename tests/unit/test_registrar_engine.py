@@ -229,6 +229,11 @@ def test_status_and_heartbeat_flow():
         ("meshvpn/v1/lab/heartbeat/n1", b'{"v":' * 3000 + b"1" + b"}" * 3000),
         ("meshvpn/v1/lab/members/n1", b"{}"),
         ("elsewhere/topic", b""),
+        # a reserved name is a valid topic level: the error reply to it once raised, dropping the writer's batch
+        ("meshvpn/v1/lab/register/observer", json.dumps(req("observer")).encode()),
+        ("meshvpn/v1/lab/register/registrar", b'{"request_id": "abcdefgh1"}'),
+        ("meshvpn/v1/lab/heartbeat/admin", b'{"v":1,"node_id":"admin","epoch":1,"seq":1,"sent_at":1}'),
+        ("meshvpn/v1/lab/register/n1\n", b'{"request_id": "abcdefgh1"}'),  # once a node id: its reply raised
     ],
 )
 def test_bad_input_changes_nothing(topic, payload):
