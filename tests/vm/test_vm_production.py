@@ -320,7 +320,10 @@ def mesh(guest: qemu.Guest, installed: dict[str, qemu.Result]) -> Mesh:
         "answer = urllib.request.urlopen('https://127.0.0.1:8443/healthz', timeout=5, context=tls); "
         "sys.exit(0 if json.load(answer)['ready'] else 1)\""
     )
-    guest.wait_until(health, timeout=120, what="the registrar's /healthz to say ready")
+    # Each attempt is a Python start, seconds of the guest's CPU the starting registrar needs: ask only once the
+    # port listens (ss is cheap), and give a loaded host time (it took 25-50 s at load averages of 2-8).
+    guest.wait_until(f"ss -Hltn 'sport = :8443' | grep -q . && {health}", timeout=180,
+                     what="the registrar's /healthz to say ready")
     _log(f"vm: registrar ready {time.monotonic() - start:.1f} s after `systemctl enable --now`")
     created = guest.run(
         f"sudo -u meshvpn meshvpn-registrar --config {REGISTRAR_CONFIG} tokens create --reusable --ttl 3600",
