@@ -28,7 +28,7 @@ too little disk space, or MESHVPN_VM_TESTS=0. Logs of the guest (console, journa
 written to the test's temporary directory, or to MESHVPN_VM_LOGS if set; their path is printed.
 
 Cost on a 2-core machine without KVM: image build ~1 min (cached in /var/cache/meshvpn-vm afterwards),
-wheels ~10 s, boot ~25 s (TCG), install ~2 min, the scenario ~3 min; all of it slower with the host's load
+wheels ~10 s, boot ~40 s (TCG), install ~3 min, the scenario ~3 min; all of it slower with the host's load
 (docs/deploy.md has the measurements). MESHVPN_VM_BENCH_RUNS=N measures agent start ->
 reachable N times with the kernel and N times with wireguard-go (default: once, kernel only).
 """
