@@ -115,13 +115,18 @@ if [ -z "$WHEEL" ]; then
   WHEEL=$(ls "$workdir"/meshvpn-*.whl)
 fi
 # The version number does not change with every build, so pip alone would call a new wheel "already
-# satisfied": the wheel's hash decides whether to reinstall.
+# satisfied": the wheel's hash decides whether to reinstall, and a meshvpn already in the venv is replaced with
+# --force-reinstall. Into a venv without meshvpn one pip run does it all (pip is slow to start on small hosts).
 stamp=$VENV/.meshvpn-wheel.sha256
 sum=$(sha256sum "$WHEEL" | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
   note "installing $(basename "$WHEEL") into $VENV"
+  installed_before=0
+  compgen -G "$VENV/lib/python3*/site-packages/meshvpn-*.dist-info" >/dev/null && installed_before=1
   "$VENV/bin/python" "${PIP[@]}" "$WHEEL"
-  "$VENV/bin/python" "${PIP[@]}" --force-reinstall --no-deps "$WHEEL"
+  if [ "$installed_before" = 1 ]; then
+    "$VENV/bin/python" "${PIP[@]}" --force-reinstall --no-deps "$WHEEL"
+  fi
   echo "$sum" >"$stamp"
   changed=1
 fi
@@ -190,7 +195,7 @@ if [ "$changed" = 0 ]; then
 fi
 cat <<EOF
 install: done. Next steps (docs/deploy.md):
-  control plane:  edit /etc/meshvpn/registrar.toml, then
+  control plane:  edit /etc/meshvpn/registrar.toml (tls_names: the name nodes reach this host by), then
                   systemctl enable --now meshvpn-registrar
                   sudo -u meshvpn meshvpn-registrar --config /etc/meshvpn/registrar.toml tokens create
   every node:     edit /etc/meshvpn/agent.toml (registrar_url, mesh, join_token), then

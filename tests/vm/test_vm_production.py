@@ -5,8 +5,13 @@ exactly as docs/deploy.md tells an operator:
 
 - the meshvpn wheel and its dependency wheels, built on the host, are installed with
   `compose/install.sh --wheel FILE --wheel-dir DIR` (the guest has no network); a second run changes nothing;
-- `meshvpn-registrar.service` (embedded broker, the example registrar.toml unchanged) runs under systemd;
-  a join token comes from `sudo -u meshvpn meshvpn-registrar ... tokens create`;
+- `meshvpn-registrar.service` runs under systemd from the example registrar.toml with the one edit the example
+  asks for, `tls_names` (the address nodes reach this host by): HTTPS API on 8443, embedded broker with MQTT over
+  TLS on 8883; a join token comes from `sudo -u meshvpn meshvpn-registrar ... tokens create`, through the
+  running registrar's admin socket;
+- every node's agent.toml gets only `registrar_url` (from the join command `tokens create` prints) and
+  `join_token`: no broker URL, no password. Each agent enrolls over HTTPS, pins the CA the token names, and
+  logs in to the broker the registrar named, over TLS, with a password of its own;
 - three agents run the shipped `meshvpn-agent.service` with the default `backend = "auto"`:
   node a is the unit as shipped, in the guest's own network namespace, nothing added; nodes b and c stand for
   two more machines: network namespaces on a bridge, each with a byte-identical copy of the unit file
@@ -23,7 +28,7 @@ too little disk space, or MESHVPN_VM_TESTS=0. Logs of the guest (console, journa
 written to the test's temporary directory, or to MESHVPN_VM_LOGS if set; their path is printed.
 
 Cost on a 2-core machine without KVM: image build ~1 min (cached in /var/cache/meshvpn-vm afterwards),
-wheels ~10 s, boot ~25 s (TCG), install ~2 min, the scenario ~3 min; all of it slower with the host's load
+wheels ~10 s, boot ~40 s (TCG), install ~3 min, the scenario ~3 min; all of it slower with the host's load
 (docs/deploy.md has the measurements). MESHVPN_VM_BENCH_RUNS=N measures agent start ->
 reachable N times with the kernel and N times with wireguard-go (default: once, kernel only).
 """
@@ -56,10 +61,13 @@ REPO = Path(__file__).resolve().parents[2]
 PAYLOAD = qemu.PAYLOAD_MOUNT
 VENV_PY = "/opt/meshvpn/bin/python"
 REGISTRAR_CONFIG = "/etc/meshvpn/registrar.toml"
+AGENT_CONFIG = "/etc/meshvpn/agent.toml"
+REGISTRAR_STATE = "/var/lib/meshvpn-registrar"
 # The underlay: a bridge in the guest's own namespace (node a, the registrar and its broker) and a veth into
 # each other node's namespace. Nothing leaves the guest, which has no network device at all.
 BRIDGE = "br-mesh"
 REGISTRAR_HOST = "10.99.0.1"
+REGISTRAR_URL = f"https://{REGISTRAR_HOST}:8443"
 IFNAME = "meshvpn0"
 # Worse than these figures (systemd-analyze security, systemd 252 in Debian 12; lower is better) fails the test.
 AGENT_EXPOSURE_MAX = 5.0
@@ -70,12 +78,13 @@ TEST_DISTRIBUTIONS = ("pytest", "pluggy", "iniconfig", "packaging", "pytest-time
 
 @dataclass(frozen=True)
 class Node:
-    """One agent: its unit, namespace (None: the guest's own) and local API socket."""
+    """One agent: its unit, namespace (None: the guest's own), state directory and local API socket."""
 
     name: str
     unit: str
     netns: str | None
     address: str
+    state_dir: str
     socket: str
 
     def cmd(self, argv: str) -> str:
@@ -84,9 +93,9 @@ class Node:
 
 
 NODES = (
-    Node("a", "meshvpn-agent.service", None, REGISTRAR_HOST, "/run/meshvpn/agent.sock"),
-    Node("b", "meshvpn-agent-b.service", "b", "10.99.0.12", "/run/meshvpn-b/agent.sock"),
-    Node("c", "meshvpn-agent-c.service", "c", "10.99.0.13", "/run/meshvpn-c/agent.sock"),
+    Node("a", "meshvpn-agent.service", None, REGISTRAR_HOST, "/var/lib/meshvpn", "/run/meshvpn/agent.sock"),
+    Node("b", "meshvpn-agent-b.service", "b", "10.99.0.12", "/var/lib/meshvpn-b", "/run/meshvpn-b/agent.sock"),
+    Node("c", "meshvpn-agent-c.service", "c", "10.99.0.13", "/var/lib/meshvpn-c", "/run/meshvpn-c/agent.sock"),
 )
 
 
@@ -100,7 +109,7 @@ def namespaced_dropin(node: Node) -> str:
         f"StateDirectory=meshvpn-{node.name}\n"
         "RuntimeDirectory=\n"
         f"RuntimeDirectory=meshvpn-{node.name}\n"
-        f"Environment=MESHVPN_STATE_DIR=/var/lib/meshvpn-{node.name} MESHVPN_SOCKET_PATH={node.socket} "
+        f"Environment=MESHVPN_STATE_DIR={node.state_dir} MESHVPN_SOCKET_PATH={node.socket} "
         f"MESHVPN_NAME={node.name}\n"
     )
 
@@ -299,23 +308,39 @@ def _underlay(guest: qemu.Guest) -> None:
 def mesh(guest: qemu.Guest, installed: dict[str, qemu.Result]) -> Mesh:
     """Registrar and three agents started by systemd, as docs/deploy.md describes; waits for a full mesh."""
     start = time.monotonic()
+    # The operator's edit of registrar.toml: the address nodes reach this host by, which the certificate must
+    # cover and which the registrar puts into join commands and the broker URL it hands out. Nothing else.
+    guest.run(f"sed -i 's|^tls_names = .*|tls_names = [\"{REGISTRAR_HOST}\"]|' {REGISTRAR_CONFIG}")
+    guest.run(f"grep -qxF 'tls_names = [\"{REGISTRAR_HOST}\"]' {REGISTRAR_CONFIG}")
     guest.run("systemctl enable --now meshvpn-registrar")
+    # Over HTTPS, trusting only the registrar's CA (made at its first start): 127.0.0.1 is in its certificate.
     health = (
-        f"{VENV_PY} -c \"import json, sys, urllib.request; "
-        "sys.exit(0 if json.load(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=5))['ready'] else 1)\""
+        f"{VENV_PY} -c \"import json, ssl, sys, urllib.request; "
+        f"tls = ssl.create_default_context(cafile='{REGISTRAR_STATE}/ca.pem'); "
+        "answer = urllib.request.urlopen('https://127.0.0.1:8443/healthz', timeout=5, context=tls); "
+        "sys.exit(0 if json.load(answer)['ready'] else 1)\""
     )
-    guest.wait_until(health, timeout=120, what="the registrar's /healthz to say ready")
+    # Each attempt is a Python start, seconds of the guest's CPU the starting registrar needs: ask only once the
+    # port listens (ss is cheap), and give a loaded host time (it took 25-50 s at load averages of 2-8).
+    guest.wait_until(f"ss -Hltn 'sport = :8443' | grep -q . && {health}", timeout=180,
+                     what="the registrar's /healthz to say ready")
     _log(f"vm: registrar ready {time.monotonic() - start:.1f} s after `systemctl enable --now`")
-    token = guest.run(
+    created = guest.run(
         f"sudo -u meshvpn meshvpn-registrar --config {REGISTRAR_CONFIG} tokens create --reusable --ttl 3600",
         timeout=120,
-    ).stdout.strip()
-    assert re.fullmatch(r"[A-Za-z0-9_\-.]+", token), token
-    # The operator's edit of agent.toml: the broker and the join token; everything else as shipped.
-    guest.run(
-        f"sed -i -e 's|^join_token = .*|join_token = \"{token}\"|' "
-        f"-e 's|^url = .*|url = \"mqtt://{REGISTRAR_HOST}:1883\"|' /etc/meshvpn/agent.toml"
     )
+    token = created.stdout.strip()
+    assert re.fullmatch(r"mvj_[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+", token), token
+    # The join command it prints names the URL nodes enroll at: the operator copies it into agent.toml.
+    url = re.search(r"--registrar (\S+)", created.stderr)
+    assert url and url.group(1) == REGISTRAR_URL, created.stderr
+    # The operator's edit of agent.toml: where to enroll and the token; everything else as shipped.
+    guest.run(
+        f"sed -i -e 's|^registrar_url = .*|registrar_url = \"{url.group(1)}\"|' "
+        f"-e 's|^join_token = .*|join_token = \"{token}\"|' {AGENT_CONFIG}"
+    )
+    guest.run(f"grep -qxF 'registrar_url = \"{REGISTRAR_URL}\"' {AGENT_CONFIG} && "
+              f"grep -qxF 'join_token = \"{token}\"' {AGENT_CONFIG}")
     _underlay(guest)
     for node in NODES:
         if node.netns is not None:
@@ -341,6 +366,19 @@ def test_agents_chose_kernel_wireguard_by_auto(guest: qemu.Guest, mesh: Mesh) ->
     if not mesh.module_preloaded:
         # Nothing loaded the module by hand: the agent's first netlink request did, inside its sandbox.
         assert "wireguard" in guest.run("cat /proc/modules").stdout
+
+
+def test_agents_enrolled_with_the_token_and_use_the_broker_the_registrar_named(guest: qemu.Guest, mesh: Mesh) -> None:
+    # agent.toml names no broker and holds no password: all a node knows of the broker came from enrollment.
+    config = guest.read_file(AGENT_CONFIG).decode()
+    assert not re.search(r"^\s*(\[broker\]|url\s*=|username\s*=|password\s*=)", config, re.M), config
+    ca = guest.read_file(f"{REGISTRAR_STATE}/ca.pem")
+    for node in NODES:
+        enrollment = json.loads(guest.read_file(f"{node.state_dir}/enrollment.json"))
+        assert enrollment["registrar_url"] == REGISTRAR_URL, (node.name, enrollment)
+        assert enrollment["broker_url"] == f"mqtts://{REGISTRAR_HOST}:8883", (node.name, enrollment)
+        # The CA the agent pinned (the token's pin) is the registrar's: its TLS sessions trust nothing else.
+        assert guest.read_file(f"{node.state_dir}/ca.pem") == ca, node.name
 
 
 def test_full_mesh_and_pings_between_every_pair(mesh: Mesh) -> None:
