@@ -15,6 +15,9 @@
 #     --root DIR     install under DIR instead of / (packaging tests, image builds): no apt, no useradd,
 #                    no systemctl
 set -euo pipefail
+# The venv must see only itself: a PYTHONPATH with a checkout (and its meshvpn.egg-info) would make pip call
+# the wheel "already satisfied" and install nothing of it.
+unset PYTHONPATH
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -157,17 +160,24 @@ if [ -d "$COMPLETIONS" ]; then
 fi
 
 # --- user, units, configs, docs --------------------------------------------------------------------------
-if [ -z "$ROOT" ] && ! getent passwd meshvpn >/dev/null; then
+# The registrar's own user; the group meshvpn is for people: its members may read the agent's status (the
+# desktop chat), and nothing of the registrar's.
+if [ -z "$ROOT" ] && ! getent passwd meshvpn-registrar >/dev/null; then
   useradd --system --user-group --home-dir /var/lib/meshvpn-registrar --no-create-home \
-    --shell /usr/sbin/nologin --comment "meshvpn registrar" meshvpn
-  note "created the system user meshvpn"
+    --shell /usr/sbin/nologin --comment "meshvpn registrar" meshvpn-registrar
+  note "created the system user meshvpn-registrar"
+  changed=1
+fi
+if [ -z "$ROOT" ] && ! getent group meshvpn >/dev/null; then
+  groupadd --system meshvpn
+  note "created the group meshvpn (its members may read the agent's status: adduser USER meshvpn)"
   changed=1
 fi
 put "$here/systemd/meshvpn-registrar.service" "$UNITS/meshvpn-registrar.service" 0644
 put "$here/systemd/meshvpn-agent.service" "$UNITS/meshvpn-agent.service" 0644
 mkdir -p "$ETC"
 # registrar.toml may hold the registrar's broker password; agent.toml may hold a join token.
-put_config "$here/systemd/registrar.example.toml" "$ETC/registrar.toml" 0640 root:meshvpn
+put_config "$here/systemd/registrar.example.toml" "$ETC/registrar.toml" 0640 root:meshvpn-registrar
 put_config "$here/systemd/agent.example.toml" "$ETC/agent.toml" 0600 root:root
 for doc in "$repo"/docs/*.md; do
   [ -f "$doc" ] && put "$doc" "$DOC/$(basename "$doc")" 0644
@@ -179,7 +189,7 @@ if [ "$MOSQUITTO" = 1 ]; then
   if [ -z "$ROOT" ] && [ ! -s /etc/mosquitto/meshvpn/dynamic-security.json ]; then
     # Once: Mosquitto's accounts (the registrar's, its admin) and the registrar's TLS certificate; the registrar
     # keeps the two passwords in its state directory. Nodes need nothing: they enroll with a join token.
-    install -d -o meshvpn -g meshvpn -m 0700 /var/lib/meshvpn-registrar
+    install -d -o meshvpn-registrar -g meshvpn-registrar -m 0700 /var/lib/meshvpn-registrar
     "$VENV/bin/meshvpn-registrar" --config /etc/meshvpn/registrar.toml mosquitto init --owner mosquitto
     changed=1
   fi
@@ -197,9 +207,10 @@ cat <<EOF
 install: done. Next steps (docs/deploy.md):
   control plane:  edit /etc/meshvpn/registrar.toml (tls_names: the name nodes reach this host by), then
                   systemctl enable --now meshvpn-registrar
-                  sudo -u meshvpn meshvpn-registrar --config /etc/meshvpn/registrar.toml tokens create
+                  sudo -u meshvpn-registrar meshvpn-registrar --config /etc/meshvpn/registrar.toml tokens create
   every node:     edit /etc/meshvpn/agent.toml (registrar_url, mesh, join_token), then
                   systemctl enable --now meshvpn-agent && meshctl status
+  desktop users:  adduser USER meshvpn (then log in again): meshctl status and meshchat without root
 EOF
 if [ "$MOSQUITTO" = 1 ]; then
   echo "  mosquitto:      systemctl restart mosquitto (before the registrar: broker = mqtts://127.0.0.1:8883)"

@@ -68,7 +68,7 @@ class AdminClient:
             ) from None
         except PermissionError:
             raise AdminUnavailable(
-                f"permission denied on {self.socket_path}: run as the registrar's user (sudo -u meshvpn ...) or root"
+                f"permission denied on {self.socket_path}: run as the registrar's user (sudo -u meshvpn-registrar ...) or root"
             ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise AdminUnavailable(f"the registrar at {self.socket_path} does not answer: {exc}") from exc

@@ -7,7 +7,7 @@ exactly as docs/deploy.md tells an operator:
   `compose/install.sh --wheel FILE --wheel-dir DIR` (the guest has no network); a second run changes nothing;
 - `meshvpn-registrar.service` runs under systemd from the example registrar.toml with the one edit the example
   asks for, `tls_names` (the address nodes reach this host by): HTTPS API on 8443, embedded broker with MQTT over
-  TLS on 8883; a join token comes from `sudo -u meshvpn meshvpn-registrar ... tokens create`, through the
+  TLS on 8883; a join token comes from `sudo -u meshvpn-registrar meshvpn-registrar ... tokens create`, through the
   running registrar's admin socket;
 - every node's agent.toml gets only `registrar_url` (from the join command `tokens create` prints) and
   `join_token`: no broker URL, no password. Each agent enrolls over HTTPS, pins the CA the token names, and
@@ -194,7 +194,7 @@ def test_install_sh_installs_offline_and_a_second_run_changes_nothing(
     for unit in ("meshvpn-registrar.service", "meshvpn-agent.service"):
         shipped = (REPO / "compose/systemd" / unit).read_text()
         assert guest.read_file(f"/etc/systemd/system/{unit}").decode() == shipped
-    guest.run("getent passwd meshvpn && test -L /usr/local/bin/meshvpn-agent")
+    guest.run("getent passwd meshvpn-registrar && getent group meshvpn && test -L /usr/local/bin/meshvpn-agent")
 
 
 # --- the mesh -------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def mesh(guest: qemu.Guest, installed: dict[str, qemu.Result]) -> Mesh:
                      what="the registrar's /healthz to say ready")
     _log(f"vm: registrar ready {time.monotonic() - start:.1f} s after `systemctl enable --now`")
     created = guest.run(
-        f"sudo -u meshvpn meshvpn-registrar --config {REGISTRAR_CONFIG} tokens create --reusable --ttl 3600",
+        f"sudo -u meshvpn-registrar meshvpn-registrar --config {REGISTRAR_CONFIG} tokens create --reusable --ttl 3600",
         timeout=120,
     )
     token = created.stdout.strip()
@@ -385,6 +385,23 @@ def test_full_mesh_and_pings_between_every_pair(mesh: Mesh) -> None:
     views = mesh.wait_complete(timeout=60, what="the full mesh")
     assert len({v["mesh_ip"] for v in views.values()}) == len(NODES)
     mesh.ping_all(views, timeout=60)
+
+
+def test_a_member_of_group_meshvpn_reads_the_status_but_cannot_change_the_node(guest: qemu.Guest, mesh: Mesh) -> None:
+    # What a desktop user gets from `adduser alice meshvpn`: the chat's reads, and not the node's controls.
+    node = NODES[0]
+    guest.run("id alice >/dev/null 2>&1 || useradd --no-create-home --groups meshvpn alice; "
+              "id bob >/dev/null 2>&1 || useradd --no-create-home bob")
+    assert guest.run(f"stat -c '%a %U %G' {node.socket}").stdout.split() == ["660", "root", "meshvpn"]
+    status = json.loads(guest.run(f"sudo -u alice meshctl --socket {node.socket} status --json", timeout=120).stdout)
+    assert status["mesh_ip"] and status["peers"], status
+    rotate = guest.run(f"sudo -u alice meshctl --socket {node.socket} rotate-key", check=False, timeout=120)
+    assert rotate.rc != 0 and "only root" in rotate.stdout + rotate.stderr, rotate.describe()
+    outsider = guest.run(f"sudo -u bob meshctl --socket {node.socket} status", check=False, timeout=120)
+    assert outsider.rc != 0 and "join group meshvpn" in outsider.stderr, outsider.describe()
+    # The group reads nothing of the registrar's: its config and state belong to meshvpn-registrar.
+    assert guest.run(f"sudo -u alice cat {REGISTRAR_CONFIG}", check=False).rc != 0
+    assert guest.run(f"sudo -u alice ls {REGISTRAR_STATE}", check=False).rc != 0
 
 
 def test_units_pass_their_hardening_and_scores_are_recorded(guest: qemu.Guest, mesh: Mesh) -> None:
