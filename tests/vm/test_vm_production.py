@@ -210,8 +210,10 @@ class Mesh:
         """Every node's `meshctl status --json` (None where its agent does not answer). The three meshctl
         run at once: each is a Python start, seconds under emulation, and the guest has two CPUs."""
         script = " ".join(
-            f"(meshctl --socket {n.socket} status --json > /tmp/status-{n.name} 2>&1; "
-            f"echo $? > /tmp/status-{n.name}.rc) &"
+            # `|| rc=$?`: the guest runs scripts with `sh -e`, which would end the subshell at a failing
+            # meshctl before it wrote its status, leaving the previous poll's "0" beside this poll's error.
+            f"(rc=0; meshctl --socket {n.socket} status --json > /tmp/status-{n.name} 2>&1 || rc=$?; "
+            f"echo $rc > /tmp/status-{n.name}.rc) &"
             for n in NODES
         )
         script += " wait; " + "; ".join(
