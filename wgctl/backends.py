@@ -9,10 +9,12 @@ import shutil
 from wgctl.errors import BackendUnavailableError, InvalidConfigError
 from wgctl.memory import InMemoryWireGuard
 from wgctl.model import RouteBackend, WireGuardBackend
+from wgctl.netlink import genl_family_exists
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "kernel", "userspace", "memory")
+KERNEL_FAMILY = "wireguard"  # the kernel module's generic netlink family (wgctl.kernel.WG_GENL_NAME)
 
 
 def select_backend(
@@ -33,10 +35,11 @@ def select_backend(
     if name == "memory":
         return InMemoryWireGuard()
     if name in ("auto", "kernel"):
-        # Imported here so that a memory-only user never loads pyroute2's netlink machinery.
-        from wgctl.kernel import KernelWireGuard, kernel_available
+        if genl_family_exists(KERNEL_FAMILY):
+            # Imported only now: the kernel backend drives the module through pyroute2, which costs ~11 MB
+            # and ~0.1 s to import; a node on wireguard-go never loads it.
+            from wgctl.kernel import KernelWireGuard
 
-        if kernel_available():
             log.info("using the kernel WireGuard backend")
             return KernelWireGuard()
         if name == "kernel":
