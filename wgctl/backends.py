@@ -7,7 +7,6 @@ import os
 import shutil
 
 from wgctl.errors import BackendUnavailableError, InvalidConfigError
-from wgctl.memory import InMemoryWireGuard
 from wgctl.model import RouteBackend, WireGuardBackend
 from wgctl.netlink import genl_family_exists
 
@@ -33,6 +32,8 @@ def select_backend(
             f"unknown WireGuard backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
         )
     if name == "memory":
+        from wgctl.memory import InMemoryWireGuard  # the tests' backend: a real node never loads it
+
         return InMemoryWireGuard()
     if name in ("auto", "kernel"):
         if genl_family_exists(KERNEL_FAMILY):
@@ -56,6 +57,8 @@ def select_backend(
 
 def routes_for(backend: WireGuardBackend) -> RouteBackend:
     """The route backend matching `backend`: the in-memory backend's own routes, else netlink."""
+    from wgctl.memory import InMemoryWireGuard
+
     if isinstance(backend, InMemoryWireGuard):
         return backend.routes
     from wgctl.routes import NetlinkRoutes
