@@ -61,15 +61,18 @@ class NetlinkSocket:
                 data = self._sock.recv(_RECV_BUFFER)
             except TimeoutError as exc:
                 raise OSError(errno.ETIMEDOUT, f"no netlink reply within {_TIMEOUT_S:g} s") from exc
-            for msg in nlmsg.parse(data, body_size=self._body_size):
+            try:
+                messages = nlmsg.parse(data, body_size=self._body_size)
+            except ValueError as exc:
+                raise OSError(errno.EPROTO, f"unreadable netlink reply: {exc}") from exc
+            for msg in messages:
                 if msg.seq != seq:
                     continue  # not ours (a notification, or a late reply to an earlier request)
-                if msg.type == nlmsg.NLMSG_ERROR:
+                if msg.type in (nlmsg.NLMSG_ERROR, nlmsg.NLMSG_DONE):
+                    # Both carry an errno: 0 for an acknowledgement or a complete dump.
                     code = nlmsg.error_code(msg)
                     if code:
                         raise OSError(code, os.strerror(code))
-                    return replies
-                if msg.type == nlmsg.NLMSG_DONE:
                     return replies
                 replies.append(msg)
 

@@ -132,23 +132,23 @@ def parse(data: bytes, *, body_size: int | None = None) -> list[Message]:
         if length < _HEADER.size or offset + length > len(data):
             raise ValueError(f"truncated netlink message ({length} bytes at offset {offset} of {len(data)})")
         payload = data[offset + _HEADER.size : offset + length]
-        if msg_type == NLMSG_ERROR:
-            size = _ERRNO.size
-        elif msg_type == NLMSG_DONE:
-            size = 0
+        if msg_type in (NLMSG_ERROR, NLMSG_DONE):
+            # An errno (and for an error the request's header), not attributes; a DONE from an old kernel may
+            # carry nothing at all.
+            out.append(Message(msg_type, flags, seq, payload[: _ERRNO.size]))
         else:
             size = body_size if body_size is not None else _RTNL_BODY_SIZE.get(msg_type, 0)
-        if msg_type == NLMSG_ERROR:
-            attrs: dict[int, bytes] = {}  # an error carries the request's header, not attributes
-        else:
-            attrs = parse_attrs(payload[_pad(size) :])
-        out.append(Message(msg_type, flags, seq, payload[:size], attrs))
+            if len(payload) < size:
+                raise ValueError(f"netlink message of type {msg_type} too short for its header ({len(payload)} bytes)")
+            out.append(Message(msg_type, flags, seq, payload[:size], parse_attrs(payload[_pad(size) :])))
         offset += _pad(length)
     return out
 
 
 def error_code(msg: Message) -> int:
-    """The positive errno of an NLMSG_ERROR message; 0 for an acknowledgement."""
+    """The positive errno of an NLMSG_ERROR or NLMSG_DONE message; 0 for an acknowledgement or a whole dump."""
+    if len(msg.body) < _ERRNO.size:
+        return 0
     (code,) = _ERRNO.unpack(msg.body)
     return -code
 

@@ -103,6 +103,17 @@ def test_error_code(code, expected):
     assert nlmsg.error_code(msg) == expected
 
 
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [(b"", 0), (struct.pack("=i", 0), 0), (struct.pack("=i", -errno.EINTR), errno.EINTR)],
+    ids=["old-kernel-empty", "complete", "dump-failed"],
+)
+def test_done_carries_an_errno(payload, expected):
+    data = struct.pack("=IHHII", 16 + len(payload), nlmsg.NLMSG_DONE, nlmsg.NLM_F_MULTI, 5, 0) + payload
+    (msg,) = nlmsg.parse(data)
+    assert msg.type == nlmsg.NLMSG_DONE and nlmsg.error_code(msg) == expected
+
+
 def test_generic_replies_take_the_given_body_size():
     # A generic netlink reply's type is the family id: 0x10 for the controller, which is RTM_NEWLINK's number.
     body = nlmsg.genlmsg(1, 2)
@@ -131,3 +142,9 @@ def test_truncated_message_is_an_error():
     data = nlmsg.encode(nlmsg.RTM_NEWLINK, 0, 1, nlmsg.ifinfomsg(1))
     with pytest.raises(ValueError, match="truncated"):
         nlmsg.parse(data[:-4])
+
+
+def test_body_shorter_than_its_fixed_header_is_an_error():
+    data = nlmsg.encode(nlmsg.RTM_NEWROUTE, 0, 1, b"\0" * 8)  # an rtmsg is 12 bytes
+    with pytest.raises(ValueError, match="too short"):
+        nlmsg.parse(data)
