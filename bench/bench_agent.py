@@ -147,13 +147,19 @@ def _start_wall(start_ticks: int) -> float:
 
 
 def agent_startup(lab: Lab, name: str) -> dict[str, float]:
-    """startup_marks of the current process of `name`'s agent, from its log."""
+    """startup_marks of the current process of `name`'s agent, from its log, and the CPU time it has used so far
+    ("cpu": seconds; read right after the lab saw it join, so nearly all of it is the start itself). Wall times
+    grow with the machine's load; the CPU time much less."""
     agent = lab.node(name).agent
     assert agent is not None
     started = _start_wall(agent.start_ticks)
+    stat = _read(f"/proc/{agent.pid}/stat")
     text = lab.store.agent_log(name).read_text(errors="replace")
     events = [(e.t, e.msg) for e in parse_log(text, started) if e.t >= started - 0.01]
-    return startup_marks(events, started)
+    marks = startup_marks(events, started)
+    if stat is not None:
+        marks["cpu"] = parse_cpu_ticks(stat) / CLK_TCK
+    return marks
 
 
 def restarted(lab: Lab, name: str) -> dict[str, float]:
@@ -222,13 +228,14 @@ def report(heartbeat: float, series: list[Series]) -> list[str]:
 
 
 def report_startups(startups: dict[str, list[dict[str, float]]]) -> list[str]:
-    lines = ["| agent start | starts | " + " | ".join(f"start -> {m}: median (max) s" for m in STARTUP_MARKS) + " |",
-             "| --- | --- |" + " --- |" * len(STARTUP_MARKS)]
+    lines = ["| agent start | starts | " + " | ".join(f"start -> {m}: median (max) s" for m in STARTUP_MARKS)
+             + " | agent CPU by then: median (max) s |",
+             "| --- | --- |" + " --- |" * (len(STARTUP_MARKS) + 1)]
     for kind, runs in startups.items():
         if not runs:
             continue
         cells = []
-        for mark in STARTUP_MARKS:
+        for mark in (*STARTUP_MARKS, "cpu"):
             values = [r[mark] for r in runs if mark in r]
             cells.append(f"{statistics.median(values):.3f} ({max(values):.3f})" if values else "-")
         lines.append(f"| {kind} | {len(runs)} | " + " | ".join(cells) + " |")
