@@ -35,6 +35,7 @@ from bench_lab import parse_log  # bench/ is sys.path[0] when this runs as a scr
 from meshlab import system
 from meshlab.lab import Lab, new_lab_id
 from meshlab.settings import LabSettings
+from meshlab.waiting import wait_for
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STARTUP_MARKS = ("first log line", "agent starting", "registered as")
@@ -162,11 +163,23 @@ def agent_startup(lab: Lab, name: str) -> dict[str, float]:
     return marks
 
 
+def registered_startup(lab: Lab, name: str) -> dict[str, float]:
+    """agent_startup of `name` once its log says it registered (the lab may see the join a moment earlier)."""
+    found: dict[str, float] = {}
+
+    def logged() -> bool:
+        found.update(agent_startup(lab, name))
+        return "registered as" in found
+
+    wait_for(logged, timeout=30, what=f"{name} logs its registration", interval=0.05)
+    return found
+
+
 def restarted(lab: Lab, name: str) -> dict[str, float]:
     """Stop `name`'s agent gracefully, start it again (enrolled already) and time that start."""
     lab.stop(name)
     lab.start(name, wait=True)
-    return agent_startup(lab, name)
+    return registered_startup(lab, name)
 
 
 def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab_dir: Path,
@@ -178,7 +191,7 @@ def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab
         lab.up(nodes, lab_id=new_lab_id())
         lab.wait_mesh(timeout=60)
         names = [n.name for n in lab.state().ordered_nodes()]
-        startups: dict[str, list[dict[str, float]]] = {"join": [agent_startup(lab, n) for n in names],
+        startups: dict[str, list[dict[str, float]]] = {"join": [registered_startup(lab, n) for n in names],
                                                          "restart": []}
         for _ in range(restarts):
             for name in names:
