@@ -10,6 +10,12 @@ Run as root from the repository (the numbers in docs/benchmarks.md come from the
 
     .venv/bin/python bench/bench_agent.py [--nodes 4] [--duration 60] [--settle 10] [--heartbeats 1,5]
 
+Before the window it also times each agent's start, from the kernel's start time of its process (10 ms ticks)
+to its log lines (ms stamps): the first line (the interpreter and the imports are done), "agent starting"
+(settings, backends and, on a first start, enrollment over HTTPS are done) and "registered as" (wireguard-go
+started, broker connected, the registrar replied). Once as the lab joins them, and once more per agent after
+`--restarts` graceful stop + start (already enrolled: no join token, no HTTPS).
+
 One lab per heartbeat interval (the registrar hands the interval to agents when they register); TTL is
 3 intervals, as in the lab defaults. Aims: under 50 MB RSS and under 0.2 % of one core per idle agent.
 """
@@ -24,11 +30,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_lab import parse_log  # bench/ is sys.path[0] when this runs as a script
+
 from meshlab import system
 from meshlab.lab import Lab, new_lab_id
 from meshlab.settings import LabSettings
+from meshlab.waiting import wait_for
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+STARTUP_MARKS = ("first log line", "agent starting", "registered as")
 CPU_WINDOW_S = 10.0  # CPU % is also reported per window of this length, so a periodic spike shows as max
 AIM_RSS_MB = 50.0
 AIM_CPU_PCT = 0.2
@@ -78,6 +88,18 @@ def cpu_windows(samples: list[tuple[float, int, int, int | None]], window_s: flo
     return out
 
 
+def startup_marks(events: list[tuple[float, str]], started: float) -> dict[str, float]:
+    """Seconds from `started` to the first log line and to the first "agent starting" / "registered as" line
+    among (wall time, message) `events`; a mark never reached is absent."""
+    marks: dict[str, float] = {}
+    for t, msg in events:
+        marks.setdefault("first log line", t - started)
+        for mark in STARTUP_MARKS[1:]:
+            if msg.startswith(mark):
+                marks.setdefault(mark, t - started)
+    return marks
+
+
 # --- I/O: the processes of a lab ---------------------------------------------------------------------------
 
 
@@ -119,13 +141,62 @@ def sample(series: dict[int, Series]) -> None:
         s.hwm_kb = max(s.hwm_kb, parse_status_kb(status, "VmHWM") or 0)
 
 
-def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab_dir: Path) -> list[Series]:
+def _start_wall(start_ticks: int) -> float:
+    """Wall time of a process start given in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - (uptime - start_ticks / CLK_TCK)
+
+
+def agent_startup(lab: Lab, name: str) -> dict[str, float]:
+    """startup_marks of the current process of `name`'s agent, from its log, and the CPU time it has used so far
+    ("cpu": seconds; read right after the lab saw it join, so nearly all of it is the start itself). Wall times
+    grow with the machine's load; the CPU time much less."""
+    agent = lab.node(name).agent
+    assert agent is not None
+    started = _start_wall(agent.start_ticks)
+    stat = _read(f"/proc/{agent.pid}/stat")
+    text = lab.store.agent_log(name).read_text(errors="replace")
+    events = [(e.t, e.msg) for e in parse_log(text, started) if e.t >= started - 0.01]
+    marks = startup_marks(events, started)
+    if stat is not None:
+        marks["cpu"] = parse_cpu_ticks(stat) / CLK_TCK
+    return marks
+
+
+def registered_startup(lab: Lab, name: str) -> dict[str, float]:
+    """agent_startup of `name` once its log says it registered (the lab may see the join a moment earlier)."""
+    found: dict[str, float] = {}
+
+    def logged() -> bool:
+        found.update(agent_startup(lab, name))
+        return "registered as" in found
+
+    wait_for(logged, timeout=30, what=f"{name} logs its registration", interval=0.05)
+    return found
+
+
+def restarted(lab: Lab, name: str) -> dict[str, float]:
+    """Stop `name`'s agent gracefully, start it again (enrolled already) and time that start."""
+    lab.stop(name)
+    lab.start(name, wait=True)
+    return registered_startup(lab, name)
+
+
+def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab_dir: Path,
+            restarts: int = 0) -> tuple[list[Series], dict[str, list[dict[str, float]]]]:
     settings = LabSettings(lab_dir=lab_dir, broker="embedded", heartbeat_interval_s=heartbeat,
                            heartbeat_ttl_s=3 * heartbeat, join_timeout_s=60)
     lab = Lab(settings)
     try:
         lab.up(nodes, lab_id=new_lab_id())
         lab.wait_mesh(timeout=60)
+        names = [n.name for n in lab.state().ordered_nodes()]
+        startups: dict[str, list[dict[str, float]]] = {"join": [registered_startup(lab, n) for n in names],
+                                                         "restart": []}
+        for _ in range(restarts):
+            for name in names:
+                startups["restart"].append(restarted(lab, name))
+                lab.wait_mesh(timeout=60)
         # Settling is the point here, not a proof of anything: let start-up allocation and handshakes finish.
         time.sleep(settle)
         lab.wait_mesh(timeout=10)
@@ -139,7 +210,7 @@ def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab
         problems = lab.mesh_problems()
         if problems:
             raise SystemExit(f"the mesh was not complete at the end of the window: {problems}")
-        return list(series.values())
+        return list(series.values()), startups
     finally:
         lab.down()
 
@@ -169,12 +240,29 @@ def report(heartbeat: float, series: list[Series]) -> list[str]:
     return lines
 
 
+def report_startups(startups: dict[str, list[dict[str, float]]]) -> list[str]:
+    lines = ["| agent start | starts | " + " | ".join(f"start -> {m}: median (max) s" for m in STARTUP_MARKS)
+             + " | agent CPU by then: median (max) s |",
+             "| --- | --- |" + " --- |" * (len(STARTUP_MARKS) + 1)]
+    for kind, runs in startups.items():
+        if not runs:
+            continue
+        cells = []
+        for mark in (*STARTUP_MARKS, "cpu"):
+            values = [r[mark] for r in runs if mark in r]
+            cells.append(f"{statistics.median(values):.3f} ({max(values):.3f})" if values else "-")
+        lines.append(f"| {kind} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--duration", type=float, default=60.0, help="measurement window per heartbeat (s)")
     parser.add_argument("--settle", type=float, default=10.0, help="wait after the full mesh before sampling (s)")
     parser.add_argument("--heartbeats", default="1,5", help="comma-separated heartbeat intervals (s)")
+    parser.add_argument("--restarts", type=int, default=1,
+                        help="graceful stop + start of every agent this many times before the window, timed")
     parser.add_argument("--lab-dir", type=Path)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -182,8 +270,9 @@ def main() -> int:
         return 2
     for heartbeat in (float(h) for h in args.heartbeats.split(",")):
         lab_dir = args.lab_dir or Path(tempfile.mkdtemp(prefix="meshlab-footprint."))
-        series = measure(nodes=args.nodes, heartbeat=heartbeat, settle=args.settle, duration=args.duration,
-                         lab_dir=lab_dir)
+        series, startups = measure(nodes=args.nodes, heartbeat=heartbeat, settle=args.settle,
+                                   duration=args.duration, lab_dir=lab_dir, restarts=args.restarts)
+        print("\n".join(report_startups(startups)))
         print("\n".join(report(heartbeat, series)), flush=True)
         print()
     return 0

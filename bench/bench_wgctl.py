@@ -4,7 +4,8 @@
         plan + apply of N peers on the in-memory backend: first converge, no-op re-plan, 10% churn.
     python bench/bench_wgctl.py userspace [--peers 100] [--repeat 10]      (root, wireguard-go)
         one UAPI set adding N peers, one `get` reading them back, one set updating N, one set removing N,
-        on a real wireguard-go in a throwaway network namespace.
+        on a real wireguard-go in a throwaway network namespace; then the address, link and route checks
+        (wgctl.routes) and the whole drift-repair check of an idle agent (nothing to change), wall and CPU.
 
 Prints one line per measurement: name, median and max in milliseconds over --repeat runs.
 """
@@ -50,6 +51,21 @@ def timed(
         action(arg)
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples), max(samples)
+
+
+def timed_cpu(repeat: int, action: Callable[[], object]) -> tuple[float, float]:
+    """(median wall, median CPU) milliseconds of `action()` over `repeat` runs: CPU is this process's time."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        action()
+        walls.append((time.perf_counter() - wall) * 1000)
+        cpus.append((time.process_time() - cpu) * 1000)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def report_cpu(name: str, result: tuple[float, float]) -> None:
+    print(f"{name:55s} median {result[0]:9.3f} ms   CPU  {result[1]:9.3f} ms", flush=True)
 
 
 def report(name: str, result: tuple[float, float]) -> None:
@@ -134,8 +150,38 @@ def bench_userspace(n: int, repeat: int) -> None:
             f"userspace: one UAPI set removing {n} peers",
             timed(repeat, reset, lambda _: wg.apply(ifname, remove)),
         )
+        bench_link_checks(wg, ifname, repeat * 20)
     finally:
         wg.delete_interface(ifname)
+
+
+def bench_link_checks(wg: object, ifname: str, repeat: int) -> None:
+    """What an idle agent's drift repair costs when nothing changed (nodeagent.reconciler, every 10 s)."""
+    from wgctl.routes import NetlinkRoutes, link_exists
+
+    routes = NetlinkRoutes()
+    address, network, mtu = "100.96.0.1/16", "100.96.0.0/16", 1420
+    routes.ensure_address(ifname, address)
+    routes.ensure_up(ifname, mtu=mtu)
+    routes.ensure_route(ifname, network)
+    device = wg._device_or_none(ifname)  # type: ignore[attr-defined]
+    private_key = device.private_key
+
+    def drift_repair() -> None:
+        wg.ensure_interface(ifname, private_key=private_key, listen_port=51820)  # type: ignore[attr-defined]
+        routes.ensure_address(ifname, address)
+        routes.ensure_up(ifname, mtu=mtu)
+        routes.ensure_route(ifname, network)
+        wg.read(ifname)  # type: ignore[attr-defined]
+
+    for name, action in (
+        ("netlink: link_exists", lambda: link_exists(ifname)),
+        ("netlink: ensure_address (already there)", lambda: routes.ensure_address(ifname, address)),
+        ("netlink: ensure_up (already up)", lambda: routes.ensure_up(ifname, mtu=mtu)),
+        ("netlink: ensure_route (already there)", lambda: routes.ensure_route(ifname, network)),
+        ("drift-repair check, nothing to change", drift_repair),
+    ):
+        report_cpu(name, timed_cpu(repeat, action))
 
 
 def main() -> int:

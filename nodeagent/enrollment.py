@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from meshcontract import jointoken
 from meshcontract.errors import ContractError
 from meshcontract.messages import (
@@ -52,8 +49,16 @@ class TransientError(AgentError):
 
 
 def pin_of(ca_pem: str) -> str:
-    """base64url(SHA-256(DER)) of a PEM certificate, as in the join token."""
-    der = x509.load_pem_x509_certificate(ca_pem.encode()).public_bytes(Encoding.DER)
+    """base64url(SHA-256(DER)) of a PEM certificate, as in the join token; ValueError if it is not one.
+
+    The ssl module decodes the PEM and OpenSSL parses the DER as a certificate: the agent needs no X.509 library
+    for this (cryptography.x509 cost ~0.6 MB and ~25 ms at every start, docs/benchmarks.md "agent footprint").
+    """
+    try:
+        der = ssl.PEM_cert_to_DER_cert(ca_pem.strip())
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
+    except (ValueError, ssl.SSLError) as exc:  # binascii.Error is a ValueError
+        raise ValueError(f"not a PEM certificate: {exc}") from exc
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 

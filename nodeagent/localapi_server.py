@@ -13,6 +13,7 @@ import grp
 import json
 import logging
 import os
+import selectors
 import socket
 import socketserver
 import struct
@@ -28,6 +29,8 @@ from nodeagent.errors import AgentError
 log = logging.getLogger(__name__)
 
 _READ_TIMEOUT_S = 5.0
+_ACCEPT_TIMEOUT_S = 1.0  # bounds one accept should a connection vanish between readiness and accept
+_STOP_TIMEOUT_S = 5.0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -88,6 +91,7 @@ class LocalApiServer:
         self._group = group
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._wake: socket.socket | None = None  # stop() writes a byte here to end the serving thread
 
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve from a background thread."""
@@ -113,9 +117,11 @@ class LocalApiServer:
         except (OSError, KeyError) as exc:
             raise AgentError(f"cannot serve the local API on {self.path}: {exc}") from exc
         server.handle_request_fn = self._handler
+        server.timeout = _ACCEPT_TIMEOUT_S
         self._server = server
+        self._wake, woken = socket.socketpair()
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="agent-localapi", daemon=True
+            target=_serve, args=(server, woken), name="agent-localapi", daemon=True
         )
         self._thread.start()
         log.info("local API listening on %s (mode %o)", self.path, self._mode)
@@ -124,7 +130,10 @@ class LocalApiServer:
         """Stop serving and remove the socket file."""
         if self._server is None:
             return
-        self._server.shutdown()
+        assert self._wake is not None and self._thread is not None
+        self._wake.send(b"x")
+        self._thread.join(_STOP_TIMEOUT_S)
+        self._wake.close()
         self._server.server_close()
         self._server = None
         try:
@@ -144,3 +153,20 @@ class LocalApiServer:
                 self.path.unlink()
                 return
         raise AgentError(f"another agent is already serving {self.path}")
+
+
+def _serve(server: _Server, woken: socket.socket) -> None:
+    """Accept connections until a byte arrives on `woken`.
+
+    Not socketserver's serve_forever: it wakes every poll interval to notice a shutdown, which kept an idle
+    agent busy 5 times a second (docs/benchmarks.md, "agent footprint"); this thread sleeps until a client
+    connects or stop() writes to the other end of `woken`.
+    """
+    with woken, selectors.DefaultSelector() as selector:
+        selector.register(server, selectors.EVENT_READ)
+        selector.register(woken, selectors.EVENT_READ)
+        while True:
+            ready = [key.fileobj for key, _ in selector.select()]
+            if woken in ready:
+                return
+            server.handle_request()  # one accept; the connection is served from a thread of its own

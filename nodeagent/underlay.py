@@ -22,10 +22,11 @@ from nodeagent import candidates
 from nodeagent.candidates import InterfaceAddress
 from nodeagent.enrollment import TransientError, reflect
 from nodeagent.errors import SettingsError
+from wgctl.errors import NetlinkError
+from wgctl.routes import interface_addresses
 
 log = logging.getLogger(__name__)
 
-IFF_UP = 0x1
 # A registration waits for the reflection: keep it short. No answer in time: no reflexive candidate this time.
 REFLECT_TIMEOUT_S = 3.0
 
@@ -78,23 +79,8 @@ class NetlinkAddresses:
     """The kernel's interface addresses (rtnetlink, in the current network namespace)."""
 
     def addresses(self) -> list[InterfaceAddress]:
-        from pyroute2 import IPRoute  # local: meshctl and the pure modules never need it
-        from pyroute2.netlink.exceptions import NetlinkError
-
         try:
-            with IPRoute() as ipr:
-                links = {
-                    link["index"]: (link.get_attr("IFLA_IFNAME"), bool(link["flags"] & IFF_UP))
-                    for link in ipr.get_links()
-                }
-                found = []
-                for msg in ipr.get_addr():
-                    # IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS elsewhere.
-                    address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-                    ifname, up = links.get(msg["index"], (None, False))
-                    if address and ifname:
-                        found.append(InterfaceAddress(ifname, address, up))
-                return found
+            return [InterfaceAddress(ifname, address, up) for ifname, address, up in interface_addresses()]
         except NetlinkError as exc:
             raise OSError(f"cannot list interface addresses: {exc}") from exc
 

@@ -7,12 +7,13 @@ import os
 import shutil
 
 from wgctl.errors import BackendUnavailableError, InvalidConfigError
-from wgctl.memory import InMemoryWireGuard
 from wgctl.model import RouteBackend, WireGuardBackend
+from wgctl.netlink import genl_family_exists
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "kernel", "userspace", "memory")
+KERNEL_FAMILY = "wireguard"  # the kernel module's generic netlink family (wgctl.kernel.WG_GENL_NAME)
 
 
 def select_backend(
@@ -31,12 +32,15 @@ def select_backend(
             f"unknown WireGuard backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
         )
     if name == "memory":
+        from wgctl.memory import InMemoryWireGuard  # the tests' backend: a real node never loads it
+
         return InMemoryWireGuard()
     if name in ("auto", "kernel"):
-        # Imported here so that a memory-only user never loads pyroute2's netlink machinery.
-        from wgctl.kernel import KernelWireGuard, kernel_available
+        if genl_family_exists(KERNEL_FAMILY):
+            # Imported only now: the kernel backend drives the module through pyroute2, which costs ~11 MB
+            # and ~0.1 s to import; a node on wireguard-go never loads it.
+            from wgctl.kernel import KernelWireGuard
 
-        if kernel_available():
             log.info("using the kernel WireGuard backend")
             return KernelWireGuard()
         if name == "kernel":
@@ -53,6 +57,8 @@ def select_backend(
 
 def routes_for(backend: WireGuardBackend) -> RouteBackend:
     """The route backend matching `backend`: the in-memory backend's own routes, else netlink."""
+    from wgctl.memory import InMemoryWireGuard
+
     if isinstance(backend, InMemoryWireGuard):
         return backend.routes
     from wgctl.routes import NetlinkRoutes

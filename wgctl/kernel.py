@@ -21,13 +21,13 @@ from typing import Any
 
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
-from pyroute2.netlink.generic import GenericNetlinkSocket
-from pyroute2.netlink.generic.wireguard import WG_GENL_NAME, wgmsg
+from pyroute2.netlink.generic.wireguard import WG_GENL_NAME
 
 from wgctl import keys
 from wgctl.diff import split_endpoint, validated_peer
 from wgctl.errors import BackendUnavailableError, InterfaceNotFoundError, NetlinkError
 from wgctl.model import InterfaceState, PeerChanges, PeerConfig, PeerState
+from wgctl.netlink import genl_family_exists
 from wgctl.uapi import UapiDevice
 
 log = logging.getLogger(__name__)
@@ -38,20 +38,7 @@ _ENODEV = 19
 
 def kernel_available() -> bool:
     """True if the kernel's `wireguard` generic netlink family answers (the module is loaded)."""
-    # Not `with WireGuard()`: when the family is missing its constructor raises before there is an object to
-    # close, and pyroute2 (0.9.7) leaks the netlink socket and the event loop it made (ResourceWarnings).
-    # A plain generic netlink socket asks the same question and is closed whatever the answer.
-    try:
-        sock = GenericNetlinkSocket()
-    except OSError:
-        return False
-    try:
-        sock.bind(WG_GENL_NAME, wgmsg)
-        return True
-    except (PyrouteNetlinkError, OSError):
-        return False
-    finally:
-        sock.close()
+    return genl_family_exists(WG_GENL_NAME)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import os
 import secrets
@@ -62,6 +63,9 @@ def generate_private_key() -> str:
     return encode_key(bytes(raw))
 
 
+# Remembered: wgctl reports an interface's public key with every read (an agent reads at every heartbeat), and
+# the X25519 derivation costs ~0.1 ms of CPU each time on an idle machine. A process holds only a few keys.
+@functools.lru_cache(maxsize=8)
 def public_key(private_key: str) -> str:
     """The base64 public key of a base64 private key."""
     priv = X25519PrivateKey.from_private_bytes(decode_key(private_key))

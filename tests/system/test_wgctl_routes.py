@@ -1,4 +1,5 @@
-"""NetlinkRoutes against a real kernel, inside a throwaway namespace: idempotent, "exists" is success."""
+"""NetlinkRoutes (wgctl's own rtnetlink requests) against a real kernel, inside a throwaway namespace:
+idempotent, "exists" is success, and what it sets reads back with `ip` as `ip` itself would have set it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.system
 # Runs inside the namespace: performs the steps given as JSON on argv[1] and prints each result.
 SNIPPET = """
 import json, sys
-from wgctl.routes import NetlinkRoutes, delete_link, link_exists
+from wgctl.routes import NetlinkRoutes, delete_link, interface_addresses, link_exists
 from wgctl.errors import WireGuardError
 routes, out = NetlinkRoutes(), []
 for op, ifname, arg in json.loads(sys.argv[1]):
@@ -27,6 +28,8 @@ for op, ifname, arg in json.loads(sys.argv[1]):
             out.append(link_exists(ifname))
         elif op == "delete":
             out.append(delete_link(ifname))
+        elif op == "addresses":
+            out.append(sorted([a, up] for name, a, up in interface_addresses() if name == ifname))
     except WireGuardError as exc:
         out.append(type(exc).__name__)
 print(json.dumps(out))
@@ -103,3 +106,35 @@ def test_missing_interface_and_delete(lab):
         False,
         False,
     ], done.stderr
+
+
+def test_interface_addresses_and_what_ip_shows(lab):
+    a, b = lab.namespace("ia"), lab.namespace("ib")
+    end_a, _ = lab.link(a, b, "10.66.4.1/30", "10.66.4.2/30")
+    plan = [
+        ("addresses", end_a, None),
+        ("addr", end_a, "100.96.4.1/16"),
+        ("addr", end_a, "fd00:4::1/64"),
+        ("up", end_a, 1380),
+        ("route", end_a, "10.90.0.0/16"),
+        ("addresses", end_a, None),
+    ]
+    done = a.python("-c", SNIPPET, json.dumps(plan))
+    got = json.loads(done.stdout)
+    # The IPv6 link-local address the kernel adds to an up link may or may not be there yet.
+    assert [x for x in got[0] if not x[0].startswith("fe80:")] == [["10.66.4.1", True]], done.stderr
+    assert got[1:5] == [True, True, True, True], done.stderr
+    assert [x for x in got[5] if not x[0].startswith("fe80:")] == [
+        ["10.66.4.1", True], ["100.96.4.1", True], ["fd00:4::1", True]
+    ], done.stderr
+    shown = a.run("ip", "-d", "address", "show", end_a).stdout
+    assert "inet 100.96.4.1/16 scope global" in shown and "mtu 1380" in shown and "UP" in shown
+    assert "inet6 fd00:4::1/64 scope global" in shown
+    route = a.run("ip", "-d", "route", "show", "10.90.0.0/16").stdout
+    assert f"unicast 10.90.0.0/16 dev {end_a} proto static scope global" in route
+
+
+def test_generic_netlink_family_lookup(lab):
+    a = lab.namespace("gf")
+    snippet = "from wgctl.netlink import genl_family_exists as f; print(f('nlctrl'), f('meshvpn-none'))"
+    assert a.python("-c", snippet).stdout.split() == ["True", "False"]
