@@ -9,20 +9,23 @@ their own, n7 and n8 behind one shared router (NAT group "home"). Then, in order
             its first reply. Per pair: later registration of the two -> first reply ("registered -> reachable"),
             grouped by kind: public<->public, public<->NAT, NAT<->NAT (different routers), same NAT. Per run:
             `lab.up` returned (every node has its mesh IP) -> every ordered pair has answered.
-  sleep     a node behind its own NAT is frozen (SIGSTOP to every process of its namespace: agent, wireguard-go,
-            probe: a suspended laptop) until every peer removed its tunnel and at least --sleep-s passed, then
-            thawed. Thaw -> first reply per direction between it and every peer (pings started at the thaw),
-            and thaw -> every direction answered.
-  roam NAT  the other node behind a NAT of its own moves behind a new NAT router (`lab.roam`: new private
-            address, new public address) while pings run both ways between it and a public node, a node behind
-            another NAT and a node behind the shared NAT. Per direction: roam done -> first reply after it.
-  roam pub  a public node moves to a new LAN address, with pings both ways to another public node and to a
-            node behind NAT. Same measure.
+  sleep     the last node behind NAT (n8) is frozen (SIGSTOP to every process of its namespace: agent,
+            wireguard-go, probe: a suspended laptop) until every peer removed its tunnel and at least --sleep-s
+            passed, then thawed. Thaw -> first reply per direction between it and every peer (pings started at
+            the thaw), and thaw -> every direction answered.
+  roam NAT  the first node behind a NAT of its own (n5) moves behind a new NAT router (`lab.roam`: new private
+            address, new public address) while pings run both ways between it and a public node (n1), a node
+            behind another NAT of its own (n6) and one behind the shared NAT (n7). Per direction: roam done ->
+            first reply after it. Also counted: how many of those peers dropped the roamer's tunnel meanwhile
+            (their agents' peer_removed counters), i.e. whether the registrar judged it unreachable first.
+  roam pub  the second public node (n2) moves to a new LAN address, with pings both ways to n1 and to n6 (own
+            NAT). Same measures.
 
 "roam done" is when `lab.roam` returned: the new link and route are in place (building a new router takes the
 lab a while; that time is reported apart as "roam call"). Every reply ping stamps (-D) is on CLOCK_REALTIME,
 which the namespaces share with this process. "Registered" is when an agent's local API first answered with a
-mesh IP and `ready` (polled about every 0.1 s, so registered -> reachable is short by up to that). A direction
+mesh IP and `ready` (looked at in a loop; registered -> reachable is short by up to one look, and the bench
+reports the longest gap between two looks). A direction
 that does not answer within its deadline counts as a failure and is listed, not dropped.
 
 Run as root from the repository (each run takes about 2 minutes on a 2-core machine):
@@ -83,6 +86,18 @@ class Topology:
     @property
     def names(self) -> list[str]:
         return sorted([*self.public, *self.own_nat, *self.shared_nat], key=lambda n: int(n[1:]))
+
+    @property
+    def sleeper(self) -> str:
+        """The node that sleeps: the last one behind NAT (with N >= 6 not one the roams watch)."""
+        return [*self.own_nat, *self.shared_nat][-1]
+
+    def roam_peers(self) -> tuple[list[str], list[str]]:
+        """(peers watched while the first own-NAT node roams, while the second public node roams): a public
+        node, another node behind a NAT of its own and one behind the shared NAT where there are such."""
+        nat = [self.public[0], *self.own_nat[1:2], *self.shared_nat[:1]]
+        public = [self.public[0], self.own_nat[-1]]
+        return nat, public
 
     def router_of(self) -> dict[str, str | None]:
         """Node -> a name for the NAT it sits behind (None: public); equal names share one router."""
@@ -288,7 +303,7 @@ class Run:
         lab_id = new_lab_id()
         try:
             self._start(lab_id)
-            self._sleep_and_return(self.topo.own_nat[-1])
+            self._sleep_and_return(self.topo.sleeper)
             self._roam_nat(self.topo.own_nat[0])
             self._roam_public(self.topo.public[1])
         finally:
@@ -415,13 +430,10 @@ class Run:
     # --- roaming
 
     def _roam_nat(self, roamer: str) -> None:
-        peers = [self.topo.public[0], self.topo.own_nat[1] if len(self.topo.own_nat) > 1 else None,
-                 self.topo.shared_nat[0] if self.topo.shared_nat else None]
-        self.res.roam_nat = self._roam(roamer, [p for p in peers if p], "roam_nat")
+        self.res.roam_nat = self._roam(roamer, self.topo.roam_peers()[0], "roam_nat")
 
     def _roam_public(self, roamer: str) -> None:
-        natted = [*self.topo.own_nat, *self.topo.shared_nat]
-        self.res.roam_public = self._roam(roamer, [self.topo.public[0], natted[-1]], "roam_public")
+        self.res.roam_public = self._roam(roamer, self.topo.roam_peers()[1], "roam_public")
 
     def _roam(self, roamer: str, peers: Sequence[str], what: str) -> dict[Pair, float | None]:
         lab = self.lab
@@ -433,6 +445,7 @@ class Run:
             before = pings.wait_all(pairs, after=0.0, deadline_s=ROAM_DEADLINE_S, stop=False)
             if any(v is None for v in before.values()):
                 self.res.notes.append(f"{what}: not every watched pair answered before the roam: {before}")
+            removed_before = self._peers_removed(peers)
             t_call = time.time()
             lab.roam(roamer)
             t_done = time.time()
@@ -440,7 +453,21 @@ class Run:
             found = pings.wait_all(pairs, after=t_done, deadline_s=ROAM_DEADLINE_S)
         finally:
             pings.close()
+        # Whether the registrar judged the roamer unreachable meanwhile (its peers then drop it and add it again
+        # with its new candidates): that decides which path the recovery takes (docs/benchmarks.md).
+        removed_after = self._peers_removed(peers)
+        self.res.values[f"{what}: watched peers that dropped the roamer"] = float(sum(
+            1 for p in peers if removed_after.get(p, 0) > removed_before.get(p, 0)))
         return since(found, t_done)
+
+    def _peers_removed(self, names: Sequence[str]) -> dict[str, int]:
+        """Each agent's peer_removed counter (its local API); the roams watch nobody else leave meanwhile."""
+        out = {}
+        for name in names:
+            status = self.lab.agent_status(name)
+            if status is not None:
+                out[name] = status.counters.get("peer_removed", 0)
+        return out
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -470,7 +497,7 @@ def tables(results: Sequence[RunResult], topo: Topology, header: str) -> str:
     keys = [k for r in results for k in r.values]
     for key in dict.fromkeys(keys):
         lines.append(f"| {key} | {summarize([r.values.get(key) for r in results]).cells()} |")
-    sections = (("sleep", "sleep: thaw -> first reply", topo.own_nat[-1]),
+    sections = (("sleep", "sleep: thaw -> first reply", topo.sleeper),
                 ("roam_nat", "NAT roam: roam done -> first reply", topo.own_nat[0]),
                 ("roam_public", "public roam: roam done -> first reply", topo.public[1]))
     for attr, label, moved in sections:
@@ -479,6 +506,11 @@ def tables(results: Sequence[RunResult], topo: Topology, header: str) -> str:
             groups.setdefault(kind_of_direction(src, dst, moved, router_of), []).append(v)
         for direction, values in sorted(groups.items()):
             lines.append(f"| {label}, {direction} | {summarize(values).cells()} |")
+    for attr, label, _ in sections[1:]:
+        for i, r in enumerate(results):
+            got = getattr(r, attr)
+            lines.append(f"| {label}, run {i + 1} | " + ", ".join(
+                f"{a}->{b} {'never' if v is None else f'{v:.1f}'}" for (a, b), v in got.items()) + " |")
     notes = [f"run {i + 1}: {note}" for i, r in enumerate(results) for note in r.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
 

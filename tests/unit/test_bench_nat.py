@@ -132,3 +132,17 @@ def test_since_subtracts_one_start_or_each_pairs_own():
 )
 def test_directions_around_the_node_that_moved(src, dst, moved, label):
     assert bench.kind_of_direction(src, dst, moved, ROUTERS) == label
+
+
+@pytest.mark.parametrize(
+    ("nodes", "sleeper", "nat_roam_peers", "public_roam_peers"),
+    [
+        (8, "n8", ["n1", "n6", "n7"], ["n1", "n6"]),  # the sleeper is none of the roams' peers
+        (6, "n6", ["n1", "n5"], ["n1", "n4"]),
+        (4, "n4", ["n1", "n4"], ["n1", "n4"]),
+    ],
+)
+def test_who_sleeps_and_who_watches_the_roams(nodes, sleeper, nat_roam_peers, public_roam_peers):
+    topo = bench.topology(nodes)
+    assert topo.sleeper == sleeper
+    assert topo.roam_peers() == (nat_roam_peers, public_roam_peers)
