@@ -46,6 +46,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -287,6 +288,15 @@ class RunResult:
                 "sleep": pairs(self.sleep), "roam_nat": pairs(self.roam_nat), "roam_public": pairs(self.roam_public),
                 "notes": self.notes}
 
+    @classmethod
+    def from_json(cls, data: Mapping) -> RunResult:
+        """The inverse of as_json (rounded to the millisecond)."""
+        def pairs(d: Mapping[str, float | None]) -> dict[Pair, float | None]:
+            return {tuple(key.split("->", 1)): v for key, v in d.items()}  # type: ignore[misc]
+
+        return cls(reach=pairs(data["reach"]), values=dict(data["values"]), sleep=pairs(data["sleep"]),
+                   roam_nat=pairs(data["roam_nat"]), roam_public=pairs(data["roam_public"]), notes=list(data["notes"]))
+
 
 class Run:
     """One fresh lab, measured once through start, sleep and the two roams, then removed."""
@@ -506,11 +516,14 @@ def tables(results: Sequence[RunResult], topo: Topology, header: str) -> str:
             groups.setdefault(kind_of_direction(src, dst, moved, router_of), []).append(v)
         for direction, values in sorted(groups.items()):
             lines.append(f"| {label}, {direction} | {summarize(values).cells()} |")
-    for attr, label, _ in sections[1:]:
+    for attr, label, moved in sections[1:]:
         for i, r in enumerate(results):
             got = getattr(r, attr)
+            dropped = r.values.get(f"{attr}: watched peers that dropped the roamer")
+            watched = len({b if a == moved else a for a, b in got})
             lines.append(f"| {label}, run {i + 1} | " + ", ".join(
-                f"{a}->{b} {'never' if v is None else f'{v:.1f}'}" for (a, b), v in got.items()) + " |")
+                f"{a}->{b} {'never' if v is None else f'{v:.1f}'}" for (a, b), v in got.items())
+                + ("" if dropped is None else f" ({dropped:.0f} of {watched} peers dropped it meanwhile)") + " |")
     notes = [f"run {i + 1}: {note}" for i, r in enumerate(results) for note in r.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -525,7 +538,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write every run's values (JSON)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep every run's lab directory (logs, pings); by default only runs with notes keep theirs")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a saved --json file")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(tables([RunResult.from_json(r) for r in saved["runs"]], topology(saved["nodes"]), saved["header"]))
+        return 0
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, wireguard-go)")
     try:
@@ -541,12 +559,18 @@ def main() -> int:
         settings = LabSettings(lab_dir=lab_dir, broker=args.broker, heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0,
                                join_timeout_s=60.0)
         t = time.monotonic()
-        res = Run(settings, topo, sleep_s=args.sleep_s, log_dir=lab_dir / "pings").execute()
+        measured = Run(settings, topo, sleep_s=args.sleep_s, log_dir=lab_dir / "pings")
+        try:
+            res = measured.execute()
+        except Exception as exc:  # noqa: BLE001 - a failed run is a result too: reported, its logs kept
+            traceback.print_exc()
+            res = measured.res
+            res.notes.append(f"run failed: {exc!r}")
         walls.append(time.monotonic() - t)
         results.append(res)
-        reach = [v for v in res.reach.values() if v is not None]
+        reach = summarize(list(res.reach.values()))
         print(f"{args.broker} N={args.nodes} run {run + 1}/{args.runs} ({walls[-1]:.0f} s, logs in {lab_dir}): "
-              f"reach p50 {percentile(reach, 0.5):.2f} max {max(reach):.2f}; "
+              f"reach p50 / p95 / max {reach.cells()}; "
               + ", ".join(f"{k} {v:.2f}" for k, v in res.values.items())
               + (f"; notes: {res.notes}" if res.notes else ""), flush=True)
         if not res.notes and not args.keep_logs:
@@ -557,7 +581,8 @@ def main() -> int:
               f"own, {len(topo.shared_nat)} behind one shared NAT), {args.runs} runs, {total:.0f} s in all; "
               f"load average {load[0]:.1f} before, {load_after[0]:.1f} after")
     if args.json:
-        args.json.write_text(json.dumps({"nodes": args.nodes, "broker": args.broker, "sleep_s": args.sleep_s,
+        args.json.write_text(json.dumps({"header": header, "nodes": args.nodes, "broker": args.broker,
+                                         "sleep_s": args.sleep_s,
                                          "wall_s": [round(w, 1) for w in walls], "load": [load, load_after],
                                          "runs": [r.as_json() for r in results]}, indent=1))
     print(tables(results, topo, header))

@@ -146,3 +146,11 @@ def test_who_sleeps_and_who_watches_the_roams(nodes, sleeper, nat_roam_peers, pu
     topo = bench.topology(nodes)
     assert topo.sleeper == sleeper
     assert topo.roam_peers() == (nat_roam_peers, public_roam_peers)
+
+
+def test_a_saved_run_reads_back_as_it_was_written():
+    run = bench.RunResult(reach={("n1", "n5"): 0.05, ("n5", "n6"): None}, values={"lab.up (s)": 12.3456},
+                          sleep={("n8", "n1"): 0.5}, roam_nat={("n5", "n1"): 15.1}, roam_public={}, notes=["x"])
+    again = bench.RunResult.from_json(run.as_json())
+    assert again.reach == run.reach and again.sleep == run.sleep and again.roam_nat == run.roam_nat
+    assert again.values == {"lab.up (s)": 12.346} and again.notes == ["x"]
