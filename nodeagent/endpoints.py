@@ -15,7 +15,10 @@ Choice, per peer and per reconcile pass:
       ages out after 3 minutes.
   (b) no fresh handshake: keep the candidate on trial for TRIAL_S (WireGuard retries a handshake every 5 s, so
       two or three attempts), then move to the next, cycling. A trial starts on the endpoint already configured
-      if it is a candidate (no needless write), else on the first candidate.
+      if it is a candidate (no needless write), else on the first candidate. When the peer's candidates change
+      during a trial, the cycle starts over from the first: a node's reflexive address reaches its record a
+      moment after its first record (enrollment), and a trial of its private address must not hold the peer
+      for a full TRIAL_S (bench_nat measured 15 s for every NAT <-> NAT pair at start before this).
 Persistent keepalive (the mesh setting) keeps handshakes fresh and NAT mappings open on working tunnels.
 """
 
@@ -47,10 +50,12 @@ _SAME_NAT = {EndpointKind.LOCAL: 0, EndpointKind.PUBLIC: 1, EndpointKind.REFLEXI
 
 @dataclass(frozen=True, slots=True)
 class Trial:
-    """The candidate a peer without a fresh handshake is being tried on (canonical IP:port), and since when."""
+    """The candidate a peer without a fresh handshake is being tried on (canonical IP:port), and since when;
+    `candidates`: the peer's usable candidates, in order, when the trial started."""
 
     endpoint: str
     since: float
+    candidates: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,14 +168,17 @@ def choose(
     """The endpoint to configure for one peer (rules (a) and (b) of the module docstring)."""
     if fresh(actual, now=now, heard=heard, silent_s=silent_s) or not usable:
         return Choice(None)
-    if trial is not None and trial.endpoint in usable:
+    changed = trial is not None and bool(trial.candidates) and trial.candidates != tuple(usable)
+    if trial is not None and trial.endpoint in usable and not changed:
         if now - trial.since < trial_s:
             return Choice(trial.endpoint, trial, _next(usable, trial, trial_s))
         nxt = usable[(usable.index(trial.endpoint) + 1) % len(usable)]
+    elif changed:
+        nxt = usable[0]
     else:
         current = canonical_endpoint(actual.endpoint) if actual is not None else None
         nxt = current if current in usable else usable[0]
-    started = Trial(nxt, now)
+    started = Trial(nxt, now, tuple(usable))
     return Choice(nxt, started, _next(usable, started, trial_s))
 
 

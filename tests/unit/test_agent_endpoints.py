@@ -194,3 +194,23 @@ def test_hearing_restarts_only_when_bytes_arrive() -> None:
     moved = hearing(same, {KEY: PeerState(KEY, ("100.96.0.2/32",), rx_bytes=132)}, now=NOW + 31)
     assert moved == {KEY: Heard(132, NOW + 31)}
     assert hearing(moved, {}, now=NOW + 32) == {}, "a peer gone from the interface is forgotten"
+
+
+@pytest.mark.parametrize(
+    ("usable", "trial", "expected"),
+    [
+        pytest.param([B, A], Trial(A, NOW - 1, (A,)), Choice(B, Trial(B, NOW), NOW + TRIAL_S),
+                     id="a better candidate arrived (the reflexive address after enrollment): start over from it"),
+        pytest.param([A, B], Trial(A, NOW - 1, (A,)), Choice(A, Trial(A, NOW), NOW + TRIAL_S),
+                     id="a worse one arrived: start over, the first is still the one on trial"),
+        pytest.param([A, B], Trial(A, NOW - 1, (A, B)), Choice(A, Trial(A, NOW - 1), NOW - 1 + TRIAL_S),
+                     id="unchanged candidates: the trial runs on"),
+        pytest.param([B, A], Trial(A, NOW - 1), Choice(A, Trial(A, NOW - 1), NOW - 1 + TRIAL_S),
+                     id="a trial that recorded no candidates runs on"),
+    ],
+)  # fmt: skip
+def test_changed_candidates_restart_the_cycle(usable: list[str], trial: Trial, expected: Choice) -> None:
+    choice = choose(usable, actual=None, trial=trial, now=NOW)
+    assert choice == expected
+    if choice.trial is not trial:
+        assert choice.trial is not None and choice.trial.candidates == tuple(usable)
