@@ -144,9 +144,11 @@ class ControlSession:
         self._stopping.set()
         with self._lock:
             conn = self._conn
-        self._replies.wake()  # ...also while it waits for a registration reply
         if conn is not None:
             conn.lost.set()  # wakes the session thread, which says goodbye on the broker
+        # ...also while it waits for a registration reply. After marking the connection lost: woken before, the
+        # wait could look at the connection, find it still up and sleep out its timeout.
+        self._replies.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
