@@ -6,8 +6,8 @@ starts and stops them in the right order and turns the session's events into wor
   - Registered        -> heartbeats at the mesh's interval, a reconcile pass (address, route, peers)
   - MembershipChanged -> a reconcile pass
   - Refused           -> stop, exit status 3
-APScheduler runs the periodic jobs (heartbeats, the drift-repair wake-up of the reconcile loop, the check of
-this node's endpoint candidates: nodeagent.underlay). Peers' host names resolve in the background
+APScheduler runs the periodic jobs (heartbeats: nodeagent.heartbeats, the drift-repair wake-up of the reconcile
+loop, the check of this node's endpoint candidates: nodeagent.underlay). Peers' host names resolve in the background
 (nodeagent.resolver), which wakes the reconcile loop when an answer changes.
 
 The agent's view of the mesh only ever shrinks the peer set from a *complete* membership, so a broker restart,
@@ -34,11 +34,11 @@ from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
 from nodeagent.enrollment import Waiter, enroll
 from nodeagent.errors import AgentError, SettingsError
+from nodeagent.heartbeats import Heartbeats
 from nodeagent.identity import Identity, load_identity
 from nodeagent.membership import MemberTable
 from nodeagent.meshstate import MeshState
 from nodeagent.ping import Pinger, SystemPinger
-from nodeagent.presence import Presence
 from nodeagent.reconciler import Reconciler
 from nodeagent.registrar_client import RegistrarClient
 from nodeagent.resolver import Lookup, NameResolver, system_lookup
@@ -115,9 +115,7 @@ class Agent:
         self._reconciler: Reconciler | None = None
         self._reconcile_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
-        self._presence: Presence | None = None
-        self._heartbeat_interval_s = 5.0
-        self._name_warned: set[str] = set()
+        self._heartbeats: Heartbeats | None = None
         self._api = None
         self.enrollment: Enrollment | None = None
         self._rotating = threading.Lock()
@@ -198,7 +196,10 @@ class Agent:
         )
         self._reconciler.reconcile_once("startup")
 
-        self._presence = Presence(self._pinger, clock=self._clock, send_now=self._send_vouches)
+        self._heartbeats = Heartbeats(
+            session=self._session, mesh=self.mesh, wireguard=self.wireguard, interface=settings.interface,
+            identity=lambda: self.identity, pinger=self._pinger, clock=self._clock, fields=self._fields,
+        )  # fmt: skip
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(
             self._reconciler.wake,
@@ -281,8 +282,8 @@ class Agent:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        if self._presence is not None:
-            self._presence.close()
+        if self._heartbeats is not None:
+            self._heartbeats.close()
         if self._resolver is not None:
             self._resolver.close()
         if self._api is not None:
@@ -297,15 +298,15 @@ class Agent:
     def _on_session_event(self, event: SessionEvent) -> None:
         if isinstance(event, Registered):
             self.counters["registrations"] += 1
-            if self._presence is not None:
-                self._presence.forget_report()  # a new session: the registrar may not have our paths
+            if self._heartbeats is not None:
+                self._heartbeats.forget_report()
             self._schedule_heartbeats(event.registration.settings.heartbeat_interval_s)
             self._wake_reconcile()
         elif isinstance(event, MembershipChanged):
             self._wake_reconcile()
-            if self._scheduler is not None:
+            if self._scheduler is not None and self._heartbeats is not None:
                 # Off paho's thread: reading WireGuard and starting probes of members just lost.
-                self._scheduler.add_job(self._probe_lost, id="probe-lost", replace_existing=True)
+                self._scheduler.add_job(self._heartbeats.probe_lost, id="probe-lost", replace_existing=True)
         elif isinstance(event, Refused):
             self.failure = event.error
             self.exit_code = EXIT_REFUSED
@@ -326,57 +327,14 @@ class Agent:
         if self._reconciler is not None:
             self._reconciler.wake()
 
-    # -- heartbeats and presence (the scheduler's threads) ------------------------------------------------
-    def _tunnels(self) -> dict:
-        try:
-            return self.wireguard.read(self.settings.interface).peers
-        except WireGuardError:
-            return {}
-
-    def _probe_lost(self) -> dict:
-        """Probe the members the control plane lost that we hold a tunnel to; the peers as WireGuard has them."""
-        self._warn_shared_name()
-        peers = self._tunnels()
-        if self._presence is not None:
-            self._presence.probe(self.mesh.current(), tunnelled=peers, self_id=self.identity.node_id)
-        return peers
-
-    def _warn_shared_name(self) -> None:
-        """Say once per member that another node has our name: allowed (names are aliases), but confusing."""
-        membership = self.mesh.current()
-        if membership is None:
-            return
-        me = self.identity
-        for record in membership.members.values():
-            if record.name == me.name and record.node_id != me.node_id and record.node_id not in self._name_warned:
-                self._name_warned.add(record.node_id)
-                log.warning("node %s (%s) has this node's name %r too; people see both as NAME (node id)",
-                            record.node_id, record.mesh_ip, me.name, extra=self._fields())  # fmt: skip
-
-    def _vouch_window_s(self) -> float:
-        return 2 * self._heartbeat_interval_s + 1.0
-
-    def _heartbeat(self) -> None:
-        """One heartbeat: probe lost members again, then send with our vouches and (if due) the path report."""
-        session, presence = self._session, self._presence
-        if session is None or presence is None:
-            return
-        peers = self._probe_lost()
-        membership = self.mesh.current()
-        node_of = {r.public_key: r.node_id for r in membership.members.values()} if membership else {}
-        session.heartbeat(alive=presence.vouches(within_s=self._vouch_window_s()),
-                          paths=presence.report(peers, node_of=node_of))  # fmt: skip
-
-    def _send_vouches(self) -> None:
-        """A probe of a suspect just got an answer: tell the registrar now, within its vouch wait."""
-        if self._session is not None and self._presence is not None:
-            self._session.heartbeat(alive=self._presence.vouches(within_s=self._vouch_window_s()))
-
     def _schedule_heartbeats(self, interval_s: float) -> None:
-        self._heartbeat_interval_s = interval_s
-        if self._scheduler is not None and self._session is not None:
+        heartbeats = self._heartbeats
+        if heartbeats is None:
+            return
+        heartbeats.interval_s = interval_s
+        if self._scheduler is not None:
             self._scheduler.add_job(
-                self._heartbeat,
+                heartbeats.beat,
                 "interval",
                 seconds=interval_s,
                 id="heartbeat",

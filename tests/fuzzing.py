@@ -10,9 +10,10 @@ the code that reads it in production and raises AssertionError naming the proper
   unreachable, just enrolled, removed with its key revoked): never raises; a refused or ignored input leaves the
   state equal; any input keeps the invariants (one IP per member, the key index, revision only grows) and only
   ever concerns the node of its topic.
-- agent: `nodeagent.session.ControlSession._on_message` (paho's callback: decode, verify the registrar's signature,
-  follow) on a fake connection: never raises; anything not signed by the registrar's key over exactly its content
-  changes nothing (member table, sync state, records seen, subscriptions, events); the revision never goes back.
+- agent: `nodeagent.session.ControlSession._on_message` (paho's callback, which hands the message to
+  nodeagent.inbound: decode, verify the registrar's signature, follow) on a fake connection: never raises; anything
+  not signed by the registrar's key over exactly its content changes nothing (member table, sync state, records
+  seen, subscriptions, events); the revision never goes back.
 
 No I/O here.
 """
@@ -49,11 +50,12 @@ from meshcontract.signing import SIG_FIELD, Signer, Verifier
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings
 from nodeagent import policy
+from nodeagent.connection import Connection
 from nodeagent.credentials import BrokerLogin
 from nodeagent.identity import Identity
 from nodeagent.membership import MemberTable
 from nodeagent.meshstate import MeshState
-from nodeagent.session import ControlSession, _Connection
+from nodeagent.session import ControlSession
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import StateStore
 from registrar import engine, tokens
@@ -619,7 +621,7 @@ class AgentHarness:
     session: ControlSession
     mesh: MeshState
     client: FakeClient
-    conn: _Connection
+    conn: Connection
     events: list = field(default_factory=list)
 
     @classmethod
@@ -642,7 +644,7 @@ class AgentHarness:
             on_event=events.append,
         )
         client = FakeClient()
-        conn = _Connection(
+        conn = Connection(
             client=client, epoch=1, connected=threading.Event(), subscribed=threading.Event(), lost=threading.Event(),
             snapshot_subscribed=True,
         )  # fmt: skip

@@ -34,7 +34,7 @@ def test_a_forged_register_reply_changes_nothing(
     attacker = ProbeClient(broker, client_id="registrar", username="registrar", password=REGISTRAR_PASSWORD)
     try:
         assert attacker.subscribe(topics.subscription(MESH, Kind.REGISTER)) == 1
-        caplog.set_level(logging.WARNING, logger="nodeagent.session")
+        caplog.set_level(logging.WARNING, logger="nodeagent.inbound")
         agent = mesh.start("alpha")
         register = topics.build(MESH, Kind.REGISTER, agent.node_id)
         request = decode(RegisterRequest, attacker.expect(register, timeout=15).payload)

@@ -1,4 +1,4 @@
-"""Registration replies over MQTT must be the registrar's: signed, for this mesh (nodeagent.session)."""
+"""Registration replies over MQTT must be the registrar's: signed, for this mesh (nodeagent.inbound)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from meshcontract import messages
 from meshcontract.errors import ContractError
 from meshcontract.messages import RegisterReply
 from meshcontract.signing import Signer, Verifier
-from nodeagent.session import verified_reply
+from nodeagent.inbound import verified_reply
 
 REGISTRAR = Signer.generate()
 REPLY = RegisterReply(request_id="r1234567", ok=True, node_id="n1", mesh_ip="100.96.0.7", prefix_len=16)
