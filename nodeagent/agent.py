@@ -65,6 +65,8 @@ EXIT_REFUSED = 3
 EXIT_IDENTITY_GONE = 4
 
 
+ENDPOINT_CHECK_S = 3.0  # how often the agent looks for a change of its own addresses (at most)
+
 class Agent:
     """The node daemon. `start()` returns at once; `wait()` blocks until a stop or a fatal refusal; `stop()`.
 
@@ -212,7 +214,9 @@ class Agent:
         self._scheduler.add_job(
             self._check_endpoints,
             "interval",
-            seconds=settings.reconcile_interval_s,
+            # A roam is noticed here (the resend of endpoints, a new registration), so more often than the drift
+            # repair; reading the addresses is one rtnetlink dump (~0.5 ms).
+            seconds=min(settings.reconcile_interval_s, ENDPOINT_CHECK_S),
             id="endpoints",
             max_instances=1,
             coalesce=True,
@@ -320,7 +324,10 @@ class Agent:
         (a new address, a new NAT) or the registrar has not confirmed them yet."""
         if self._advertiser is None or self._session is None:
             return
+        moves = self._advertiser.moves
         self._advertiser.refresh()
+        if self._advertiser.moves != moves and self._reconciler is not None:
+            self._reconciler.resend_endpoints()
         self._session.update_endpoints()
 
     def _wake_reconcile(self) -> None:

@@ -216,3 +216,22 @@ def plan_reconcile(
     ]
     events += [PeerEvent("removed", key, members_by_key.get(key)) for key in changes.remove]
     return ReconcilePlan(changes=changes, events=tuple(events))
+
+
+def with_endpoints_resent(
+    changes: PeerChanges, desired: Mapping[str, PeerConfig], actual: Mapping[str, PeerState]
+) -> PeerChanges:
+    """`changes` plus, for every desired peer it leaves alone that has an endpoint, that same endpoint set again.
+
+    For after our own address changed (a roam): wireguard-go remembers the source address it last sent to each
+    peer from and, when that address is gone, keeps failing to send (ENETUNREACH) until it has heard nothing back
+    for 15 s. Setting an endpoint gives it a fresh one without a remembered source, so the first packet after the
+    roam leaves from the new address. The kernel module checks the source itself; the write costs it nothing.
+    """
+    touched = {peer.public_key for peer in changes.upsert}
+    resent = tuple(
+        PeerConfig(peer.public_key, peer.allowed_ips, actual[key].endpoint, peer.persistent_keepalive)
+        for key, peer in sorted(desired.items())
+        if key not in touched and key in actual and actual[key].endpoint is not None
+    )
+    return PeerChanges(upsert=changes.upsert + resent, remove=changes.remove)

@@ -25,7 +25,7 @@ from nodeagent.endpoints import Heard, Trial, hearing, host_names
 from nodeagent.errors import StateDirError
 from nodeagent.identity import Identity
 from nodeagent.meshstate import MeshState
-from nodeagent.reconcile import DEFAULT_KEEPALIVE_S, desired_state, plan_reconcile
+from nodeagent.reconcile import DEFAULT_KEEPALIVE_S, desired_state, plan_reconcile, with_endpoints_resent
 from nodeagent.resolver import NameResolver, Resolutions
 from nodeagent.settings import AgentSettings
 from nodeagent.statestore import Registration, StateStore
@@ -70,11 +70,17 @@ class Reconciler:
         # peer_added / peer_updated / peer_removed / peer_skipped / reconcile_failed
         self.counters: Counter[str] = Counter()
         self._trials: dict[str, Trial] = {}  # public key -> endpoint trial, kept between passes
-        self._heard: dict[str, Heard] = {}  # public key -> since when its received bytes stand still
+        self._heard: dict[str, Heard] = {}
+        self._resend_endpoints = False  # our address changed: set every peer's endpoint again (with_endpoints_resent)  # public key -> since when its received bytes stand still
         self._next_at: float | None = None  # when the earliest trial ends
         self._refused: set[str] = set()  # public keys WireGuard refused last time: applied on their own
         self._skipped: dict[str, str] = {}  # node id -> why its record is not configured
         self._notes: dict[str, str] = {}  # node id -> a problem of a configured peer
+
+    def resend_endpoints(self) -> None:
+        """Our own address changed (a roam): the next pass sets every peer's endpoint again."""
+        self._resend_endpoints = True
+        self.wake()
 
     def wake(self) -> None:
         """Ask for a pass over the newest state (cheap; bursts coalesce)."""
@@ -128,6 +134,7 @@ class Reconciler:
             registration = self._registration()
             ifname = self._settings.interface
             me = self._identity
+            resend = False
             try:
                 self._wireguard.ensure_interface(
                     ifname, private_key=me.private_key, listen_port=self._settings.listen_port
@@ -159,8 +166,16 @@ class Reconciler:
                 self._trials, self._next_at = desired.trials, desired.next_at
                 known = self._mesh.known_by_key()
                 plan = plan_reconcile(desired.peers, actual, members_by_key=known)
-                refused = self._apply(ifname, plan.changes)
+                changes = plan.changes
+                resend, self._resend_endpoints = self._resend_endpoints, False
+                if resend:
+                    changes = with_endpoints_resent(changes, desired.peers, actual)
+                    log.info("our address changed: setting %d peers' endpoints again",
+                             len(changes.upsert) - len(plan.changes.upsert), extra=self._fields(registration))
+                refused = self._apply(ifname, changes)
             except WireGuardError as exc:
+                if resend:
+                    self._resend_endpoints = True  # still owed: the next pass tries again
                 self.counters["reconcile_failed"] += 1
                 log.warning(
                     "reconcile (%s) failed, will retry: %s", reason, exc, extra=self._fields(registration)

@@ -176,6 +176,7 @@ class Advertiser:
         self._clock = clock
         self._lock = threading.Lock()
         self._local: list[str] = []
+        self.moves = 0  # how often the local addresses changed after the first read (roams), for the agent
         self._reflected: str | None = None
         self._reflected_at: float | None = None
         self._reflect_failed = False
@@ -205,6 +206,8 @@ class Advertiser:
         with self._lock:
             local = self._read_local()
             local_changed = local != self._local
+            if local_changed and self._local:
+                self.moves += 1
             self._local = local
             now = self._clock()
             due = candidates.reflect_due(

@@ -149,6 +149,7 @@ def test_advertiser_follows_addresses_and_reflection() -> None:
     assert advertiser.current() == [], "nothing read yet"
     assert advertiser.refresh(reflect=False) and reflector.asked == 0
     assert advertiser.current() == [ep("192.168.1.5", L)]
+    assert advertiser.moves == 0, "the first read is no move"
     assert advertiser.before_registration() == [ep("203.0.113.9", R), ep("192.168.1.5", L)]
     assert reflector.asked == 1 and advertiser.reflected == "203.0.113.9"
 
@@ -159,6 +160,7 @@ def test_advertiser_follows_addresses_and_reflection() -> None:
     reflector.address = "198.51.100.4"
     assert advertiser.refresh() and reflector.asked == 2
     assert advertiser.current() == [ep("198.51.100.4", R), ep("10.7.0.3", L)]
+    assert advertiser.moves == 1
     # The registrar cannot be asked on a periodic check: the last reflection stays, asked again next time.
     reflector.address = None
     now[0] += 61

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from types import MappingProxyType
 
 import pytest
 
 from meshcontract.messages import Endpoint, EndpointKind, MemberRecord, MemberState
 from nodeagent.membership import MemberTable
-from nodeagent.reconcile import desired_peers, desired_state, host_cidr, plan_reconcile
+from nodeagent.reconcile import desired_peers, desired_state, host_cidr, plan_reconcile, with_endpoints_resent
 from wgctl import keys
 from wgctl.memory import InMemoryWireGuard
 from wgctl.model import PeerChanges, PeerConfig, PeerState
@@ -173,3 +174,35 @@ def test_roaming_endpoint_is_never_overwritten_while_fresh() -> None:
     stale = desired_state(membership(peer), self_id="a", actual={peer.public_key: roamed}, now=1000.0 + 181)
     changes = plan_reconcile(stale.peers, {peer.public_key: roamed}, members_by_key={}).changes
     assert [p.endpoint for p in changes.upsert] == ["192.168.1.5:51820"], "stale: back to the candidates"
+
+
+def _key(n: int) -> str:
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
+def _cfg(n: int, endpoint: str | None) -> PeerConfig:
+    return PeerConfig(_key(n), (f"100.96.0.{n}/32",), endpoint, 25)
+
+
+def _state(n: int, endpoint: str | None) -> PeerState:
+    return PeerState(_key(n), (f"100.96.0.{n}/32",), endpoint=endpoint, persistent_keepalive=25)
+
+
+@pytest.mark.parametrize(
+    ("changes", "desired", "actual", "expected"),
+    [
+        pytest.param(PeerChanges(), {2: _cfg(2, None)}, {2: _state(2, "198.51.100.7:40000")},
+                     PeerChanges(upsert=(_cfg(2, "198.51.100.7:40000"),)),
+                     id="no opinion on a roamed endpoint: the one WireGuard holds is set again"),
+        pytest.param(PeerChanges(upsert=(_cfg(2, "192.0.2.2:51820"),)), {2: _cfg(2, "192.0.2.2:51820")},
+                     {2: _state(2, "192.0.2.9:51820")}, PeerChanges(upsert=(_cfg(2, "192.0.2.2:51820"),)),
+                     id="a peer the plan already sets is not sent twice"),
+        pytest.param(PeerChanges(), {2: _cfg(2, None)}, {2: _state(2, None)}, PeerChanges(),
+                     id="no endpoint to set again"),
+        pytest.param(PeerChanges(remove=("gone",)), {}, {}, PeerChanges(remove=("gone",)),
+                     id="removals stay as planned"),
+    ],
+)  # fmt: skip
+def test_with_endpoints_resent(changes, desired, actual, expected) -> None:
+    by_key = lambda m: {v.public_key: v for v in m.values()}  # noqa: E731
+    assert with_endpoints_resent(changes, by_key(desired), by_key(actual)) == expected
