@@ -12,7 +12,8 @@ Choice, per peer and per reconcile pass:
       (roaming, a NAT's mapping). No opinion (None): the plan never overwrites it (wgctl.diff treats a desired
       endpoint of None as "keep"). Silence is what tells a tunnel whose peer moved (a public node that roamed,
       which nodes behind NAT cannot hear from until they send to its new address) long before its handshake
-      ages out after 3 minutes.
+      ages out after 3 minutes. Sooner still: when the peer's candidates changed and nothing was heard from it
+      since, MOVED_S after the change the tunnel is not fresh either (its new record is the news of the move).
   (b) no fresh handshake: keep the candidate on trial for TRIAL_S (WireGuard retries a handshake every 5 s, so
       two or three attempts), then move to the next, cycling. A trial starts on the endpoint already configured
       if it is a candidate (no needless write), else on the first candidate. When the peer's candidates change
@@ -37,6 +38,9 @@ TRIAL_S = 12.0
 # Beyond the persistent keepalive, how long a working tunnel may stay silent: a keepalive lost once, and
 # WireGuard's own retry (REKEY_TIMEOUT, 5 s).
 SILENCE_MARGIN_S = 15.0
+# After a peer's candidates changed with nothing heard from it since, how long until its new ones are tried: one
+# handshake retry (5 s), time for the peer's own packets to arrive if it can reach us by itself.
+MOVED_S = 5.0
 
 
 def silent_after(keepalive_s: int) -> float | None:
@@ -76,6 +80,22 @@ def hearing(previous: Mapping[str, Heard], actual: Mapping[str, PeerState], *, n
 
 
 @dataclass(frozen=True, slots=True)
+class Listed:
+    """A peer's usable candidates as last seen, and when they last changed (None: unchanged since first seen)."""
+
+    candidates: tuple[str, ...]
+    changed_at: float | None = None
+
+
+def relisted(previous: Listed | None, usable: Sequence[str], *, now: float) -> Listed:
+    """The peer's Listed after this pass."""
+    current = tuple(usable)
+    if previous is None:
+        return Listed(current)
+    return previous if previous.candidates == current else Listed(current, now)
+
+
+@dataclass(frozen=True, slots=True)
 class Choice:
     """One peer's desired endpoint (None: no opinion), its trial (None: none running) and when to look again."""
 
@@ -93,6 +113,7 @@ class EndpointPlan:
     # public key -> names of this peer that could not be resolved, when none of its candidates is usable
     unusable: dict[str, tuple[str, ...]] = field(default_factory=dict)
     next_at: float | None = None  # the earliest trial that ends: a pass is due then
+    listed: dict[str, Listed] = field(default_factory=dict)  # public key -> its candidates, for the next pass
 
 
 def is_ip(host: str) -> bool:
@@ -146,13 +167,23 @@ def candidates(
 
 
 def fresh(
-    state: PeerState | None, *, now: float, heard: Heard | None = None, silent_s: float | None = None
+    state: PeerState | None,
+    *,
+    now: float,
+    heard: Heard | None = None,
+    silent_s: float | None = None,
+    changed_at: float | None = None,
 ) -> bool:
     """True if WireGuard completed a handshake with this peer less than FRESH_S ago and, when `silent_s` is
-    given and `heard` known, the peer was heard from less than `silent_s` ago."""
+    given and `heard` known, the peer was heard from less than `silent_s` ago, and not only before its candidates
+    changed at `changed_at` (MOVED_S or longer ago)."""
     if not (state and state.latest_handshake and now - state.latest_handshake < FRESH_S):
         return False
-    return silent_s is None or heard is None or now - heard.since < silent_s
+    if silent_s is None or heard is None:
+        return True
+    if changed_at is not None and heard.since <= changed_at and now - changed_at >= MOVED_S:
+        return False
+    return now - heard.since < silent_s
 
 
 def choose(
@@ -164,9 +195,10 @@ def choose(
     trial_s: float = TRIAL_S,
     heard: Heard | None = None,
     silent_s: float | None = None,
+    changed_at: float | None = None,
 ) -> Choice:
     """The endpoint to configure for one peer (rules (a) and (b) of the module docstring)."""
-    if fresh(actual, now=now, heard=heard, silent_s=silent_s) or not usable:
+    if fresh(actual, now=now, heard=heard, silent_s=silent_s, changed_at=changed_at) or not usable:
         return Choice(None)
     changed = trial is not None and bool(trial.candidates) and trial.candidates != tuple(usable)
     if trial is not None and trial.endpoint in usable and not changed:
@@ -199,14 +231,18 @@ def plan_endpoints(
     trial_s: float = TRIAL_S,
     heard: Mapping[str, Heard] | None = None,
     silent_s: float | None = None,
+    listed: Mapping[str, Listed] | None = None,
 ) -> EndpointPlan:
     """Choose the endpoint of every peer in `records` (keyed by public key in the result).
 
     `trials` are the previous pass's; the result's replace them. `failed` are names whose lookup failed (not
     merely pending): a peer left without any usable candidate because of them is listed in `unusable`. `heard`
-    (this pass's, from `hearing`) and `silent_s` (from `silent_after`) judge a silent tunnel not fresh.
+    (this pass's, from `hearing`) and `silent_s` (from `silent_after`) judge a silent tunnel not fresh; `listed`
+    (the previous pass's; the result's replace them) tell when a peer's candidates changed.
     """
     heard = heard or {}
+    listed = listed or {}
+    new_listed: dict[str, Listed] = {}
     endpoints: dict[str, str | None] = {}
     new_trials: dict[str, Trial] = {}
     unusable: dict[str, tuple[str, ...]] = {}
@@ -214,8 +250,11 @@ def plan_endpoints(
     for record in records:
         key = record.public_key
         usable, skipped = candidates(record.endpoints, resolved=resolved, own_reflexive=own_reflexive)
+        seen = new_listed[key] = relisted(listed.get(key), usable, now=now)
         choice = choose(usable, actual=actual.get(key), trial=trials.get(key), now=now, trial_s=trial_s,
-                        heard=heard.get(key), silent_s=silent_s)
+                        heard=heard.get(key), silent_s=silent_s, changed_at=seen.changed_at)
+        if seen.changed_at is not None and now - seen.changed_at < MOVED_S:
+            next_at.append(seen.changed_at + MOVED_S)  # a pass is due when the change makes the tunnel stale
         endpoints[key] = choice.endpoint
         if choice.trial is not None:
             new_trials[key] = choice.trial
@@ -224,4 +263,4 @@ def plan_endpoints(
         unresolvable = tuple(name for name in skipped if name.lower() in failed)
         if not usable and unresolvable:
             unusable[key] = unresolvable
-    return EndpointPlan(endpoints, new_trials, unusable, min(next_at, default=None))
+    return EndpointPlan(endpoints, new_trials, unusable, min(next_at, default=None), new_listed)

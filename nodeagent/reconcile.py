@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from meshcontract.messages import MemberRecord
-from nodeagent.endpoints import Heard, Trial, plan_endpoints, silent_after
+from nodeagent.endpoints import Heard, Listed, Trial, plan_endpoints, silent_after
 from nodeagent.membership import MemberTable
 from wgctl.diff import canonical_cidr, plan, validated_peer
 from wgctl.errors import WireGuardError
@@ -117,6 +117,7 @@ class Desired:
     notes: dict[str, str] = field(default_factory=dict)  # node id -> a problem of a configured peer
     trials: dict[str, Trial] = field(default_factory=dict)  # public key -> endpoint trial, for the next pass
     next_at: float | None = None  # when a trial ends: a pass is due then
+    listed: dict[str, Listed] = field(default_factory=dict)  # public key -> its candidates, for the next pass
 
 
 def desired_state(
@@ -133,6 +134,7 @@ def desired_state(
     own_reflexive: str | None = None,
     now: float = 0.0,
     heard: Mapping[str, Heard] = _NONE,
+    listed: Mapping[str, Listed] = _NONE,
 ) -> Desired:
     """The peers to configure for `membership` and the records skipped (see the module docstring).
 
@@ -145,7 +147,7 @@ def desired_state(
     )
     choices = plan_endpoints(
         selection.records.values(), actual=actual, trials=trials, resolved=resolved, failed=failed,
-        own_reflexive=own_reflexive, now=now, heard=heard, silent_s=silent_after(keepalive),
+        own_reflexive=own_reflexive, now=now, heard=heard, silent_s=silent_after(keepalive), listed=listed,
     )  # fmt: skip
     peers: dict[str, PeerConfig] = {}
     skipped = dict(selection.skipped)
@@ -162,7 +164,8 @@ def desired_state(
             names = ", ".join(choices.unusable[key])
             notes[record.node_id] = f"no usable endpoint ({names} does not resolve); waiting for it to reach us"
     trials_kept = {k: t for k, t in choices.trials.items() if k in peers}
-    return Desired(peers, skipped, notes, trials_kept, choices.next_at)
+    listed_kept = {k: v for k, v in choices.listed.items() if k in peers}
+    return Desired(peers, skipped, notes, trials_kept, choices.next_at, listed_kept)
 
 
 def desired_peers(

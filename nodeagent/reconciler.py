@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 from meshcontract.messages import MemberRecord
-from nodeagent.endpoints import Heard, Trial, hearing, host_names
+from nodeagent.endpoints import Heard, Listed, Trial, hearing, host_names
 from nodeagent.errors import StateDirError
 from nodeagent.identity import Identity
 from nodeagent.meshstate import MeshState
@@ -70,7 +70,8 @@ class Reconciler:
         # peer_added / peer_updated / peer_removed / peer_skipped / reconcile_failed
         self.counters: Counter[str] = Counter()
         self._trials: dict[str, Trial] = {}  # public key -> endpoint trial, kept between passes
-        self._heard: dict[str, Heard] = {}
+        self._heard: dict[str, Heard] = {}  # public key -> since when its received bytes stand still
+        self._listed: dict[str, Listed] = {}  # public key -> its candidates, and when they last changed
         self._resend_endpoints = False  # our address changed: set every peer's endpoint again (with_endpoints_resent)  # public key -> since when its received bytes stand still
         self._next_at: float | None = None  # when the earliest trial ends
         self._refused: set[str] = set()  # public keys WireGuard refused last time: applied on their own
@@ -162,8 +163,9 @@ class Reconciler:
                     own_reflexive=self._own_reflexive(),
                     now=now,
                     heard=self._heard,
+                    listed=self._listed,
                 )
-                self._trials, self._next_at = desired.trials, desired.next_at
+                self._trials, self._next_at, self._listed = desired.trials, desired.next_at, desired.listed
                 known = self._mesh.known_by_key()
                 plan = plan_reconcile(desired.peers, actual, members_by_key=known)
                 changes = plan.changes

@@ -7,9 +7,11 @@ import pytest
 from meshcontract.messages import Endpoint, EndpointKind, MemberRecord, MemberState
 from nodeagent.endpoints import (
     FRESH_S,
+    MOVED_S,
     TRIAL_S,
     Choice,
     Heard,
+    Listed,
     Trial,
     candidates,
     choose,
@@ -17,6 +19,7 @@ from nodeagent.endpoints import (
     host_names,
     ordered,
     plan_endpoints,
+    relisted,
     silent_after,
 )
 from wgctl import keys
@@ -214,3 +217,32 @@ def test_changed_candidates_restart_the_cycle(usable: list[str], trial: Trial, e
     assert choice == expected
     if choice.trial is not trial:
         assert choice.trial is not None and choice.trial.candidates == tuple(usable)
+
+
+@pytest.mark.parametrize(
+    ("heard", "changed_at", "expected"),
+    [
+        pytest.param(Heard(500, NOW - 20), NOW - MOVED_S, Choice(A, Trial(A, NOW), NOW + TRIAL_S),
+                     id="its record changed 5 s ago and nothing was heard since: try the new candidates"),
+        pytest.param(Heard(500, NOW - 20), NOW - 2, Choice(None),
+                     id="changed 2 s ago: give its own packets a moment first"),
+        pytest.param(Heard(600, NOW - 3), NOW - 10, Choice(None),
+                     id="heard from it after the change: the tunnel works"),
+        pytest.param(Heard(500, NOW - 20), None, Choice(None), id="unchanged since first seen, heard 20 s ago"),
+    ],
+)  # fmt: skip
+def test_a_peer_whose_record_changed_and_went_quiet_is_tried_on_its_new_candidates(
+    heard: Heard, changed_at: float | None, expected: Choice
+) -> None:
+    actual = state(endpoint="198.51.100.9:40000", handshake_age=30)
+    got = choose([A, B], actual=actual, trial=None, now=NOW, heard=heard, silent_s=SILENT, changed_at=changed_at)
+    assert got == expected
+
+
+def test_relisted_marks_only_real_changes() -> None:
+    first = relisted(None, [A, B], now=NOW)
+    assert first == Listed((A, B)), "first seen is no change"
+    assert relisted(first, [A, B], now=NOW + 5) is first
+    moved = relisted(first, [C, A], now=NOW + 9)
+    assert moved == Listed((C, A), NOW + 9)
+    assert relisted(moved, [C, A], now=NOW + 20) is moved, "the time of the change stays"
