@@ -2,6 +2,7 @@
 
     python bench/bench_registrar.py [--nodes 1000] [--broker mosquitto|amqtt|both] [--workers 4]
                                     [--heartbeat-interval 1] [--heartbeat-window 20] [--heartbeat-ttl 60] [--keep]
+                                    [--json FILE]
 
 For each broker: start it with access control as shipped, on a random 127.0.0.1 port in plain TCP (Mosquitto
 with the dynamic security plugin, whose node accounts the registrar creates through its admin; or the embedded
@@ -26,6 +27,10 @@ subprocess (`python -m registrar run`, fresh state dir, SQLite WAL). Then:
 4. Heartbeats: after convergence, the registrar's CPU (utime + stime from /proc) and RSS over
    --heartbeat-window s while every node heartbeats every --heartbeat-interval s.
 
+Each run prints one JSON line of figures (`summarize`), and --json FILE writes them too: an object for one broker,
+a list of them with --broker both. Among them: nodes, broker, full_roster_s (3., every node holds all N at their
+new endpoint), registrations_per_s (3., committed), registrar_cpu_pct and registrar_rss_mb (4., RSS in MiB).
+
 Every worker checks the registrar's signature (the key its enrollment reply carried) on the first snapshot and
 the first delta it receives; everything else is parsed lightly, so that the bench measures the registrar and
 the broker rather than the simulated agents. --heartbeat-ttl is long by default so that nodes enrolled first do
@@ -47,6 +52,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -346,6 +352,73 @@ def wait_ready(registrar: subprocess.Popen, admin: httpx.Client, timeout: float 
     raise RuntimeError(f"the registrar was not ready within {timeout:.0f} s")
 
 
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What one worker reports: done or partial, and its nodes' latest times (monotonic clock)."""
+
+    status: str  # "done": every node of the worker holds the full membership; "partial": the run timed out
+    last_reply_at: float
+    last_complete_at: float
+    missing: int  # nodes without the full membership (partial only)
+    signatures_checked: bool
+    all_sent_at: float  # every request of the burst handed to the kernel (0: not yet)
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """The raw measurements of one run, before `summarize` turns them into figures."""
+
+    broker: str
+    nodes: int
+    enroll_s: float
+    connected_s: float
+    results: list[Result | None]  # one per worker; None: it did not answer in time
+    t0: float  # the burst's start (monotonic clock)
+    committed_s: float | None  # until the registrar had committed all N registrations; None: not in time
+    burst_cpu_s: float
+    burst_rss_kib: int
+    heartbeat_interval_s: float
+    heartbeat_window_s: float
+    heartbeat_cpu_s: float
+    heartbeat_rss_kib: int
+
+
+def _rounded(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summarize(m: Measured) -> dict:
+    """The figures of one run (what is printed and written by --json). Times are seconds from the burst's start;
+    None where the run did not get that far. Pure."""
+    results = [r for r in m.results if r is not None]
+    complete = bool(m.results) and len(results) == len(m.results) and all(r.status == "done" for r in results)
+    sent_s = max(r.all_sent_at for r in results) - m.t0 if complete else None
+    reply_s = max(r.last_reply_at for r in results) - m.t0 if complete else None
+    roster_s = max(r.last_complete_at for r in results) - m.t0 if complete else None
+    committed = m.committed_s if m.committed_s else None
+    return {
+        "broker": m.broker,
+        "nodes": m.nodes,
+        "enrolled_all_s": round(m.enroll_s, 2),
+        "enrollments_per_s": round(m.nodes / m.enroll_s) if m.enroll_s > 0 else None,
+        "connect_subscribe_sync_s": round(m.connected_s, 2),
+        "all_complete": complete,
+        "missing": 0 if complete else sum(r.missing for r in results),  # of the workers that answered
+        "workers_without_answer": len(m.results) - len(results),
+        "signatures_checked": complete and all(r.signatures_checked for r in results),
+        "every_request_sent_s": _rounded(sent_s),
+        "registrar_committed_all_s": _rounded(committed),
+        "registrations_per_s": round(m.nodes / committed) if committed else None,
+        "every_node_has_its_reply_s": _rounded(reply_s),
+        "full_roster_s": _rounded(roster_s),
+        "registrar_cpu_s_during_burst": round(m.burst_cpu_s, 2),
+        "registrar_rss_mb_after_burst": round(m.burst_rss_kib / 1024, 1),
+        "heartbeats_per_s": round(m.nodes / m.heartbeat_interval_s),
+        "registrar_cpu_pct": round(100 * m.heartbeat_cpu_s / m.heartbeat_window_s, 1),
+        "registrar_rss_mb": round(m.heartbeat_rss_kib / 1024, 1),
+    }
+
+
 def run_one(kind: str, args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-registrar-"))
     users = {"registrar": REGISTRAR_PASSWORD}
@@ -393,34 +466,27 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
         for pipe in pipes:
             results.append(pipe.recv() if pipe.poll(max(0.0, deadline - time.monotonic())) else None)
         cpu1, rss1 = proc_cpu_rss(registrar.pid)
-        complete = all(r is not None and r[0] == "done" for r in results)
-        sent_s = max(r[5] for r in results if r) - t0 if complete else None
-        reply_s = max(r[1] for r in results if r) - t0 if complete else None
-        membership_s = max(r[2] for r in results if r) - t0 if complete else None
         time.sleep(2.0)  # nodes have been heartbeating since they connected; let the last publishes drain
         hb_cpu0, _ = proc_cpu_rss(registrar.pid)
         time.sleep(args.heartbeat_window)
         hb_cpu1, hb_rss = proc_cpu_rss(registrar.pid)
-        return {
-            "broker": kind,
-            "nodes": args.nodes,
-            "enrolled_all_s": round(enroll_s, 2),
-            "enrollments_per_s": round(args.nodes / enroll_s),
-            "connect_subscribe_sync_s": round(connected_s, 2),
-            "all_complete": complete,
-            "missing": sum(r[3] for r in results if r) if not complete else 0,
-            "signatures_checked": complete and all(r[4] for r in results),
-            "every_request_sent_s": round(sent_s, 2) if sent_s else None,
-            "registrar_committed_all_s": round(committed_s, 2) if committed_s else None,
-            "registrar_registrations_per_s": round(args.nodes / committed_s) if committed_s else None,
-            "every_node_has_its_reply_s": round(reply_s, 2) if reply_s else None,
-            "full_membership_everywhere_s": round(membership_s, 2) if membership_s else None,
-            "registrar_cpu_s_during_burst": round(cpu1 - cpu0, 2),
-            "registrar_rss_mib_after_burst": round(rss1 / 1024, 1),
-            "heartbeats_per_s": round(args.nodes / args.heartbeat_interval),
-            "registrar_cpu_pct_heartbeats": round(100 * (hb_cpu1 - hb_cpu0) / args.heartbeat_window, 1),
-            "registrar_rss_mib_heartbeats": round(hb_rss / 1024, 1),
-        }
+        return summarize(
+            Measured(
+                broker=kind,
+                nodes=args.nodes,
+                enroll_s=enroll_s,
+                connected_s=connected_s,
+                results=[Result(*r) if r is not None else None for r in results],
+                t0=t0,
+                committed_s=committed_s,
+                burst_cpu_s=cpu1 - cpu0,
+                burst_rss_kib=rss1,
+                heartbeat_interval_s=args.heartbeat_interval,
+                heartbeat_window_s=args.heartbeat_window,
+                heartbeat_cpu_s=hb_cpu1 - hb_cpu0,
+                heartbeat_rss_kib=hb_rss,
+            )
+        )
     finally:
         for pipe in pipes:
             try:
@@ -454,11 +520,16 @@ def main() -> int:
     p.add_argument("--heartbeat-window", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (broker log, registrar state)")
+    p.add_argument("--json", type=Path, help="write the figures (one object per broker run, in a list if both)")
     args = p.parse_args()
     # SIGTERM runs the finally blocks: brokers and the registrar subprocess are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    runs = []
     for kind in ["mosquitto", "amqtt"] if args.broker == "both" else [args.broker]:
-        print(json.dumps(run_one(kind, args)), flush=True)
+        runs.append(run_one(kind, args))
+        print(json.dumps(runs[-1]), flush=True)
+        if args.json:  # after each run: a later one that fails must not lose the earlier figures
+            args.json.write_text(json.dumps(runs[0] if args.broker != "both" else runs, indent=1) + "\n")
     return 0
 
 
