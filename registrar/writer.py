@@ -24,9 +24,10 @@ from dataclasses import replace
 
 from meshcontract import topics
 from meshcontract.topics import Kind
-from registrar import commands, engine, publishing, ticks
+from registrar import commands, engine, liveness, publishing, ticks
 from registrar.broker_link import BrokerLink
 from registrar.commit import Committer
+from registrar.deadlines import DeadlineQueue
 from registrar.errors import StoreError
 from registrar.metrics import Counters
 from registrar.store import Store
@@ -75,6 +76,9 @@ class Writer:
         self._pending: set[str] = set()
         self._published_revision = state.membership.revision
         self._tick_waiting_since: float | None = None
+        # Who the next tick must look at (instead of every member); told of every committed change in _commit.
+        self._deadlines = DeadlineQueue(config.policy)
+        self._deadlines.rebuild(state.membership.members, started_at=state.membership.started_at)
         self._lost_at: float | None = None  # when the broker connection was last lost
 
     def run(self) -> None:
@@ -129,7 +133,9 @@ class Writer:
             if self.connected:
                 # Deaf while disconnected: silence then says nothing about the members.
                 now = self._clock()
-                self._commit([engine.tick(self.state, now=now, config=self._config)])
+                ms, policy = self.state.membership, self._config.policy
+                due = self._deadlines.due(ms, now=now) if liveness.judging(ms, now=now, policy=policy) else ()
+                self._commit([engine.tick(self.state, now=now, config=self._config, candidates=due)])
                 self.checked_at = now
         if publishing.due(self._schedule, now=time.monotonic()):
             self._publish()
@@ -199,6 +205,10 @@ class Writer:
         """Commit, then show (registrar.commit); schedule the records it changed. Returns the outcomes as applied."""
         committed = self._committer.commit(self.state, outcomes, final=final, publish_replies=publish_replies)
         self.state = committed.state
+        started_at = committed.state.membership.started_at
+        for outcome in committed.outcomes:
+            if outcome.change.dirty:
+                self._deadlines.note(outcome.change.dirty, started_at=started_at)
         for touched in committed.touched:
             self._changed(touched.node_ids, prompt=touched.prompt)
         return committed.outcomes
