@@ -94,3 +94,84 @@ def test_summarize_has_the_keys_the_issue_names_and_heartbeat_load_per_core():
     assert figures["registrar_cpu_pct"] == 7.5  # 1.5 s of CPU over a 20 s window
     assert figures["registrar_rss_mb"] == 90.5  # MiB
     assert figures["heartbeats_per_s"] == 200  # 1,000 nodes every 5 s
+
+
+def test_a_storm_counts_stream_messages_per_agent_and_what_the_old_protocol_would_have_sent():
+    results = [
+        bench.Result("done", 101.0, 116.5, 0, True, 100.2, 30, 30_000, 16, 16_500),
+        bench.Result("done", 101.0, 112.0, 0, True, 100.2, 10, 10_000, 10, 10_000),
+    ]
+    m = bench.Measured(
+        broker="mosquitto", nodes=2, enroll_s=1.0, connected_s=1.0, results=results, t0=100.0, committed_s=1.0,
+        burst_cpu_s=0.1, burst_rss_kib=1024, heartbeat_interval_s=1.0, heartbeat_window_s=1.0, heartbeat_cpu_s=0.0,
+        heartbeat_rss_kib=1024, publishes=3, observer_messages=2, observer_bytes=600,
+    )  # fmt: skip
+    figures = bench.summarize(m)
+    assert figures["stream_messages_per_agent"] == 20 and figures["stream_messages_max_agent"] == 16
+    assert figures["stream_bytes_per_agent"] == 20_000 and figures["stream_bytes_max_agent"] == 16_500
+    # every changed record to every agent, plus a roster of all N with each of the 3 batches
+    assert figures["old_messages_per_agent"] == 2 + 3
+    assert figures["old_bytes_per_agent"] == 600 + 3 * bench.old_roster_bytes(2)
+
+
+def test_the_old_roster_grows_with_every_member():
+    one, thousand = bench.old_roster_bytes(1), bench.old_roster_bytes(1000)
+    entry = len('{"node_id":"node00000","revision":1000},')
+    assert thousand - one == pytest.approx(999 * entry, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([], 50, None),
+        ([3.0], 95, 3.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.0),  # nearest rank: the 2nd of 4
+        ([float(i) for i in range(1, 101)], 95, 95.0),
+        ([float(i) for i in range(1, 101)], 100, 100.0),
+        ([5.0, 1.0, 3.0], 0, 1.0),
+    ],
+)
+def test_percentile_is_nearest_rank(values, q, expected):
+    assert bench.percentile(values, q) == expected
+
+
+def test_churn_figures_pool_every_agent_of_every_round_and_count_rounds_that_never_completed():
+    m = bench.ChurnMeasured(
+        broker="amqtt", nodes=4, connected_s=3.0,
+        joins=[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], leaves=[[0.25, 0.25, 0.5], None], loadavg=3.5,
+    )  # fmt: skip
+    figures = bench.summarize_churn(m)
+    assert figures["join_samples"] == 6 and figures["join_p50_s"] == 0.3 and figures["join_p95_s"] == 0.6
+    assert figures["leave_rounds_incomplete"] == 1 and figures["leave_max_s"] == 0.5
+    assert REQUIRED <= set(figures) and figures["full_roster_s"] is None
+
+
+def test_heartbeat_figures_say_whether_the_registrar_kept_up():
+    m = bench.HeartbeatMeasured(
+        broker="mosquitto", nodes=10_000, interval_s=5.0, connected_s=20.0, window_s=60.0, sent=120_000,
+        received=114_000, closed=0, registrar_cpu_s=12.0, registrar_rss_kib=200 * 1024, broker_cpu_s=6.0,
+        broker_rss_kib=100 * 1024,
+    )  # fmt: skip
+    figures = bench.summarize_heartbeats(m)
+    assert figures["heartbeats_sent_per_s"] == 2000 and figures["heartbeats_received_per_s"] == 1900
+    assert figures["received_of_sent"] == 0.95
+    assert figures["registrar_cpu_pct"] == 20.0 and figures["broker_cpu_pct"] == 10.0
+    assert figures["registrar_rss_mb"] == 200.0 and REQUIRED <= set(figures)
+
+
+@pytest.mark.parametrize(
+    ("packet", "expected"),
+    [
+        # PUBLISH QoS 0: fixed header, remaining length, topic length + topic, payload
+        (lambda: bench.mqtt_publish("a/b", b"hi"), b"\x30\x07\x00\x03a/bhi"),
+        # SUBSCRIBE: packet id, then each filter with QoS 0
+        (lambda: bench.mqtt_subscribe(1, ["x"]), b"\x82\x06\x00\x01\x00\x01x\x00"),
+        # CONNECT 3.1.1, clean session with username and password, keepalive 60
+        (lambda: bench.mqtt_connect("c", "u", "p"),
+         b"\x10\x13\x00\x04MQTT\x04\xc2\x00\x3c\x00\x01c\x00\x01u\x00\x01p"),
+        # remaining length over 127 takes two bytes
+        (lambda: bench.mqtt_publish("t", b"x" * 200)[:3], b"\x30\xcb\x01"),
+    ],
+)
+def test_light_nodes_speak_mqtt_311(packet, expected):
+    assert packet() == expected
