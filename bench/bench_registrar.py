@@ -36,8 +36,8 @@ subprocess (`python -m registrar run`, fresh state dir, SQLite WAL).
 --mode churn: a steady mesh of N members, seeded (the registrar's database and the broker's accounts written
 before either starts: enrolling 1,000 through Mosquitto's dynamic security takes half a minute and is the storm's
 business), N simulated agents as above in sync. Then --rounds times: one new node enrolls over the admin socket
-(a join) and one simulated agent says goodbye (an offline status: a leave, unreachable at once). Measured per
-agent: from the enrollment call, or the goodbye's publish, until the agent's membership shows it; p50/p95/max.
+(a join) and, 1 s later, one simulated agent says goodbye (an offline status: a leave, unreachable at once).
+Measured per agent: from the enrollment call, or the goodbye's publish, until the agent's membership shows it; p50/p95/max.
 
 --mode heartbeats: N members, seeded, and N light simulated nodes: raw MQTT 3.1.1 over one socket each, many per
 worker process, that log in as themselves, subscribe like an agent (delta, registrar, reply/<self>; QoS 0,
@@ -303,6 +303,7 @@ def worker(indices: list[int], port: int, n: int, hb_interval: float, signing_ke
     phase, ready_sent, done_sent, sent_at = "connect", False, False, 0.0
     hb_next, seq, last_misc = time.monotonic() + hb_interval, 0, time.monotonic()
     watchers: list[SimNode] = []  # churn: the nodes that must notice the watched change
+    started, told = time.monotonic(), False
     goodbye_at: float | None = None
     while phase != "stop":
         for node in nodes:
@@ -339,6 +340,14 @@ def worker(indices: list[int], port: int, n: int, hb_interval: float, signing_ke
         if not ready_sent and all(x.subscribed and x.registrar_online and x.in_sync_with_all for x in nodes):
             conn.send("ready")
             ready_sent = True
+        elif not ready_sent and now > started + 60 and not told:
+            told = True  # say once why this worker is not ready yet (the run goes on until its timeout)
+            print(f"worker of {len(nodes)} nodes not ready after 60 s: "
+                  f"{sum(not x.subscribed for x in nodes)} unsubscribed, "
+                  f"{sum(not x.registrar_online for x in nodes)} without the registrar online, "
+                  f"{sum(x.syncing for x in nodes)} resyncing, "
+                  f"{sum(not x.syncing and len(x.hosts) != x.n for x in nodes)} holding a membership of another size "
+                  f"({sorted({len(x.hosts) for x in nodes if len(x.hosts) != x.n})[:5]})", file=sys.stderr, flush=True)  # fmt: skip
         if phase == "register" and not sent_at and not any(x.client.want_write() for x in nodes):
             sent_at = time.monotonic()  # every request of the burst handed to the kernel
         if phase == "register" and not done_sent and all(x.complete_at for x in nodes):
@@ -626,6 +635,7 @@ class Measured:
     heartbeat_window_s: float
     heartbeat_cpu_s: float
     heartbeat_rss_kib: int
+    heartbeats_received: int = 0  # messages the registrar counted in the heartbeat window
     publishes: int = 0  # the registrar's membership publishes (delta + snapshot) during the burst
     observer_messages: int = 0  # per-member records (members/+) one observer received during the burst
     observer_bytes: int = 0
@@ -691,6 +701,7 @@ def summarize(m: Measured) -> dict:
         "observer_record_messages": m.observer_messages,
         **old_protocol(m.nodes, m.observer_messages, m.observer_bytes, m.publishes),
         "heartbeats_per_s": round(m.nodes / m.heartbeat_interval_s),
+        "heartbeats_received_per_s": round(m.heartbeats_received / m.heartbeat_window_s),
         "registrar_cpu_pct": round(100 * m.heartbeat_cpu_s / m.heartbeat_window_s, 1),
         "registrar_rss_mb": round(m.heartbeat_rss_kib / 1024, 1),
         "loadavg_1m": round(m.loadavg, 2),
@@ -938,8 +949,10 @@ def run_storm(kind: str, args: argparse.Namespace) -> dict:
         cpu1, rss1 = proc_cpu_rss(bench.registrar.pid)
         time.sleep(2.0)  # nodes have been heartbeating since they connected; let the last publishes drain
         hb_cpu0, _ = proc_cpu_rss(bench.registrar.pid)
+        received = metric(admin, "messages_total")
         time.sleep(args.heartbeat_window)
         hb_cpu1, hb_rss = proc_cpu_rss(bench.registrar.pid)
+        received = metric(admin, "messages_total") - received
         return summarize(
             Measured(
                 broker=kind,
@@ -955,6 +968,7 @@ def run_storm(kind: str, args: argparse.Namespace) -> dict:
                 heartbeat_window_s=args.heartbeat_window,
                 heartbeat_cpu_s=hb_cpu1 - hb_cpu0,
                 heartbeat_rss_kib=hb_rss,
+                heartbeats_received=received,
                 publishes=publishes,
                 observer_messages=observer.messages,
                 observer_bytes=observer.bytes,
@@ -1000,9 +1014,12 @@ def run_churn(kind: str, args: argparse.Namespace) -> dict:
                 enroll(admin, joiner, secret)
                 return t0
 
+            # Apart by more than the registrar's publish window (0.2 s): each event comes to a quiet registrar and
+            # goes out at once (the leading edge), as a single join or leave in a steady mesh does.
             joins.append(watch(node_id(joiner), "join", None, join))
+            time.sleep(1.0)
             leaves.append(watch(node_id(r), "leave", r, lambda: None))
-            time.sleep(0.5)
+            time.sleep(1.0)
         return summarize_churn(
             ChurnMeasured(kind, args.nodes, connected_s, joins, leaves, loadavg=os.getloadavg()[0])
         )
