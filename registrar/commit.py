@@ -45,6 +45,7 @@ class Committed:
     state: engine.CoreState  # the state to adopt: the new one, or the old one if nothing was committed
     outcomes: list[engine.Outcome]  # as applied: a failed registration carries its error reply
     touched: list[Touched] = field(default_factory=list)  # in the order the outcomes changed them
+    ok: bool = True  # False: nothing of the batch was committed (`state` is the one before it)
 
 
 class Committer:
@@ -117,7 +118,7 @@ class Committer:
                 if publish_replies and outcome.reply_to is not None:
                     self._reply(outcome.reply_to, reply)
             failed.append(outcome)
-        return Committed(current, failed)
+        return Committed(current, failed, ok=False)
 
     def _create_accounts(self, outcomes: list[engine.Outcome]) -> None:
         """Create the broker accounts of the nodes this batch enrolls (also again for a retried enrollment: an

@@ -9,7 +9,7 @@ yields an Outcome whose state is the old one: nothing to store, nothing to publi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -391,9 +391,9 @@ def handle_message(
     return _nothing(state, ignored=f"not a topic the registrar consumes: {parsed.kind}", node_id=node)
 
 
-def tick(state: CoreState, *, now: float, config: Config) -> Outcome:
-    """Apply the clock (liveness, expiry, quarantine)."""
-    return _apply(state, liveness.tick(state.membership, now=now, policy=config.policy))
+def tick(state: CoreState, *, now: float, config: Config, candidates: Iterable[str] | None = None) -> Outcome:
+    """Apply the clock (liveness, expiry, quarantine); `candidates` as registrar.liveness.tick."""
+    return _apply(state, liveness.tick(state.membership, now=now, policy=config.policy, candidates=candidates))
 
 
 def forgive_offline(state: CoreState, *, since: float, now: float) -> Outcome:

@@ -24,6 +24,7 @@ identity transitions there. The model (docs/design.md, "Liveness: both planes"):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -247,43 +248,73 @@ def _unreachable(state: Membership, members: list[Member], now: float, reason: s
     )
 
 
-def tick(state: Membership, *, now: float, policy: LivenessPolicy) -> Change:
+def _since(at: float | None, started_at: float) -> float:
+    # In-memory times (lost_since, vouched_at) start over at a restart, and nothing is heard before the start.
+    return max(at or 0.0, started_at)
+
+
+def deadline(member: Member, *, started_at: float, policy: LivenessPolicy) -> float | None:
+    """When the clock next judges `member` as it is now (tick's rules as a time; `due` decides at the boundary).
+
+    None: never, until it changes (unreachable with no time recorded). Heartbeats, vouches and a later
+    `started_at` only move it later; a new state may bring it forward (registrar.deadlines relies on both).
+    """
+    state = member.state
+    if state is MemberState.ACTIVE:
+        return max(member.last_seen, started_at) + policy.ttl_s
+    if state is MemberState.SUSPECT:
+        return _since(member.lost_since, started_at) + policy.vouch_wait_s
+    if state is MemberState.CONTROL_LOST:
+        return _since(member.vouched_at or member.lost_since, started_at) + policy.ttl_s
+    if member.unreachable_since is None:
+        return None
+    return member.unreachable_since + policy.expiry_s
+
+
+def due(member: Member, *, now: float, started_at: float, policy: LivenessPolicy) -> bool:
+    """Whether a tick at `now` (after the grace period) changes `member`: silent for a TTL when active, nobody
+    vouched in time when suspect or control-lost, unreachable for `expiry_s`."""
+    state = member.state
+    if state is MemberState.ACTIVE:
+        return now - max(member.last_seen, started_at) > policy.ttl_s
+    if state is MemberState.SUSPECT:
+        return now - _since(member.lost_since, started_at) >= policy.vouch_wait_s
+    if state is MemberState.CONTROL_LOST:
+        return now - _since(member.vouched_at or member.lost_since, started_at) > policy.ttl_s
+    return member.unreachable_since is not None and now - member.unreachable_since >= policy.expiry_s
+
+
+def judging(state: Membership, *, now: float, policy: LivenessPolicy) -> bool:
+    """Whether the grace period after `started_at` is over: before that, a tick judges nobody."""
+    return now >= state.started_at + policy.grace_s
+
+
+def tick(
+    state: Membership, *, now: float, policy: LivenessPolicy, candidates: Iterable[str] | None = None
+) -> Change:
     """Apply the clock: expire quarantine; an active member silent for a TTL is lost (suspect, or unreachable
     without vouching); a suspect nobody vouched for within `vouch_wait_s`, or a control-lost one nobody vouched
     for within a TTL, is unreachable; one unreachable for `expiry_s` is removed.
 
     Within the grace period after `started_at` nobody is marked or removed: members had no chance to
     heartbeat to this process yet (and vouches kept only in memory start over).
+
+    `candidates`: node ids that include every member `due` now (registrar.deadlines.DeadlineQueue.due), so that
+    a tick looks at those only; None looks at every member. Either way the result is the same.
     """
     ipam = state.ipam.expire(now=now)
     base = state if ipam is state.ipam else replace(state, ipam=ipam)
-    if now < state.started_at + policy.grace_s:
+    if not judging(state, now=now, policy=policy):
         return Change(base)
-    members = base.members.values()
-    expired = sorted(
-        (
-            m
-            for m in members
-            if m.state is MemberState.UNREACHABLE
-            and m.unreachable_since is not None
-            and now - m.unreachable_since >= policy.expiry_s
-        ),
-        key=lambda m: m.node_id,
+    members = base.members
+    looked_at = members.values() if candidates is None else [members[n] for n in set(candidates) if n in members]
+    started_at = state.started_at
+    judged = sorted(
+        (m for m in looked_at if due(m, now=now, started_at=started_at, policy=policy)), key=lambda m: m.node_id
     )
-    silent = sorted(
-        (m for m in members if m.state is MemberState.ACTIVE and now - max(m.last_seen, state.started_at) > policy.ttl_s),
-        key=lambda m: m.node_id,
-    )  # fmt: skip
-    since = lambda at: max(at or 0.0, state.started_at)  # noqa: E731  (in-memory times start over at a restart)
-    unvouched = sorted(
-        (
-            m
-            for m in members
-            if (m.state is MemberState.SUSPECT and now - since(m.lost_since) >= policy.vouch_wait_s)
-            or (m.state is MemberState.CONTROL_LOST and now - since(m.vouched_at or m.lost_since) > policy.ttl_s)
-        ),
-        key=lambda m: m.node_id,
-    )
+    expired = [m for m in judged if m.state is MemberState.UNREACHABLE]
+    silent = [m for m in judged if m.state is MemberState.ACTIVE]
+    unvouched = [m for m in judged if m.state in (MemberState.SUSPECT, MemberState.CONTROL_LOST)]
     if not expired and not silent and not unvouched:
         return Change(base)
     # One tick is one transition: removals, losses and new unreachables share a single revision.

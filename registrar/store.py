@@ -1,10 +1,12 @@
 """Where the registrar's state survives restarts: members (with their credential hashes), join tokens, revoked
 keys, the revision counter, quarantined IPs.
 
-`Store` is the small interface the single writer uses: `load` once at start, `commit` one engine Delta per
-command in one transaction. SqliteStore is the real one (WAL, synchronous=FULL: a commit that returned is on
-disk, so a kill -9 at any moment loses no acknowledged registration, because the writer commits before it
-publishes a reply). MemoryStore is the same contract in memory, for tests.
+`Store` is the small interface the single writer uses: `load` once at start, then `commit_many` with the engine
+Deltas of a whole batch (up to registrar.writer.MAX_BATCH = 256 drained messages) in one transaction: group
+commit, one fsync per burst. Heartbeats of active members yield no Delta and write nothing. SqliteStore is the
+real one (WAL, synchronous=FULL: a commit that returned is on disk, so a kill -9 at any moment loses no
+acknowledged registration, because the writer commits before it publishes a reply). MemoryStore is the same
+contract in memory, for tests.
 """
 
 from __future__ import annotations

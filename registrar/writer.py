@@ -19,21 +19,27 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from meshcontract import topics
 from meshcontract.topics import Kind
-from registrar import commands, engine, publishing, ticks
+from registrar import commands, engine, liveness, publishing, ticks
+from registrar.batch import Incoming, decide, refresh
 from registrar.broker_link import BrokerLink
-from registrar.commit import Committer
+from registrar.commit import Committed, Committer
+from registrar.deadlines import DeadlineQueue
 from registrar.errors import StoreError
+from registrar.membership import Member
 from registrar.metrics import Counters
 from registrar.store import Store
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # messages decided and committed together at most
+# How long plain heartbeats' refreshes of last_seen may wait before other threads see them (registrar.batch):
+# every decision of the writer applies them first; only readers of the state (the API's last_seen) may lag.
+HEARD_FLUSH_S = 0.1
 
 
 class Writer:
@@ -75,7 +81,13 @@ class Writer:
         self._pending: set[str] = set()
         self._published_revision = state.membership.revision
         self._tick_waiting_since: float | None = None
+        # Who the next tick must look at (instead of every member); told of every committed change in _commit.
+        self._deadlines = DeadlineQueue(config.policy)
+        self._deadlines.rebuild(state.membership.members, started_at=state.membership.started_at)
         self._lost_at: float | None = None  # when the broker connection was last lost
+        # Plain heartbeats' refreshes not yet in `state` (registrar.batch), and since when some are waiting.
+        self._heard: Mapping[str, Member] = {}
+        self._heard_since: float | None = None
 
     def run(self) -> None:
         """Serve commands until Stop, then flush and say goodbye to the broker."""
@@ -84,6 +96,9 @@ class Writer:
             # and the prompt publish after a quiet spell must go out in the round of the change itself, not after
             # a hop through another thread and back into this queue.
             due_at = self._schedule.due_at
+            if self._heard_since is not None:
+                flush_at = self._heard_since + HEARD_FLUSH_S
+                due_at = flush_at if due_at is None else min(due_at, flush_at)
             try:
                 item = self._inbox.get(timeout=None if due_at is None else max(0.0, due_at - time.monotonic()))
             except queue.Empty:
@@ -127,15 +142,28 @@ class Writer:
         ):
             self._tick_waiting_since = None
             if self.connected:
+                self._flush_heard()
                 # Deaf while disconnected: silence then says nothing about the members.
                 now = self._clock()
-                self._commit([engine.tick(self.state, now=now, config=self._config)])
+                ms, policy = self.state.membership, self._config.policy
+                due = self._deadlines.due(ms, now=now) if liveness.judging(ms, now=now, policy=policy) else ()
+                self._commit([engine.tick(self.state, now=now, config=self._config, candidates=due)])
                 self.checked_at = now
         if publishing.due(self._schedule, now=time.monotonic()):
             self._publish()
+        if self._heard_since is not None and time.monotonic() >= self._heard_since + HEARD_FLUSH_S:
+            self._flush_heard()
+
+    def _flush_heard(self) -> None:
+        """Apply the plain heartbeats' refreshes set aside (registrar.batch): before any decision but theirs."""
+        if self._heard:
+            self.state = refresh(self.state, self._heard)
+        self._heard, self._heard_since = {}, None
 
     def _dispatch(self, item: object) -> None:
         # Messages never get here: a round drains them into its batch.
+        if not isinstance(item, commands.Tick | commands.Subscribed):
+            self._flush_heard()  # a call or a connection event decides on the members as they are
         if isinstance(item, commands.Tick):
             self._tick_waiting_since = ticks.requested(self._tick_waiting_since, at=item.at)
         elif isinstance(item, commands.Call):
@@ -153,10 +181,8 @@ class Writer:
             self.connected = False
 
     def _handle_messages(self, batch: list[commands.Message]) -> None:
-        state = self.state
-        outcomes = []
+        incoming = []
         for msg in batch:
-            self._counters.add("messages")
             try:
                 parsed = topics.parse(msg.topic)
             except topics.TopicError:
@@ -164,10 +190,16 @@ class Writer:
             if parsed is not None and parsed.kind is Kind.MEMBERS:
                 self._check_retained_record(parsed.node, msg.payload)
                 continue
-            outcome = engine.handle_message(state, msg.topic, msg.payload, now=self._clock(), config=self._config)
-            state = outcome.state
-            outcomes.append(outcome)
-        self._commit(outcomes, final=state)
+            incoming.append(Incoming(msg.topic, msg.payload, self._clock()))
+        self._counters.add("messages", len(batch))
+        decided = decide(self.state, incoming, config=self._config, pending=self._heard)
+        if decided.outcomes and not self._commit(decided.outcomes, final=decided.state).ok:
+            return  # as if the batch never came: its heartbeats too; those set aside before it still wait
+        if decided.outcomes or decided.pending:
+            # Only plain heartbeats after the last decided message still wait; the rest is in the state now.
+            if self._heard_since is None or decided.outcomes:
+                self._heard_since = time.monotonic() if decided.pending else None
+            self._heard = decided.pending
 
     def _handle_call(self, call: commands.Call) -> None:
         if call.future.set_running_or_notify_cancel():
@@ -177,7 +209,7 @@ class Writer:
             except ValueError as exc:  # bad admin arguments (e.g. a token ttl <= 0)
                 call.future.set_exception(exc)
                 return
-            call.future.set_result(self._commit([outcome], publish_replies=False)[0])
+            call.future.set_result(self._commit([outcome], publish_replies=False).outcomes[0])
 
     def _with_stored_tokens(self, state: engine.CoreState) -> engine.CoreState:
         # The CLI may add or revoke tokens in the database while we run: adopt the stored table before a
@@ -195,13 +227,17 @@ class Writer:
         *,
         final: engine.CoreState | None = None,
         publish_replies: bool = True,
-    ) -> list[engine.Outcome]:
-        """Commit, then show (registrar.commit); schedule the records it changed. Returns the outcomes as applied."""
+    ) -> Committed:
+        """Commit, then show (registrar.commit); schedule the records it changed. Returns what was committed."""
         committed = self._committer.commit(self.state, outcomes, final=final, publish_replies=publish_replies)
         self.state = committed.state
+        started_at = committed.state.membership.started_at
+        for outcome in committed.outcomes:
+            if outcome.change.dirty:
+                self._deadlines.note(outcome.change.dirty, started_at=started_at)
         for touched in committed.touched:
             self._changed(touched.node_ids, prompt=touched.prompt)
-        return committed.outcomes
+        return committed
 
     def _check_retained_record(self, node: str | None, payload: bytes) -> None:
         # We are the only publisher on members/+: a non-empty record for a node that is no longer a member is a
@@ -249,6 +285,7 @@ class Writer:
         )
 
     def _shutdown(self) -> None:
+        self._flush_heard()
         if self._pending:
             self._publish()
         self._link.goodbye(connected=self.connected)

@@ -97,6 +97,11 @@ class RunningBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks read its CPU and memory from /proc)."""
+        return self._proc.pid if self.running else None
+
     def _command(self) -> list[str]:
         raise NotImplementedError
 
