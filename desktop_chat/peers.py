@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -159,12 +161,22 @@ class PeerDirectory:
     Membership for the server's check is "listed by the agent now", whatever the presence: a member the
     registrar marked unreachable has no tunnel, so its packets cannot arrive through the mesh anyway.
     When the agent stops answering, the last snapshot stays (the agent itself keeps last-known membership).
+    An address not in the snapshot is looked up once more through the refresher (the poller's), at most every
+    `refresh_gap_s`: a member that joined since the last poll must not be refused its first message.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, refresh_gap_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._snapshot: PeerSnapshot | None = None
         self._by_ip: dict[str, ChatPeer] = {}
+        self._refresher: Callable[[], None] | None = None
+        self._refresh_gap_s = refresh_gap_s
+        self._clock = clock
+        self._refreshed_at: float | None = None
+
+    def set_refresher(self, refresh: Callable[[], None]) -> None:
+        """`refresh()` reads the agent again and calls `update`; asked on a miss of `is_member`."""
+        self._refresher = refresh
 
     def update(self, snapshot: PeerSnapshot) -> None:
         with self._lock:
@@ -177,13 +189,23 @@ class PeerDirectory:
             return self._snapshot
 
     def is_member(self, ip: str) -> bool:
-        """Whether `ip` is a mesh member we know of now (IPv4-mapped IPv6 addresses are unwrapped)."""
+        """Whether `ip` is a mesh member we know of now (IPv4-mapped IPv6 addresses are unwrapped); on a miss the
+        agent is asked again first (see the class docstring)."""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
+        with self._lock:
+            if str(addr) in self._by_ip:
+                return True
+            now = self._clock()
+            refresh = self._refresher
+            if refresh is None or (self._refreshed_at is not None and now - self._refreshed_at < self._refresh_gap_s):
+                return False
+            self._refreshed_at = now
+        refresh()
         with self._lock:
             return str(addr) in self._by_ip
 

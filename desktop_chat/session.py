@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 
 from desktop_chat.errors import ChatError, DeliveryError, PeerSourceError
@@ -217,6 +218,17 @@ class PeerPoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
+        # Weakly: the directory (shared with the session and its server threads) must not keep the poller, and
+        # through its on_update the window, alive after the window is gone.
+        refresh = weakref.WeakMethod(self.refresh_directory)
+        directory.set_refresher(lambda: (method := refresh()) is not None and method())
+
+    def refresh_directory(self) -> None:
+        """Read the agent once more and update the directory, nothing else (the chat server's check on a miss)."""
+        try:
+            self._directory.update(self._source.snapshot(now=self._clock()))
+        except PeerSourceError as exc:
+            log.debug("cannot read peers from the agent on a miss: %s", exc)
 
     def poll_once(self) -> tuple[PeerSnapshot | None, str | None]:
         """One poll: update the directory; (snapshot, error)."""

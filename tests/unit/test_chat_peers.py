@@ -75,6 +75,26 @@ def test_directory_membership():
     assert directory.get("100.96.0.2").name == "bob"
 
 
+def test_a_member_that_joined_since_the_last_poll_is_asked_for_not_refused():
+    clock = [100.0]
+    directory = PeerDirectory(refresh_gap_s=0.5, clock=lambda: clock[0])
+    source = MemoryPeerSource(status([view("100.96.0.2")]))
+    directory.update(source.snapshot(now=NOW))
+    asked = []
+
+    def refresh() -> None:
+        asked.append(clock[0])
+        directory.update(source.snapshot(now=NOW))
+
+    directory.set_refresher(refresh)
+    assert directory.is_member("100.96.0.2") and asked == [], "a known member costs no question"
+    source.set_status(status([view("100.96.0.2"), view("100.96.0.4", "dave")]))  # n4 joined after the poll
+    assert directory.is_member("100.96.0.4") and asked == [100.0]
+    assert not directory.is_member("100.96.0.9") and asked == [100.0], "a second miss within the gap asks nobody"
+    clock[0] += 0.6
+    assert not directory.is_member("100.96.0.9") and asked == [100.0, 100.6], "a stranger is refused after asking"
+
+
 def test_static_status_lists_allowed_ips_online():
     snap = snapshot_from_status(static_status(self_ip="127.0.0.2", name="me", member_ips=["127.0.0.3"], now=NOW),
                                 now=NOW)
