@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from meshlab import system
 from meshlab.errors import LabError
 from meshlab.lab import Lab, new_lab_id
-from meshlab.plan import LabPlan
 from meshlab.settings import LabSettings
+from meshlab.snapshot import Leftovers
+from meshlab.survey import leftovers
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
@@ -31,20 +31,6 @@ def _skip_reason() -> str | None:
     return None
 
 
-def _leftovers(lab_id: str) -> list[str]:
-    plan = LabPlan(lab_id)
-    found = [ns for ns in system.list_namespaces() if plan.owns_namespace(ns)]
-    found += [s.name for s in system.WG_SOCKET_DIR.glob(f"{plan.wg_prefix}*.sock")]
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                    if f"mv-{lab_id}-".encode() in handle.read():
-                        found.append(f"pid {pid}")
-            except OSError:
-                continue
-    return found
-
 
 @pytest.mark.parametrize("damage", ["state file deleted", "state file garbage, id given on the command line"])
 def test_down_after_losing_the_state(damage):
@@ -58,7 +44,7 @@ def test_down_after_losing_the_state(damage):
     lab = Lab(LabSettings(lab_dir=lab_dir))
     try:
         lab.up(1, lab_id=lab_id)
-        assert _leftovers(lab_id), "the lab should exist"
+        assert leftovers(lab_id, lab_dir) != Leftovers(), "the lab should exist"
         if damage == "state file deleted":
             lab.store.state_file.unlink()
             lab.down()
@@ -66,7 +52,7 @@ def test_down_after_losing_the_state(damage):
             lab.store.state_file.write_text("{not json")
             lab.store.id_file.unlink()
             lab.down(lab_id=lab_id)
-        assert _leftovers(lab_id) == []
+        assert leftovers(lab_id, lab_dir) == Leftovers()
         assert lab.down() == []  # again: nothing left, no error
     finally:
         lab.down(lab_id=lab_id)

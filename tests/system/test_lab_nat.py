@@ -30,8 +30,10 @@ import pytest
 from meshlab import system
 from meshlab.errors import NotReadyError
 from meshlab.lab import Lab, new_lab_id
-from meshlab.plan import BROKER_PORT, UNDERLAY_IF, LabPlan
+from meshlab.plan import BROKER_PORT, UNDERLAY_IF
 from meshlab.settings import LabSettings
+from meshlab.snapshot import Leftovers
+from meshlab.survey import leftovers
 from meshlab.traffic import PROBE_PORT
 from meshlab.waiting import wait_for
 
@@ -86,21 +88,6 @@ def lab():
         lab.down(lab_id=lab_id)
         shutil.rmtree(lab.store.root, ignore_errors=True)
 
-
-def _leftovers(lab_id: str) -> list[str]:
-    """Namespaces, wireguard-go sockets and processes of lab `lab_id` still on the machine."""
-    plan = LabPlan(lab_id)
-    found = [ns for ns in system.list_namespaces() if plan.owns_namespace(ns)]
-    found += [s.name for s in system.WG_SOCKET_DIR.glob(f"{plan.wg_prefix}*.sock")]
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if plan.wg_prefix.encode() in cmdline or plan.control_ns.encode() in cmdline:
-                found.append(f"pid {pid}")
-    return found
 
 
 def _broker_peers(lab: Lab) -> Counter[str]:
@@ -317,7 +304,7 @@ def test_down_removes_routers_and_their_tables_and_is_repeatable(lab):
     for router in routers:
         assert f"namespace {router.namespace}" in removed
         assert f"nft table ip {router.nft_table} in {router.namespace}" in removed
-    assert _leftovers(st.lab_id) == []
+    assert leftovers(st.lab_id, lab.store.root) == Leftovers()
     assert lab.down() == []
 
 
@@ -333,7 +320,7 @@ def test_down_after_a_crash_finds_routers_by_name():
         assert f"ml{lab_id}-r1" in system.list_namespaces()
         lab.store.state_file.unlink()  # meshlab died and took its state with it
         lab.down()
-        assert _leftovers(lab_id) == []
+        assert leftovers(lab_id, lab.store.root) == Leftovers()
         assert lab.down() == []
     finally:
         lab.down(lab_id=lab_id)
