@@ -54,12 +54,10 @@ _SAME_NAT = {EndpointKind.LOCAL: 0, EndpointKind.PUBLIC: 1, EndpointKind.REFLEXI
 
 @dataclass(frozen=True, slots=True)
 class Trial:
-    """The candidate a peer without a fresh handshake is being tried on (canonical IP:port), and since when;
-    `candidates`: the peer's usable candidates, in order, when the trial started."""
+    """The candidate a peer without a fresh handshake is being tried on (canonical IP:port), and since when."""
 
     endpoint: str
     since: float
-    candidates: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +198,8 @@ def choose(
     """The endpoint to configure for one peer (rules (a) and (b) of the module docstring)."""
     if fresh(actual, now=now, heard=heard, silent_s=silent_s, changed_at=changed_at) or not usable:
         return Choice(None)
-    changed = trial is not None and bool(trial.candidates) and trial.candidates != tuple(usable)
+    # The peer's candidates changed after the trial began (Listed): start over from the best one.
+    changed = trial is not None and changed_at is not None and changed_at > trial.since
     if trial is not None and trial.endpoint in usable and not changed:
         if now - trial.since < trial_s:
             return Choice(trial.endpoint, trial, _next(usable, trial, trial_s))
@@ -210,7 +209,7 @@ def choose(
     else:
         current = canonical_endpoint(actual.endpoint) if actual is not None else None
         nxt = current if current in usable else usable[0]
-    started = Trial(nxt, now, tuple(usable))
+    started = Trial(nxt, now)
     return Choice(nxt, started, _next(usable, started, trial_s))
 
 

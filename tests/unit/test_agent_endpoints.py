@@ -200,23 +200,22 @@ def test_hearing_restarts_only_when_bytes_arrive() -> None:
 
 
 @pytest.mark.parametrize(
-    ("usable", "trial", "expected"),
+    ("usable", "trial", "changed_at", "expected"),
     [
-        pytest.param([B, A], Trial(A, NOW - 1, (A,)), Choice(B, Trial(B, NOW), NOW + TRIAL_S),
+        pytest.param([B, A], Trial(A, NOW - 1), NOW, Choice(B, Trial(B, NOW), NOW + TRIAL_S),
                      id="a better candidate arrived (the reflexive address after enrollment): start over from it"),
-        pytest.param([A, B], Trial(A, NOW - 1, (A,)), Choice(A, Trial(A, NOW), NOW + TRIAL_S),
+        pytest.param([A, B], Trial(A, NOW - 1), NOW, Choice(A, Trial(A, NOW), NOW + TRIAL_S),
                      id="a worse one arrived: start over, the first is still the one on trial"),
-        pytest.param([A, B], Trial(A, NOW - 1, (A, B)), Choice(A, Trial(A, NOW - 1), NOW - 1 + TRIAL_S),
+        pytest.param([A, B], Trial(A, NOW - 1), NOW - 5, Choice(A, Trial(A, NOW - 1), NOW - 1 + TRIAL_S),
+                     id="candidates that changed before the trial began: the trial runs on"),
+        pytest.param([B, A], Trial(A, NOW - 1), None, Choice(A, Trial(A, NOW - 1), NOW - 1 + TRIAL_S),
                      id="unchanged candidates: the trial runs on"),
-        pytest.param([B, A], Trial(A, NOW - 1), Choice(A, Trial(A, NOW - 1), NOW - 1 + TRIAL_S),
-                     id="a trial that recorded no candidates runs on"),
     ],
 )  # fmt: skip
-def test_changed_candidates_restart_the_cycle(usable: list[str], trial: Trial, expected: Choice) -> None:
-    choice = choose(usable, actual=None, trial=trial, now=NOW)
-    assert choice == expected
-    if choice.trial is not trial:
-        assert choice.trial is not None and choice.trial.candidates == tuple(usable)
+def test_changed_candidates_restart_the_cycle(
+    usable: list[str], trial: Trial, changed_at: float | None, expected: Choice
+) -> None:
+    assert choose(usable, actual=None, trial=trial, now=NOW, changed_at=changed_at) == expected
 
 
 @pytest.mark.parametrize(
