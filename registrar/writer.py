@@ -193,8 +193,9 @@ class Writer:
     def _handle_messages(self, batch: list[commands.Message]) -> None:
         incoming = []
         for msg in batch:
+            # Only a records topic has a "/members/" level: the rest (nearly all) need not be parsed twice.
             try:
-                parsed = topics.parse(msg.topic)
+                parsed = topics.parse(msg.topic) if "/members/" in msg.topic else None
             except topics.TopicError:
                 parsed = None
             if parsed is not None and parsed.kind is Kind.MEMBERS:
