@@ -2,7 +2,7 @@
 
     python bench/bench_registrar.py [--mode storm|churn|heartbeats] [--nodes 1000] [--broker mosquitto|amqtt|both]
                                     [--workers 4] [--heartbeat-interval 1] [--heartbeat-window 20]
-                                    [--heartbeat-ttl 60] [--rounds 5] [--keep] [--json FILE]
+                                    [--heartbeat-ttl 60] [--rounds 5] [--sample K] [--keep] [--json FILE]
 
 For each broker: start it with access control as shipped, on a random 127.0.0.1 port in plain TCP (Mosquitto
 with the dynamic security plugin, whose node accounts the registrar creates through its admin; or the embedded
@@ -38,6 +38,11 @@ before either starts: enrolling 1,000 through Mosquitto's dynamic security takes
 business), N simulated agents as above in sync. Then --rounds times: one new node enrolls over the admin socket
 (a join) and, 1 s later, one simulated agent says goodbye (an offline status: a leave, unreachable at once).
 Measured per agent: from the enrollment call, or the goodbye's publish, until the agent's membership shows it; p50/p95/max.
+With --sample K, K members spread evenly over the mesh are such agents (the timed ones; the leavers are among them)
+and the other N-K are the heartbeats mode's light nodes: every member still a live, heartbeating, subscribed client,
+so each delta goes to N subscribers and the registrar hears N heartbeats, but 10,000 fit on two cores. Also measured:
+how long each join's enrollment call took, the registrar's and the broker's CPU and RSS over the rounds, and how
+many light nodes the broker disconnected.
 
 --mode heartbeats: N members, seeded, and N light simulated nodes: raw MQTT 3.1.1 over one socket each, many per
 worker process, that log in as themselves, subscribe like an agent (delta, registrar, reply/<self>; QoS 0,
@@ -46,10 +51,12 @@ they parse nothing, so that 10,000 fit on two cores. Measured over --heartbeat-w
 received by the registrar per second (its `messages` counter: received < sent means the broker or the
 registrar fell behind), the registrar's and the broker's CPU and RSS.
 
+The simulated members (full agents and light nodes) are in bench/registrar_nodes.py.
+
 Each run prints one JSON line of figures (`summarize`, `summarize_churn`, `summarize_heartbeats`), and --json
 FILE writes them too: an object for one broker, a list of them with --broker both. Every mode has the keys
 nodes, broker, full_roster_s (storm: every node holds all N at their new endpoint), registrations_per_s (storm:
-committed), registrar_cpu_pct and registrar_rss_mb (heartbeats, RSS in MiB), None where the mode does not
+committed), registrar_cpu_pct and registrar_rss_mb (heartbeats, churn; RSS in MiB), None where the mode does not
 measure it; and the load average of the machine at the end (loadavg_1m), which other work shares.
 
 Every worker checks the registrar's signature (from the enrollment reply, or with a seeded mesh from the state
@@ -344,6 +351,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def sample_split(n: int, k: int) -> tuple[list[int], list[int]]:
+    """Members 0..n-1 as (full agents, light nodes): k agents spread evenly over the range, the rest light; every
+    member an agent when k is 0 or at least n. Pure."""
+    if k <= 0 or k >= n:
+        return list(range(n)), []
+    agents = [i * n // k for i in range(k)]
+    chosen = set(agents)
+    return agents, [i for i in range(n) if i not in chosen]
+
+
 @dataclass(frozen=True, slots=True)
 class ChurnMeasured:
     """Per round, how long after the join (or the goodbye) each agent showed it; None: an agent never did."""
@@ -354,10 +371,20 @@ class ChurnMeasured:
     joins: list[list[float] | None]
     leaves: list[list[float] | None]
     loadavg: float = 0.0
+    agents: int = 0  # full simulated agents, the timed ones (0: all N); the other members are light nodes
+    light_closed: int = 0  # light nodes' connections the broker closed by the end
+    light_sent: int = 0  # heartbeats the light nodes sent over the window
+    registrar_received: int = 0  # messages the registrar counted over the window (heartbeats of all, statuses)
+    enroll_calls: tuple[float, ...] = ()  # how long each join's enrollment call took (account created, committed)
+    window_s: float = 0.0  # from the first round's start to the last round's end
+    registrar_cpu_s: float = 0.0  # over the window
+    registrar_rss_kib: int = 0
+    broker_cpu_s: float = 0.0
+    broker_rss_kib: int = 0
 
 
 def summarize_churn(m: ChurnMeasured) -> dict:
-    """p50/p95/max over every agent of every round, in seconds. Pure."""
+    """p50/p95/max over every agent of every round, in seconds; CPU in % of one core over the rounds. Pure."""
 
     def stats(rounds: list[list[float] | None], what: str) -> dict:
         samples = [t for r in rounds if r is not None for t in r]
@@ -370,17 +397,34 @@ def summarize_churn(m: ChurnMeasured) -> dict:
             f"{what}_max_s": _rounded(max(samples, default=None), 3),
         }
 
+    def pct(cpu_s: float) -> float | None:
+        return round(100 * cpu_s / m.window_s, 1) if m.window_s > 0 else None
+
+    def mib(kib: int) -> float | None:
+        return round(kib / 1024, 1) if m.window_s > 0 else None
+
+    agents = m.agents or m.nodes
     return {
         "mode": "churn",
         "broker": m.broker,
         "nodes": m.nodes,
+        "agents": agents,
+        "light_nodes": m.nodes - agents,
+        "light_connections_closed": m.light_closed,
         "connect_subscribe_sync_s": round(m.connected_s, 2),
         **stats(m.joins, "join"),
+        "join_enroll_call_p50_s": _rounded(percentile(list(m.enroll_calls), 50), 3),
+        "join_enroll_call_max_s": _rounded(max(m.enroll_calls, default=None), 3),
         **stats(m.leaves, "leave"),
         "full_roster_s": None,
         "registrations_per_s": None,
-        "registrar_cpu_pct": None,
-        "registrar_rss_mb": None,
+        "window_s": round(m.window_s, 1),
+        "registrar_cpu_pct": pct(m.registrar_cpu_s),
+        "registrar_rss_mb": mib(m.registrar_rss_kib),
+        "broker_cpu_pct": pct(m.broker_cpu_s),
+        "broker_rss_mb": mib(m.broker_rss_kib),
+        "light_heartbeats_sent_per_s": round(m.light_sent / m.window_s) if m.window_s > 0 else None,
+        "registrar_messages_per_s": round(m.registrar_received / m.window_s) if m.window_s > 0 else None,
         "loadavg_1m": round(m.loadavg, 2),
     }
 
@@ -461,22 +505,33 @@ class Bench:
         wait_ready(self.registrar, self.admin)
         return self.admin
 
-    def spawn(self, target, args_of) -> float:
-        """Start --workers processes running `target(*args_of(indices), pipe)`; returns once all said "ready"
-        (seconds it took)."""
-        ctx = mp.get_context("fork")
+    def spawn(self, target, args_of, members: list[int] | None = None) -> tuple[float, list]:
+        """Start up to --workers processes running `target(*args_of(indices), pipe)` over `members` (default: all
+        N); returns once all said "ready": (seconds it took, their pipes)."""
         t_start = time.monotonic()
-        for w in range(self.args.workers):
+        pipes = self.start(target, args_of, list(range(self.args.nodes)) if members is None else members)
+        self.wait_ready(pipes)
+        return time.monotonic() - t_start, pipes
+
+    def start(self, target, args_of, members: list[int]) -> list:
+        """Start up to --workers processes running `target(*args_of(indices), pipe)` over `members`; their pipes."""
+        ctx = mp.get_context("fork")
+        workers = min(self.args.workers, len(members))
+        pipes = []
+        for w in range(workers):
             parent, child = ctx.Pipe()
-            indices = list(range(w, self.args.nodes, self.args.workers))
-            proc = ctx.Process(target=target, args=(*args_of(indices), child), daemon=True)
+            proc = ctx.Process(target=target, args=(*args_of(members[w::workers]), child), daemon=True)
             proc.start()
             self.procs.append(proc)
-            self.pipes.append(parent)
-        for pipe in self.pipes:
+            pipes.append(parent)
+        self.pipes.extend(pipes)
+        return pipes
+
+    @staticmethod
+    def wait_ready(pipes: list) -> None:
+        for pipe in pipes:
             if not pipe.poll(600) or pipe.recv() != "ready":
                 raise RuntimeError("a worker did not get its nodes connected, subscribed and in sync")
-        return time.monotonic() - t_start
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -553,7 +608,7 @@ def run_storm(kind: str, args: argparse.Namespace) -> dict:
         signing_key = enroll_all(admin, args.nodes)
         enroll_s = time.monotonic() - t_enroll
         port, n, interval = bench.broker.port, args.nodes, args.heartbeat_interval
-        connected_s = bench.spawn(worker, lambda indices: (indices, port, n, interval, signing_key))
+        connected_s, _ = bench.spawn(worker, lambda indices: (indices, port, n, interval, signing_key))
         observer = RecordObserver(port)
         time.sleep(1.0)  # the retained records the subscription brought are in: count only the storm's
         before, publishes = metric(admin, "registrations_total"), metric(admin, "membership_publishes_total")
@@ -615,17 +670,25 @@ def run_churn(kind: str, args: argparse.Namespace) -> dict:
         admin = bench.start_registrar()
         signing_key = signing_key_of(bench.state)
         port, n, interval = bench.broker.port, args.nodes, args.heartbeat_interval
-        connected_s = bench.spawn(worker, lambda indices: (indices, port, n, interval, signing_key))
+        agents, light = sample_split(n, args.sample)
+        if len(agents) <= args.rounds:
+            raise SystemExit(f"--sample must exceed --rounds ({args.rounds}): one agent leaves per round, others watch")
+        # Both kinds at once: every member connects and heartbeats well within the TTL of the registrar's start.
+        t_connect = time.monotonic()
+        light_pipes = bench.start(light_worker, lambda indices: (indices, port, interval), light)
+        pipes = bench.start(worker, lambda indices: (indices, port, n, interval, signing_key), agents)
+        bench.wait_ready(light_pipes + pipes)
+        connected_s = time.monotonic() - t_connect
         secret = new_token(admin)
         time.sleep(2.0)  # let the last catch-ups of the connection drain
 
         def watch(node: str, what: str, leaver: int | None, act) -> list[float] | None:
-            for pipe in bench.pipes:
+            for pipe in pipes:
                 pipe.send(("watch", node, what, leaver))
             t0 = act()
             answers = []
             deadline = time.monotonic() + args.timeout
-            for pipe in bench.pipes:
+            for pipe in pipes:
                 answers.append(pipe.recv() if pipe.poll(max(0.0, deadline - time.monotonic())) else None)
             if any(a is None for a in answers):
                 return None
@@ -633,26 +696,50 @@ def run_churn(kind: str, args: argparse.Namespace) -> dict:
                 t0 = next(a[2] for a in answers if a[2] is not None)
             return [t - t0 for a in answers for t in a[1]]
 
-        joins, leaves = [], []
+        def light_counts() -> tuple[int, int]:
+            """(heartbeats the light nodes sent, their connections the broker closed), so far."""
+            counts = []
+            for pipe in light_pipes:
+                pipe.send("count")
+                counts.append(pipe.recv())
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+        joins, leaves, enroll_calls = [], [], []
+        (sent0, _), received0 = light_counts(), metric(admin, "messages_total")
+        t_start, (reg_cpu0, _), (broker_cpu0, _) = time.monotonic(), *usage(bench)
         for r in range(args.rounds):
             joiner = n + r
 
             def join(joiner: int = joiner) -> float:
                 t0 = time.monotonic()
                 enroll(admin, joiner, secret)
+                enroll_calls.append(time.monotonic() - t0)
                 return t0
 
             # Apart by more than the registrar's publish window (0.2 s): each event comes to a quiet registrar and
             # goes out at once (the leading edge), as a single join or leave in a steady mesh does.
             joins.append(watch(node_id(joiner), "join", None, join))
             time.sleep(1.0)
-            leaves.append(watch(node_id(r), "leave", r, lambda: None))
+            leaves.append(watch(node_id(agents[r]), "leave", agents[r], lambda: None))
             time.sleep(1.0)
+        window_s, ((reg_cpu1, reg_rss), (broker_cpu1, broker_rss)) = time.monotonic() - t_start, usage(bench)
+        # Every light node still connected (the fan-out was that of N throughout), and how much the registrar heard.
+        (sent1, closed), received1 = light_counts(), metric(admin, "messages_total")
         return summarize_churn(
-            ChurnMeasured(kind, args.nodes, connected_s, joins, leaves, loadavg=os.getloadavg()[0])
+            ChurnMeasured(
+                kind, args.nodes, connected_s, joins, leaves, loadavg=os.getloadavg()[0], agents=len(agents),
+                light_closed=closed, light_sent=sent1 - sent0, registrar_received=received1 - received0,
+                enroll_calls=tuple(enroll_calls), window_s=window_s, registrar_cpu_s=reg_cpu1 - reg_cpu0,
+                registrar_rss_kib=reg_rss, broker_cpu_s=broker_cpu1 - broker_cpu0, broker_rss_kib=broker_rss,
+            )  # fmt: skip
         )
     finally:
         bench.close()
+
+
+def usage(bench: Bench) -> tuple[tuple[float, int], tuple[float, int]]:
+    """(CPU seconds, RSS KiB) of the registrar and of the broker."""
+    return proc_cpu_rss(bench.registrar.pid), proc_cpu_rss(bench.broker.pid)
 
 
 def run_heartbeats(kind: str, args: argparse.Namespace) -> dict:
@@ -660,7 +747,7 @@ def run_heartbeats(kind: str, args: argparse.Namespace) -> dict:
     try:
         admin = bench.start_registrar()
         port, interval = bench.broker.port, args.heartbeat_interval
-        connected_s = bench.spawn(light_worker, lambda indices: (indices, port, interval))
+        connected_s, _ = bench.spawn(light_worker, lambda indices: (indices, port, interval))
         time.sleep(interval + 2.0)  # every node has heartbeated, the registrar's start is behind us
 
         def sample() -> tuple:
@@ -712,6 +799,10 @@ def main() -> int:
     p.add_argument("--heartbeat-ttl", type=float, default=60.0)
     p.add_argument("--heartbeat-window", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=5, help="churn: joins and leaves")
+    p.add_argument(
+        "--sample", type=int, default=0,
+        help="churn: K full simulated agents, timed; the other N-K members are light nodes (0: all N are agents)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (broker log, registrar state)")
     p.add_argument("--json", type=Path, help="write the figures (one object per broker run, in a list if both)")
