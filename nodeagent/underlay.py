@@ -213,7 +213,7 @@ class Advertiser:
 
         The reflection is an HTTPS request to the registrar and the broker connection a TLS handshake too: made
         side by side, the registration request leaves right after the SUBACK (in the lab 10-80 ms sooner; the
-        reply then comes 0-9 ms sooner, as the embedded broker's process also serves the reflection).
+        reply then comes only a few ms sooner, as the embedded broker's process also serves the reflection).
         """
         outcome: list[list[Endpoint] | Exception] = []
 
