@@ -18,6 +18,14 @@ started, broker connected, the registrar replied). Once as the lab joins them, a
 
 One lab per heartbeat interval (the registrar hands the interval to agents when they register); TTL is
 3 intervals, as in the lab defaults. Aims: under 50 MB RSS and under 0.2 % of one core per idle agent.
+
+Start times follow the machine's load more than the code, so two versions are compared in one lab, alternating
+(same registrar, same load), with each start's steps read from its log:
+
+    .venv/bin/python bench/bench_agent.py --compare-starts /path/to/base/checkout --joins 6 --restarts 6
+
+Each round joins one new node running the base checkout's code (PYTHONPATH) and one running this one's, then
+restarts one node of each gracefully; no memory window.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ from meshlab.waiting import wait_for
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STARTUP_MARKS = ("first log line", "agent starting", "registered as")
+# The steps of a start in its log, for --compare-starts: enrollment (a join only), wireguard-go (when it was not
+# running), the broker's TLS connection, the registration request (after the registrar's reflection over HTTPS).
+STEP_MARKS = ("first log line", "enrolled in mesh", "agent starting", "started wireguard-go",
+              "connected to the broker", "registering", "registered as")
+THIS_CHECKOUT = Path(__file__).resolve().parents[1]
 CPU_WINDOW_S = 10.0  # CPU % is also reported per window of this length, so a periodic spike shows as max
 AIM_RSS_MB = 50.0
 AIM_CPU_PCT = 0.2
@@ -88,13 +101,14 @@ def cpu_windows(samples: list[tuple[float, int, int, int | None]], window_s: flo
     return out
 
 
-def startup_marks(events: list[tuple[float, str]], started: float) -> dict[str, float]:
-    """Seconds from `started` to the first log line and to the first "agent starting" / "registered as" line
-    among (wall time, message) `events`; a mark never reached is absent."""
+def startup_marks(events: list[tuple[float, str]], started: float,
+                  marks_wanted: tuple[str, ...] = STARTUP_MARKS) -> dict[str, float]:
+    """Seconds from `started` to the first log line and to the first line starting with each other mark (default:
+    "agent starting", "registered as") among (wall time, message) `events`; a mark never reached is absent."""
     marks: dict[str, float] = {}
     for t, msg in events:
         marks.setdefault("first log line", t - started)
-        for mark in STARTUP_MARKS[1:]:
+        for mark in marks_wanted[1:]:
             if msg.startswith(mark):
                 marks.setdefault(mark, t - started)
     return marks
@@ -147,7 +161,7 @@ def _start_wall(start_ticks: int) -> float:
     return time.time() - (uptime - start_ticks / CLK_TCK)
 
 
-def agent_startup(lab: Lab, name: str) -> dict[str, float]:
+def agent_startup(lab: Lab, name: str, marks_wanted: tuple[str, ...] = STARTUP_MARKS) -> dict[str, float]:
     """startup_marks of the current process of `name`'s agent, from its log, and the CPU time it has used so far
     ("cpu": seconds; read right after the lab saw it join, so nearly all of it is the start itself). Wall times
     grow with the machine's load; the CPU time much less."""
@@ -157,18 +171,18 @@ def agent_startup(lab: Lab, name: str) -> dict[str, float]:
     stat = _read(f"/proc/{agent.pid}/stat")
     text = lab.store.agent_log(name).read_text(errors="replace")
     events = [(e.t, e.msg) for e in parse_log(text, started) if e.t >= started - 0.01]
-    marks = startup_marks(events, started)
+    marks = startup_marks(events, started, marks_wanted)
     if stat is not None:
         marks["cpu"] = parse_cpu_ticks(stat) / CLK_TCK
     return marks
 
 
-def registered_startup(lab: Lab, name: str) -> dict[str, float]:
+def registered_startup(lab: Lab, name: str, marks_wanted: tuple[str, ...] = STARTUP_MARKS) -> dict[str, float]:
     """agent_startup of `name` once its log says it registered (the lab may see the join a moment earlier)."""
     found: dict[str, float] = {}
 
     def logged() -> bool:
-        found.update(agent_startup(lab, name))
+        found.update(agent_startup(lab, name, marks_wanted))
         return "registered as" in found
 
     wait_for(logged, timeout=30, what=f"{name} logs its registration", interval=0.05)
@@ -213,6 +227,76 @@ def measure(*, nodes: int, heartbeat: float, settle: float, duration: float, lab
         return list(series.values()), startups
     finally:
         lab.down()
+
+
+def compare_starts(*, base: Path, joins: int, restarts: int, lab_dir: Path) -> dict[str, list[dict[str, float]]]:
+    """Starts of the agent in one lab, alternating between `base`'s code and this checkout's: per round one join
+    of each, then (after the joins) one graceful restart of each; keyed "join base", "join this", ... The
+    registrar and the lab's helpers run this checkout's code."""
+    codes = {"base": str(base.resolve()), "this": str(THIS_CHECKOUT)}
+    settings = LabSettings(lab_dir=lab_dir, broker="embedded", heartbeat_interval_s=5.0, heartbeat_ttl_s=15.0,
+                           join_timeout_s=60)
+    previous = os.environ.get("PYTHONPATH")
+    results: dict[str, list[dict[str, float]]] = {f"{kind} {code}": [] for kind in ("join", "restart")
+                                                  for code in codes}
+    lab = Lab(settings)
+    try:
+        os.environ["PYTHONPATH"] = codes["this"]
+        lab.up(0, lab_id=new_lab_id())
+        names: dict[str, str] = {}
+        for _ in range(joins):
+            for code, path in codes.items():
+                os.environ["PYTHONPATH"] = path  # the agent inherits the lab's environment (meshlab.context)
+                name = lab.add().name
+                names[code] = name
+                results[f"join {code}"].append(registered_startup(lab, name, STEP_MARKS))
+                lab.wait_mesh(timeout=60)
+        for _ in range(restarts):
+            for code, path in codes.items():
+                os.environ["PYTHONPATH"] = path
+                lab.stop(names[code])
+                lab.start(names[code], wait=True)
+                results[f"restart {code}"].append(registered_startup(lab, names[code], STEP_MARKS))
+                lab.wait_mesh(timeout=60)
+        return results
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+        lab.down()
+
+
+def step_times(run: dict[str, float]) -> dict[str, float]:
+    """Seconds each step of one start took: from the previous mark it reached to this one (the first log line:
+    from the process start), plus "after imports" (first log line -> registered as)."""
+    steps: dict[str, float] = {}
+    previous = 0.0
+    for mark in STEP_MARKS:
+        if mark in run:
+            steps[mark] = run[mark] - previous
+            previous = run[mark]
+    if "registered as" in run and "first log line" in run:
+        steps["after imports"] = run["registered as"] - run["first log line"]
+    return steps
+
+
+def report_steps(results: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Per start and code: median (min) of each step's own time, of the time after the imports, of process
+    start -> "registered as", and of the agent's CPU by then."""
+    columns = (*(f"-> {m}" for m in STEP_MARKS), "after imports", "start -> registered", "CPU by then")
+    lines = ["| start | code | n | " + " | ".join(columns) + " |", "| --- | --- | --- |" + " --- |" * len(columns)]
+    for key, runs in results.items():
+        kind, code = key.split()
+        per_run = [{**{f"-> {m}": v for m, v in step_times(r).items() if m != "after imports"},
+                    "after imports": step_times(r).get("after imports"),
+                    "start -> registered": r.get("registered as"), "CPU by then": r.get("cpu")} for r in runs]
+        cells = []
+        for column in columns:
+            values = [p[column] for p in per_run if p.get(column) is not None]
+            cells.append(f"{statistics.median(values):.3f} ({min(values):.3f})" if values else "-")
+        lines.append(f"| {kind} | {code} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _mb(kb: float) -> float:
@@ -264,10 +348,21 @@ def main() -> int:
     parser.add_argument("--restarts", type=int, default=1,
                         help="graceful stop + start of every agent this many times before the window, timed")
     parser.add_argument("--lab-dir", type=Path)
+    parser.add_argument("--compare-starts", type=Path, metavar="CHECKOUT",
+                        help="only time starts, alternating with the code of this other checkout in one lab")
+    parser.add_argument("--joins", type=int, default=6, help="with --compare-starts: joins per code")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_agent needs root (network namespaces, wireguard-go)")
         return 2
+    if args.compare_starts is not None:
+        lab_dir = args.lab_dir or Path(tempfile.mkdtemp(prefix="meshlab-starts."))
+        print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        results = compare_starts(base=args.compare_starts, joins=args.joins, restarts=args.restarts,
+                                 lab_dir=lab_dir)
+        print("\n".join(report_steps(results)))
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return 0
     for heartbeat in (float(h) for h in args.heartbeats.split(",")):
         lab_dir = args.lab_dir or Path(tempfile.mkdtemp(prefix="meshlab-footprint."))
         series, startups = measure(nodes=args.nodes, heartbeat=heartbeat, settle=args.settle,

@@ -70,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                                             f"{first['invariant']} at step {first['step']}: {first['evidence']}"),
               flush=True)
         runs.append({"seed": seed, "broker": broker, "nodes": nodes, **result.to_dict()})
+        # Written after every schedule: a series of hours that is stopped early keeps what it ran.
+        summary = summarize(runs, elapsed=time.monotonic() - start)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
     summary = summarize(runs, elapsed=time.monotonic() - start)
     print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2) + "\n")
     return 0 if all(r["ok"] for r in runs) else 1
 
 

@@ -2,7 +2,7 @@
 
     python bench/bench_registrar.py [--mode storm|churn|heartbeats] [--nodes 1000] [--broker mosquitto|amqtt|both]
                                     [--workers 4] [--heartbeat-interval 1] [--heartbeat-window 20]
-                                    [--heartbeat-ttl 60] [--rounds 5] [--keep] [--json FILE]
+                                    [--heartbeat-ttl 60] [--rounds 5] [--sample K] [--keep] [--json FILE]
 
 For each broker: start it with access control as shipped, on a random 127.0.0.1 port in plain TCP (Mosquitto
 with the dynamic security plugin, whose node accounts the registrar creates through its admin; or the embedded
@@ -38,6 +38,11 @@ before either starts: enrolling 1,000 through Mosquitto's dynamic security takes
 business), N simulated agents as above in sync. Then --rounds times: one new node enrolls over the admin socket
 (a join) and, 1 s later, one simulated agent says goodbye (an offline status: a leave, unreachable at once).
 Measured per agent: from the enrollment call, or the goodbye's publish, until the agent's membership shows it; p50/p95/max.
+With --sample K, K members spread evenly over the mesh are such agents (the timed ones; the leavers are among them)
+and the other N-K are the heartbeats mode's light nodes: every member still a live, heartbeating, subscribed client,
+so each delta goes to N subscribers and the registrar hears N heartbeats, but 10,000 fit on two cores. Also measured:
+how long each join's enrollment call took, the registrar's and the broker's CPU and RSS over the rounds, and how
+many light nodes the broker disconnected.
 
 --mode heartbeats: N members, seeded, and N light simulated nodes: raw MQTT 3.1.1 over one socket each, many per
 worker process, that log in as themselves, subscribe like an agent (delta, registrar, reply/<self>; QoS 0,
@@ -46,10 +51,12 @@ they parse nothing, so that 10,000 fit on two cores. Measured over --heartbeat-w
 received by the registrar per second (its `messages` counter: received < sent means the broker or the
 registrar fell behind), the registrar's and the broker's CPU and RSS.
 
+The simulated members (full agents and light nodes) are in bench/registrar_nodes.py.
+
 Each run prints one JSON line of figures (`summarize`, `summarize_churn`, `summarize_heartbeats`), and --json
 FILE writes them too: an object for one broker, a list of them with --broker both. Every mode has the keys
 nodes, broker, full_roster_s (storm: every node holds all N at their new endpoint), registrations_per_s (storm:
-committed), registrar_cpu_pct and registrar_rss_mb (heartbeats, RSS in MiB), None where the mode does not
+committed), registrar_cpu_pct and registrar_rss_mb (heartbeats, churn; RSS in MiB), None where the mode does not
 measure it; and the load average of the machine at the end (loadavg_1m), which other work shares.
 
 Every worker checks the registrar's signature (from the enrollment reply, or with a seeded mesh from the state
@@ -63,17 +70,14 @@ than the usual 1,024).
 from __future__ import annotations
 
 import argparse
-import base64
 import ipaddress
 import json
 import math
 import multiprocessing as mp
 import os
 import resource
-import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -87,406 +91,37 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 # This checkout's packages, here and in every subprocess (registrar, embedded broker), before any installed copy.
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 from brokers import free_port, start_embedded, start_mosquitto  # noqa: E402
-
-from meshcontract import access, jointoken, messages, topics  # noqa: E402
-from meshcontract.messages import (  # noqa: E402
-    Endpoint,
-    EnrollRequest,
-    MembershipDelta,
-    MembershipSnapshot,
-    MemberState,
+from registrar_nodes import (  # noqa: E402, F401 (mqtt_*: tested through this module)
+    MESH,
+    REGISTERED_HOST,
+    light_worker,
+    mqtt_connect,
+    mqtt_publish,
+    mqtt_subscribe,
+    node_id,
+    node_key,
+    node_password,
+    worker,
 )
-from meshcontract.signing import Signer, Verifier  # noqa: E402
+
+from meshcontract import access, jointoken, topics  # noqa: E402
+from meshcontract.messages import Endpoint, EnrollRequest, MemberState  # noqa: E402
+from meshcontract.signing import Signer  # noqa: E402
 from meshcontract.topics import Kind  # noqa: E402
 from meshcontract.transport import BrokerSettings, make_client  # noqa: E402
 from registrar.engine import Delta  # noqa: E402
 from registrar.membership import Member  # noqa: E402
 from registrar.store import SqliteStore  # noqa: E402
 
-MESH = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-RETRY_S = 10.0  # an agent re-sends an unanswered RegisterRequest
 REGISTRAR_PASSWORD = "bench-registrar-password"
 OBSERVER_PASSWORD = "bench-observer-password"
 NETWORK = "100.96.0.0/16"
-ENROLLED_HOST = "192.0.2.1"  # the endpoint each node enrolls with ...
-REGISTERED_HOST = "192.0.2.2"  # ... and the one it registers with in the burst
-MAX_BUFFERED_DELTAS = 256  # as nodeagent.membership
-
-
-def node_id(index: int) -> str:
-    return f"node{index:05d}"
-
-
-def node_password(index: int) -> str:
-    return f"bench-password-{index:05d}"
-
-
-def node_key(index: int) -> str:
-    return base64.b64encode((index + 1).to_bytes(4, "big") * 8).decode()
-
-
-class SignatureCheck:
-    """One worker's check of the registrar's signature on the first snapshot and the first delta it receives."""
-
-    def __init__(self, signing_key: str) -> None:
-        self._verifier = Verifier(signing_key)
-        self.checked: set[Kind] = set()
-
-    def once(self, kind: Kind, payload: bytes) -> None:
-        if kind in self.checked:
-            return
-        model = MembershipSnapshot if kind is Kind.SNAPSHOT else MembershipDelta
-        message = messages.decode(model, payload, max_size=messages.MAX_MEMBERSHIP_PAYLOAD)
-        self._verifier.verify(message, kind=str(kind), mesh=MESH)  # raises if forged or altered
-        self.checked.add(kind)
-
-
-class SimNode:
-    """One simulated agent: its client, and the membership it follows (by revision, with resync on a gap)."""
-
-    def __init__(self, index: int, port: int, n: int, signatures: SignatureCheck) -> None:
-        self.node_id = node_id(index)
-        self.index = index
-        self.n = n
-        self.signatures = signatures
-        self.reply_at: float | None = None
-        self.sent_at = 0.0
-        self.complete_at: float | None = None
-        self.revision: int | None = None  # of the membership held
-        self.hosts: dict[str, str] = {}  # node id -> first endpoint's host, in the membership held
-        self.states: dict[str, str] = {}  # node id -> its state, in the membership held
-        self.syncing = True
-        self.buffered: list[dict] = []
-        self.subscribed = False
-        self.registrar_online = False
-        self.counting = False  # count the stream's messages and bytes (from the storm's start)
-        self.stream_messages = 0
-        self.stream_bytes = 0
-        self.watch: tuple[str, str] | None = None  # churn: (node id, "join" | "leave") to notice
-        self.seen_at: float | None = None  # when the watched change showed in a complete membership
-        self.left = False  # said goodbye: silent from then on, like a stopped agent
-        self.snapshot_topic = topics.build(MESH, Kind.SNAPSHOT)
-        settings = BrokerSettings(
-            url=f"mqtt://127.0.0.1:{port}", username=self.node_id, password=node_password(index), keepalive_s=60
-        )
-        self.client = make_client(settings, client_id=self.node_id)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: setattr(self, "subscribed", True)
-        self.client.on_connect = self._on_connect
-        self.client.max_inflight_messages_set(100)
-
-    def _on_connect(self, client, userdata, flags, rc, props) -> None:
-        if rc.is_failure:
-            raise RuntimeError(f"{self.node_id}: the broker refused the login: {rc}")
-        client.subscribe(
-            [
-                (topics.build(MESH, Kind.REPLY, self.node_id), 1),
-                (topics.build(MESH, Kind.DELTA), 1),
-                (topics.build(MESH, Kind.REGISTRAR), 1),
-                (self.snapshot_topic, 1),
-            ]
-        )
-
-    @property
-    def in_sync_with_all(self) -> bool:
-        return not self.syncing and len(self.hosts) == self.n
-
-    def register(self) -> None:
-        req = {
-            "request_id": f"bench-{self.node_id}-{int(self.sent_at * 1000)}",
-            "node_id": self.node_id,
-            "name": self.node_id,
-            "public_key": node_key(self.index),
-            "listen_port": 51820,
-            "endpoints": [{"host": REGISTERED_HOST, "port": 51820}],
-            "epoch": 1,
-        }
-        self.client.publish(topics.build(MESH, Kind.REGISTER, self.node_id), json.dumps(req), qos=1)
-
-    def heartbeat(self, seq: int) -> None:
-        self.client.publish(topics.build(MESH, Kind.HEARTBEAT, self.node_id), heartbeat_payload(self.node_id, seq), qos=0)
-
-    def goodbye(self) -> float:
-        """Say goodbye like a stopping agent (an offline status that is not a will); returns when it was sent."""
-        status = {"v": 1, "node_id": self.node_id, "state": "offline", "epoch": 1, "at": time.time()}
-        self.client.publish(topics.build(MESH, Kind.STATUS, self.node_id), json.dumps(status), qos=1, retain=True)
-        self.left = True
-        return time.monotonic()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        kind = msg.topic.split("/")[3]
-        if kind == "snapshot" and msg.payload:
-            self._count(msg)
-            self.signatures.once(Kind.SNAPSHOT, msg.payload)
-            self._on_snapshot(json.loads(msg.payload))
-        elif kind == "delta":
-            self._count(msg)
-            self.signatures.once(Kind.DELTA, msg.payload)
-            self._on_delta(json.loads(msg.payload))
-        elif kind == "reply":
-            if self.reply_at is None and b'"ok":true' in msg.payload:
-                self.reply_at = time.monotonic()
-        elif kind == "registrar":
-            self.registrar_online = b'"online"' in msg.payload
-        if (
-            self.complete_at is None
-            and self.reply_at is not None
-            and self.in_sync_with_all
-            and all(host == REGISTERED_HOST for host in self.hosts.values())
-        ):
-            self.complete_at = time.monotonic()
-            self.counting = False
-        if self.watch is not None and self.seen_at is None and not self.syncing:
-            node, what = self.watch
-            if (what == "join" and node in self.hosts) or (what == "leave" and self.states.get(node) == "unreachable"):
-                self.seen_at = time.monotonic()
-
-    def _count(self, msg) -> None:
-        if self.counting:
-            self.stream_messages += 1
-            self.stream_bytes += len(msg.topic) + len(msg.payload)
-
-    def _on_snapshot(self, snapshot: dict) -> None:
-        if not self.syncing or (self.revision is not None and snapshot["revision"] < self.revision):
-            return
-        self.revision = snapshot["revision"]
-        self.hosts = {r["node_id"]: r["endpoints"][0]["host"] for r in snapshot["members"]}
-        self.states = {r["node_id"]: r["state"] for r in snapshot["members"]}
-        self.syncing = False
-        buffered, self.buffered = sorted(self.buffered, key=lambda d: d["from_revision"]), []
-        for delta in buffered:
-            self._on_delta(delta)
-        if not self.syncing:
-            self.client.unsubscribe(self.snapshot_topic)  # in sync: from now on deltas only, like an agent
-
-    def _on_delta(self, delta: dict) -> None:
-        if self.revision is not None and delta["to_revision"] <= self.revision:
-            return
-        if self.syncing:
-            self.buffered = [*self.buffered, delta][-MAX_BUFFERED_DELTAS:]
-            return
-        if delta["from_revision"] == self.revision:
-            for removed in delta["removals"]:
-                self.hosts.pop(removed, None)
-                self.states.pop(removed, None)
-            for record in delta["upserts"]:
-                self.hosts[record["node_id"]] = record["endpoints"][0]["host"]
-                self.states[record["node_id"]] = record["state"]
-            self.revision = delta["to_revision"]
-            return
-        self.syncing, self.buffered = True, [delta]  # a gap: fetch the snapshot again
-        self.client.subscribe(self.snapshot_topic, 1)
-
-
-def heartbeat_payload(node: str, seq: int) -> bytes:
-    return json.dumps({"v": 1, "node_id": node, "epoch": 1, "seq": seq, "sent_at": time.time()}).encode()
-
-
-def worker(indices: list[int], port: int, n: int, hb_interval: float, signing_key: str, conn) -> None:
-    """One process: a selector loop over its nodes' sockets and the control pipe.
-
-    Commands: "go" (the storm: every node registers), ("watch", node id, "join" | "leave", leaver index or None)
-    (churn: answered with ("seen", [times], goodbye sent at) once every other node saw it), "stop"."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signatures = SignatureCheck(signing_key)
-    nodes = [SimNode(i, port, n, signatures) for i in indices]
-    sel = selectors.DefaultSelector()
-    for node in nodes:
-        node.client.connect("127.0.0.1", port, keepalive=60)
-        sel.register(node.client.socket(), selectors.EVENT_READ, node)
-    sel.register(conn, selectors.EVENT_READ, None)
-    phase, ready_sent, done_sent, sent_at = "connect", False, False, 0.0
-    hb_next, seq, last_misc = time.monotonic() + hb_interval, 0, time.monotonic()
-    watchers: list[SimNode] = []  # churn: the nodes that must notice the watched change
-    started, told = time.monotonic(), False
-    goodbye_at: float | None = None
-    while phase != "stop":
-        for node in nodes:
-            if node.client.want_write():
-                node.client.loop_write()
-        for key, _ in sel.select(timeout=0.01):
-            if key.data is None:
-                cmd = conn.recv()
-                if cmd == "go":
-                    phase = "register"
-                    for node in nodes:
-                        node.sent_at = time.monotonic()
-                        node.counting, node.stream_messages, node.stream_bytes = True, 0, 0
-                        node.register()
-                elif cmd == "stop":
-                    phase = "stop"
-                elif cmd[0] == "watch":
-                    _, watched, what, leaver = cmd
-                    watchers, goodbye_at = [], None
-                    for node in nodes:
-                        node.watch, node.seen_at = (watched, what), None
-                        if node.index == leaver:
-                            goodbye_at = node.goodbye()
-                        else:
-                            watchers.append(node)
-                    phase = "watch"
-            else:
-                key.data.client.loop_read(max_packets=1000)
-        now = time.monotonic()
-        if now - last_misc > 1.0:
-            last_misc = now
-            for node in nodes:
-                node.client.loop_misc()
-        if not ready_sent and all(x.subscribed and x.registrar_online and x.in_sync_with_all for x in nodes):
-            conn.send("ready")
-            ready_sent = True
-        elif not ready_sent and now > started + 60 and not told:
-            told = True  # say once why this worker is not ready yet (the run goes on until its timeout)
-            print(f"worker of {len(nodes)} nodes not ready after 60 s: "
-                  f"{sum(not x.subscribed for x in nodes)} unsubscribed, "
-                  f"{sum(not x.registrar_online for x in nodes)} without the registrar online, "
-                  f"{sum(x.syncing for x in nodes)} resyncing, "
-                  f"{sum(not x.syncing and len(x.hosts) != x.n for x in nodes)} holding a membership of another size "
-                  f"({sorted({len(x.hosts) for x in nodes if len(x.hosts) != x.n})[:5]})", file=sys.stderr, flush=True)  # fmt: skip
-        if phase == "register" and not sent_at and not any(x.client.want_write() for x in nodes):
-            sent_at = time.monotonic()  # every request of the burst handed to the kernel
-        if phase == "register" and not done_sent and all(x.complete_at for x in nodes):
-            conn.send(("done", *_storm_report(nodes, signatures, sent_at)))
-            done_sent = True
-        if phase == "watch" and all(x.seen_at for x in watchers):
-            conn.send(("seen", [x.seen_at for x in watchers], goodbye_at))
-            phase = "steady"
-        if now >= hb_next:  # like agents: heartbeat from the connection on, not only once registered
-            seq += 1
-            hb_next += hb_interval
-            for node in nodes:
-                if not node.left:
-                    node.heartbeat(seq)
-                if phase == "register" and node.reply_at is None and now - node.sent_at > RETRY_S:
-                    node.sent_at = now
-                    node.register()
-    if not done_sent and sent_at:
-        conn.send(("partial", *_storm_report(nodes, signatures, sent_at)))
-    for node in nodes:
-        node.client.disconnect()
-        node.client.loop_write()
-
-
-def _storm_report(nodes: list[SimNode], signatures: SignatureCheck, sent_at: float) -> tuple:
-    """The fields of a Result after the status, for this worker's nodes."""
-    return (
-        max((x.reply_at for x in nodes if x.reply_at), default=0.0),
-        max((x.complete_at for x in nodes if x.complete_at), default=0.0),
-        sum(1 for x in nodes if not x.complete_at),
-        signatures.checked == {Kind.SNAPSHOT, Kind.DELTA},
-        sent_at,
-        sum(x.stream_messages for x in nodes),
-        sum(x.stream_bytes for x in nodes),
-        max(x.stream_messages for x in nodes),
-        max(x.stream_bytes for x in nodes),
-    )
-
-
-# ---- light nodes: raw MQTT 3.1.1, heartbeats only (--mode heartbeats) ----------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _mqtt_str(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def mqtt_connect(client_id: str, username: str, password: str, keepalive: int = 60) -> bytes:
-    """CONNECT (3.1.1, clean session, username and password)."""
-    body = _mqtt_str("MQTT") + bytes([4, 0xC2]) + keepalive.to_bytes(2, "big")
-    body += _mqtt_str(client_id) + _mqtt_str(username) + _mqtt_str(password)
-    return b"\x10" + _varint(len(body)) + body
-
-
-def mqtt_subscribe(packet_id: int, topic_filters: list[str]) -> bytes:
-    """SUBSCRIBE at QoS 0."""
-    body = packet_id.to_bytes(2, "big") + b"".join(_mqtt_str(t) + b"\x00" for t in topic_filters)
-    return b"\x82" + _varint(len(body)) + body
-
-
-def mqtt_publish(topic: str, payload: bytes) -> bytes:
-    """PUBLISH at QoS 0, not retained."""
-    body = _mqtt_str(topic) + payload
-    return b"\x30" + _varint(len(body)) + body
-
-
-def light_worker(indices: list[int], port: int, interval: float, conn) -> None:
-    """One process of light nodes: log in, subscribe like an agent, then heartbeat every `interval`, spread
-    evenly; drain and discard whatever the broker sends. Answers "count" with (heartbeats sent, connections
-    closed by the broker), and "stop"."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    socks: list[socket.socket] = []
-    for i in indices:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(mqtt_connect(node_id(i), node_id(i), node_password(i)))
-        connack = b""
-        while len(connack) < 4:
-            chunk = sock.recv(4 - len(connack))
-            if not chunk:
-                raise RuntimeError(f"{node_id(i)}: the broker closed the connection at login")
-            connack += chunk
-        if connack[0] != 0x20 or connack[3] != 0:
-            raise RuntimeError(f"{node_id(i)}: the broker refused the login: {connack!r}")
-        own_reply = topics.build(MESH, Kind.REPLY, node_id(i))
-        sock.sendall(mqtt_subscribe(1, [topics.build(MESH, Kind.DELTA), topics.build(MESH, Kind.REGISTRAR), own_reply]))
-        sock.setblocking(False)
-        socks.append(sock)
-    sel = selectors.DefaultSelector()
-    for k, sock in enumerate(socks):
-        sel.register(sock, selectors.EVENT_READ, k)
-    sel.register(conn, selectors.EVENT_READ, None)
-    heartbeat_topics = [topics.build(MESH, Kind.HEARTBEAT, node_id(i)) for i in indices]
-    conn.send("ready")
-    start, sent, closed, n = time.monotonic(), 0, 0, len(socks)
-    alive = [True] * n
-    while True:
-        due = int((time.monotonic() - start) / interval * n) + 1  # heartbeats due so far, node k at k/n of it
-        while sent < due:
-            k = sent % n
-            if alive[k]:
-                try:
-                    socks[k].send(mqtt_publish(heartbeat_topics[k], heartbeat_payload(node_id(indices[k]), sent // n)))
-                except BlockingIOError:
-                    pass  # its socket buffer is full: the broker does not keep up (counted by the registrar)
-            sent += 1
-        wait = max(0.0, start + (sent / n) * interval - time.monotonic())
-        for key, _ in sel.select(timeout=min(wait, 0.05)):
-            if key.data is None:
-                cmd = conn.recv()
-                if cmd == "stop":
-                    for k, sock in enumerate(socks):
-                        if alive[k]:
-                            try:
-                                sock.send(b"\xe0\x00")  # DISCONNECT: no will
-                            except OSError:
-                                pass
-                        sock.close()
-                    return
-                conn.send((sent, closed))  # "count"
-            else:
-                try:
-                    if not key.fileobj.recv(65536):
-                        raise ConnectionResetError
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    alive[key.data] = False
-                    closed += 1
-                    sel.unregister(key.fileobj)
+ENROLLED_HOST = "192.0.2.1"  # the endpoint each node enrolls with (and registers at another in the storm)
 
 
 # ---- the registrar, the broker, their numbers --------------------------------------------------------------
@@ -716,6 +351,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def sample_split(n: int, k: int) -> tuple[list[int], list[int]]:
+    """Members 0..n-1 as (full agents, light nodes): k agents spread evenly over the range, the rest light; every
+    member an agent when k is 0 or at least n. Pure."""
+    if k <= 0 or k >= n:
+        return list(range(n)), []
+    agents = [i * n // k for i in range(k)]
+    chosen = set(agents)
+    return agents, [i for i in range(n) if i not in chosen]
+
+
 @dataclass(frozen=True, slots=True)
 class ChurnMeasured:
     """Per round, how long after the join (or the goodbye) each agent showed it; None: an agent never did."""
@@ -726,10 +371,20 @@ class ChurnMeasured:
     joins: list[list[float] | None]
     leaves: list[list[float] | None]
     loadavg: float = 0.0
+    agents: int = 0  # full simulated agents, the timed ones (0: all N); the other members are light nodes
+    light_closed: int = 0  # light nodes' connections the broker closed by the end
+    light_sent: int = 0  # heartbeats the light nodes sent over the window
+    registrar_received: int = 0  # messages the registrar counted over the window (heartbeats of all, statuses)
+    enroll_calls: tuple[float, ...] = ()  # how long each join's enrollment call took (account created, committed)
+    window_s: float = 0.0  # from the first round's start to the last round's end
+    registrar_cpu_s: float = 0.0  # over the window
+    registrar_rss_kib: int = 0
+    broker_cpu_s: float = 0.0
+    broker_rss_kib: int = 0
 
 
 def summarize_churn(m: ChurnMeasured) -> dict:
-    """p50/p95/max over every agent of every round, in seconds. Pure."""
+    """p50/p95/max over every agent of every round, in seconds; CPU in % of one core over the rounds. Pure."""
 
     def stats(rounds: list[list[float] | None], what: str) -> dict:
         samples = [t for r in rounds if r is not None for t in r]
@@ -742,17 +397,34 @@ def summarize_churn(m: ChurnMeasured) -> dict:
             f"{what}_max_s": _rounded(max(samples, default=None), 3),
         }
 
+    def pct(cpu_s: float) -> float | None:
+        return round(100 * cpu_s / m.window_s, 1) if m.window_s > 0 else None
+
+    def mib(kib: int) -> float | None:
+        return round(kib / 1024, 1) if m.window_s > 0 else None
+
+    agents = m.agents or m.nodes
     return {
         "mode": "churn",
         "broker": m.broker,
         "nodes": m.nodes,
+        "agents": agents,
+        "light_nodes": m.nodes - agents,
+        "light_connections_closed": m.light_closed,
         "connect_subscribe_sync_s": round(m.connected_s, 2),
         **stats(m.joins, "join"),
+        "join_enroll_call_p50_s": _rounded(percentile(list(m.enroll_calls), 50), 3),
+        "join_enroll_call_max_s": _rounded(max(m.enroll_calls, default=None), 3),
         **stats(m.leaves, "leave"),
         "full_roster_s": None,
         "registrations_per_s": None,
-        "registrar_cpu_pct": None,
-        "registrar_rss_mb": None,
+        "window_s": round(m.window_s, 1),
+        "registrar_cpu_pct": pct(m.registrar_cpu_s),
+        "registrar_rss_mb": mib(m.registrar_rss_kib),
+        "broker_cpu_pct": pct(m.broker_cpu_s),
+        "broker_rss_mb": mib(m.broker_rss_kib),
+        "light_heartbeats_sent_per_s": round(m.light_sent / m.window_s) if m.window_s > 0 else None,
+        "registrar_messages_per_s": round(m.registrar_received / m.window_s) if m.window_s > 0 else None,
         "loadavg_1m": round(m.loadavg, 2),
     }
 
@@ -833,22 +505,33 @@ class Bench:
         wait_ready(self.registrar, self.admin)
         return self.admin
 
-    def spawn(self, target, args_of) -> float:
-        """Start --workers processes running `target(*args_of(indices), pipe)`; returns once all said "ready"
-        (seconds it took)."""
-        ctx = mp.get_context("fork")
+    def spawn(self, target, args_of, members: list[int] | None = None) -> tuple[float, list]:
+        """Start up to --workers processes running `target(*args_of(indices), pipe)` over `members` (default: all
+        N); returns once all said "ready": (seconds it took, their pipes)."""
         t_start = time.monotonic()
-        for w in range(self.args.workers):
+        pipes = self.start(target, args_of, list(range(self.args.nodes)) if members is None else members)
+        self.wait_ready(pipes)
+        return time.monotonic() - t_start, pipes
+
+    def start(self, target, args_of, members: list[int]) -> list:
+        """Start up to --workers processes running `target(*args_of(indices), pipe)` over `members`; their pipes."""
+        ctx = mp.get_context("fork")
+        workers = min(self.args.workers, len(members))
+        pipes = []
+        for w in range(workers):
             parent, child = ctx.Pipe()
-            indices = list(range(w, self.args.nodes, self.args.workers))
-            proc = ctx.Process(target=target, args=(*args_of(indices), child), daemon=True)
+            proc = ctx.Process(target=target, args=(*args_of(members[w::workers]), child), daemon=True)
             proc.start()
             self.procs.append(proc)
-            self.pipes.append(parent)
-        for pipe in self.pipes:
+            pipes.append(parent)
+        self.pipes.extend(pipes)
+        return pipes
+
+    @staticmethod
+    def wait_ready(pipes: list) -> None:
+        for pipe in pipes:
             if not pipe.poll(600) or pipe.recv() != "ready":
                 raise RuntimeError("a worker did not get its nodes connected, subscribed and in sync")
-        return time.monotonic() - t_start
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -925,7 +608,7 @@ def run_storm(kind: str, args: argparse.Namespace) -> dict:
         signing_key = enroll_all(admin, args.nodes)
         enroll_s = time.monotonic() - t_enroll
         port, n, interval = bench.broker.port, args.nodes, args.heartbeat_interval
-        connected_s = bench.spawn(worker, lambda indices: (indices, port, n, interval, signing_key))
+        connected_s, _ = bench.spawn(worker, lambda indices: (indices, port, n, interval, signing_key))
         observer = RecordObserver(port)
         time.sleep(1.0)  # the retained records the subscription brought are in: count only the storm's
         before, publishes = metric(admin, "registrations_total"), metric(admin, "membership_publishes_total")
@@ -987,17 +670,25 @@ def run_churn(kind: str, args: argparse.Namespace) -> dict:
         admin = bench.start_registrar()
         signing_key = signing_key_of(bench.state)
         port, n, interval = bench.broker.port, args.nodes, args.heartbeat_interval
-        connected_s = bench.spawn(worker, lambda indices: (indices, port, n, interval, signing_key))
+        agents, light = sample_split(n, args.sample)
+        if len(agents) <= args.rounds:
+            raise SystemExit(f"--sample must exceed --rounds ({args.rounds}): one agent leaves per round, others watch")
+        # Both kinds at once: every member connects and heartbeats well within the TTL of the registrar's start.
+        t_connect = time.monotonic()
+        light_pipes = bench.start(light_worker, lambda indices: (indices, port, interval), light)
+        pipes = bench.start(worker, lambda indices: (indices, port, n, interval, signing_key), agents)
+        bench.wait_ready(light_pipes + pipes)
+        connected_s = time.monotonic() - t_connect
         secret = new_token(admin)
         time.sleep(2.0)  # let the last catch-ups of the connection drain
 
         def watch(node: str, what: str, leaver: int | None, act) -> list[float] | None:
-            for pipe in bench.pipes:
+            for pipe in pipes:
                 pipe.send(("watch", node, what, leaver))
             t0 = act()
             answers = []
             deadline = time.monotonic() + args.timeout
-            for pipe in bench.pipes:
+            for pipe in pipes:
                 answers.append(pipe.recv() if pipe.poll(max(0.0, deadline - time.monotonic())) else None)
             if any(a is None for a in answers):
                 return None
@@ -1005,26 +696,50 @@ def run_churn(kind: str, args: argparse.Namespace) -> dict:
                 t0 = next(a[2] for a in answers if a[2] is not None)
             return [t - t0 for a in answers for t in a[1]]
 
-        joins, leaves = [], []
+        def light_counts() -> tuple[int, int]:
+            """(heartbeats the light nodes sent, their connections the broker closed), so far."""
+            counts = []
+            for pipe in light_pipes:
+                pipe.send("count")
+                counts.append(pipe.recv())
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+        joins, leaves, enroll_calls = [], [], []
+        (sent0, _), received0 = light_counts(), metric(admin, "messages_total")
+        t_start, (reg_cpu0, _), (broker_cpu0, _) = time.monotonic(), *usage(bench)
         for r in range(args.rounds):
             joiner = n + r
 
             def join(joiner: int = joiner) -> float:
                 t0 = time.monotonic()
                 enroll(admin, joiner, secret)
+                enroll_calls.append(time.monotonic() - t0)
                 return t0
 
             # Apart by more than the registrar's publish window (0.2 s): each event comes to a quiet registrar and
             # goes out at once (the leading edge), as a single join or leave in a steady mesh does.
             joins.append(watch(node_id(joiner), "join", None, join))
             time.sleep(1.0)
-            leaves.append(watch(node_id(r), "leave", r, lambda: None))
+            leaves.append(watch(node_id(agents[r]), "leave", agents[r], lambda: None))
             time.sleep(1.0)
+        window_s, ((reg_cpu1, reg_rss), (broker_cpu1, broker_rss)) = time.monotonic() - t_start, usage(bench)
+        # Every light node still connected (the fan-out was that of N throughout), and how much the registrar heard.
+        (sent1, closed), received1 = light_counts(), metric(admin, "messages_total")
         return summarize_churn(
-            ChurnMeasured(kind, args.nodes, connected_s, joins, leaves, loadavg=os.getloadavg()[0])
+            ChurnMeasured(
+                kind, args.nodes, connected_s, joins, leaves, loadavg=os.getloadavg()[0], agents=len(agents),
+                light_closed=closed, light_sent=sent1 - sent0, registrar_received=received1 - received0,
+                enroll_calls=tuple(enroll_calls), window_s=window_s, registrar_cpu_s=reg_cpu1 - reg_cpu0,
+                registrar_rss_kib=reg_rss, broker_cpu_s=broker_cpu1 - broker_cpu0, broker_rss_kib=broker_rss,
+            )  # fmt: skip
         )
     finally:
         bench.close()
+
+
+def usage(bench: Bench) -> tuple[tuple[float, int], tuple[float, int]]:
+    """(CPU seconds, RSS KiB) of the registrar and of the broker."""
+    return proc_cpu_rss(bench.registrar.pid), proc_cpu_rss(bench.broker.pid)
 
 
 def run_heartbeats(kind: str, args: argparse.Namespace) -> dict:
@@ -1032,7 +747,7 @@ def run_heartbeats(kind: str, args: argparse.Namespace) -> dict:
     try:
         admin = bench.start_registrar()
         port, interval = bench.broker.port, args.heartbeat_interval
-        connected_s = bench.spawn(light_worker, lambda indices: (indices, port, interval))
+        connected_s, _ = bench.spawn(light_worker, lambda indices: (indices, port, interval))
         time.sleep(interval + 2.0)  # every node has heartbeated, the registrar's start is behind us
 
         def sample() -> tuple:
@@ -1084,6 +799,10 @@ def main() -> int:
     p.add_argument("--heartbeat-ttl", type=float, default=60.0)
     p.add_argument("--heartbeat-window", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=5, help="churn: joins and leaves")
+    p.add_argument(
+        "--sample", type=int, default=0,
+        help="churn: K full simulated agents, timed; the other N-K members are light nodes (0: all N are agents)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (broker log, registrar state)")
     p.add_argument("--json", type=Path, help="write the figures (one object per broker run, in a list if both)")

@@ -216,8 +216,11 @@ class ChatWindow(QMainWindow):
 
         self._jobs.submit(job, done=to_gui(done) if done else None, failed=to_gui(failed or self._show_history_error))
 
+    # The three slots below run on the GUI thread for signals other threads emitted: one emitted just before
+    # close() is still delivered after it, when the window's widgets may be gone. Nothing is shown any more.
     def _on_outcome(self, handler: Callable[[Any], None], value: Any) -> None:
-        handler(value)
+        if not self._closed:
+            handler(value)
 
     def _show_history_error(self, exc: ChatError) -> None:
         log.warning("chat history: %s", exc)
@@ -226,6 +229,8 @@ class ChatWindow(QMainWindow):
     # -- peers ----------------------------------------------------------------------------------------
 
     def _on_snapshot(self, snapshot: PeerSnapshot | None, error: str | None, listen: str) -> None:
+        if self._closed:
+            return
         self._snapshot = snapshot
         self._agent_error = error
         self._listen_text = listen
@@ -394,6 +399,8 @@ class ChatWindow(QMainWindow):
         self._style(item, record)
 
     def _on_record(self, record: Record) -> None:
+        if self._closed:
+            return
         shown = record.peer_ip == self._current_ip
         if shown and self._loading:
             self._held.append(record)

@@ -34,6 +34,7 @@ from nodeagent import policy
 from nodeagent.credentials import BrokerLogin
 from nodeagent.enrollment import Waiter, enroll
 from nodeagent.errors import AgentError, SettingsError
+from nodeagent.greeting import Greeter
 from nodeagent.heartbeats import Heartbeats
 from nodeagent.identity import Identity, load_identity
 from nodeagent.membership import MemberTable
@@ -115,6 +116,7 @@ class Agent:
         self._stopping = threading.Event()
         self._session: ControlSession | None = None
         self._reconciler: Reconciler | None = None
+        self._greeter: Greeter | None = None
         self._reconcile_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._heartbeats: Heartbeats | None = None
@@ -178,6 +180,7 @@ class Agent:
             endpoints=advertiser,
         )
         self._resolver = NameResolver(lookup=self._lookup, on_change=self._wake_reconcile)
+        self._greeter = Greeter(settings.interface)
         self._reconciler = Reconciler(
             settings,
             identity=me,
@@ -188,6 +191,7 @@ class Agent:
             registration=lambda: self._session.registration if self._session else None,
             resolver=self._resolver,
             own_reflexive=lambda: advertiser.reflected,
+            greet=self._greeter.greet,
             clock=self._clock,
         )
         # The interface itself must be usable (a permanent backend error ends start-up with a clear message),
@@ -290,6 +294,8 @@ class Agent:
             self._heartbeats.close()
         if self._resolver is not None:
             self._resolver.close()
+        if self._greeter is not None:
+            self._greeter.close()
         if self._api is not None:
             self._api.stop()
             self._api = None

@@ -52,6 +52,7 @@ class Reconciler:
         registration: Callable[[], Registration | None],
         resolver: NameResolver | None = None,
         own_reflexive: Callable[[], str | None] = lambda: None,
+        greet: Callable[[list[str]], object] = lambda ips: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
@@ -63,6 +64,7 @@ class Reconciler:
         self._registration = registration
         self._resolver = resolver
         self._own_reflexive = own_reflexive
+        self._greet = greet  # mesh IPs of the peers a pass added (nodeagent.greeting)
         self._clock = clock
         self._wake = threading.Event()
         self._pass_lock = threading.Lock()
@@ -190,6 +192,10 @@ class Reconciler:
                 if member is not None:
                     skipped[member.node_id] = f"WireGuard refused it: {why}"
             self._report(skipped, desired.notes, membership.members)
+            added = [e.member.mesh_ip for e in plan.events
+                     if e.kind == "added" and e.member is not None and e.public_key not in refused]
+            if added:
+                self._greet(added)
             for event in plan.events:
                 if event.public_key in refused:
                     continue

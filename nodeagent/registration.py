@@ -133,9 +133,12 @@ class RegistrationExchange:
         self._reregistering = threading.Lock()  # one re-registration on the current connection at a time
 
     # -- registering on a connection (the session's thread) ------------------------------------------------
-    def register(self, conn: Connection) -> Registration | None:
+    def register(
+        self, conn: Connection, *, endpoints_ready: Callable[[], list[Endpoint]] | None = None
+    ) -> Registration | None:
         """Send RegisterRequests on `conn` until one is answered: the registration it granted, or None if the
-        connection was lost. RegistrationRefused if the registrar refused us for good.
+        connection was lost. RegistrationRefused if the registrar refused us for good. The candidates advertised
+        are `endpoints_ready()` (EndpointSource.prepare, started as `conn` connected), else refreshed now.
 
         Retries back off (with jitter) up to REGISTER_RETRY_CAP_S, but a registrar coming online cuts the wait
         short: it restarted, and answering it quickly keeps us inside its grace period. A late answer to the
@@ -143,7 +146,7 @@ class RegistrationExchange:
         """
         timeout = self._settings.register_timeout_s
         attempt = 0
-        endpoints = self._endpoints.before_registration()
+        endpoints = endpoints_ready() if endpoints_ready is not None else self._endpoints.before_registration()
         while not conn.lost.is_set():
             kicks = self._replies.kicks
             request_id = self._send_register(conn, endpoints=endpoints)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from meshcontract import messages, topics
-from meshcontract.messages import Heartbeat, NodeStatus, PathReport
+from meshcontract.messages import Endpoint, Heartbeat, NodeStatus, PathReport
 from meshcontract.signing import Verifier
 from meshcontract.topics import Kind
 from meshcontract.transport import make_client, release
@@ -105,11 +105,12 @@ class ControlSession:
         self._clock = clock
         self._client_factory = client_factory
         self._replies = ReplyBox()
+        self._endpoints = endpoints or FixedEndpoints([identity.endpoint] if identity.endpoint else [])
         self._exchange = RegistrationExchange(
             settings,
             identity=lambda: self._me,
             store=store,
-            endpoints=endpoints or FixedEndpoints([identity.endpoint] if identity.endpoint else []),
+            endpoints=self._endpoints,
             registrar=registrar,
             replies=self._replies,
             fields=self._fields,
@@ -196,7 +197,9 @@ class ControlSession:
         attempt = 0
         while not self._stopping.is_set():
             try:
-                registered = self._one_connection()
+                # The endpoints are made ready while connecting only at start and after a connection that
+                # registered: during a broker outage each attempt would otherwise ask the registrar as well.
+                registered = self._one_connection(prepare_endpoints=attempt == 0)
             except Exception:  # the daemon loop: log, keep the tunnels, try again after a backoff
                 log.exception("session failed; retrying", extra=self._fields())
                 registered = None
@@ -258,8 +261,9 @@ class ControlSession:
         client.on_message = lambda c, u, msg: self._on_message(conn, msg)
         return conn
 
-    def _one_connection(self) -> bool | None:
-        """Connect, register and serve until the connection is lost or we stop.
+    def _one_connection(self, *, prepare_endpoints: bool = False) -> bool | None:
+        """Connect, register and serve until the connection is lost or we stop; with `prepare_endpoints`, the
+        endpoint candidates for the registration are refreshed while connecting (EndpointSource.prepare).
 
         True if this connection registered, False if it did not, None if the broker was unreachable.
         """
@@ -272,6 +276,7 @@ class ControlSession:
         # connection under the lock means one of the two always notices the other.
         if self._stopping.is_set():
             return None
+        endpoints_ready = self._endpoints.prepare() if prepare_endpoints else None
         try:
             registration = self.registration
             ttl = registration.settings.heartbeat_ttl_s if registration else None
@@ -280,7 +285,7 @@ class ControlSession:
             log.warning("broker %s unreachable: %s", broker.url, exc, extra=self._fields())
             return None
         conn.client.loop_start()
-        registered = self._serve(conn)
+        registered = self._serve(conn, endpoints_ready)
         if self._stopping.is_set():
             # Say goodbye even if this connection never got registered: an offline status with a newer epoch
             # ends our membership at once instead of after the TTL. Not when refused.
@@ -289,14 +294,14 @@ class ControlSession:
             release(conn.client)
         return registered
 
-    def _serve(self, conn: Connection) -> bool:
+    def _serve(self, conn: Connection, endpoints_ready: Callable[[], list[Endpoint]] | None = None) -> bool:
         """Register on `conn` and stay until it is lost or we stop. True if registration succeeded."""
         # Subscribed before registering: the reply (and membership) must have somewhere to land.
         while not conn.subscribed.wait(0.1):
             if conn.lost.is_set():
                 return False
         try:
-            registration = self._exchange.register(conn)
+            registration = self._exchange.register(conn, endpoints_ready=endpoints_ready)
         except RegistrationRefused as exc:
             log.error("%s", exc, extra=self._fields())
             self._refused = True

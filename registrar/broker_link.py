@@ -171,13 +171,12 @@ class BrokerLink:
         return messages.encode(message.model_copy(update={"sig": sig}))
 
     def announce(self, membership: Membership, *, from_revision: int, changed: Iterable[str]) -> None:
-        """On every (re)connection: say online, publish what changed while away and the snapshot, every record
-        for observers, then subscribe.
+        """On every (re)connection: publish what changed while away and the snapshot, every record for
+        observers, then subscribe. We say we are online once the broker confirms the subscriptions (`online`).
 
         The broker may have lost its retained messages (a restart without persistence): they are ours to restore.
         """
         assert self._client is not None
-        self._retain(topics.build(self.mesh, Kind.REGISTRAR), self._status("online"))
         self.changes(membership, from_revision=from_revision, changed=changed)
         self.records(membership.members, sorted(membership.members))
         self._client.subscribe(
@@ -188,6 +187,12 @@ class BrokerLink:
                 (topics.subscription(self.mesh, Kind.MEMBERS), QOS_RELIABLE),
             ]
         )
+
+    def online(self) -> None:
+        """Say we are online (retained), once subscribed: agents send their requests as soon as they read it,
+        and a request published before our subscription exists reaches nobody (found by the chaos bench: an
+        agent waited 5 s for the reply, then its backoff, after every registrar restart it raced)."""
+        self._retain(topics.build(self.mesh, Kind.REGISTRAR), self._status("online"))
 
     def goodbye(self, *, connected: bool) -> None:
         """A graceful stop: publish our offline status (retained) and wait for the broker to take it, disconnect."""

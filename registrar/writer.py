@@ -181,6 +181,8 @@ class Writer:
         elif isinstance(item, commands.Connected):
             self._handle_connected()
         elif isinstance(item, commands.Subscribed):
+            if self.connected:
+                self._link.online()
             if not self._ready.is_set():
                 self._ready.set()
                 log.info("registrar subscribed and serving", extra={"revision": self.state.membership.revision})

@@ -15,9 +15,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
+from wgctl import libcrypto
 from wgctl.errors import InvalidKeyError, KeyFileError
 
 log = logging.getLogger(__name__)
@@ -68,8 +66,7 @@ def generate_private_key() -> str:
 @functools.lru_cache(maxsize=8)
 def public_key(private_key: str) -> str:
     """The base64 public key of a base64 private key."""
-    priv = X25519PrivateKey.from_private_bytes(decode_key(private_key))
-    return encode_key(priv.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return encode_key(libcrypto.x25519_public_key(decode_key(private_key)))
 
 
 def write_private_key(path: str | os.PathLike[str], private_key: str | None = None) -> str:

@@ -343,3 +343,24 @@ def test_history_is_read_and_written_off_the_gui_thread(node, qtbot):
     assert {name for method, _, name in history.calls if method in ("conversation", "unread_counts")} == {
         "chat-history"}
 
+
+
+def test_outcomes_queued_before_close_are_dropped_after_it(node, qtbot):
+    from PySide6.QtCore import QCoreApplication
+
+    window = node.open()
+    ran = []
+    # Emitted from another thread, a signal is queued for the GUI thread: these three are on their way when the
+    # window closes, and must find it closed rather than touch its widgets.
+    late = threading.Thread(target=lambda: (
+        window._bridge.outcome.emit(ran.append, "outcome"),
+        window._bridge.record.emit(Record(BOB, uuid.uuid4().hex, "in", "bob", "late", time.time(), "received")),
+        window._bridge.snapshot.emit(None, "agent gone", "not listening"),
+    ))
+    late.start()
+    late.join()
+    shown = window.conversation.count()
+    window.close()
+    QCoreApplication.processEvents()
+    assert ran == []
+    assert window.conversation.count() == shown

@@ -37,6 +37,9 @@ def test_documented_command_converges_on_the_current_contract(tmp_path: Path) ->
     ("mode", "extra", "check"),
     [
         ("churn", ["--rounds", "2"], lambda r: r["join_samples"] == 2 * 6 and r["leave_samples"] == 2 * 5),
+        # A sample of 3 full agents timed among 3 light nodes; a leaver does not time its own leave.
+        ("churn", ["--rounds", "2", "--sample", "3"], lambda r: r["agents"] == 3 and r["light_nodes"] == 3
+         and r["join_samples"] == 2 * 3 and r["leave_samples"] == 2 * 2 and r["light_connections_closed"] == 0),
         ("heartbeats", ["--heartbeat-window", "2"], lambda r: r["heartbeats_sent_per_s"] > 0
          and r["received_of_sent"] > 0.5 and r["connections_closed"] == 0),
     ],

@@ -567,6 +567,50 @@ def test_registrar_restart_keeps_members_and_ips(mesh):
     assert again.register().mesh_ip == ips["n1"]
 
 
+def test_a_registration_sent_the_moment_the_registrar_says_online_is_answered(mesh, monkeypatch):
+    """Agents register as soon as they read the registrar's live online status; a request published before the
+    registrar subscribed reaches nobody (found by the chaos bench: an agent then waited out its timeout and a
+    long backoff). Here the registrar's subscribe is slowed down, and the node sends once, with no retry."""
+    broker, start_registrar, closers = mesh
+    svc = start_registrar()
+    n1 = nodes(broker, closers, "n1")[0]
+    n1.join(svc)
+    svc.stop()
+
+    import registrar.broker_link as broker_link
+
+    def slow_subscriber(*args, **kwargs):
+        client = make_client(*args, **kwargs)
+        subscribe = client.subscribe
+
+        def slowly(*a, **kw):
+            time.sleep(0.5)  # a loaded registrar between its publishes and its SUBSCRIBE: not a wait for a result
+            return subscribe(*a, **kw)
+
+        client.subscribe = slowly
+        return client
+
+    monkeypatch.setattr(broker_link, "make_client", slow_subscriber)
+    n1.epoch, sent = 2, threading.Event()
+    status_topic = topics.build(MESH, Kind.REGISTRAR)
+
+    def on_message(client, userdata, msg) -> None:
+        if msg.topic != status_topic:
+            n1.replies.put(messages.decode(RegisterReply, msg.payload))
+        elif not msg.retain and messages.decode(RegistrarStatus, msg.payload).state == "online" and not sent.is_set():
+            sent.set()  # like an agent: one request at once (the reply must come without a retry)
+            client.publish(n1.topic(Kind.REGISTER), json.dumps({
+                "v": 1, "request_id": "rq-at-online", "node_id": "n1", "name": "Node n1", "public_key": n1.key,
+                "endpoints": [{"host": "192.0.2.7", "port": 51820}], "listen_port": 51820, "epoch": 2}), qos=1)
+
+    n1.client.on_message = on_message
+    n1.client.subscribe(status_topic, qos=1)
+    start_registrar()
+    assert sent.wait(10), "the registrar never said it is online"
+    reply = n1.replies.get(timeout=5)
+    assert reply.request_id == "rq-at-online" and reply.ok, reply
+
+
 def test_registrar_kill_9_and_restart(mesh, tmp_path):
     broker, _, closers = mesh
     state_dir = tmp_path / "state"

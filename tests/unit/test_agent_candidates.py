@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from meshcontract.messages import Endpoint, EndpointKind
@@ -184,3 +186,33 @@ def test_advertiser_keeps_the_last_addresses_when_they_cannot_be_read() -> None:
     )  # fmt: skip
     assert not advertiser.refresh()
     assert advertiser.current() == [ep("vpn.example.org", P)]
+
+
+def test_prepared_endpoints_are_those_before_registration_asked_on_another_thread() -> None:
+    """EndpointSource.prepare: the session asks the registrar while it connects to the broker, and registers
+    with what that gave; an error reaches the caller as if before_registration() had raised it."""
+    threads: list[str] = []
+
+    class Recording(CountingReflector):
+        def reflect(self) -> str | None:
+            threads.append(threading.current_thread().name)
+            return super().reflect()
+
+    reflector = Recording("203.0.113.9")
+    advertiser = Advertiser(
+        public=None, listen_port=51820, interface="meshvpn0",
+        addresses=InMemoryAddresses([InterfaceAddress("eth0", "192.168.1.5")]), reflector=reflector,
+    )  # fmt: skip
+    ready = advertiser.prepare()
+    assert ready() == [ep("203.0.113.9", R), ep("192.168.1.5", L)]
+    assert reflector.asked == 1 and threads != [threading.current_thread().name]
+    assert ready() == [ep("203.0.113.9", R), ep("192.168.1.5", L)] and reflector.asked == 1, "asked once"
+
+    class Failing(StaticReflector):
+        def reflect(self) -> str | None:
+            raise RuntimeError("a bug in the reflector")
+
+    broken = Advertiser(public=None, listen_port=51820, interface="meshvpn0", addresses=InMemoryAddresses([]),
+                        reflector=Failing())  # fmt: skip
+    with pytest.raises(RuntimeError, match="a bug in the reflector"):
+        broken.prepare()()

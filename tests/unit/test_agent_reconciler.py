@@ -53,14 +53,14 @@ def table(*records: MemberRecord) -> MemberTable:
 
 @pytest.fixture
 def make(tmp_path: Path):
-    def make(membership: MemberTable, clock: list[float]) -> tuple[Reconciler, RefusingWireGuard]:
+    def make(membership: MemberTable, clock: list[float], greet=lambda ips: None) -> tuple[Reconciler, RefusingWireGuard]:
         private = keys.generate_private_key()
         me = Identity(node_id="self", name="self", private_key=private, public_key=keys.public_key(private))
         wireguard = RefusingWireGuard()
         reconciler = Reconciler(
             AgentSettings(state_dir=tmp_path, persistent_keepalive_s=25), identity=me, wireguard=wireguard,
             routes=InMemoryRoutes(wireguard), mesh=MeshState(membership), store=StateStore(tmp_path),
-            registration=lambda: None, clock=lambda: clock[0],
+            registration=lambda: None, greet=greet, clock=lambda: clock[0],
         )  # fmt: skip
         return reconciler, wireguard
 
@@ -96,6 +96,31 @@ def test_a_refused_peer_is_skipped_reported_once_and_the_rest_configured(make, c
     reconciler.reconcile_once("test")
     assert bad.public_key in wireguard.read(IFNAME).peers and reconciler.problems() == {}
     assert any(r.message == "peer no longer skipped" for r in caplog.records)
+
+
+def test_peers_a_pass_adds_are_greeted_and_no_others(make) -> None:
+    records = [record(n) for n in range(2, 6)]
+    bad = records[1]
+    greeted: list[list[str]] = []
+    reconciler, wireguard = make(table(*records), [1000.0], greet=greeted.append)
+    wireguard.ensure_interface(IFNAME, private_key=keys.generate_private_key(), listen_port=51820)
+    wireguard.refuse.add(bad.public_key)
+
+    reconciler.reconcile_once("test")
+    assert [sorted(ips) for ips in greeted] == [sorted(r.mesh_ip for r in records if r is not bad)], (
+        "added peers, not the refused one")
+    reconciler.reconcile_once("test")
+    assert len(greeted) == 1, "a pass that adds nothing greets nobody"
+
+    wireguard.refuse.clear()
+    reconciler.reconcile_once("test")
+    assert greeted[1:] == [[bad.mesh_ip]]
+
+    # A peer gone from WireGuard (here by hand; in the mesh, removed while unreachable) and added back is a new
+    # session on our side only: greeted again.
+    wireguard.apply(IFNAME, PeerChanges(remove=(records[0].public_key,)))
+    reconciler.reconcile_once("test")
+    assert greeted[2:] == [[records[0].mesh_ip]]
 
 
 def test_every_peer_refused_is_a_failed_pass_not_a_skip(make) -> None:

@@ -44,3 +44,29 @@ def test_parse_cpu_ticks_with_parens_in_the_name():
     stat = "42 (a (b) c) S " + " ".join(str(i) for i in range(4, 30))
     # utime is field 14, stime field 15 of /proc/<pid>/stat
     assert bench.parse_cpu_ticks(stat) == 14 + 15
+
+
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        pytest.param(
+            {"first log line": 0.4, "enrolled in mesh": 0.45, "agent starting": 0.46, "started wireguard-go": 0.48,
+             "connected to the broker": 0.52, "registering": 0.55, "registered as": 0.57, "cpu": 0.3},
+            {"first log line": 0.4, "enrolled in mesh": 0.05, "agent starting": 0.01, "started wireguard-go": 0.02,
+             "connected to the broker": 0.04, "registering": 0.03, "registered as": 0.02, "after imports": 0.17},
+            id="join-every-step",
+        ),
+        pytest.param(
+            {"first log line": 0.3, "agent starting": 0.31, "connected to the broker": 0.35, "registering": 0.36,
+             "registered as": 0.38},
+            {"first log line": 0.3, "agent starting": 0.01, "connected to the broker": 0.04, "registering": 0.01,
+             "registered as": 0.02, "after imports": 0.08},
+            id="restart-skips-enrollment-and-wireguard-go",
+        ),
+        pytest.param({"first log line": 0.3}, {"first log line": 0.3}, id="not-registered"),
+    ],
+)
+def test_step_times(run, expected):
+    got = bench.step_times(run)
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(v) for k, v in expected.items())

@@ -146,6 +146,46 @@ def test_churn_figures_pool_every_agent_of_every_round_and_count_rounds_that_nev
     assert REQUIRED <= set(figures) and figures["full_roster_s"] is None
 
 
+def test_churn_figures_on_a_sample_say_how_many_agents_were_timed_and_what_the_registrar_used():
+    m = bench.ChurnMeasured(
+        broker="mosquitto", nodes=10_000, connected_s=30.0, joins=[[0.1, 0.2]], leaves=[[0.3]], agents=200,
+        light_closed=0, light_sent=49_000, registrar_received=50_000, enroll_calls=(0.5, 0.25, 1.0), window_s=25.0,
+        registrar_cpu_s=10.0, registrar_rss_kib=150 * 1024, broker_cpu_s=5.0,
+        broker_rss_kib=100 * 1024,
+    )  # fmt: skip
+    figures = bench.summarize_churn(m)
+    assert figures["agents"] == 200 and figures["light_nodes"] == 9_800 and figures["light_connections_closed"] == 0
+    assert figures["registrar_cpu_pct"] == 40.0 and figures["registrar_rss_mb"] == 150.0
+    assert figures["broker_cpu_pct"] == 20.0 and figures["broker_rss_mb"] == 100.0
+    assert figures["join_enroll_call_p50_s"] == 0.5 and figures["join_enroll_call_max_s"] == 1.0
+    assert figures["light_heartbeats_sent_per_s"] == 1960 and figures["registrar_messages_per_s"] == 2000
+
+
+def test_churn_figures_without_a_window_leave_cpu_unmeasured_and_count_every_member_an_agent():
+    figures = bench.summarize_churn(bench.ChurnMeasured("amqtt", 4, 1.0, [[0.1]], [[0.2]]))
+    assert figures["agents"] == 4 and figures["light_nodes"] == 0
+    assert figures["registrar_cpu_pct"] is None and figures["registrar_rss_mb"] is None
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "agents", "light"),
+    [
+        (5, 0, [0, 1, 2, 3, 4], []),  # no sample: every member a full agent
+        (5, 5, [0, 1, 2, 3, 4], []),
+        (5, 9, [0, 1, 2, 3, 4], []),  # more than N: still N
+        (10, 2, [0, 5], [1, 2, 3, 4, 6, 7, 8, 9]),  # spread evenly over the range
+        (7, 3, [0, 2, 4], [1, 3, 5, 6]),
+        (10_000, 200, list(range(0, 10_000, 50)), None),
+    ],
+)
+def test_a_sample_splits_the_members_into_agents_and_light_nodes(n, k, agents, light):
+    got_agents, got_light = bench.sample_split(n, k)
+    assert got_agents == agents
+    if light is not None:
+        assert got_light == light
+    assert sorted(got_agents + got_light) == list(range(n))  # every member once
+
+
 def test_heartbeat_figures_say_whether_the_registrar_kept_up():
     m = bench.HeartbeatMeasured(
         broker="mosquitto", nodes=10_000, interval_s=5.0, connected_s=20.0, window_s=60.0, sent=120_000,
