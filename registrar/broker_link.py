@@ -8,7 +8,6 @@ meshcontract.topics and every payload is a meshcontract message.
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -21,6 +20,7 @@ from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings, connect_async, make_client, release
 from registrar import commands, stream
+from registrar.inbox import Inbox
 from registrar.membership import Member, Membership
 from registrar.metrics import Counters
 
@@ -50,10 +50,11 @@ class BrokerLink:
         instance: str,
         started_at: float,
         clock: Callable[[], float],
-        inbox: queue.SimpleQueue,
+        inbox: Inbox,
         signer: Signer,
         node_rate: RatePolicy = NODE_RATE,
         counters: Counters | None = None,
+        may_linger: Callable[[str], bool] | None = None,
     ) -> None:
         self.mesh = mesh
         self._signer = signer
@@ -66,6 +67,9 @@ class BrokerLink:
         self._flood = RateLimiter(node_rate)  # only paho's network thread uses it
         self._dropped = 0
         self._counters = counters
+        # Whether a heartbeat of this node may wait in the inbox (registrar.inbox): a hint, never a decision.
+        self._may_linger = may_linger
+        self._heartbeats = topics.subscription(mesh, Kind.HEARTBEAT).removesuffix("+")
 
     def start(self) -> None:
         """Create the client (with our offline status as its will) and start connecting."""
@@ -111,7 +115,14 @@ class BrokerLink:
                 log.warning("dropping messages of a node over its rate (%d so far)", self._dropped,
                             extra={"node_id": node})  # fmt: skip
             return
-        self._inbox.put(commands.Message(msg.topic, msg.payload))
+        message = commands.Message(msg.topic, msg.payload)
+        # A heartbeat of an active member only moves its last_seen: it may wait to be read with others. Any other
+        # (a revival, an unknown sender) is decided at once, as is every other kind; the order stays one.
+        if node is not None and self._may_linger is not None and msg.topic.startswith(self._heartbeats) \
+                and self._may_linger(node):  # fmt: skip
+            self._inbox.put_lingering(message)
+        else:
+            self._inbox.put(message)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         self._inbox.put(commands.Subscribed())

@@ -8,7 +8,6 @@ queue (registrar.commands) or read its latest committed snapshot.
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -19,7 +18,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from meshcontract import access
-from meshcontract.messages import EnrollRequest
+from meshcontract.messages import EnrollRequest, MemberState
 from meshcontract.signing import Signer
 from meshcontract.transport import BrokerSettings
 from registrar import accounts as broker_accounts
@@ -28,6 +27,7 @@ from registrar.accounts import BrokerAccounts
 from registrar.broker_link import BrokerLink
 from registrar.commit import Committer
 from registrar.errors import CredentialsError
+from registrar.inbox import LINGER_S, Inbox
 from registrar.store import Store
 from registrar.writer import Writer
 
@@ -40,8 +40,9 @@ class RegistrarService:
     """The running registrar of one mesh. `start()`, then `stop()` (publishes RegistrarStatus offline).
 
     `publish_window_s`, `publish_max_delay_s` and `will_hold_s` shape registrar.publishing's schedule,
-    `tick_interval_s` how often liveness is judged (default registrar.ticks.default_interval of the TTL), and
-    `offline_doubt_s` which wills a reconnection takes back.
+    `tick_interval_s` how often liveness is judged (default registrar.ticks.default_interval of the TTL),
+    `offline_doubt_s` which wills a reconnection takes back, and `heartbeat_linger_s` how long an active
+    member's heartbeat may wait for the writer (registrar.inbox).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class RegistrarService:
         offline_doubt_s: float = 2.0,
         will_hold_s: float = 0.1,
         tick_interval_s: float | None = None,
+        heartbeat_linger_s: float = LINGER_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -72,7 +74,7 @@ class RegistrarService:
         self._offline_doubt_s = offline_doubt_s
         self._tick_s = tick_interval_s or ticks.default_interval(config.policy.ttl_s)
         self._publish_policy = publishing.PublishPolicy(publish_window_s, publish_max_delay_s, will_hold_s)
-        self._queue: queue.SimpleQueue[commands.Command] = queue.SimpleQueue()
+        self._queue = Inbox(linger_s=heartbeat_linger_s)
         self._counters = metrics.Counters()
         self.signer = signer
         self._accounts = accounts
@@ -85,6 +87,7 @@ class RegistrarService:
             inbox=self._queue,
             signer=signer,
             counters=self._counters,
+            may_linger=self._heartbeat_may_linger,
         )
         self._committer = Committer(store=store, accounts=accounts, counters=self._counters, reply=self._link.reply)
         self._ready = threading.Event()
@@ -177,6 +180,13 @@ class RegistrarService:
         self._thread.join(timeout)
         self._link.close()
         self._thread = None
+
+    def _heartbeat_may_linger(self, node_id: str) -> bool:
+        # paho's thread, on the latest committed snapshot (queued commands may change it: this only picks how
+        # soon the writer reads the heartbeat, never what it decides). A revival should be published promptly.
+        writer = self._writer
+        member = writer.state.membership.members.get(node_id) if writer is not None else None
+        return member is not None and member.state is MemberState.ACTIVE
 
     def _request_tick(self) -> None:
         # APScheduler's thread: ask, never decide.

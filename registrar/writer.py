@@ -1,9 +1,11 @@
 """The single writer: the one thread that reads the command queue, decides, commits, and publishes.
 
-Every input reaches the registrar as a command in one queue (registrar.commands), so MQTT messages, HTTP calls,
-ticks and connection events are serialised with each other. Per round the writer drains a batch of messages
-and decides them one by one with the pure engine, commits the batch (registrar.commit) and only then makes it
-visible, handles the one other command that ended the batch, and then does what the clock asks: a liveness
+Every input reaches the registrar as a command in one queue (registrar.commands, registrar.inbox), so MQTT
+messages, HTTP calls, ticks and connection events are serialised with each other. The writer takes everything
+queued when the inbox wakes it (an active member's heartbeat does not wake it at once: it lingers until
+something else does or for registrar.inbox.LINGER_S) and works through it in order. Per round it drains a batch
+of messages and decides them one by one with the pure engine, commits the batch (registrar.commit) and only then
+makes it visible, handles the one other command that ended the batch, and then does what the clock asks: a liveness
 tick (registrar.ticks) and the publication of the membership stream: a signed delta from the last published
 revision, and the signed retained snapshot (registrar.publishing decides when, registrar.stream what).
 
@@ -16,9 +18,9 @@ that members went silent), then republishes everything (registrar.broker_link.Br
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -30,6 +32,7 @@ from registrar.broker_link import BrokerLink
 from registrar.commit import Committed, Committer
 from registrar.deadlines import DeadlineQueue
 from registrar.errors import StoreError
+from registrar.inbox import Inbox
 from registrar.membership import Member
 from registrar.metrics import Counters
 from registrar.store import Store
@@ -50,7 +53,7 @@ class Writer:
         *,
         state: engine.CoreState,
         config: engine.Config,
-        inbox: queue.SimpleQueue,
+        inbox: Inbox,
         store: Store,
         link: BrokerLink,
         committer: Committer,
@@ -66,6 +69,7 @@ class Writer:
         self.checked_at: float | None = None  # `now` of the last liveness check
         self._config = config
         self._inbox = inbox
+        self._taken: deque[object] = deque()  # read from the inbox, not handled yet: ahead of whatever it holds
         self._store = store
         self._link = link
         self._committer = committer
@@ -92,29 +96,18 @@ class Writer:
     def run(self) -> None:
         """Serve commands until Stop, then flush and say goodbye to the broker."""
         while True:
-            # The publish deadline is this queue wait, not an APScheduler job: it moves with almost every change,
-            # and the prompt publish after a quiet spell must go out in the round of the change itself, not after
-            # a hop through another thread and back into this queue.
-            due_at = self._schedule.due_at
-            if self._heard_since is not None:
-                flush_at = self._heard_since + HEARD_FLUSH_S
-                due_at = flush_at if due_at is None else min(due_at, flush_at)
-            try:
-                item = self._inbox.get(timeout=None if due_at is None else max(0.0, due_at - time.monotonic()))
-            except queue.Empty:
-                item = None
+            if not self._taken:
+                self._taken.extend(self._inbox.take(deadline=self._wake_at()))
+            item = self._next()
             batch: list[commands.Message] = []
             # Group commit: a burst of messages is decided one by one but committed in one transaction (one
             # fsync), and only then made visible. Draining stops at the first non-message, kept in order.
             while isinstance(item, commands.Message):
                 batch.append(item)
                 if len(batch) >= MAX_BATCH:
-                    item = None  # the rest waits in the queue for the next round
+                    item = None  # the rest waits for the next round
                     break
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    item = None
+                item = self._next()
             if batch:
                 self._guarded(self._handle_messages, batch)
             if isinstance(item, commands.Stop):
@@ -123,6 +116,23 @@ class Writer:
             if item is not None:
                 self._guarded(self._dispatch, item)
             self._guarded(self._housekeeping, None)
+
+    def _wake_at(self) -> float | None:
+        """Until when the inbox may keep the writer waiting (monotonic; None: until something comes)."""
+        if self._tick_waiting_since is not None:
+            # A waiting tick reads everything queued first, lingering heartbeats included (registrar.ticks).
+            return time.monotonic()
+        # The publish deadline is this wait, not an APScheduler job: it moves with almost every change, and the
+        # prompt publish after a quiet spell must go out in the round of the change itself, not after a hop
+        # through another thread and back into the inbox.
+        due_at = self._schedule.due_at
+        if self._heard_since is not None:
+            flush_at = self._heard_since + HEARD_FLUSH_S
+            due_at = flush_at if due_at is None else min(due_at, flush_at)
+        return due_at
+
+    def _next(self) -> object | None:
+        return self._taken.popleft() if self._taken else None
 
     def _guarded(self, fn: Callable[[object], None], arg: object) -> None:
         try:
@@ -136,7 +146,7 @@ class Writer:
 
     def _housekeeping(self, _: object) -> None:
         waiting = self._tick_waiting_since
-        queue_empty = self._inbox.empty()
+        queue_empty = not self._taken and self._inbox.empty()
         if waiting is not None and ticks.run_now(
             waiting, now=time.monotonic(), queue_empty=queue_empty, interval_s=self._tick_s
         ):
@@ -185,8 +195,9 @@ class Writer:
     def _handle_messages(self, batch: list[commands.Message]) -> None:
         incoming = []
         for msg in batch:
+            # Only a records topic has a "/members/" level: the rest (nearly all) need not be parsed twice.
             try:
-                parsed = topics.parse(msg.topic)
+                parsed = topics.parse(msg.topic) if "/members/" in msg.topic else None
             except topics.TopicError:
                 parsed = None
             if parsed is not None and parsed.kind is Kind.MEMBERS:

@@ -1,7 +1,8 @@
 """The service's single writer without a broker: bursts larger than one group commit lose nothing, an enrolling
 node's broker account is made before its admission is committed (and a failure there commits nothing), removal
-deletes the account, orphan accounts are reconciled at start, metrics can be read while the writer counts, and a
-failing command is counted and answered."""
+deletes the account, orphan accounts are reconciled at start, metrics can be read while the writer counts, a
+failing command is counted and answered, and heartbeats that linger in the inbox keep their place and hold up
+nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from brokers import free_port
 from polling import wait_for
 
 from meshcontract import access, topics
-from meshcontract.messages import EnrollRequest, MeshSettings
+from meshcontract.messages import EnrollRequest, MemberState, MeshSettings
 from meshcontract.signing import Signer
 from meshcontract.topics import Kind
 from meshcontract.transport import BrokerSettings
@@ -77,7 +78,7 @@ class _FailingAccounts(MemoryAccounts):
 def running():
     made = []
 
-    def make(accounts=None, store=None) -> tuple[service.RegistrarService, MemoryStore]:
+    def make(accounts=None, store=None, **options) -> tuple[service.RegistrarService, MemoryStore]:
         store = store if store is not None else MemoryStore()
         svc = service.RegistrarService(
             config=_config(),
@@ -87,6 +88,7 @@ def running():
             quarantine_s=60,
             signer=Signer.generate(),
             accounts=accounts,
+            **options,
         )
         svc.start()
         made.append(svc)
@@ -216,3 +218,81 @@ def test_a_failing_command_is_counted_and_answered(running):
     assert svc.counters["internal_errors"] == 1
     assert "meshvpn_registrar_internal_errors_total 1" in render_metrics(svc.metrics())
     assert svc.enroll(_enrollment("n1")).enroll_reply.ok  # the writer goes on
+
+
+def _heartbeat(node: str, *, epoch: int = 1) -> bytes:
+    return json.dumps({"node_id": node, "epoch": epoch, "seq": 1, "sent_at": 1.0}).encode()
+
+
+def _offline(node: str, *, epoch: int = 1) -> bytes:
+    return json.dumps({"node_id": node, "state": "offline", "epoch": epoch, "at": 1.0}).encode()
+
+
+def _active(svc: service.RegistrarService, node: str, n: int = 1) -> float:
+    """Enroll and register `node`; returns its last_seen once it is active."""
+    assert svc.enroll(_enrollment(node, n)).enroll_reply.ok
+    svc._link._on_message(None, None, _Msg(topics.build("lab", Kind.REGISTER, node), _request(node, n=n)))
+    wait_for(lambda: svc.state.membership.members[node].epoch == 1, timeout=10, what=f"{node} registered")
+    assert _state(svc, node) is MemberState.ACTIVE
+    return svc.state.membership.members[node].last_seen
+
+
+def _state(svc: service.RegistrarService, node: str) -> MemberState | None:
+    member = svc.state.membership.members.get(node)
+    return member.state if member is not None else None
+
+
+def _send(svc: service.RegistrarService, kind: Kind, node: str, payload: bytes) -> None:
+    svc._link._on_message(None, None, _Msg(topics.build("lab", kind, node), payload))
+
+
+# No tick for an hour and a linger of a minute: only what is put after a lingering heartbeat can wake the writer.
+SLOW = {"heartbeat_linger_s": 60.0, "tick_interval_s": 3600.0}
+
+
+def test_a_lingering_heartbeat_is_decided_before_the_goodbye_put_after_it(running):
+    svc, _ = running(**SLOW)
+    seen = _active(svc, "n1")
+    _send(svc, Kind.HEARTBEAT, "n1", _heartbeat("n1"))
+    _send(svc, Kind.STATUS, "n1", _offline("n1"))
+    wait_for(lambda: _state(svc, "n1") is not MemberState.ACTIVE, timeout=5, what="the goodbye decided promptly")
+    member = svc.state.membership.members["n1"]
+    # Decided the other way round, the heartbeat would have revived the member it came after.
+    assert member.state is MemberState.UNREACHABLE and member.last_seen > seen
+
+
+def test_a_registration_is_decided_at_once_while_heartbeats_linger(running):
+    svc, _ = running(**SLOW)
+    seen = {node: _active(svc, node, n) for n, node in enumerate(["n1", "n2", "n3"], start=1)}
+    for node in ("n1", "n2"):
+        _send(svc, Kind.HEARTBEAT, node, _heartbeat(node))
+    _send(svc, Kind.REGISTER, "n3", _request("n3", epoch=2, n=3))
+    wait_for(lambda: svc.state.membership.members["n3"].epoch == 2, timeout=5, what="the registration decided")
+    members = svc.state.membership.members
+    assert all(members[node].last_seen > seen[node] for node in ("n1", "n2")), "and the heartbeats before it"
+
+
+def test_a_heartbeat_that_revives_a_member_does_not_linger(running):
+    svc, _ = running(**SLOW)
+    _active(svc, "n1")
+    _send(svc, Kind.STATUS, "n1", _offline("n1"))
+    wait_for(lambda: _state(svc, "n1") is MemberState.UNREACHABLE, timeout=5, what="n1 offline")
+    _send(svc, Kind.HEARTBEAT, "n1", _heartbeat("n1"))
+    wait_for(lambda: _state(svc, "n1") is MemberState.ACTIVE, timeout=5, what="n1 revived at once")
+
+
+def test_heartbeats_alone_are_decided_once_they_have_lingered(running):
+    svc, _ = running(heartbeat_linger_s=0.05, tick_interval_s=3600.0)
+    seen = _active(svc, "n1")
+    _send(svc, Kind.HEARTBEAT, "n1", _heartbeat("n1"))
+    wait_for(lambda: svc.state.membership.members["n1"].last_seen > seen, timeout=5, what="last_seen moved")
+
+
+def test_stop_decides_the_heartbeats_still_lingering(running):
+    svc, store = running(**SLOW)
+    seen = _active(svc, "n1")
+    messages = svc.counters["messages"]
+    _send(svc, Kind.HEARTBEAT, "n1", _heartbeat("n1"))
+    svc.stop()
+    assert svc.state.membership.members["n1"].last_seen > seen
+    assert svc.counters["messages"] == messages + 1

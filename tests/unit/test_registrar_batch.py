@@ -1,19 +1,32 @@
 """Deciding a batch (registrar.batch): plain heartbeats applied together, everything else exactly as the engine
-decides it one message at a time; table-driven, and on random batches."""
+decides it one message at a time; table-driven, and on random batches. The fast heartbeat decode accepts
+nothing that messages.decode refuses, on the fuzzer's hostile payloads."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from hypothesis import given, settings
+from fuzzing import (
+    REGISTRAR_SHAPES,
+    deep_json,
+    dumps,
+    hostile_json,
+    json_keys,
+    json_values,
+    pick,
+    raw_payloads,
+    render,
+)
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_registrar_engine import CONFIG, MESH, enrolled, key, req
 
 from meshcontract import topics
+from meshcontract.messages import Heartbeat, decode
 from meshcontract.topics import Kind
 from registrar import engine
-from registrar.batch import Incoming, decide, refresh
+from registrar.batch import Incoming, decide, likely_heartbeat, refresh
 
 NODES = ("n1", "n2")  # the engine tests' token admits two
 
@@ -148,3 +161,48 @@ def test_refreshes_pending_from_an_earlier_batch_are_applied_before_the_engine_d
 def test_registered_fixture_is_active_at_epoch_1():
     members = registered().membership.members
     assert {m.epoch for m in members.values()} == {1} and key(1) == members["n1"].public_key
+
+
+def _with_a_key_before(payload: bytes, name: str, value: object) -> bytes:
+    """`payload` (a JSON object) with one more member in front: a duplicate key when `name` is one of its own."""
+    if not payload.startswith(b"{") or payload == b"{}":
+        return payload
+    raw = value if isinstance(value, bytes) else dumps(value)
+    return b"{" + dumps(name) + b":" + raw + b"," + payload[1:]
+
+
+heartbeat_shaped = st.builds(
+    lambda shape, node: render(shape, node_id=node), REGISTRAR_SHAPES[Kind.HEARTBEAT], st.sampled_from([*NODES, "n9"])
+)
+heartbeat_payloads = pick(
+    (4, heartbeat_shaped),
+    (2, st.builds(_with_a_key_before, heartbeat_shaped, json_keys, pick(json_values, deep_json))),
+    raw_payloads,
+    hostile_json,
+)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(heartbeat_payloads)
+def test_the_fast_heartbeat_decode_accepts_only_what_decode_accepts_and_reads_it_alike(payload):
+    fast = likely_heartbeat(payload)
+    if fast is not None:
+        assert decode(Heartbeat, payload) == fast
+
+
+@pytest.mark.parametrize(
+    ("why", "payload", "fast"),
+    [
+        ("the common heartbeat", hb("n1")[1], True),
+        ("without a version", b'{"node_id":"n1","epoch":1,"seq":1,"sent_at":1.0}', True),
+        ("with an empty vouch", hb("n1", alive=[])[1], True),
+        ("a duplicate key nesting deeper than allowed", b'{"paths":' + b"[" * 9 + b"]" * 9 + hb("n1")[1][1:], False),
+        ("over the size limit", hb("n1")[1] + b" " * 20_000, False),
+        ("another version", hb("n1", v=2)[1], False),
+        ("an unknown field", hb("n1", extra=1)[1], False),
+        ("a byte order mark", b"\xef\xbb\xbf" + hb("n1")[1], False),
+        ("trailing data", hb("n1")[1] + b" x", False),
+    ],
+)
+def test_the_fast_heartbeat_decode_takes_the_common_shape_and_leaves_the_rest_to_decode(why, payload, fast):
+    assert (likely_heartbeat(payload) is not None) is fast
