@@ -117,7 +117,7 @@ def decode_body(body: bytes) -> Frame:
         raise FrameError("oversized", f"body of {len(body)} bytes exceeds {MAX_BODY}")
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also an over-long integer
         raise FrameError("malformed", f"not UTF-8 JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise FrameError("malformed", "body is not a JSON object")

@@ -420,7 +420,9 @@ def decode(model: type[M], payload: bytes, *, max_size: int = MAX_PAYLOAD) -> M:
         raise PayloadError(f"{model.__name__}: JSON nested {depth} deep (at most {MAX_DEPTH})")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError beyond JSONDecodeError: an integer of more than sys.get_int_max_str_digits() digits, which
+    # json.loads refuses to convert (it once escaped here and cost the registrar a whole batch).
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{model.__name__}: not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PayloadError(f"{model.__name__}: expected a JSON object, got {type(data).__name__}")

@@ -298,7 +298,7 @@ def _reject_register(state: CoreState, node: str, payload: bytes, reason: str) -
     try:
         shallow = len(payload) <= MAX_PAYLOAD and json_depth(payload) <= MAX_DEPTH
         data = json.loads(payload) if shallow else None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also an over-long integer
         data = None
     if isinstance(data, dict):
         rid = data.get("request_id")

@@ -65,6 +65,7 @@ def test_ack_and_refusal_round_trip():
         (struct.pack(">I", 0xFFFFFFFF) + b"{}", "oversized"),
         (struct.pack(">I", 0), "malformed"),
         (framed(b"{not json"), "malformed"),
+        (framed(b'{"v": 1, "ack": ' + b"9" * 5000 + b"}"), "malformed"),  # past Python's integer digit limit
         (framed(b"\xff\xfe\x00"), "malformed"),
         (framed(js([1, 2, 3])), "malformed"),
         (framed(js({"v": 1, "what": "ever"})), "malformed"),

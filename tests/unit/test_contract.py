@@ -114,6 +114,7 @@ def test_register_request_round_trip_and_canonical_form():
         (b" " * (m.MAX_PAYLOAD + 1), "exceeds"),
         (b"[" * 5000 + b"]" * 5000, "nested"),  # a RecursionError in the parser, before it could be one
         (b'{"a":' * 20 + b"1" + b"}" * 20, "nested"),
+        (b'{"epoch": ' + b"9" * 5000 + b"}", "not JSON"),  # json.loads' ValueError for a 5,000-digit integer
     ],
 )
 def test_decode_rejects_with_a_reason(payload, reason):

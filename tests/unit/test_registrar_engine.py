@@ -250,6 +250,10 @@ def test_status_and_heartbeat_flow():
         ("meshvpn/v1/lab/register/registrar", b'{"request_id": "abcdefgh1"}'),
         ("meshvpn/v1/lab/heartbeat/admin", b'{"v":1,"node_id":"admin","epoch":1,"seq":1,"sent_at":1}'),
         ("meshvpn/v1/lab/register/n1\n", b'{"request_id": "abcdefgh1"}'),  # once a node id: its reply raised
+        # An integer past Python's digit limit: json.loads' ValueError once escaped and dropped the writer's batch.
+        ("meshvpn/v1/lab/heartbeat/n1", b'{"v":1,"node_id":"n1","epoch":1,"seq":' + b"9" * 5000 + b',"sent_at":1}'),
+        ("meshvpn/v1/lab/register/n1", b'{"request_id": "abcdefgh1", "epoch": ' + b"9" * 5000 + b"}"),
+        ("meshvpn/v1/lab/status/n1", b'{"v":1,"node_id":"n1","state":"offline","epoch":' + b"9" * 5000 + b',"at":1}'),
     ],
 )
 def test_bad_input_changes_nothing(topic, payload):
