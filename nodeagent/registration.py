@@ -147,7 +147,12 @@ class RegistrationExchange:
         timeout = self._settings.register_timeout_s
         attempt = 0
         endpoints = endpoints_ready() if endpoints_ready is not None else self._endpoints.before_registration()
+        kicks = self._replies.kicks
         while not conn.lost.is_set():
+            if self._replies.kicks != kicks:
+                # The registrar came online since the last request: the backoff grown while it was away says
+                # nothing about this one, which is answered quickly or not at all (a lost request).
+                attempt = 0
             kicks = self._replies.kicks
             request_id = self._send_register(conn, endpoints=endpoints)
             # A registrar that comes online after this request was sent (live, not the retained status we get
