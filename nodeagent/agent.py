@@ -314,9 +314,9 @@ class Agent:
             self._wake_reconcile()
         elif isinstance(event, MembershipChanged):
             self._wake_reconcile()
-            if self._scheduler is not None and self._heartbeats is not None:
+            if self._heartbeats is not None:
                 # Off paho's thread: reading WireGuard and starting probes of members just lost.
-                self._scheduler.add_job(self._heartbeats.probe_lost, id="probe-lost", replace_existing=True)
+                self._heartbeats.probe_lost_soon()
         elif isinstance(event, Refused):
             self.failure = event.error
             self.exit_code = EXIT_REFUSED

@@ -1,7 +1,8 @@
 """What the agent's heartbeats carry: members the control plane lost probed first, then our vouches and path report.
 
-The agent's scheduler calls `beat()` every heartbeat interval and `probe_lost()` when the membership changed;
-nodeagent.presence runs the probes and calls back `send_vouches()` when a suspect answered, so the registrar
+The agent's scheduler calls `beat()` every heartbeat interval, and the agent `probe_lost_soon()` when the
+membership changed (on a thread of ours: a one-off APScheduler job that came due while the scheduler shut down
+killed its thread with JobLookupError, a test's unhandled thread exception); nodeagent.presence runs the probes and calls back `send_vouches()` when a suspect answered, so the registrar
 hears it within its vouch wait. Everything goes out through the session (`ControlSession.heartbeat`), which
 sends nothing while disconnected.
 """
@@ -9,7 +10,9 @@ sends nothing while disconnected.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from nodeagent.identity import Identity
 from nodeagent.meshstate import MeshState
@@ -47,9 +50,36 @@ class Heartbeats:
         self._presence = Presence(pinger, clock=clock, send_now=self.send_vouches)
         self._name_warned: set[str] = set()
         self.interval_s = 5.0
+        # probe_lost_soon: one run at a time; changes that arrive while one waits are served by it.
+        self._soon = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-lost")
+        self._soon_lock = threading.Lock()
+        self._soon_waiting = False
+        self._closed = False
 
     def close(self) -> None:
+        with self._soon_lock:
+            self._closed = True
+        self._soon.shutdown(wait=False, cancel_futures=True)
         self._presence.close()
+
+    def probe_lost_soon(self) -> None:
+        """`probe_lost()` off the caller's thread (paho's: it reads WireGuard), soon; cheap to call in bursts."""
+        with self._soon_lock:
+            if self._soon_waiting or self._closed:
+                return
+            self._soon_waiting = True
+        try:
+            self._soon.submit(self._probe_lost_now)
+        except RuntimeError:  # closed meanwhile: nothing is probed after the agent stopped
+            pass
+
+    def _probe_lost_now(self) -> None:
+        with self._soon_lock:
+            self._soon_waiting = False  # a change from now on needs a run after this one
+        try:
+            self.probe_lost()
+        except Exception:  # a probe round must never end the thread; the next heartbeat probes again
+            log.exception("probing the members the control plane lost failed")
 
     def forget_report(self) -> None:
         """A new session: the registrar may not have our paths, so the next heartbeat carries the report."""
