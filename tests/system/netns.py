@@ -18,6 +18,7 @@ daemons) and deletes its namespaces, which takes their veths and bridges with th
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import ipaddress
 import os
 import secrets
@@ -30,6 +31,20 @@ from pathlib import Path
 import pytest
 
 WIREGUARD_SOCKET_DIR = Path("/var/run/wireguard")
+
+
+def lab_missing(*tools: str, modules: tuple[str, ...] = ("registrar.cli", "nodeagent.cli")) -> str | None:
+    """Why a meshlab test cannot run here (not root, a tool not on PATH, a module of the project missing), or
+    None: the lab tests skip with it."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, wireguard-go)"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (scripts/bootstrap installs it)"
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} not available"
+    return None
 
 
 def require_root(*tools: str) -> None:

@@ -9,11 +9,8 @@ The crash test is last: the tests before it rely on the untouched mesh.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-
 import pytest
+from netns import lab_missing
 
 from meshlab import system
 from meshlab.chat import ReceivedMessage
@@ -33,14 +30,9 @@ LISTEN_DEADLINE = 15.0
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "ss", "wireguard-go", "wg"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    for module in ("registrar.cli", "nodeagent.cli", "desktop_chat.cli"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not available"
+    reason = lab_missing("ip", "ss", "wireguard-go", "wg", modules=("registrar.cli", "nodeagent.cli", "desktop_chat.cli"))
+    if reason:
+        return reason
     try:
         tool("meshchat")
     except LabError as exc:  # the console script is not installed in this environment

@@ -10,8 +10,6 @@ otherwise.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from netns import lab_missing
 
 from meshlab.context import tool
 from meshlab.demosteps import STEP_KEYS
@@ -38,17 +37,12 @@ EXIT_DEADLINE = 60.0  # an interrupted demo removes its lab before it exits
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "nft", "wireguard-go", "wg", "ping"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    for module in ("registrar.cli", "nodeagent.cli", "desktop_chat.cli"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not available"
+    reason = lab_missing("ip", "nft", "wireguard-go", "wg", "ping", modules=("registrar.cli", "nodeagent.cli", "desktop_chat.cli"))
+    if reason:
+        return reason
     try:
         tool("meshchat")
-    except LabError as exc:
+    except LabError as exc:  # the console script is not installed in this environment
         return str(exc)
     return None
 

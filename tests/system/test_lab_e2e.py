@@ -6,15 +6,14 @@ complete for the next. Every wait has a deadline. Heartbeat 1 s, TTL 3 s: remova
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
-import os
 import shutil
 import sys
 import time
 
 import pytest
+from netns import lab_missing
 
 from meshlab.checkloop import describe, settle
 from meshlab.errors import NotReadyError
@@ -32,15 +31,7 @@ JOIN_DEADLINE = 30.0
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "ss", "wireguard-go", "wg", "ping"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    for module in ("registrar.cli", "nodeagent.cli"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not available yet"
-    return None
+    return lab_missing("ip", "ss", "wireguard-go", "wg", "ping")
 
 
 @pytest.fixture(scope="module", params=["embedded", "mosquitto"])

@@ -8,7 +8,6 @@ SIGTERM or Ctrl-C meant for it reaches the command and the command's exit status
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import selectors
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from netns import lab_missing
 
 from meshlab import system
 from meshlab.lab import Lab, new_lab_id
@@ -34,15 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "ss", "wireguard-go", "wg"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    for module in ("registrar.cli", "nodeagent.cli"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not available"
-    return None
+    return lab_missing("ip", "ss", "wireguard-go", "wg")
 
 
 @pytest.fixture(scope="module")

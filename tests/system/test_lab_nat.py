@@ -13,9 +13,7 @@ reaching each other again; the module ends with `down` and a check that nothing 
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
-import os
 import shutil
 import signal
 import subprocess
@@ -26,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from netns import lab_missing
 
 from meshlab import system
 from meshlab.errors import NotReadyError
@@ -55,15 +54,7 @@ DRIFT_DEADLINE = 150.0
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "ss", "nft", "sysctl", "wireguard-go", "wg", "ping"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    for module in ("registrar.cli", "nodeagent.cli"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not available yet"
-    return None
+    return lab_missing("ip", "ss", "nft", "sysctl", "wireguard-go", "wg", "ping")
 
 
 def _new_lab(prefix: str) -> Lab:

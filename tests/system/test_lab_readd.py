@@ -10,14 +10,13 @@ another handshake 15 s later; with them, n2's pings to n1 are answered within a 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+from netns import lab_missing
 
 from meshlab import system
 from meshlab.lab import Lab, new_lab_id
@@ -36,14 +35,7 @@ TABLE = "meshvpn_test_readd"
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go, nftables)"
-    for binary in ("ip", "wireguard-go", "wg", "ping", "nft"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    if importlib.util.find_spec("nodeagent.cli") is None:
-        return "nodeagent not available"
-    return None
+    return lab_missing("ip", "wireguard-go", "wg", "ping", "nft", modules=("nodeagent.cli",))
 
 
 @pytest.fixture(scope="module")

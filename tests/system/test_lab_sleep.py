@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from netns import lab_missing
 
 from meshlab import system
 from meshlab.lab import Lab, new_lab_id
@@ -32,14 +31,7 @@ DEADLINE = 45.0
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "wireguard-go", "wg", "ping"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    if importlib.util.find_spec("nodeagent.cli") is None:
-        return "nodeagent not available"
-    return None
+    return lab_missing("ip", "wireguard-go", "wg", "ping", modules=("nodeagent.cli",))
 
 
 @pytest.fixture(scope="module")

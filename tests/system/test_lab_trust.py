@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import queue
@@ -35,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netns import lab_missing
 from polling import wait_for
 
 from meshcontract import topics
@@ -76,15 +76,7 @@ MALLORY = "mallory"
 
 
 def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, wireguard-go)"
-    for binary in ("ip", "ss", "wireguard-go", "wg", "ping"):
-        if shutil.which(binary) is None:
-            return f"{binary} not installed (scripts/bootstrap installs it)"
-    for module in ("registrar.cli", "nodeagent.cli"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} not available yet"
-    return None
+    return lab_missing("ip", "ss", "wireguard-go", "wg", "ping")
 
 
 @pytest.fixture(scope="module", params=["embedded", "mosquitto"])
